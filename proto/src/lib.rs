@@ -1,0 +1,7 @@
+//! coca's contract: the types every part agrees on. The manifest's model
+//! section lives here so the coordinator can validate and describe a job
+//! without linking the tensor library.
+
+pub mod model;
+
+pub use model::{ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};

@@ -1,0 +1,491 @@
+//! The CoCa model's shape: named presets (data, not code branches), field
+//! overrides from the manifest's `[model]` table, validation, and parameter
+//! arithmetic.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// How the image tokens are pooled for the two heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolerLayout {
+    /// The paper's layout: a 1-query pooler for the contrastive embedding and
+    /// a separate `caption_queries`-query pooler for the decoder.
+    Parallel,
+    /// open_clip's default: one pooler with `1 + caption_queries` queries; the
+    /// first output is the contrastive embedding, the rest feed the decoder.
+    Shared,
+}
+
+/// Every dimension of a CoCa model. Any field may be overridden from the
+/// manifest's `[model]` table; `validate` runs once at the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub channels: usize,
+    pub vision_width: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub vision_mlp: usize,
+    pub pooler_layout: PoolerLayout,
+    pub pooler_heads: usize,
+    /// Learned queries of the captioning pooler (the decoder's image tokens).
+    pub caption_queries: usize,
+    /// Width of the shared image-text embedding space.
+    pub embed_dim: usize,
+    pub text_width: usize,
+    pub text_heads: usize,
+    pub text_mlp: usize,
+    pub unimodal_layers: usize,
+    pub multimodal_layers: usize,
+    pub vocab_size: usize,
+    /// Text tokens per sample, before the CLS token is appended.
+    pub context_length: usize,
+    /// Share the token embedding with the vocabulary projection.
+    pub tie_embeddings: bool,
+    pub layer_norm_eps: f64,
+}
+
+/// The named configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// For tests: builds and steps in milliseconds.
+    Tiny,
+    /// The configuration compared against open_clip in `coca bench step`.
+    Bench,
+    /// CoCa-Base (paper Table 1, 383M parameters).
+    Base,
+    /// CoCa-Large (787M).
+    Large,
+    /// CoCa (2.1B).
+    Giant,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 5] = [
+        Preset::Tiny,
+        Preset::Bench,
+        Preset::Base,
+        Preset::Large,
+        Preset::Giant,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Bench => "bench",
+            Preset::Base => "base",
+            Preset::Large => "large",
+            Preset::Giant => "giant",
+        }
+    }
+
+    pub fn config(self) -> ModelConfig {
+        match self {
+            Preset::Tiny => ModelConfig {
+                image_size: 32,
+                patch_size: 8,
+                channels: 3,
+                vision_width: 32,
+                vision_layers: 2,
+                vision_heads: 2,
+                vision_mlp: 64,
+                pooler_layout: PoolerLayout::Parallel,
+                pooler_heads: 2,
+                caption_queries: 8,
+                embed_dim: 32,
+                text_width: 32,
+                text_heads: 2,
+                text_mlp: 64,
+                unimodal_layers: 2,
+                multimodal_layers: 2,
+                vocab_size: 512,
+                context_length: 16,
+                tie_embeddings: false,
+                layer_norm_eps: 1e-5,
+            },
+            // open_clip's side of the comparison: embed 192; ViT 4x192, 3 heads,
+            // patch 16 on 64x64; text 4x192, 3 heads, context 32, vocab 1000.
+            Preset::Bench => ModelConfig {
+                image_size: 64,
+                patch_size: 16,
+                channels: 3,
+                vision_width: 192,
+                vision_layers: 4,
+                vision_heads: 3,
+                vision_mlp: 768,
+                pooler_layout: PoolerLayout::Parallel,
+                pooler_heads: 3,
+                caption_queries: 256,
+                embed_dim: 192,
+                text_width: 192,
+                text_heads: 3,
+                text_mlp: 768,
+                unimodal_layers: 4,
+                multimodal_layers: 4,
+                vocab_size: 1000,
+                context_length: 32,
+                tie_embeddings: false,
+                layer_norm_eps: 1e-5,
+            },
+            Preset::Base => paper_preset(768, 12, 12, 3072, 3072, 12, false),
+            Preset::Large => paper_preset(1024, 24, 16, 4096, 4096, 12, false),
+            // The paper's 1.1B decoder and 2.1B total only add up with one
+            // vocabulary matrix, so the giant preset ties them.
+            Preset::Giant => paper_preset(1408, 40, 16, 6144, 5632, 18, true),
+        }
+    }
+}
+
+/// Table 1 of the paper: 288px images in 18px patches (256 tokens), a 64k
+/// vocabulary, text as wide as the image encoder.
+fn paper_preset(
+    width: usize,
+    vision_layers: usize,
+    heads: usize,
+    vision_mlp: usize,
+    text_mlp: usize,
+    decoder_layers: usize,
+    tie_embeddings: bool,
+) -> ModelConfig {
+    ModelConfig {
+        image_size: 288,
+        patch_size: 18,
+        channels: 3,
+        vision_width: width,
+        vision_layers,
+        vision_heads: heads,
+        vision_mlp,
+        pooler_layout: PoolerLayout::Parallel,
+        pooler_heads: heads,
+        caption_queries: 256,
+        embed_dim: width,
+        text_width: width,
+        text_heads: heads,
+        text_mlp,
+        unimodal_layers: decoder_layers,
+        multimodal_layers: decoder_layers,
+        vocab_size: 64_000,
+        context_length: 64,
+        tie_embeddings,
+        layer_norm_eps: 1e-6,
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = ModelConfigError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Preset::ALL
+            .into_iter()
+            .find(|preset| preset.name() == name)
+            .ok_or_else(|| ModelConfigError::UnknownPreset(name.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelConfigError {
+    #[error("unknown model preset `{0}` (known: tiny, bench, base, large, giant)")]
+    UnknownPreset(String),
+    #[error("model.{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("model.{key}: {message}")]
+    Override { key: String, message: String },
+}
+
+fn decode(table: &toml::Table) -> Result<ModelConfig, String> {
+    toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|error: toml::de::Error| error.message().trim().to_string())
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ModelConfigError {
+    ModelConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl ModelConfig {
+    /// A preset with `overrides` (the manifest's `[model]` keys other than
+    /// `preset`) applied on top, then validated.
+    pub fn resolve(preset: Preset, overrides: &toml::Table) -> Result<Self, ModelConfigError> {
+        let mut merged =
+            toml::Table::try_from(preset.config()).expect("a preset is a flat table of plain values");
+        for (key, value) in overrides {
+            if !merged.contains_key(key) {
+                let known: Vec<&str> = merged.keys().map(String::as_str).collect();
+                return Err(ModelConfigError::Override {
+                    key: key.clone(),
+                    message: match closest(key, &known) {
+                        Some(near) => format!("unknown field; did you mean `{near}`?"),
+                        None => "unknown field".into(),
+                    },
+                });
+            }
+            merged.insert(key.clone(), value.clone());
+            // Decoding after each key pins a type error on the key that caused it.
+            decode(&merged).map_err(|message| ModelConfigError::Override {
+                key: key.clone(),
+                message,
+            })?;
+        }
+        let config = decode(&merged).map_err(|message| ModelConfigError::Override {
+            key: "preset".into(),
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between fields; errors name the field.
+    pub fn validate(&self) -> Result<(), ModelConfigError> {
+        let positive = [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("channels", self.channels),
+            ("vision_width", self.vision_width),
+            ("vision_heads", self.vision_heads),
+            ("vision_mlp", self.vision_mlp),
+            ("pooler_heads", self.pooler_heads),
+            ("caption_queries", self.caption_queries),
+            ("embed_dim", self.embed_dim),
+            ("text_width", self.text_width),
+            ("text_heads", self.text_heads),
+            ("text_mlp", self.text_mlp),
+            ("vocab_size", self.vocab_size),
+            ("context_length", self.context_length),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(invalid(
+                "patch_size",
+                format!(
+                    "{} does not divide image_size = {}",
+                    self.patch_size, self.image_size
+                ),
+            ));
+        }
+        for (field, heads, width_field, width) in [
+            ("vision_heads", self.vision_heads, "vision_width", self.vision_width),
+            ("pooler_heads", self.pooler_heads, "vision_width", self.vision_width),
+            ("text_heads", self.text_heads, "text_width", self.text_width),
+        ] {
+            if width % heads != 0 {
+                return Err(invalid(
+                    field,
+                    format!("{heads} does not divide {width_field} = {width}"),
+                ));
+            }
+        }
+        if self.context_length < 2 {
+            return Err(invalid(
+                "context_length",
+                "must be at least 2 (captioning predicts each next token)",
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return Err(invalid("layer_norm_eps", "must be a positive number"));
+        }
+        Ok(())
+    }
+
+    pub fn image_tokens(&self) -> usize {
+        let side = self.image_size / self.patch_size;
+        side * side
+    }
+
+    /// Parameter counts per part, from the shapes the worker builds (a worker
+    /// test checks this arithmetic against the built module).
+    pub fn param_counts(&self) -> ParamCounts {
+        let layer_norm = |width: usize| 2 * width;
+        let linear = |input: usize, output: usize, bias: bool| input * output + usize::from(bias) * output;
+        let self_attention = |width: usize| linear(width, 3 * width, true) + linear(width, width, true);
+        let cross_attention = |width: usize, context: usize| {
+            linear(width, width, true) + linear(context, 2 * width, true) + linear(width, width, true)
+        };
+        let mlp = |width: usize, hidden: usize| linear(width, hidden, true) + linear(hidden, width, true);
+        let encoder_block = |width: usize, hidden: usize| {
+            2 * layer_norm(width) + self_attention(width) + mlp(width, hidden)
+        };
+
+        let (v, t) = (self.vision_width, self.text_width);
+        let patch_dim = self.channels * self.patch_size * self.patch_size;
+        let image_encoder = linear(patch_dim, v, true)
+            + self.image_tokens() * v
+            + self.vision_layers * encoder_block(v, self.vision_mlp)
+            + layer_norm(v);
+
+        let pooler = |queries: usize| queries * v + cross_attention(v, v) + layer_norm(v);
+        let poolers = match self.pooler_layout {
+            PoolerLayout::Parallel => pooler(1) + pooler(self.caption_queries),
+            PoolerLayout::Shared => pooler(1 + self.caption_queries),
+        } + linear(v, self.embed_dim, false);
+
+        // CLS token, blocks, final norm, text projection, logit scale.
+        let unimodal = t
+            + self.unimodal_layers * encoder_block(t, self.text_mlp)
+            + layer_norm(t)
+            + linear(t, self.embed_dim, false)
+            + 1;
+        let multimodal = self.multimodal_layers
+            * (3 * layer_norm(t) + self_attention(t) + cross_attention(t, v) + mlp(t, self.text_mlp))
+            + layer_norm(t);
+        let token_embedding = self.vocab_size * t;
+        let vocab_projection = if self.tie_embeddings { 0 } else { t * self.vocab_size };
+        let embeddings = token_embedding + self.context_length * t + vocab_projection;
+
+        ParamCounts {
+            image_encoder,
+            poolers,
+            unimodal,
+            multimodal,
+            embeddings,
+        }
+    }
+}
+
+/// Parameters per part of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParamCounts {
+    /// Patch embedding, positions, transformer blocks, final norm.
+    pub image_encoder: usize,
+    /// Attentional poolers and the image projection.
+    pub poolers: usize,
+    /// Unimodal blocks, CLS token, norm, text projection, logit scale.
+    pub unimodal: usize,
+    /// Multimodal blocks and final norm.
+    pub multimodal: usize,
+    /// Token and position embeddings, vocabulary projection.
+    pub embeddings: usize,
+}
+
+impl ParamCounts {
+    pub fn total(&self) -> usize {
+        self.image_encoder + self.poolers + self.unimodal + self.multimodal + self.embeddings
+    }
+
+    /// The paper's "text decoder": everything on the text side.
+    pub fn text_decoder(&self) -> usize {
+        self.unimodal + self.multimodal + self.embeddings
+    }
+}
+
+/// The candidate with the smallest edit distance to `word`, if it is close.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|candidate| (edit_distance(word, candidate), *candidate))
+        .filter(|(distance, candidate)| *distance <= candidate.len().max(word.len()) / 3 + 1)
+        .min()
+        .map(|(_, candidate)| candidate)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within(actual: usize, paper: f64, tolerance: f64) -> bool {
+        ((actual as f64 - paper) / paper).abs() <= tolerance
+    }
+
+    #[test]
+    fn presets_match_the_paper_within_two_percent() {
+        // Paper Table 1: (total, image encoder, text decoder).
+        for (preset, total, image, text) in [
+            (Preset::Base, 383e6, 86e6, 297e6),
+            (Preset::Large, 787e6, 303e6, 484e6),
+            (Preset::Giant, 2.1e9, 1.0e9, 1.1e9),
+        ] {
+            let counts = preset.config().param_counts();
+            assert!(within(counts.total(), total, 0.02), "{preset}: total {} vs {total}", counts.total());
+            // The parts are rounded in the paper (1.1B is anything in 1.05..1.15).
+            assert!(within(counts.image_encoder, image, 0.05), "{preset}: image {}", counts.image_encoder);
+            assert!(within(counts.text_decoder(), text, 0.05), "{preset}: text {}", counts.text_decoder());
+        }
+    }
+
+    #[test]
+    fn every_preset_validates_and_round_trips_its_name() {
+        for preset in Preset::ALL {
+            preset.config().validate().unwrap();
+            assert_eq!(preset.name().parse::<Preset>().unwrap(), preset);
+        }
+        assert_eq!(
+            "huge".parse::<Preset>(),
+            Err(ModelConfigError::UnknownPreset("huge".into()))
+        );
+    }
+
+    fn overrides(text: &str) -> toml::Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn overrides_replace_fields() {
+        let config = ModelConfig::resolve(
+            Preset::Tiny,
+            &overrides("vocab_size = 1000\npooler_layout = \"shared\""),
+        )
+        .unwrap();
+        assert_eq!(config.vocab_size, 1000);
+        assert_eq!(config.pooler_layout, PoolerLayout::Shared);
+        assert_eq!(config.text_width, Preset::Tiny.config().text_width);
+    }
+
+    #[test]
+    fn bad_overrides_name_the_field() {
+        let cases = [
+            ("vocab_sise = 10", "model.vocab_sise: unknown field; did you mean `vocab_size`?"),
+            ("patch_size = 7", "model.patch_size: 7 does not divide image_size = 32"),
+            ("text_heads = 3", "model.text_heads: 3 does not divide text_width = 32"),
+            ("pooler_heads = 5", "model.pooler_heads: 5 does not divide vision_width = 32"),
+            ("vision_heads = 0", "model.vision_heads: must be at least 1"),
+            ("context_length = 1", "model.context_length: must be at least 2 (captioning predicts each next token)"),
+            ("layer_norm_eps = -1.0", "model.layer_norm_eps: must be a positive number"),
+        ];
+        for (text, expected) in cases {
+            let error = ModelConfig::resolve(Preset::Tiny, &overrides(text)).unwrap_err();
+            assert_eq!(error.to_string(), expected, "for `{text}`");
+        }
+        let error = ModelConfig::resolve(Preset::Tiny, &overrides("vocab_size = \"big\"")).unwrap_err();
+        assert!(
+            error.to_string().starts_with("model.vocab_size:") && error.to_string().contains("invalid type"),
+            "{error}"
+        );
+        let error = ModelConfig::resolve(Preset::Tiny, &overrides("pooler_layout = \"stacked\"")).unwrap_err();
+        assert!(error.to_string().starts_with("model.pooler_layout:"), "{error}");
+    }
+}

@@ -1,0 +1,5 @@
+//! coca's data plane: the CoCa model on burn, and the training step.
+
+pub mod backend;
+pub mod model;
+pub mod train;

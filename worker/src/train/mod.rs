@@ -1,0 +1,4 @@
+//! Training: one optimisation step of the CoCa objective.
+
+pub mod step;
+pub mod synthetic;
