@@ -67,13 +67,7 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 5] = [
-        Preset::Tiny,
-        Preset::Bench,
-        Preset::Base,
-        Preset::Large,
-        Preset::Giant,
-    ];
+    pub const ALL: [Preset; 5] = [Preset::Tiny, Preset::Bench, Preset::Base, Preset::Large, Preset::Giant];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -199,10 +193,7 @@ pub enum ModelConfigError {
     #[error("unknown model preset `{0}` (known: tiny, bench, base, large, giant)")]
     UnknownPreset(String),
     #[error("model.{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
     #[error("model.{key}: {message}")]
     Override { key: String, message: String },
 }
@@ -224,8 +215,7 @@ impl ModelConfig {
     /// A preset with `overrides` (the manifest's `[model]` keys other than
     /// `preset`) applied on top, then validated.
     pub fn resolve(preset: Preset, overrides: &toml::Table) -> Result<Self, ModelConfigError> {
-        let mut merged =
-            toml::Table::try_from(preset.config()).expect("a preset is a flat table of plain values");
+        let mut merged = toml::Table::try_from(preset.config()).expect("a preset is a flat table of plain values");
         for (key, value) in overrides {
             if !merged.contains_key(key) {
                 let known: Vec<&str> = merged.keys().map(String::as_str).collect();
@@ -278,10 +268,7 @@ impl ModelConfig {
         if self.image_size % self.patch_size != 0 {
             return Err(invalid(
                 "patch_size",
-                format!(
-                    "{} does not divide image_size = {}",
-                    self.patch_size, self.image_size
-                ),
+                format!("{} does not divide image_size = {}", self.patch_size, self.image_size),
             ));
         }
         for (field, heads, width_field, width) in [
@@ -323,9 +310,8 @@ impl ModelConfig {
             linear(width, width, true) + linear(context, 2 * width, true) + linear(width, width, true)
         };
         let mlp = |width: usize, hidden: usize| linear(width, hidden, true) + linear(hidden, width, true);
-        let encoder_block = |width: usize, hidden: usize| {
-            2 * layer_norm(width) + self_attention(width) + mlp(width, hidden)
-        };
+        let encoder_block =
+            |width: usize, hidden: usize| 2 * layer_norm(width) + self_attention(width) + mlp(width, hidden);
 
         let (v, t) = (self.vision_width, self.text_width);
         let patch_dim = self.channels * self.patch_size * self.patch_size;
@@ -430,10 +416,22 @@ mod tests {
             (Preset::Giant, 2.1e9, 1.0e9, 1.1e9),
         ] {
             let counts = preset.config().param_counts();
-            assert!(within(counts.total(), total, 0.02), "{preset}: total {} vs {total}", counts.total());
+            assert!(
+                within(counts.total(), total, 0.02),
+                "{preset}: total {} vs {total}",
+                counts.total()
+            );
             // The parts are rounded in the paper (1.1B is anything in 1.05..1.15).
-            assert!(within(counts.image_encoder, image, 0.05), "{preset}: image {}", counts.image_encoder);
-            assert!(within(counts.text_decoder(), text, 0.05), "{preset}: text {}", counts.text_decoder());
+            assert!(
+                within(counts.image_encoder, image, 0.05),
+                "{preset}: image {}",
+                counts.image_encoder
+            );
+            assert!(
+                within(counts.text_decoder(), text, 0.05),
+                "{preset}: text {}",
+                counts.text_decoder()
+            );
         }
     }
 
@@ -468,13 +466,25 @@ mod tests {
     #[test]
     fn bad_overrides_name_the_field() {
         let cases = [
-            ("vocab_sise = 10", "model.vocab_sise: unknown field; did you mean `vocab_size`?"),
+            (
+                "vocab_sise = 10",
+                "model.vocab_sise: unknown field; did you mean `vocab_size`?",
+            ),
             ("patch_size = 7", "model.patch_size: 7 does not divide image_size = 32"),
             ("text_heads = 3", "model.text_heads: 3 does not divide text_width = 32"),
-            ("pooler_heads = 5", "model.pooler_heads: 5 does not divide vision_width = 32"),
+            (
+                "pooler_heads = 5",
+                "model.pooler_heads: 5 does not divide vision_width = 32",
+            ),
             ("vision_heads = 0", "model.vision_heads: must be at least 1"),
-            ("context_length = 1", "model.context_length: must be at least 2 (captioning predicts each next token)"),
-            ("layer_norm_eps = -1.0", "model.layer_norm_eps: must be a positive number"),
+            (
+                "context_length = 1",
+                "model.context_length: must be at least 2 (captioning predicts each next token)",
+            ),
+            (
+                "layer_norm_eps = -1.0",
+                "model.layer_norm_eps: must be a positive number",
+            ),
         ];
         for (text, expected) in cases {
             let error = ModelConfig::resolve(Preset::Tiny, &overrides(text)).unwrap_err();

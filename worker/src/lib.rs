@@ -1,5 +1,6 @@
 //! coca's data plane: the CoCa model on burn, and the training step.
 
 pub mod backend;
+pub mod bench;
 pub mod model;
 pub mod train;

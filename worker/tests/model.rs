@@ -87,7 +87,10 @@ fn shared_pooler_layout_splits_its_queries_between_the_heads() {
     let batch = synthetic_batch::<Cpu>(&config, 2, 1, &device);
     let output = model.forward(&batch, BOTH);
     assert_eq!(output.image_embedding.unwrap().dims(), [2, config.embed_dim]);
-    assert_eq!(output.caption_logits.unwrap().dims(), [2, config.context_length - 1, config.vocab_size]);
+    assert_eq!(
+        output.caption_logits.unwrap().dims(),
+        [2, config.context_length - 1, config.vocab_size]
+    );
 }
 
 #[test]
@@ -98,20 +101,29 @@ fn the_three_loss_modes_compute_only_their_heads() {
     let batch = synthetic_batch::<Cpu>(&config, 4, 2, &device);
 
     let coca = model.losses(&batch, LossWeights::default());
-    let (con, cap) = (values(coca.contrastive.unwrap())[0], values(coca.captioning.unwrap())[0]);
+    let (con, cap) = (
+        values(coca.contrastive.unwrap())[0],
+        values(coca.captioning.unwrap())[0],
+    );
     assert!((values(coca.total)[0] - (con + 2.0 * cap)).abs() < 1e-5);
     // Untrained: contrastive near ln(batch), captioning near ln(vocab).
     assert!((con - 4f32.ln()).abs() < 1.0, "contrastive {con}");
     assert!((cap - (config.vocab_size as f32).ln()).abs() < 1.0, "captioning {cap}");
 
-    let clip = LossWeights { contrastive: 1.0, captioning: 0.0 };
+    let clip = LossWeights {
+        contrastive: 1.0,
+        captioning: 0.0,
+    };
     let output = model.forward(&batch, clip.heads());
     assert!(output.caption_logits.is_none() && output.image_embedding.is_some());
     let losses = model.losses(&batch, clip);
     assert!(losses.captioning.is_none());
     assert_eq!(values(losses.total)[0], con);
 
-    let simvlm = LossWeights { contrastive: 0.0, captioning: 1.0 };
+    let simvlm = LossWeights {
+        contrastive: 0.0,
+        captioning: 1.0,
+    };
     let output = model.forward(&batch, simvlm.heads());
     assert!(output.image_embedding.is_none() && output.text_embedding.is_none());
     let losses = model.losses(&batch, simvlm);
@@ -127,12 +139,18 @@ fn changing_a_token_never_changes_earlier_positions() {
     let batch = synthetic_batch::<Cpu>(&config, 2, 3, &device);
     let len = config.context_length;
     let tokens: Vec<i32> = values(batch.tokens.clone().float()).iter().map(|&t| t as i32).collect();
-    let rows: Vec<Vec<i32>> = tokens.chunks(len).map(|row| row.iter().map(|&t| t.max(5)).collect()).collect();
+    let rows: Vec<Vec<i32>> = tokens
+        .chunks(len)
+        .map(|row| row.iter().map(|&t| t.max(5)).collect())
+        .collect();
     let reference = batch_with_tokens(batch.images.clone(), &rows);
     let base = model.forward(&reference, BOTH).caption_logits.unwrap();
     let base_states = model
         .unimodal
-        .forward(model.text_embedding.forward(reference.tokens.clone()), reference.padding.clone())
+        .forward(
+            model.text_embedding.forward(reference.tokens.clone()),
+            reference.padding.clone(),
+        )
         .states;
 
     for t in [1, len / 2, len - 1] {
@@ -145,12 +163,21 @@ fn changing_a_token_never_changes_earlier_positions() {
         let logits = model.forward(&changed, BOTH).caption_logits.unwrap();
         let states = model
             .unimodal
-            .forward(model.text_embedding.forward(changed.tokens.clone()), changed.padding.clone())
+            .forward(
+                model.text_embedding.forward(changed.tokens.clone()),
+                changed.padding.clone(),
+            )
             .states;
         // Logit position p reads tokens 0..=p, so positions < t are untouched...
         let before = |x: Tensor<Cpu, 3>| values(x.narrow(1, 0, t));
-        assert!(max_abs_diff(&before(logits.clone()), &before(base.clone())) < 1e-6, "multimodal leaks token {t}");
-        assert!(max_abs_diff(&before(states.clone()), &before(base_states.clone())) < 1e-6, "unimodal leaks token {t}");
+        assert!(
+            max_abs_diff(&before(logits.clone()), &before(base.clone())) < 1e-6,
+            "multimodal leaks token {t}"
+        );
+        assert!(
+            max_abs_diff(&before(states.clone()), &before(base_states.clone())) < 1e-6,
+            "unimodal leaks token {t}"
+        );
         // ...and position t itself does change (the test can fail).
         let at = |x: Tensor<Cpu, 3>| values(x.narrow(1, t, 1));
         assert!(max_abs_diff(&at(states), &at(base_states.clone())) > 1e-4);
@@ -181,7 +208,10 @@ fn padding_never_reaches_the_text_embedding() {
 
     // Different ids under the padding mask change nothing.
     let ids = |rows: &[Vec<i32>]| -> Vec<f32> {
-        let mut batch = batch_with_tokens(images.clone(), &[vec![1, 40, 41, 42, 2, 0, 0, 0], vec![1, 50, 2, 0, 0, 0, 0, 0]]);
+        let mut batch = batch_with_tokens(
+            images.clone(),
+            &[vec![1, 40, 41, 42, 2, 0, 0, 0], vec![1, 50, 2, 0, 0, 0, 0, 0]],
+        );
         batch.tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(rows.concat(), [2, 8]), &device);
         values(model.forward(&batch, BOTH).text_embedding.unwrap())
     };
@@ -229,7 +259,11 @@ fn built_parameter_counts_equal_the_config_arithmetic() {
     tied.tie_embeddings = true;
     let mut asymmetric = tiny();
     (asymmetric.vision_width, asymmetric.text_width, asymmetric.embed_dim) = (48, 32, 24);
-    (asymmetric.unimodal_layers, asymmetric.multimodal_layers, asymmetric.channels) = (1, 3, 1);
+    (
+        asymmetric.unimodal_layers,
+        asymmetric.multimodal_layers,
+        asymmetric.channels,
+    ) = (1, 3, 1);
     variants.extend([shared, tied, asymmetric]);
     for config in variants {
         let model = CocaModel::<Cpu>::new(&config, SEED, &Default::default());
@@ -250,10 +284,19 @@ fn gradients_match_finite_differences() {
 
     // A few parameters from different parts of the model.
     let probes: Vec<(&str, Tensor<CpuTrain, 2>)> = vec![
-        ("image_encoder.patch_embedding", model.image_encoder.patch_embedding.weight.val()),
+        (
+            "image_encoder.patch_embedding",
+            model.image_encoder.patch_embedding.weight.val(),
+        ),
         ("caption_pooler.queries", model.caption_pooler.queries.val()),
-        ("unimodal.blocks.0.attn.qkv", model.unimodal.blocks[0].attn.qkv.weight.val()),
-        ("multimodal.blocks.1.cross_attn.kv", model.multimodal.blocks[1].cross_attn.kv.weight.val()),
+        (
+            "unimodal.blocks.0.attn.qkv",
+            model.unimodal.blocks[0].attn.qkv.weight.val(),
+        ),
+        (
+            "multimodal.blocks.1.cross_attn.kv",
+            model.multimodal.blocks[1].cross_attn.kv.weight.val(),
+        ),
         ("image_projection", model.image_projection.weight.val()),
     ];
     let inner_batch = CocaBatch::<Cpu> {
@@ -277,7 +320,10 @@ fn gradients_match_finite_differences() {
             let numeric = (perturbed(eps) - perturbed(-eps)) / (2.0 * eps as f64);
             let exact = analytic[index] as f64;
             let relative = (numeric - exact).abs() / exact.abs().max(1e-3);
-            assert!(relative < 0.05, "{name}[{index}]: analytic {exact} vs numeric {numeric}");
+            assert!(
+                relative < 0.05,
+                "{name}[{index}]: analytic {exact} vs numeric {numeric}"
+            );
         }
     }
 }
@@ -302,7 +348,8 @@ fn nudge(model: CocaModel<Cpu>, name: &str, index: usize, delta: f32) -> CocaMod
             model.unimodal.blocks[0].attn.qkv.weight = bump(model.unimodal.blocks[0].attn.qkv.weight.clone())
         }
         "multimodal.blocks.1.cross_attn.kv" => {
-            model.multimodal.blocks[1].cross_attn.kv.weight = bump(model.multimodal.blocks[1].cross_attn.kv.weight.clone())
+            model.multimodal.blocks[1].cross_attn.kv.weight =
+                bump(model.multimodal.blocks[1].cross_attn.kv.weight.clone())
         }
         "image_projection" => model.image_projection.weight = bump(model.image_projection.weight),
         other => panic!("no probe named {other}"),
@@ -321,7 +368,7 @@ fn tiny_model_overfits_eight_pairs() {
     for _ in 0..150 {
         let (next, step) = trainer.step(model, &batch, 2e-3);
         model = next;
-        losses.push(step.total);
+        losses.push(step.losses.total);
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last <= 0.1 * first, "loss went from {first} to {last}");

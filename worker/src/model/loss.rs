@@ -46,7 +46,11 @@ pub struct Losses<B: Backend> {
 }
 
 impl LossWeights {
-    pub fn combine<B: Backend>(&self, contrastive: Option<Tensor<B, 1>>, captioning: Option<Tensor<B, 1>>) -> Losses<B> {
+    pub fn combine<B: Backend>(
+        &self,
+        contrastive: Option<Tensor<B, 1>>,
+        captioning: Option<Tensor<B, 1>>,
+    ) -> Losses<B> {
         let weighted = [
             contrastive.clone().map(|loss| loss * self.contrastive),
             captioning.clone().map(|loss| loss * self.captioning),
@@ -80,8 +84,8 @@ pub fn contrastive_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let [rows, _] = image.dims();
     let scale = logit_scale.reshape([1, 1]);
-    let targets = Tensor::<B, 1, Int>::arange(first_row as i64..(first_row + rows) as i64, &image.device())
-        .reshape([rows, 1]);
+    let targets =
+        Tensor::<B, 1, Int>::arange(first_row as i64..(first_row + rows) as i64, &image.device()).reshape([rows, 1]);
     let image_to_text = image.matmul(text_columns.transpose()) * scale.clone();
     let text_to_image = text.matmul(image_columns.transpose()) * scale;
     (cross_entropy(image_to_text, targets.clone()) + cross_entropy(text_to_image, targets)) / 2.0
@@ -95,7 +99,11 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -
 /// Next-token cross-entropy, averaged over the positions that are not
 /// padding. `logits`: [batch, len, vocab] predicting `targets`: [batch, len];
 /// `ignore`: [batch, len], true at padding.
-pub fn captioning_loss<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, ignore: Tensor<B, 2, Bool>) -> Tensor<B, 1> {
+pub fn captioning_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    ignore: Tensor<B, 2, Bool>,
+) -> Tensor<B, 1> {
     let picked = log_softmax(logits, 2)
         .gather(2, targets.unsqueeze_dim(2))
         .squeeze_dim::<2>(2);
@@ -137,11 +145,32 @@ mod tests {
         let image = tensor(vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8], [3, 2]);
         let text = tensor(vec![0.8, 0.6, 0.0, 1.0, -0.6, 0.8], [3, 2]);
         let scale = tensor(vec![3.0], [1]);
-        let full = scalar(contrastive_loss(image.clone(), text.clone(), image.clone(), text.clone(), 0, scale.clone()));
+        let full = scalar(contrastive_loss(
+            image.clone(),
+            text.clone(),
+            image.clone(),
+            text.clone(),
+            0,
+            scale.clone(),
+        ));
         // Rank 0 holds row 0, rank 1 holds rows 1..3; the mean of their
         // row-weighted losses is the full-batch loss.
-        let rank0 = scalar(contrastive_loss(image.clone().narrow(0, 0, 1), text.clone().narrow(0, 0, 1), image.clone(), text.clone(), 0, scale.clone()));
-        let rank1 = scalar(contrastive_loss(image.clone().narrow(0, 1, 2), text.clone().narrow(0, 1, 2), image, text, 1, scale));
+        let rank0 = scalar(contrastive_loss(
+            image.clone().narrow(0, 0, 1),
+            text.clone().narrow(0, 0, 1),
+            image.clone(),
+            text.clone(),
+            0,
+            scale.clone(),
+        ));
+        let rank1 = scalar(contrastive_loss(
+            image.clone().narrow(0, 1, 2),
+            text.clone().narrow(0, 1, 2),
+            image,
+            text,
+            1,
+            scale,
+        ));
         assert!((full - (rank0 + 2.0 * rank1) / 3.0).abs() < 1e-6);
     }
 
@@ -150,7 +179,8 @@ mod tests {
         // One sequence of 3 positions over a vocabulary of 2; the last is padding.
         let logits = tensor(vec![0.0, 1.0, 2.0, 0.0, 5.0, -5.0], [1, 3, 2]);
         let targets = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![1i32, 0, 1], [1, 3]), &Default::default());
-        let ignore = Tensor::<Cpu, 2, Bool>::from_bool(TensorData::new(vec![false, false, true], [1, 3]), &Default::default());
+        let ignore =
+            Tensor::<Cpu, 2, Bool>::from_bool(TensorData::new(vec![false, false, true], [1, 3]), &Default::default());
         let loss = scalar(captioning_loss(logits, targets, ignore));
         let nll = |a: f64, b: f64, target: f64| -(target - (a.exp() + b.exp()).ln());
         let expected = (nll(0.0, 1.0, 1.0) + nll(2.0, 0.0, 2.0)) / 2.0;
@@ -162,9 +192,27 @@ mod tests {
         let weights = LossWeights::default();
         let losses = weights.combine(Some(tensor(vec![0.5], [1])), Some(tensor(vec![0.25], [1])));
         assert!((scalar(losses.total) - 1.0).abs() < 1e-7);
-        let clip = LossWeights { contrastive: 1.0, captioning: 0.0 };
-        assert_eq!(clip.heads(), Heads { contrastive: true, captioning: false });
-        let simvlm = LossWeights { contrastive: 0.0, captioning: 1.0 };
-        assert_eq!(simvlm.heads(), Heads { contrastive: false, captioning: true });
+        let clip = LossWeights {
+            contrastive: 1.0,
+            captioning: 0.0,
+        };
+        assert_eq!(
+            clip.heads(),
+            Heads {
+                contrastive: true,
+                captioning: false
+            }
+        );
+        let simvlm = LossWeights {
+            contrastive: 0.0,
+            captioning: 1.0,
+        };
+        assert_eq!(
+            simvlm.heads(),
+            Heads {
+                contrastive: false,
+                captioning: true
+            }
+        );
     }
 }

@@ -91,7 +91,13 @@ impl<B: Backend> CocaModel<B> {
             multimodal: MultimodalDecoder::new(&init.child("multimodal"), config),
             vocab_projection: VocabProjection {
                 untied: (!config.tie_embeddings).then(|| {
-                    init.linear("vocab_projection", text_width, config.vocab_size, fan_in_std(text_width), false)
+                    init.linear(
+                        "vocab_projection",
+                        text_width,
+                        config.vocab_size,
+                        fan_in_std(text_width),
+                        false,
+                    )
                 }),
             },
             logit_scale: init.constant([1], (1.0f32 / 0.07).ln()),

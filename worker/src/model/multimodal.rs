@@ -29,7 +29,13 @@ impl<B: Backend> MultimodalBlock<B> {
             ln_self: init.layer_norm(width, eps),
             self_attn: SelfAttention::new(&init.child("self_attn"), width, config.text_heads, scale),
             ln_cross: init.layer_norm(width, eps),
-            cross_attn: CrossAttention::new(&init.child("cross_attn"), width, config.vision_width, config.text_heads, scale),
+            cross_attn: CrossAttention::new(
+                &init.child("cross_attn"),
+                width,
+                config.vision_width,
+                config.text_heads,
+                scale,
+            ),
             ln_mlp: init.layer_norm(width, eps),
             mlp: Mlp::new(&init.child("mlp"), width, config.text_mlp, scale),
         }

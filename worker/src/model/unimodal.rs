@@ -60,7 +60,14 @@ impl<B: Backend> UnimodalDecoder<B> {
             blocks: (0..config.unimodal_layers)
                 .map(|i| {
                     let init = init.child("blocks").child(i);
-                    Block::new(&init, width, config.text_heads, config.text_mlp, config.unimodal_layers, config.layer_norm_eps)
+                    Block::new(
+                        &init,
+                        width,
+                        config.text_heads,
+                        config.text_mlp,
+                        config.unimodal_layers,
+                        config.layer_norm_eps,
+                    )
                 })
                 .collect(),
             ln_final: init.layer_norm(width, config.layer_norm_eps),

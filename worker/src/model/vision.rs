@@ -29,7 +29,14 @@ impl<B: Backend> VisionTransformer<B> {
             blocks: (0..config.vision_layers)
                 .map(|i| {
                     let init = init.child("blocks").child(i);
-                    Block::new(&init, width, config.vision_heads, config.vision_mlp, config.vision_layers, config.layer_norm_eps)
+                    Block::new(
+                        &init,
+                        width,
+                        config.vision_heads,
+                        config.vision_mlp,
+                        config.vision_layers,
+                        config.layer_norm_eps,
+                    )
                 })
                 .collect(),
             ln_final: init.layer_norm(width, config.layer_norm_eps),

@@ -1,0 +1,103 @@
+//! The `coca` binary, run as a user runs it.
+
+use std::process::{Command, Output};
+
+fn coca(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(args)
+        .output()
+        .expect("the coca binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn model_info_reports_every_part_and_the_total() {
+    let output = coca(&["model", "info", "--preset", "base"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    for part in [
+        "image encoder",
+        "poolers",
+        "unimodal decoder",
+        "multimodal decoder",
+        "embeddings",
+        "total",
+    ] {
+        assert!(text.contains(part), "missing {part} in:\n{text}");
+    }
+    assert!(text.contains("388.9M"), "{text}");
+}
+
+#[test]
+fn model_info_json_applies_overrides() {
+    let output = coca(&[
+        "model",
+        "info",
+        "--preset",
+        "tiny",
+        "--json",
+        "--set",
+        "vocab_size=1000",
+        "--set",
+        "pooler_layout=shared",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(report["config"]["vocab_size"], 1000);
+    assert_eq!(report["config"]["pooler_layout"], "shared");
+    let parts = &report["parameters"];
+    let sum: u64 = ["image_encoder", "poolers", "unimodal", "multimodal", "embeddings"]
+        .iter()
+        .map(|part| parts[part].as_u64().unwrap())
+        .sum();
+    assert_eq!(report["total"].as_u64().unwrap(), sum);
+}
+
+#[test]
+fn bad_model_input_fails_with_a_message_naming_it() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--preset", "tiny", "--set", "vocab_sise=8"],
+            "model.vocab_sise: unknown field; did you mean `vocab_size`?",
+        ),
+        (
+            &["--preset", "tiny", "--set", "patch_size=7"],
+            "model.patch_size: 7 does not divide image_size = 32",
+        ),
+        (
+            &["--preset", "tiny", "--set", "vocab_size"],
+            "--set vocab_size: expected KEY=VALUE",
+        ),
+        (&["--preset", "huge"], "unknown model preset `huge`"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["model", "info"];
+        args.extend_from_slice(extra);
+        let output = coca(&args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn bench_step_prints_a_median_on_the_tiny_model() {
+    let output = coca(&[
+        "bench", "step", "--preset", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let median: f64 = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("median step"))
+        .and_then(|rest| rest.trim().strip_suffix("ms"))
+        .and_then(|number| number.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no median in:\n{text}"));
+    assert!(median > 0.0);
+}
