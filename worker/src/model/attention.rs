@@ -1,19 +1,24 @@
 //! Multi-head self- and cross-attention, on burn's fused attention op.
 
 use burn::module::Module;
-use burn::nn::Linear;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
 
+use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
-/// Self-attention with one fused query/key/value projection.
+/// Multi-head self-attention. Query, key and value have separate
+/// projections: a fused one would be split by slicing, whose backward
+/// zero-fills and adds three full-size gradients.
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
-    pub qkv: Linear<B>,
-    pub out: Linear<B>,
+    pub q: Dense<B>,
+    pub k: Dense<B>,
+    pub v: Dense<B>,
+    pub out: Dense<B>,
     pub heads: usize,
 }
 
@@ -22,7 +27,9 @@ impl<B: Backend> SelfAttention<B> {
     /// the residual stream does not grow with depth.
     pub fn new(init: &Init<B>, width: usize, heads: usize, residual_std_scale: f64) -> Self {
         Self {
-            qkv: init.linear("qkv", width, 3 * width, fan_in_std(width), true),
+            q: init.linear("q", width, width, fan_in_std(width), true),
+            k: init.linear("k", width, width, fan_in_std(width), true),
+            v: init.linear("v", width, width, fan_in_std(width), true),
             out: init.linear("out", width, width, fan_in_std(width) * residual_std_scale, true),
             heads,
         }
@@ -32,9 +39,8 @@ impl<B: Backend> SelfAttention<B> {
     /// position must not be attended to. `causal`: position t sees only <= t.
     pub fn forward(&self, x: Tensor<B, 3>, key_padding: Option<Tensor<B, 2, Bool>>, causal: bool) -> Tensor<B, 3> {
         let [batch, len, width] = x.dims();
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter();
-        let mut next = || split_heads(qkv.next().expect("three chunks"), self.heads);
-        let (q, k, v) = (next(), next(), next());
+        let project = |dense: &Dense<B>| split_heads(dense.forward(x.clone()), self.heads);
+        let (q, k, v) = (project(&self.q), project(&self.k), project(&self.v));
         let mask = key_padding.map(|padding| {
             padding
                 .reshape([batch, 1, 1, len])
@@ -52,9 +58,10 @@ impl<B: Backend> SelfAttention<B> {
 /// Attention from queries to a separate context (image tokens).
 #[derive(Module, Debug)]
 pub struct CrossAttention<B: Backend> {
-    pub q: Linear<B>,
-    pub kv: Linear<B>,
-    pub out: Linear<B>,
+    pub q: Dense<B>,
+    pub k: Dense<B>,
+    pub v: Dense<B>,
+    pub out: Dense<B>,
     pub heads: usize,
 }
 
@@ -62,7 +69,8 @@ impl<B: Backend> CrossAttention<B> {
     pub fn new(init: &Init<B>, width: usize, context_width: usize, heads: usize, residual_std_scale: f64) -> Self {
         Self {
             q: init.linear("q", width, width, fan_in_std(width), true),
-            kv: init.linear("kv", context_width, 2 * width, fan_in_std(context_width), true),
+            k: init.linear("k", context_width, width, fan_in_std(context_width), true),
+            v: init.linear("v", context_width, width, fan_in_std(context_width), true),
             out: init.linear("out", width, width, fan_in_std(width) * residual_std_scale, true),
             heads,
         }
@@ -75,7 +83,8 @@ impl<B: Backend> CrossAttention<B> {
         let [batch, _, _] = context.dims();
         let [_, len_q, width] = queries.dims();
         let q = self.q.forward(queries).expand([batch, len_q, width]);
-        let [k, v] = <[Tensor<B, 3>; 2]>::try_from(self.kv.forward(context).chunk(2, 2)).expect("two chunks");
+        let k = self.k.forward(context.clone());
+        let v = self.v.forward(context);
         let context = attention(
             split_heads(q, self.heads),
             split_heads(k, self.heads),

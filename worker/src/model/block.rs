@@ -2,18 +2,19 @@
 //! unimodal text decoder, and its MLP.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
 use super::attention::SelfAttention;
+use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub fc: Linear<B>,
-    pub proj: Linear<B>,
+    pub fc: Dense<B>,
+    pub proj: Dense<B>,
 }
 
 impl<B: Backend> Mlp<B> {

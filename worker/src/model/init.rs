@@ -6,7 +6,9 @@
 //! order or of other threads seeding burn's global generator.
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{LayerNorm, LayerNormConfig};
+
+use super::dense::Dense;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 /// Creates parameters under a module path (`image_encoder.blocks.3.attn`).
@@ -57,9 +59,9 @@ impl<'a, B: Backend> Init<'a, B> {
     }
 
     /// A linear layer with weights N(0, std^2) and, if requested, zero bias.
-    pub fn linear(&self, name: &str, input: usize, output: usize, std: f64, bias: bool) -> Linear<B> {
+    pub fn linear(&self, name: &str, input: usize, output: usize, std: f64, bias: bool) -> Dense<B> {
         let init = self.child(name);
-        Linear {
+        Dense {
             weight: init.normal("weight", [input, output], std),
             bias: bias.then(|| init.constant([output], 0.0)),
         }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod dense;
 pub mod init;
 pub mod loss;
 pub mod multimodal;
@@ -12,11 +13,12 @@ pub mod unimodal;
 pub mod vision;
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use proto::{ModelConfig, ParamCounts, PoolerLayout};
 
+use self::dense::Dense;
 use self::init::{fan_in_std, Init};
 use self::loss::{captioning_loss, contrastive_loss, Heads, LossWeights, Losses};
 use self::multimodal::{MultimodalDecoder, VocabProjection};
@@ -34,7 +36,7 @@ pub struct CocaModel<B: Backend> {
     /// serves the contrastive head.
     pub contrastive_pooler: Option<AttentionalPooler<B>>,
     pub caption_pooler: AttentionalPooler<B>,
-    pub image_projection: Linear<B>,
+    pub image_projection: Dense<B>,
     pub text_embedding: TextEmbedding<B>,
     pub unimodal: UnimodalDecoder<B>,
     pub multimodal: MultimodalDecoder<B>,

@@ -2,13 +2,14 @@
 //! captioning pooler's outputs, MLP; then LayerNorm and vocabulary logits.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use proto::ModelConfig;
 
 use super::attention::{CrossAttention, SelfAttention};
 use super::block::{residual_std_scale, Mlp};
+use super::dense::Dense;
 use super::init::Init;
 
 #[derive(Module, Debug)]
@@ -79,7 +80,7 @@ impl<B: Backend> MultimodalDecoder<B> {
 /// The vocabulary projection, separate or tied to the token embedding.
 #[derive(Module, Debug)]
 pub struct VocabProjection<B: Backend> {
-    pub untied: Option<Linear<B>>,
+    pub untied: Option<Dense<B>>,
 }
 
 impl<B: Backend> VocabProjection<B> {

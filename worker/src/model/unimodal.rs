@@ -3,13 +3,14 @@
 //! output is the text embedding.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use proto::ModelConfig;
 
 use super::block::Block;
+use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
 /// Token and position embeddings; the token table doubles as the
@@ -41,7 +42,7 @@ pub struct UnimodalDecoder<B: Backend> {
     pub cls: Param<Tensor<B, 1>>,
     pub blocks: Vec<Block<B>>,
     pub ln_final: LayerNorm<B>,
-    pub projection: Linear<B>,
+    pub projection: Dense<B>,
 }
 
 /// What the unimodal decoder hands on.

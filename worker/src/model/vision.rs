@@ -2,17 +2,18 @@
 //! pre-LN transformer blocks -> final LayerNorm.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use proto::ModelConfig;
 
 use super::block::Block;
+use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
 #[derive(Module, Debug)]
 pub struct VisionTransformer<B: Backend> {
-    pub patch_embedding: Linear<B>,
+    pub patch_embedding: Dense<B>,
     pub position_embedding: Param<Tensor<B, 2>>,
     pub blocks: Vec<Block<B>>,
     pub ln_final: LayerNorm<B>,
