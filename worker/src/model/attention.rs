@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
@@ -35,22 +35,13 @@ impl<B: Backend> SelfAttention<B> {
         }
     }
 
-    /// `x`: [batch, len, width]. `key_padding`: [batch, len], true where a
-    /// position must not be attended to. `causal`: position t sees only <= t.
-    pub fn forward(&self, x: Tensor<B, 3>, key_padding: Option<Tensor<B, 2, Bool>>, causal: bool) -> Tensor<B, 3> {
-        let [batch, len, width] = x.dims();
+    /// `x`: [batch, len, width]. `bias`: added to the attention scores,
+    /// broadcast to [batch, heads, len, len] (see `causal_bias`).
+    pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let [_, _, width] = x.dims();
         let project = |dense: &Dense<B>| split_heads(dense.forward(x.clone()), self.heads);
         let (q, k, v) = (project(&self.q), project(&self.k), project(&self.v));
-        let mask = key_padding.map(|padding| {
-            padding
-                .reshape([batch, 1, 1, len])
-                .expand([batch, self.heads, len, len])
-        });
-        let options = AttentionModuleOptions {
-            is_causal: causal,
-            ..Default::default()
-        };
-        let context = attention(q, k, v, mask, None, options);
+        let context = attention(q, k, v, None, bias, AttentionModuleOptions::default());
         self.out.forward(merge_heads(context, width))
     }
 }
@@ -95,6 +86,26 @@ impl<B: Backend> CrossAttention<B> {
         );
         self.out.forward(merge_heads(context, width))
     }
+}
+
+/// Additive attention bias [1, 1, len, len]: 0 where query t may see key s
+/// (s <= t), -inf where it may not. Built once per forward and shared by
+/// every layer; broadcasting it is far cheaper than a mask per call.
+pub fn causal_bias<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let values: Vec<f32> = (0..len * len)
+        .map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, len, len]), device)
+}
+
+/// `causal` with keys at padding ([batch, len], true at padding) also hidden:
+/// [batch, 1, len, len].
+pub fn causal_padding_bias<B: Backend>(padding: Tensor<B, 2, Bool>) -> Tensor<B, 4> {
+    let [batch, len] = padding.dims();
+    let device = padding.device();
+    let hidden_keys = Tensor::<B, 4>::zeros([batch, 1, 1, len], &device)
+        .mask_fill(padding.reshape([batch, 1, 1, len]), f32::NEG_INFINITY);
+    causal_bias::<B>(len, &device) + hidden_keys
 }
 
 /// [batch, len, width] -> [batch, heads, len, width / heads]

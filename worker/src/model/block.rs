@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
 
 use super::attention::SelfAttention;
 use super::dense::Dense;
@@ -55,8 +55,9 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>, key_padding: Option<Tensor<B, 2, Bool>>, causal: bool) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.ln_attn.forward(x), key_padding, causal);
+    /// `bias`: the attention bias (causal, padding), or none for full attention.
+    pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.ln_attn.forward(x), bias);
         x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use proto::ModelConfig;
 
-use super::attention::{CrossAttention, SelfAttention};
+use super::attention::{causal_bias, CrossAttention, SelfAttention};
 use super::block::{residual_std_scale, Mlp};
 use super::dense::Dense;
 use super::init::Init;
@@ -42,8 +42,8 @@ impl<B: Backend> MultimodalBlock<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.ln_self.forward(x), None, true);
+    fn forward(&self, x: Tensor<B, 3>, image_tokens: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.ln_self.forward(x), Some(causal));
         let x = x.clone() + self.cross_attn.forward(self.ln_cross.forward(x), image_tokens);
         x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
     }
@@ -69,9 +69,11 @@ impl<B: Backend> MultimodalDecoder<B> {
     /// `image_tokens`: [batch, queries, vision_width]. Returns normalised
     /// states; the caller projects them to the vocabulary.
     pub fn forward(&self, states: Tensor<B, 3>, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [_, len, _] = states.dims();
+        let causal = causal_bias::<B>(len, &states.device());
         let mut x = states;
         for block in &self.blocks {
-            x = block.forward(x, image_tokens.clone());
+            x = block.forward(x, image_tokens.clone(), causal.clone());
         }
         self.ln_final.forward(x)
     }

@@ -9,6 +9,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use proto::ModelConfig;
 
+use super::attention::causal_padding_bias;
 use super::block::Block;
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
@@ -85,9 +86,9 @@ impl<B: Backend> UnimodalDecoder<B> {
         let cls = self.cls.val().reshape([1, 1, width]).expand([batch, 1, width]);
         let mut x = Tensor::cat(vec![embedded, cls], 1);
         let cls_visible = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
-        let padding = Tensor::cat(vec![padding, cls_visible], 1);
+        let bias = causal_padding_bias(Tensor::cat(vec![padding, cls_visible], 1));
         for block in &self.blocks {
-            x = block.forward(x, Some(padding.clone()), true);
+            x = block.forward(x, Some(bias.clone()));
         }
         let x = self.ln_final.forward(x);
         let states = x.clone().narrow(1, 0, len);

@@ -50,7 +50,7 @@ impl<B: Backend> VisionTransformer<B> {
         let x = self.patch_embedding.forward(patchify(images, self.patch_size));
         let mut x = x + self.position_embedding.val().unsqueeze::<3>();
         for block in &self.blocks {
-            x = block.forward(x, None, false);
+            x = block.forward(x, None);
         }
         self.ln_final.forward(x)
     }
