@@ -1,7 +1,6 @@
-//! Multi-head self- and cross-attention, on burn's fused attention op.
+//! Multi-head attention, for self-attention and cross-attention alike.
 
 use burn::module::Module;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -10,11 +9,11 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
-/// Multi-head self-attention. Query, key and value have separate
-/// projections: a fused one would be split by slicing, whose backward
-/// zero-fills and adds three full-size gradients.
+/// Multi-head attention with separate query, key, value and output
+/// projections (a fused projection would be split by slicing, whose
+/// backward zero-fills and adds full-size gradients).
 #[derive(Module, Debug)]
-pub struct SelfAttention<B: Backend> {
+pub struct Attention<B: Backend> {
     pub q: Dense<B>,
     pub k: Dense<B>,
     pub v: Dense<B>,
@@ -22,41 +21,9 @@ pub struct SelfAttention<B: Backend> {
     pub heads: usize,
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: Backend> Attention<B> {
     /// `residual_std_scale` shrinks the output projection of deep stacks so
     /// the residual stream does not grow with depth.
-    pub fn new(init: &Init<B>, width: usize, heads: usize, residual_std_scale: f64) -> Self {
-        Self {
-            q: init.linear("q", width, width, fan_in_std(width), true),
-            k: init.linear("k", width, width, fan_in_std(width), true),
-            v: init.linear("v", width, width, fan_in_std(width), true),
-            out: init.linear("out", width, width, fan_in_std(width) * residual_std_scale, true),
-            heads,
-        }
-    }
-
-    /// `x`: [batch, len, width]. `bias`: added to the attention scores,
-    /// broadcast to [batch, heads, len, len] (see `causal_bias`).
-    pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-        let [_, _, width] = x.dims();
-        let project = |dense: &Dense<B>| split_heads(dense.forward(x.clone()), self.heads);
-        let (q, k, v) = (project(&self.q), project(&self.k), project(&self.v));
-        let context = attention(q, k, v, None, bias, AttentionModuleOptions::default());
-        self.out.forward(merge_heads(context, width))
-    }
-}
-
-/// Attention from queries to a separate context (image tokens).
-#[derive(Module, Debug)]
-pub struct CrossAttention<B: Backend> {
-    pub q: Dense<B>,
-    pub k: Dense<B>,
-    pub v: Dense<B>,
-    pub out: Dense<B>,
-    pub heads: usize,
-}
-
-impl<B: Backend> CrossAttention<B> {
     pub fn new(init: &Init<B>, width: usize, context_width: usize, heads: usize, residual_std_scale: f64) -> Self {
         Self {
             q: init.linear("q", width, width, fan_in_std(width), true),
@@ -68,44 +35,22 @@ impl<B: Backend> CrossAttention<B> {
     }
 
     /// `queries`: [batch, len_q, width], or [1, len_q, width] for queries
-    /// shared by the whole batch (projected once, then broadcast).
-    /// `context`: [batch, len_k, context_width].
-    pub fn forward(&self, queries: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// shared by the whole batch (projected once). `context`: [batch, len_k,
+    /// context_width]; the queries themselves for self-attention. `bias`:
+    /// added to the scores, broadcast to [batch, 1, len_q, len_k] (see
+    /// `causal_bias`). Returns [batch, len_q, width].
+    pub fn forward(&self, queries: Tensor<B, 3>, context: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let [batch, _, _] = context.dims();
         let [_, len_q, width] = queries.dims();
-        let q = self.q.forward(queries).expand([batch, len_q, width]);
-        let k = self.k.forward(context.clone());
-        let v = self.v.forward(context);
-        let context = attention(
-            split_heads(q, self.heads),
-            split_heads(k, self.heads),
-            split_heads(v, self.heads),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        );
+        let heads = |x: Tensor<B, 3>| split_heads(x, self.heads);
+        // Shared queries are projected once, then broadcast over the batch
+        // as a view (after the head split, so no copy is ever made of it).
+        let q = heads(self.q.forward(queries)).expand([batch, self.heads, len_q, width / self.heads]);
+        let k = heads(self.k.forward(context.clone()));
+        let v = heads(self.v.forward(context));
+        let context = attention(q, k, v, None, bias, AttentionModuleOptions::default());
         self.out.forward(merge_heads(context, width))
     }
-}
-
-/// Additive attention bias [1, 1, len, len]: 0 where query t may see key s
-/// (s <= t), -inf where it may not. Built once per forward and shared by
-/// every layer; broadcasting it is far cheaper than a mask per call.
-pub fn causal_bias<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
-    let values: Vec<f32> = (0..len * len)
-        .map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
-    Tensor::from_data(TensorData::new(values, [1, 1, len, len]), device)
-}
-
-/// `causal` with keys at padding ([batch, len], true at padding) also hidden:
-/// [batch, 1, len, len].
-pub fn causal_padding_bias<B: Backend>(padding: Tensor<B, 2, Bool>) -> Tensor<B, 4> {
-    let [batch, len] = padding.dims();
-    let device = padding.device();
-    let hidden_keys = Tensor::<B, 4>::zeros([batch, 1, 1, len], &device)
-        .mask_fill(padding.reshape([batch, 1, 1, len]), f32::NEG_INFINITY);
-    causal_bias::<B>(len, &device) + hidden_keys
 }
 
 /// [batch, len, width] -> [batch, heads, len, width / heads]
@@ -118,4 +63,122 @@ fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 fn merge_heads<B: Backend>(x: Tensor<B, 4>, width: usize) -> Tensor<B, 3> {
     let [batch, _, len, _] = x.dims();
     x.swap_dims(1, 2).reshape([batch, len, width])
+}
+
+/// Additive attention bias [1, 1, len, len]: 0 where query t may see key s
+/// (s <= t), -inf where it may not. Built once per forward and shared by
+/// every layer; broadcasting it is far cheaper than a mask per call.
+pub fn causal_bias<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let values: Vec<f32> = (0..len * len)
+        .map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, len, len]), device)
+}
+
+/// `causal_bias` with keys at padding ([batch, len], true at padding) also
+/// hidden: [batch, 1, len, len].
+pub fn causal_padding_bias<B: Backend>(padding: Tensor<B, 2, Bool>) -> Tensor<B, 4> {
+    let [batch, len] = padding.dims();
+    let device = padding.device();
+    let hidden_keys = Tensor::<B, 4>::zeros([batch, 1, 1, len], &device)
+        .mask_fill(padding.reshape([batch, 1, 1, len]), f32::NEG_INFINITY);
+    causal_bias::<B>(len, &device) + hidden_keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use burn::tensor::activation::softmax;
+
+    /// Textbook multi-head attention, one head at a time, from the weights.
+    fn reference(
+        attn: &Attention<Cpu>,
+        queries: Tensor<Cpu, 3>,
+        context: Tensor<Cpu, 3>,
+        bias: Tensor<Cpu, 4>,
+    ) -> Tensor<Cpu, 3> {
+        let [batch, len_k, _] = context.dims();
+        let [_, len_q, width] = queries.dims();
+        let queries = queries.expand([batch, len_q, width]);
+        let head_width = width / attn.heads;
+        let project = |dense: &Dense<Cpu>, x: Tensor<Cpu, 3>, head: usize| {
+            let w = dense
+                .weight
+                .val()
+                .narrow(1, head * head_width, head_width)
+                .unsqueeze::<3>();
+            let b = dense
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .narrow(0, head * head_width, head_width)
+                .unsqueeze::<3>();
+            x.matmul(w) + b
+        };
+        let heads: Vec<Tensor<Cpu, 3>> = (0..attn.heads)
+            .map(|head| {
+                let q = project(&attn.q, queries.clone(), head);
+                let k = project(&attn.k, context.clone(), head);
+                let v = project(&attn.v, context.clone(), head);
+                let scores = q.matmul(k.swap_dims(1, 2)) / (head_width as f32).sqrt();
+                let scores = scores + bias.clone().reshape([batch, len_q, len_k]);
+                softmax(scores, 2).matmul(v)
+            })
+            .collect();
+        attn.out.forward(Tensor::cat(heads, 2))
+    }
+
+    fn random(shape: [usize; 3], seed: u64) -> Tensor<Cpu, 3> {
+        let device = Default::default();
+        let init = Init::<Cpu>::new(seed, &device);
+        let [a, b, c] = shape;
+        init.normal("x", [a * b, c], 1.0).val().reshape(shape)
+    }
+
+    #[test]
+    fn attention_equals_the_textbook_per_head_computation() {
+        let device = Default::default();
+        let init = Init::<Cpu>::new(3, &device);
+        // Cross-attention with a different context width and a padding bias.
+        let cross = Attention::new(&init.child("cross"), 12, 20, 3, 1.0);
+        let queries = random([2, 5, 12], 1);
+        let context = random([2, 7, 20], 2);
+        let padding = Tensor::<Cpu, 2, Bool>::from_bool(
+            TensorData::new((0..14).map(|i| i % 7 >= 5 && i >= 7).collect::<Vec<_>>(), [2, 7]),
+            &device,
+        );
+        let bias = Tensor::<Cpu, 4>::zeros([2, 1, 1, 7], &device)
+            .mask_fill(padding.reshape([2, 1, 1, 7]), f32::NEG_INFINITY)
+            .expand([2, 1, 5, 7]);
+        let ours = cross.forward(queries.clone(), context.clone(), Some(bias.clone()));
+        let expected = reference(&cross, queries, context.clone(), bias.clone());
+        ours.into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+
+        // Queries shared by the batch give the same as repeated queries.
+        let shared = random([1, 5, 12], 4);
+        let ours = cross.forward(shared.clone(), context.clone(), None);
+        let expected = reference(&cross, shared, context, Tensor::zeros([2, 1, 5, 7], &device));
+        ours.into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+
+        // Causal self-attention.
+        let own = Attention::new(&init.child("self"), 12, 12, 4, 1.0);
+        let x = random([2, 6, 12], 5);
+        let ours = own.forward(x.clone(), x.clone(), Some(causal_bias(6, &device)));
+        let expected = reference(&own, x.clone(), x, causal_bias::<Cpu>(6, &device).expand([2, 1, 6, 6]));
+        ours.into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn causal_padding_bias_hides_future_and_padded_keys() {
+        let device = Default::default();
+        let padding = Tensor::<Cpu, 2, Bool>::from_bool(TensorData::new(vec![false, false, true], [1, 3]), &device);
+        let bias: Vec<f32> = causal_padding_bias(padding).into_data().to_vec().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(bias, vec![0.0, inf, inf, 0.0, 0.0, inf, 0.0, 0.0, inf]);
+    }
 }

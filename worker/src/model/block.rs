@@ -7,7 +7,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::attention::SelfAttention;
+use super::attention::Attention;
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -34,7 +34,7 @@ impl<B: Backend> Mlp<B> {
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub ln_attn: LayerNorm<B>,
-    pub attn: SelfAttention<B>,
+    pub attn: Attention<B>,
     pub ln_mlp: LayerNorm<B>,
     pub mlp: Mlp<B>,
 }
@@ -49,7 +49,7 @@ impl<B: Backend> Block<B> {
         let scale = residual_std_scale(layers);
         Self {
             ln_attn: init.layer_norm(width, eps),
-            attn: SelfAttention::new(&init.child("attn"), width, heads, scale),
+            attn: Attention::new(&init.child("attn"), width, width, heads, scale),
             ln_mlp: init.layer_norm(width, eps),
             mlp: Mlp::new(&init.child("mlp"), width, mlp, scale),
         }
@@ -57,7 +57,8 @@ impl<B: Backend> Block<B> {
 
     /// `bias`: the attention bias (causal, padding), or none for full attention.
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.ln_attn.forward(x), bias);
+        let normed = self.ln_attn.forward(x.clone());
+        let x = x + self.attn.forward(normed.clone(), normed, bias);
         x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use proto::ModelConfig;
 
-use super::attention::{causal_bias, CrossAttention, SelfAttention};
+use super::attention::{causal_bias, Attention};
 use super::block::{residual_std_scale, Mlp};
 use super::dense::Dense;
 use super::init::Init;
@@ -15,9 +15,9 @@ use super::init::Init;
 #[derive(Module, Debug)]
 pub struct MultimodalBlock<B: Backend> {
     pub ln_self: LayerNorm<B>,
-    pub self_attn: SelfAttention<B>,
+    pub self_attn: Attention<B>,
     pub ln_cross: LayerNorm<B>,
-    pub cross_attn: CrossAttention<B>,
+    pub cross_attn: Attention<B>,
     pub ln_mlp: LayerNorm<B>,
     pub mlp: Mlp<B>,
 }
@@ -28,9 +28,9 @@ impl<B: Backend> MultimodalBlock<B> {
         let scale = residual_std_scale(config.multimodal_layers);
         Self {
             ln_self: init.layer_norm(width, eps),
-            self_attn: SelfAttention::new(&init.child("self_attn"), width, config.text_heads, scale),
+            self_attn: Attention::new(&init.child("self_attn"), width, width, config.text_heads, scale),
             ln_cross: init.layer_norm(width, eps),
-            cross_attn: CrossAttention::new(
+            cross_attn: Attention::new(
                 &init.child("cross_attn"),
                 width,
                 config.vision_width,
@@ -43,8 +43,9 @@ impl<B: Backend> MultimodalBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, image_tokens: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.ln_self.forward(x), Some(causal));
-        let x = x.clone() + self.cross_attn.forward(self.ln_cross.forward(x), image_tokens);
+        let normed = self.ln_self.forward(x.clone());
+        let x = x + self.self_attn.forward(normed.clone(), normed, Some(causal));
+        let x = x.clone() + self.cross_attn.forward(self.ln_cross.forward(x), image_tokens, None);
         x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
     }
 }

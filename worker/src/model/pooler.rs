@@ -6,13 +6,13 @@ use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::attention::CrossAttention;
+use super::attention::Attention;
 use super::init::Init;
 
 #[derive(Module, Debug)]
 pub struct AttentionalPooler<B: Backend> {
     pub queries: Param<Tensor<B, 2>>,
-    pub attn: CrossAttention<B>,
+    pub attn: Attention<B>,
     pub ln: LayerNorm<B>,
 }
 
@@ -20,7 +20,7 @@ impl<B: Backend> AttentionalPooler<B> {
     pub fn new(init: &Init<B>, queries: usize, width: usize, heads: usize, eps: f64) -> Self {
         Self {
             queries: init.normal("queries", [queries, width], 0.02),
-            attn: CrossAttention::new(&init.child("attn"), width, width, heads, 1.0),
+            attn: Attention::new(&init.child("attn"), width, width, heads, 1.0),
             ln: init.layer_norm(width, eps),
         }
     }
@@ -28,6 +28,6 @@ impl<B: Backend> AttentionalPooler<B> {
     /// `image_tokens`: [batch, tokens, width] -> [batch, queries, width].
     pub fn forward(&self, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
         let queries = self.queries.val().unsqueeze::<3>();
-        self.ln.forward(self.attn.forward(queries, image_tokens))
+        self.ln.forward(self.attn.forward(queries, image_tokens, None))
     }
 }
