@@ -79,97 +79,22 @@ impl Preset {
         }
     }
 
+    /// The preset's configuration, from `presets.toml`.
     pub fn config(self) -> ModelConfig {
-        match self {
-            Preset::Tiny => ModelConfig {
-                image_size: 32,
-                patch_size: 8,
-                channels: 3,
-                vision_width: 32,
-                vision_layers: 2,
-                vision_heads: 2,
-                vision_mlp: 64,
-                pooler_layout: PoolerLayout::Parallel,
-                pooler_heads: 2,
-                caption_queries: 8,
-                embed_dim: 32,
-                text_width: 32,
-                text_heads: 2,
-                text_mlp: 64,
-                unimodal_layers: 2,
-                multimodal_layers: 2,
-                vocab_size: 512,
-                context_length: 16,
-                tie_embeddings: false,
-                layer_norm_eps: 1e-5,
-            },
-            // open_clip's side of the comparison: embed 192; ViT 4x192, 3 heads,
-            // patch 16 on 64x64; text 4x192, 3 heads, context 32, vocab 1000.
-            Preset::Bench => ModelConfig {
-                image_size: 64,
-                patch_size: 16,
-                channels: 3,
-                vision_width: 192,
-                vision_layers: 4,
-                vision_heads: 3,
-                vision_mlp: 768,
-                pooler_layout: PoolerLayout::Parallel,
-                pooler_heads: 3,
-                caption_queries: 256,
-                embed_dim: 192,
-                text_width: 192,
-                text_heads: 3,
-                text_mlp: 768,
-                unimodal_layers: 4,
-                multimodal_layers: 4,
-                vocab_size: 1000,
-                context_length: 32,
-                tie_embeddings: false,
-                layer_norm_eps: 1e-5,
-            },
-            Preset::Base => paper_preset(768, 12, 12, 3072, 3072, 12, false),
-            Preset::Large => paper_preset(1024, 24, 16, 4096, 4096, 12, false),
-            // The paper's 1.1B decoder and 2.1B total only add up with one
-            // vocabulary matrix, so the giant preset ties them.
-            Preset::Giant => paper_preset(1408, 40, 16, 6144, 5632, 18, true),
-        }
+        decode(&self.table()).expect("every preset in presets.toml has every field")
+    }
+
+    /// The preset's table in `presets.toml`.
+    fn table(self) -> toml::Table {
+        let presets: toml::Table = PRESETS.parse().expect("presets.toml is valid TOML");
+        presets[self.name()]
+            .as_table()
+            .expect("every preset has a table")
+            .clone()
     }
 }
 
-/// Table 1 of the paper: 288px images in 18px patches (256 tokens), a 64k
-/// vocabulary, text as wide as the image encoder.
-fn paper_preset(
-    width: usize,
-    vision_layers: usize,
-    heads: usize,
-    vision_mlp: usize,
-    text_mlp: usize,
-    decoder_layers: usize,
-    tie_embeddings: bool,
-) -> ModelConfig {
-    ModelConfig {
-        image_size: 288,
-        patch_size: 18,
-        channels: 3,
-        vision_width: width,
-        vision_layers,
-        vision_heads: heads,
-        vision_mlp,
-        pooler_layout: PoolerLayout::Parallel,
-        pooler_heads: heads,
-        caption_queries: 256,
-        embed_dim: width,
-        text_width: width,
-        text_heads: heads,
-        text_mlp,
-        unimodal_layers: decoder_layers,
-        multimodal_layers: decoder_layers,
-        vocab_size: 64_000,
-        context_length: 64,
-        tie_embeddings,
-        layer_norm_eps: 1e-6,
-    }
-}
+const PRESETS: &str = include_str!("presets.toml");
 
 impl fmt::Display for Preset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -215,7 +140,7 @@ impl ModelConfig {
     /// A preset with `overrides` (the manifest's `[model]` keys other than
     /// `preset`) applied on top, then validated.
     pub fn resolve(preset: Preset, overrides: &toml::Table) -> Result<Self, ModelConfigError> {
-        let mut merged = toml::Table::try_from(preset.config()).expect("a preset is a flat table of plain values");
+        let mut merged = preset.table();
         for (key, value) in overrides {
             if !merged.contains_key(key) {
                 let known: Vec<&str> = merged.keys().map(String::as_str).collect();
@@ -437,6 +362,11 @@ mod tests {
 
     #[test]
     fn every_preset_validates_and_round_trips_its_name() {
+        let tables: toml::Table = PRESETS.parse().unwrap();
+        let names: Vec<&str> = tables.keys().map(String::as_str).collect();
+        let mut known: Vec<&str> = Preset::ALL.iter().map(|preset| preset.name()).collect();
+        known.sort();
+        assert_eq!(names, known, "presets.toml holds exactly the named presets");
         for preset in Preset::ALL {
             preset.config().validate().unwrap();
             assert_eq!(preset.name().parse::<Preset>().unwrap(), preset);
