@@ -230,10 +230,14 @@ impl ModelConfig {
     pub fn param_counts(&self) -> ParamCounts {
         let layer_norm = |width: usize| 2 * width;
         let linear = |input: usize, output: usize, bias: bool| input * output + usize::from(bias) * output;
-        let self_attention = |width: usize| linear(width, 3 * width, true) + linear(width, width, true);
         let cross_attention = |width: usize, context: usize| {
-            linear(width, width, true) + linear(context, 2 * width, true) + linear(width, width, true)
+            // Query, key (no bias: softmax cancels it), value, output.
+            linear(width, width, true)
+                + linear(context, width, false)
+                + linear(context, width, true)
+                + linear(width, width, true)
         };
+        let self_attention = |width: usize| cross_attention(width, width);
         let mlp = |width: usize, hidden: usize| linear(width, hidden, true) + linear(hidden, width, true);
         let encoder_block =
             |width: usize, hidden: usize| 2 * layer_norm(width) + self_attention(width) + mlp(width, hidden);

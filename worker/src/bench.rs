@@ -7,8 +7,10 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use proto::ModelConfig;
 
+use crate::collective::Solo;
 use crate::model::loss::LossWeights;
 use crate::model::CocaModel;
+use crate::train::contrastive::ContrastiveMode;
 use crate::train::step::{StepTimings, TrainStep};
 use crate::train::synthetic::synthetic_batch;
 
@@ -47,11 +49,17 @@ where
     assert!(steps > 0, "at least one measured step");
     let mut model = CocaModel::<B>::new(config, seed, device);
     let data = synthetic_batch::<B>(config, batch, seed, device);
-    let mut trainer = TrainStep::new(&AdamWConfig::new().with_weight_decay(0.01), LossWeights::default());
+    let mut trainer = TrainStep::new(
+        &AdamWConfig::new().with_weight_decay(0.01),
+        LossWeights::default(),
+        ContrastiveMode::default(),
+    );
     let mut measured = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for index in 0..warmup + steps {
-        let (next, report) = trainer.step(model, &data, 1e-4);
+        let (next, report) = trainer
+            .step(model, &data, 1e-4, &mut Solo)
+            .expect("a single rank has no peers to lose");
         model = next;
         losses.push(report.losses.total);
         if index >= warmup {

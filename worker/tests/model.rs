@@ -7,8 +7,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use proto::{ModelConfig, PoolerLayout, Preset};
 use worker::backend::{Cpu, CpuTrain};
+use worker::collective::Solo;
 use worker::model::loss::{Heads, LossWeights};
 use worker::model::{CocaBatch, CocaModel};
+use worker::train::contrastive::ContrastiveMode;
 use worker::train::step::TrainStep;
 use worker::train::synthetic::{synthetic_batch, PAD};
 
@@ -360,10 +362,10 @@ fn tiny_model_overfits_eight_pairs() {
     let device = Default::default();
     let mut model = CocaModel::<CpuTrain>::new(&config, SEED, &device);
     let batch = synthetic_batch::<CpuTrain>(&config, 8, 6, &device);
-    let mut trainer = TrainStep::new(&AdamWConfig::new(), LossWeights::default());
+    let mut trainer = TrainStep::new(&AdamWConfig::new(), LossWeights::default(), ContrastiveMode::Local);
     let mut losses = Vec::new();
     for _ in 0..150 {
-        let (next, step) = trainer.step(model, &batch, 2e-3);
+        let (next, step) = trainer.step(model, &batch, 2e-3, &mut Solo).unwrap();
         model = next;
         losses.push(step.losses.total);
     }

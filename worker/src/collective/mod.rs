@@ -6,6 +6,32 @@ pub mod tcp;
 
 pub use error::CollectiveError;
 
+/// The world of one rank: every operation is the identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
+        Ok(local.to_vec())
+    }
+
+    fn broadcast(&mut self, _buffer: &mut [f32], _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
 /// All ranks call the same operations in the same order with buffers of the
 /// same length; every call returns within the implementation's timeout,
 /// with an error naming the peer when one is lost.

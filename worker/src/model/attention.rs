@@ -27,7 +27,9 @@ impl<B: Backend> Attention<B> {
     pub fn new(init: &Init<B>, width: usize, context_width: usize, heads: usize, residual_std_scale: f64) -> Self {
         Self {
             q: init.linear("q", width, width, fan_in_std(width), true),
-            k: init.linear("k", context_width, width, fan_in_std(context_width), true),
+            // No key bias: it adds the same amount to every score of a query,
+            // which softmax cancels, so its gradient is float noise.
+            k: init.linear("k", context_width, width, fan_in_std(context_width), false),
             v: init.linear("v", context_width, width, fan_in_std(context_width), true),
             out: init.linear("out", width, width, fan_in_std(width) * residual_std_scale, true),
             heads,
@@ -108,14 +110,11 @@ mod tests {
                 .val()
                 .narrow(1, head * head_width, head_width)
                 .unsqueeze::<3>();
-            let b = dense
-                .bias
-                .as_ref()
-                .unwrap()
-                .val()
-                .narrow(0, head * head_width, head_width)
-                .unsqueeze::<3>();
-            x.matmul(w) + b
+            let projected = x.matmul(w);
+            match &dense.bias {
+                Some(bias) => projected + bias.val().narrow(0, head * head_width, head_width).unsqueeze::<3>(),
+                None => projected,
+            }
         };
         let heads: Vec<Tensor<Cpu, 3>> = (0..attn.heads)
             .map(|head| {

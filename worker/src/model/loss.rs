@@ -2,7 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, ElementConversion, Int, Tensor};
 
 /// The paper's weights: lambda_con = 1, lambda_cap = 2. A zero weight turns
 /// its head off entirely (no forward, no gradient).
@@ -104,12 +104,21 @@ pub fn captioning_loss<B: Backend>(
     targets: Tensor<B, 2, Int>,
     ignore: Tensor<B, 2, Bool>,
 ) -> Tensor<B, 1> {
+    let count = ignore.clone().bool_not().int().sum().into_scalar().elem::<f32>();
+    captioning_loss_sum(logits, targets, ignore) / count.max(1.0)
+}
+
+/// The summed next-token negative log-likelihood over positions that are not
+/// padding; divide by the token count (local, or global across ranks).
+pub fn captioning_loss_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    ignore: Tensor<B, 2, Bool>,
+) -> Tensor<B, 1> {
     let picked = log_softmax(logits, 2)
         .gather(2, targets.unsqueeze_dim(2))
         .squeeze_dim::<2>(2);
-    let keep = ignore.bool_not().float();
-    let count = keep.clone().sum().clamp_min(1.0);
-    (picked * keep).sum().neg() / count
+    (picked * ignore.bool_not().float()).sum().neg()
 }
 
 #[cfg(test)]

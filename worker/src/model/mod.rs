@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod checksum;
 pub mod dense;
 pub mod init;
 pub mod loss;
@@ -121,7 +122,7 @@ impl<B: Backend> CocaModel<B> {
 
     /// exp(logit_scale), clamped at 100.
     pub fn logit_scale(&self) -> Tensor<B, 1> {
-        self.logit_scale.val().clamp_max(MAX_LOGIT_SCALE.ln()).exp()
+        logit_scale_from(self.logit_scale.val())
     }
 
     /// Image tokens for each head: (contrastive [batch, 1, w], caption [batch, queries, w]).
@@ -191,6 +192,12 @@ impl<B: Backend> CocaModel<B> {
         });
         weights.combine(contrastive, captioning)
     }
+}
+
+/// The contrastive temperature from its learned logarithm: exp(raw),
+/// clamped at 100.
+pub fn logit_scale_from<B: Backend>(raw: Tensor<B, 1>) -> Tensor<B, 1> {
+    raw.clamp_max(MAX_LOGIT_SCALE.ln()).exp()
 }
 
 fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {

@@ -1,4 +1,6 @@
 //! Training: one optimisation step of the CoCa objective.
 
+pub mod contrastive;
+pub mod gradients;
 pub mod step;
 pub mod synthetic;

@@ -1,4 +1,5 @@
-//! One training step: forward, both losses, backward, AdamW.
+//! One training step: forward, both losses, backward, gradient all-reduce,
+//! AdamW.
 
 use std::time::{Duration, Instant};
 
@@ -8,8 +9,11 @@ use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use crate::model::loss::LossWeights;
+use crate::collective::{Collective, CollectiveError};
+use crate::model::loss::{captioning_loss_sum, LossWeights};
 use crate::model::{CocaBatch, CocaModel};
+use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
+use crate::train::gradients::{all_reduce_mean, DEFAULT_BUCKET_BYTES};
 
 /// What one step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,35 +48,92 @@ pub struct StepLosses {
 pub struct TrainStep<B: AutodiffBackend> {
     optimizer: OptimizerAdaptor<AdamW, CocaModel<B>, B>,
     weights: LossWeights,
+    mode: ContrastiveMode,
+    bucket_bytes: usize,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
 where
     CocaModel<B>: AutodiffModule<B>,
 {
-    pub fn new(optimizer: &AdamWConfig, weights: LossWeights) -> Self {
+    pub fn new(optimizer: &AdamWConfig, weights: LossWeights, mode: ContrastiveMode) -> Self {
         Self {
             optimizer: optimizer.init(),
             weights,
+            mode,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
     }
 
+    /// Size of the gradient all-reduce buckets.
+    pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
+        self.bucket_bytes = bytes;
+        self
+    }
+
+    /// One data-parallel step on this rank's micro-batch. Every rank of
+    /// `collective` calls it with its own slice of the global batch (ranks
+    /// in sample order, equal rows) and ends with the same parameters as one
+    /// rank stepping on the whole batch. The losses reported are those of
+    /// the global batch.
     pub fn step(
         &mut self,
         model: CocaModel<B>,
         batch: &CocaBatch<B>,
         learning_rate: f64,
-    ) -> (CocaModel<B>, StepReport) {
+        collective: &mut dyn Collective,
+    ) -> Result<(CocaModel<B>, StepReport), CollectiveError> {
         let start = Instant::now();
-        let losses = model.losses(batch, self.weights);
+        let world = collective.world_size() as f32;
+        let output = model.forward(batch, self.weights.heads());
         let read = |loss: Tensor<B, 1>| loss.into_scalar().elem::<f32>();
-        let values = StepLosses {
-            total: read(losses.total.clone()),
-            contrastive: losses.contrastive.map(read),
-            captioning: losses.captioning.map(read),
+
+        let mut objective: Option<Tensor<B, 1>> = None;
+        let mut captioning = None;
+        if let Some(logits) = output.caption_logits {
+            let [_, len] = batch.tokens.dims();
+            let ignore = batch.padding.clone().narrow(1, 1, len - 1);
+            // The global mean over tokens, split so the mean over ranks is exact.
+            let mut tokens = [read(ignore.clone().bool_not().float().sum())];
+            collective.all_reduce_sum(&mut tokens)?;
+            let loss = captioning_loss_sum(logits, batch.tokens.clone().narrow(1, 1, len - 1), ignore)
+                / (tokens[0] / world).max(1.0);
+            let mut value = [read(loss.clone())];
+            collective.all_reduce_mean(&mut value)?;
+            captioning = Some(value[0]);
+            objective = Some(loss * self.weights.captioning);
+        }
+        let mut contrastive = None;
+        if let (Some(image), Some(text)) = (output.image_embedding, output.text_embedding) {
+            let gradients = contrastive_gradients(
+                image.clone(),
+                text.clone(),
+                model.logit_scale.val(),
+                self.weights.contrastive,
+                self.mode,
+                collective,
+            )?;
+            contrastive = Some(gradients.loss);
+            // A surrogate whose gradient through the towers is exactly the
+            // contrastive gradient computed above.
+            let surrogate = (image * Tensor::from_inner(gradients.image)).sum()
+                + (text * Tensor::from_inner(gradients.text)).sum()
+                + (model.logit_scale.val() * Tensor::from_inner(gradients.logit_scale)).sum();
+            objective = Some(match objective {
+                Some(captioning) => captioning + surrogate,
+                None => surrogate,
+            });
+        }
+        let objective = objective.expect("at least one loss weight is non-zero");
+        let losses = StepLosses {
+            total: contrastive.unwrap_or(0.0) * self.weights.contrastive
+                + captioning.unwrap_or(0.0) * self.weights.captioning,
+            contrastive,
+            captioning,
         };
         let forward_done = Instant::now();
-        let gradients = GradientsParams::from_grads(losses.total.backward(), &model);
+        let gradients = GradientsParams::from_grads(objective.backward(), &model);
+        let gradients = all_reduce_mean(&model, gradients, collective, self.bucket_bytes)?;
         let backward_done = Instant::now();
         let model = self.optimizer.step(learning_rate, model, gradients);
         // Backends may run lazily; wait for the update so timings are honest.
@@ -82,12 +143,6 @@ where
             backward: backward_done - forward_done,
             optimizer: backward_done.elapsed(),
         };
-        (
-            model,
-            StepReport {
-                losses: values,
-                timings,
-            },
-        )
+        Ok((model, StepReport { losses, timings }))
     }
 }

@@ -1,0 +1,24 @@
+//! A fingerprint of a module's parameters, to check replicas agree.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// FNV-1a over the bits of every float parameter, in visiting order: equal
+/// exactly when the parameters are bit-identical (barring collisions).
+pub fn parameter_checksum<B: Backend, M: Module<B>>(module: &M) -> u64 {
+    struct Checksum(u64);
+    impl<B: Backend> ModuleVisitor<B> for Checksum {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            for value in data.as_slice::<f32>().expect("f32 data after convert") {
+                for byte in value.to_bits().to_le_bytes() {
+                    self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+        }
+    }
+    let mut checksum = Checksum(0xcbf2_9ce4_8422_2325);
+    module.visit(&mut checksum);
+    checksum.0
+}
