@@ -101,3 +101,43 @@ fn bench_step_prints_a_median_on_the_tiny_model() {
         .unwrap_or_else(|| panic!("no median in:\n{text}"));
     assert!(median > 0.0);
 }
+
+#[test]
+fn bench_allreduce_runs_separate_processes_and_prints_bandwidths() {
+    let output = coca(&[
+        "bench",
+        "allreduce",
+        "--world",
+        "3",
+        "--mib",
+        "1",
+        "--iterations",
+        "2",
+        "--warmup",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let figure = |label: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
+    };
+    let (algorithm, bus) = (figure("algorithm bw"), figure("bus bw"));
+    assert!(algorithm > 0.0 && figure("memcpy bw") > 0.0);
+    // Bus bandwidth is algorithm bandwidth x 2(n-1)/n = 4/3 for 3 ranks (printed to 2 decimals).
+    assert!((bus - algorithm * 4.0 / 3.0).abs() <= 0.02, "{text}");
+}
+
+#[test]
+fn bench_allreduce_refuses_a_world_of_one() {
+    let output = coca(&["bench", "allreduce", "--world", "1"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--world must be at least 2"),
+        "{}",
+        stderr(&output)
+    );
+}

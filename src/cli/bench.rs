@@ -1,9 +1,15 @@
-//! `coca bench step`: median time of a full training step.
+//! `coca bench step` (a training step) and `coca bench allreduce` (the
+//! gradient all-reduce between local processes).
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
-use worker::bench::bench_step;
+use worker::bench::{all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth};
+use worker::collective::tcp::RingListener;
 
 use super::ModelArgs;
 
@@ -25,6 +31,25 @@ pub enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// All-reduce bus bandwidth (as nccl-tests defines it) between local
+    /// processes over the TCP ring, beside this machine's memcpy bandwidth.
+    Allreduce {
+        /// Processes (ranks).
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer size in MiB of f32.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Measured all-reduces (the median is over these).
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        /// Unmeasured all-reduces first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Internal: run as this rank of a benchmark started by `--world`.
+        #[arg(long, hide = true)]
+        child_rank: Option<usize>,
     },
 }
 
@@ -60,6 +85,133 @@ impl BenchCommand {
                 println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
                 Ok(())
             }
+            BenchCommand::Allreduce {
+                world,
+                mib,
+                iterations,
+                warmup,
+                child_rank,
+            } => {
+                ensure!(world >= 2, "--world must be at least 2");
+                ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
+                let bytes = mib << 20;
+                if let Some(rank) = child_rank {
+                    return all_reduce_rank(rank, world, bytes, warmup, iterations);
+                }
+                let median = spawn_all_reduce_ranks(world, mib, warmup, iterations)?;
+                let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
+                let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
+                println!("bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, {iterations} iterations after {warmup} warm-up");
+                println!("  median time   {:8.1} ms", median.as_secs_f64() * 1e3);
+                println!("  algorithm bw  {:8.2} GB/s", gb(algorithm));
+                println!(
+                    "  bus bw        {:8.2} GB/s  (algorithm bw x 2(n-1)/n, as nccl-tests)",
+                    gb(bus)
+                );
+                println!(
+                    "  memcpy bw     {:8.2} GB/s  (one thread, same buffer: the ceiling)",
+                    gb(memcpy_bandwidth(bytes, 10))
+                );
+                Ok(())
+            }
         }
     }
+}
+
+/// Starts `world` copies of this binary as ranks, introduces them to each
+/// other, and returns the slowest rank's median all-reduce time.
+fn spawn_all_reduce_ranks(world: usize, mib: usize, warmup: usize, iterations: usize) -> anyhow::Result<Duration> {
+    let program = std::env::current_exe().context("cannot find the running coca binary")?;
+    let mut ranks: Vec<Child> = Vec::with_capacity(world);
+    for rank in 0..world {
+        let child = Command::new(&program)
+            .args([
+                "bench",
+                "allreduce",
+                "--world",
+                &world.to_string(),
+                "--mib",
+                &mib.to_string(),
+            ])
+            .args(["--warmup", &warmup.to_string(), "--iterations", &iterations.to_string()])
+            .args(["--child-rank", &rank.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        ranks.push(child);
+    }
+    let result = introduce_and_collect(&mut ranks);
+    if result.is_err() {
+        for child in &mut ranks {
+            let _ = child.kill();
+        }
+    }
+    for (rank, child) in ranks.iter_mut().enumerate() {
+        let status = child.wait()?;
+        if result.is_ok() {
+            ensure!(status.success(), "rank {rank} failed ({status})");
+        }
+    }
+    result
+}
+
+fn introduce_and_collect(ranks: &mut [Child]) -> anyhow::Result<Duration> {
+    let mut readers = Vec::with_capacity(ranks.len());
+    let mut peers = Vec::with_capacity(ranks.len());
+    for (rank, child) in ranks.iter_mut().enumerate() {
+        let mut reader = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let Some(address) = line.trim().strip_prefix("listening ") else {
+            bail!("rank {rank} did not start listening (said {line:?})");
+        };
+        peers.push(address.to_string());
+        readers.push(reader);
+    }
+    let roster = peers.join(",") + "\n";
+    for child in ranks.iter_mut() {
+        child
+            .stdin
+            .take()
+            .context("child stdin")?
+            .write_all(roster.as_bytes())?;
+    }
+    // Every rank reports; the slowest rank's time is the collective's time.
+    let mut slowest = Duration::ZERO;
+    for (rank, reader) in readers.iter_mut().enumerate() {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let nanos: u64 = line
+            .trim()
+            .strip_prefix("median_ns ")
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("rank {rank} reported no result (said {line:?})"))?;
+        slowest = slowest.max(Duration::from_nanos(nanos));
+    }
+    Ok(slowest)
+}
+
+/// One rank of `coca bench allreduce`: announce the listening address,
+/// read every rank's address, join the ring, measure.
+fn all_reduce_rank(rank: usize, world: usize, bytes: usize, warmup: usize, iterations: usize) -> anyhow::Result<()> {
+    let listener = RingListener::bind("127.0.0.1:0".parse::<SocketAddr>()?)?;
+    println!("listening {}", listener.local_addr());
+    std::io::stdout().flush()?;
+    let mut roster = String::new();
+    std::io::stdin().read_line(&mut roster)?;
+    let peers = roster
+        .trim()
+        .split(',')
+        .map(|address| {
+            address
+                .parse::<SocketAddr>()
+                .with_context(|| format!("bad peer address {address:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ensure!(peers.len() == world, "expected {world} peers, got {}", peers.len());
+    let mut ring = listener.connect(rank, &peers, Duration::from_secs(60))?;
+    let report = bench_all_reduce(&mut ring, bytes, warmup, iterations)?;
+    println!("median_ns {}", report.median().as_nanos());
+    Ok(())
 }

@@ -387,7 +387,7 @@ impl Links {
         send: &[f32],
         receive: &mut [f32],
         timeout: Duration,
-        combine: fn(&mut [f32], &[f32]),
+        arrival: Arrival,
     ) -> Result<(), CollectiveError> {
         let Links { next, prev, scratch } = self;
         let outgoing = Header {
@@ -404,13 +404,21 @@ impl Links {
             let sending = scope.spawn(|| next.send(outgoing, send, timeout));
             let received = (|| {
                 prev.expect(incoming, timeout)?;
-                scratch.resize(CHUNK.min(receive.len()), 0.0);
-                for chunk in receive.chunks_mut(CHUNK) {
-                    let incoming = &mut scratch[..chunk.len()];
-                    prev.read(tag, incoming, timeout)?;
-                    combine(chunk, incoming);
+                match arrival {
+                    Arrival::Store => prev.read(tag, receive, timeout),
+                    Arrival::Add => {
+                        scratch.resize(CHUNK.min(receive.len()), 0.0);
+                        for chunk in receive.chunks_mut(CHUNK) {
+                            let incoming = &mut scratch[..chunk.len()];
+                            prev.read(tag, incoming, timeout)?;
+                            chunk
+                                .iter_mut()
+                                .zip(incoming.iter())
+                                .for_each(|(sum, value)| *sum += value);
+                        }
+                        Ok(())
+                    }
                 }
-                Ok(())
             })();
             let sent = sending.join().expect("the sending thread does not panic");
             received.and(sent)
@@ -418,12 +426,13 @@ impl Links {
     }
 }
 
-fn add(into: &mut [f32], incoming: &[f32]) {
-    into.iter_mut().zip(incoming).for_each(|(a, b)| *a += b);
-}
-
-fn copy(into: &mut [f32], incoming: &[f32]) {
-    into.copy_from_slice(incoming);
+/// What becomes of received values.
+#[derive(Debug, Clone, Copy)]
+enum Arrival {
+    /// Added into the buffer, chunk by chunk as they stream in.
+    Add,
+    /// Written straight into the buffer.
+    Store,
 }
 
 impl Collective for TcpRing {
@@ -447,14 +456,14 @@ impl Collective for TcpRing {
             let send = &parts[(rank + n - step) % n];
             let receive = &parts[(rank + 2 * n - step - 1) % n];
             let (send, receive) = split_pair(buffer, send, receive);
-            links.exchange(Tag::ReduceScatter, total, send, receive, timeout, add)?;
+            links.exchange(Tag::ReduceScatter, total, send, receive, timeout, Arrival::Add)?;
         }
         // All-gather the reduced segments, so every rank ends bit-identical.
         for step in 0..n - 1 {
             let send = &parts[(rank + 1 + n - step) % n];
             let receive = &parts[(rank + n - step) % n];
             let (send, receive) = split_pair(buffer, send, receive);
-            links.exchange(Tag::AllGather, total, send, receive, timeout, copy)?;
+            links.exchange(Tag::AllGather, total, send, receive, timeout, Arrival::Store)?;
         }
         Ok(())
     }
@@ -472,7 +481,7 @@ impl Collective for TcpRing {
             let send = slot((rank + n - step) % n);
             let receive = slot((rank + 2 * n - step - 1) % n);
             let (send, receive) = split_pair(&mut gathered, &send, &receive);
-            links.exchange(Tag::Gather, len, send, receive, timeout, copy)?;
+            links.exchange(Tag::Gather, len, send, receive, timeout, Arrival::Store)?;
         }
         Ok(gathered)
     }
