@@ -3,13 +3,16 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
-use worker::bench::{all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth};
-use worker::collective::tcp::RingListener;
+use worker::backend::CpuTrain;
+use worker::bench::{all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth, StepBenchmark};
+use worker::collective::tcp::{RingListener, TcpRing};
+use worker::collective::{Collective, Solo};
 
 use super::ModelArgs;
 
@@ -20,7 +23,7 @@ pub enum BenchCommand {
     Step {
         #[command(flatten)]
         model: ModelArgs,
-        /// Samples per step.
+        /// Samples per step (the global batch when --world > 1).
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Measured steps (the median is over these).
@@ -31,6 +34,17 @@ pub enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Data-parallel ranks, each a local process on the TCP ring,
+        /// splitting the batch between them.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// Write the final parameters here (f32 little-endian, in module
+        /// visiting order), to compare runs.
+        #[arg(long, value_name = "FILE")]
+        parameters_out: Option<PathBuf>,
+        /// Internal: run as this rank of a benchmark started by `--world`.
+        #[arg(long, hide = true)]
+        child_rank: Option<usize>,
     },
     /// All-reduce bus bandwidth (as nccl-tests defines it) between local
     /// processes over the TCP ring, beside this machine's memcpy bandwidth.
@@ -53,6 +67,10 @@ pub enum BenchCommand {
     },
 }
 
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
@@ -62,13 +80,56 @@ impl BenchCommand {
                 steps,
                 warmup,
                 seed,
+                world,
+                parameters_out,
+                child_rank,
             } => {
-                anyhow::ensure!(steps >= 1, "--steps must be at least 1");
-                anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+                ensure!(steps >= 1, "--steps must be at least 1");
+                ensure!(world >= 1, "--world must be at least 1");
+                ensure!(
+                    batch >= world && batch % world == 0,
+                    "--batch {batch} does not split evenly between --world {world} ranks"
+                );
                 let config = model.resolve()?;
                 let device = Default::default();
-                let report = bench_step::<worker::backend::CpuTrain>(&config, batch, warmup, steps, seed, &device);
-                let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+                let run = |collective: &mut dyn Collective| -> anyhow::Result<StepBenchmark> {
+                    let report = bench_step::<CpuTrain>(&config, batch, warmup, steps, seed, collective, &device)?;
+                    if let (Some(path), 0) = (&parameters_out, collective.rank()) {
+                        let bytes: Vec<u8> = report.parameters.iter().flat_map(|value| value.to_le_bytes()).collect();
+                        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+                    }
+                    Ok(report)
+                };
+                if let Some(rank) = child_rank {
+                    let report = run(&mut join_local_ring(rank, world)?)?;
+                    println!("result {}", report.median(|t| t.total()).as_nanos());
+                    return Ok(());
+                }
+                if world > 1 {
+                    let mut args: Vec<String> = ["bench", "step", "--preset", model.preset.name()]
+                        .into_iter()
+                        .map(String::from)
+                        .collect();
+                    for assignment in &model.overrides {
+                        args.extend(["--set".to_string(), assignment.clone()]);
+                    }
+                    for (flag, value) in [("--batch", batch), ("--steps", steps), ("--warmup", warmup)] {
+                        args.extend([flag.to_string(), value.to_string()]);
+                    }
+                    args.extend(["--seed".to_string(), seed.to_string()]);
+                    if let Some(path) = &parameters_out {
+                        args.extend(["--parameters-out".to_string(), path.display().to_string()]);
+                    }
+                    let median = run_local_ranks(&args, world)?;
+                    println!(
+                        "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
+                         {steps} steps after {warmup} warm-up",
+                        model.preset
+                    );
+                    println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
+                    return Ok(());
+                }
+                let report = run(&mut Solo)?;
                 println!(
                     "bench step: preset {} batch {batch}, {steps} steps after {warmup} warm-up, {} threads (cpu)",
                     model.preset, report.threads
@@ -96,13 +157,30 @@ impl BenchCommand {
                 ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
                 let bytes = mib << 20;
                 if let Some(rank) = child_rank {
-                    return all_reduce_rank(rank, world, bytes, warmup, iterations);
+                    let report = bench_all_reduce(&mut join_local_ring(rank, world)?, bytes, warmup, iterations)?;
+                    println!("result {}", report.median().as_nanos());
+                    return Ok(());
                 }
-                let median = spawn_all_reduce_ranks(world, mib, warmup, iterations)?;
+                let args: Vec<String> = [
+                    "bench",
+                    "allreduce",
+                    "--mib",
+                    &mib.to_string(),
+                    "--warmup",
+                    &warmup.to_string(),
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain(["--iterations".to_string(), iterations.to_string()])
+                .collect();
+                let median = run_local_ranks(&args, world)?;
                 let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
                 let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
-                println!("bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, {iterations} iterations after {warmup} warm-up");
-                println!("  median time   {:8.1} ms", median.as_secs_f64() * 1e3);
+                println!(
+                    "bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, \
+                     {iterations} iterations after {warmup} warm-up"
+                );
+                println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
                 println!("  algorithm bw  {:8.2} GB/s", gb(algorithm));
                 println!(
                     "  bus bw        {:8.2} GB/s  (algorithm bw x 2(n-1)/n, as nccl-tests)",
@@ -118,23 +196,17 @@ impl BenchCommand {
     }
 }
 
-/// Starts `world` copies of this binary as ranks, introduces them to each
-/// other, and returns the slowest rank's median all-reduce time.
-fn spawn_all_reduce_ranks(world: usize, mib: usize, warmup: usize, iterations: usize) -> anyhow::Result<Duration> {
+/// Starts `world` copies of this binary (`args` plus `--world` and
+/// `--child-rank`), introduces them to each other, and returns the slowest
+/// rank's reported median time. Each child announces `listening ADDR`,
+/// reads the comma-separated roster, and ends with `result NANOS`.
+fn run_local_ranks(args: &[String], world: usize) -> anyhow::Result<Duration> {
     let program = std::env::current_exe().context("cannot find the running coca binary")?;
     let mut ranks: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
         let child = Command::new(&program)
-            .args([
-                "bench",
-                "allreduce",
-                "--world",
-                &world.to_string(),
-                "--mib",
-                &mib.to_string(),
-            ])
-            .args(["--warmup", &warmup.to_string(), "--iterations", &iterations.to_string()])
-            .args(["--child-rank", &rank.to_string()])
+            .args(args)
+            .args(["--world", &world.to_string(), "--child-rank", &rank.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -184,7 +256,7 @@ fn introduce_and_collect(ranks: &mut [Child]) -> anyhow::Result<Duration> {
         reader.read_line(&mut line)?;
         let nanos: u64 = line
             .trim()
-            .strip_prefix("median_ns ")
+            .strip_prefix("result ")
             .and_then(|value| value.parse().ok())
             .with_context(|| format!("rank {rank} reported no result (said {line:?})"))?;
         slowest = slowest.max(Duration::from_nanos(nanos));
@@ -192,9 +264,9 @@ fn introduce_and_collect(ranks: &mut [Child]) -> anyhow::Result<Duration> {
     Ok(slowest)
 }
 
-/// One rank of `coca bench allreduce`: announce the listening address,
-/// read every rank's address, join the ring, measure.
-fn all_reduce_rank(rank: usize, world: usize, bytes: usize, warmup: usize, iterations: usize) -> anyhow::Result<()> {
+/// A child rank's side of `run_local_ranks`: announce the listening
+/// address, read every rank's, join the ring.
+fn join_local_ring(rank: usize, world: usize) -> anyhow::Result<TcpRing> {
     let listener = RingListener::bind("127.0.0.1:0".parse::<SocketAddr>()?)?;
     println!("listening {}", listener.local_addr());
     std::io::stdout().flush()?;
@@ -210,8 +282,5 @@ fn all_reduce_rank(rank: usize, world: usize, bytes: usize, warmup: usize, itera
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     ensure!(peers.len() == world, "expected {world} peers, got {}", peers.len());
-    let mut ring = listener.connect(rank, &peers, Duration::from_secs(60))?;
-    let report = bench_all_reduce(&mut ring, bytes, warmup, iterations)?;
-    println!("median_ns {}", report.median().as_nanos());
-    Ok(())
+    Ok(listener.connect(rank, &peers, Duration::from_secs(60))?)
 }

@@ -7,8 +7,9 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use proto::ModelConfig;
 
-use crate::collective::Solo;
+use crate::collective::{Collective, CollectiveError};
 use crate::model::loss::LossWeights;
+use crate::model::parameters::parameter_values;
 use crate::model::CocaModel;
 use crate::train::contrastive::ContrastiveMode;
 use crate::train::step::{StepTimings, TrainStep};
@@ -22,6 +23,8 @@ pub struct StepBenchmark {
     pub threads: usize,
     pub first_loss: f32,
     pub last_loss: f32,
+    /// The parameters after the last step, flattened in visiting order.
+    pub parameters: Vec<f32>,
 }
 
 impl StepBenchmark {
@@ -33,22 +36,27 @@ impl StepBenchmark {
     }
 }
 
-/// Runs `warmup + steps` training steps of the full CoCa objective (both
-/// losses, backward, AdamW) on one synthetic batch of `batch` samples.
+/// Runs `warmup + steps` data-parallel training steps of the full CoCa
+/// objective (both losses, global negatives, backward, gradient all-reduce,
+/// AdamW) on one synthetic global batch of `batch` samples, of which this
+/// rank takes its share.
 pub fn bench_step<B: AutodiffBackend>(
     config: &ModelConfig,
     batch: usize,
     warmup: usize,
     steps: usize,
     seed: u64,
+    collective: &mut dyn Collective,
     device: &B::Device,
-) -> StepBenchmark
+) -> Result<StepBenchmark, CollectiveError>
 where
     CocaModel<B>: AutodiffModule<B>,
 {
     assert!(steps > 0, "at least one measured step");
+    let micro = batch / collective.world_size();
+    assert_eq!(micro * collective.world_size(), batch, "the batch divides by the world");
     let mut model = CocaModel::<B>::new(config, seed, device);
-    let data = synthetic_batch::<B>(config, batch, seed, device);
+    let data = synthetic_batch::<B>(config, batch, seed, device).rows(collective.rank() * micro, micro);
     let mut trainer = TrainStep::new(
         &AdamWConfig::new().with_weight_decay(0.01),
         LossWeights::default(),
@@ -57,21 +65,20 @@ where
     let mut measured = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for index in 0..warmup + steps {
-        let (next, report) = trainer
-            .step(model, &data, 1e-4, &mut Solo)
-            .expect("a single rank has no peers to lose");
+        let (next, report) = trainer.step(model, &data, 1e-4, collective)?;
         model = next;
         losses.push(report.losses.total);
         if index >= warmup {
             measured.push(report.timings);
         }
     }
-    StepBenchmark {
+    Ok(StepBenchmark {
         steps: measured,
         threads: rayon::current_num_threads(),
         first_loss: losses[0],
         last_loss: losses[losses.len() - 1],
-    }
+        parameters: parameter_values(&model),
+    })
 }
 
 /// Timings of repeated all-reduces of one buffer.
@@ -105,11 +112,11 @@ pub fn all_reduce_bandwidth(bytes: usize, world: usize, time: Duration) -> (f64,
 /// All-reduces a buffer of `bytes` (f32) `warmup + iterations` times; every
 /// rank must call it with the same arguments.
 pub fn bench_all_reduce(
-    collective: &mut dyn crate::collective::Collective,
+    collective: &mut dyn Collective,
     bytes: usize,
     warmup: usize,
     iterations: usize,
-) -> Result<AllReduceBenchmark, crate::collective::CollectiveError> {
+) -> Result<AllReduceBenchmark, CollectiveError> {
     let mut buffer = vec![1.0f32; bytes / size_of::<f32>()];
     let mut times = Vec::with_capacity(iterations);
     for index in 0..warmup + iterations {

@@ -13,8 +13,8 @@ use proto::{ModelConfig, Preset};
 use worker::backend::CpuTrain;
 use worker::collective::tcp::RingListener;
 use worker::collective::{Collective, Solo};
-use worker::model::checksum::parameter_checksum;
 use worker::model::loss::LossWeights;
+use worker::model::parameters::parameter_checksum;
 use worker::model::{CocaBatch, CocaModel};
 use worker::train::contrastive::ContrastiveMode;
 use worker::train::step::{StepLosses, TrainStep};
@@ -26,14 +26,6 @@ const STEPS: u64 = 3;
 
 fn config() -> ModelConfig {
     Preset::Tiny.config()
-}
-
-fn rows<B: Backend>(batch: &CocaBatch<B>, start: usize, len: usize) -> CocaBatch<B> {
-    CocaBatch {
-        images: batch.images.clone().narrow(0, start, len),
-        tokens: batch.tokens.clone().narrow(0, start, len),
-        padding: batch.padding.clone().narrow(0, start, len),
-    }
 }
 
 /// Every parameter tensor's values, in visiting order.
@@ -60,7 +52,7 @@ fn train(collective: &mut dyn Collective, mode: ContrastiveMode) -> (Vec<Vec<f32
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let global = synthetic_batch::<CpuTrain>(&config, GLOBAL_BATCH, 100 + step, &device);
-        let local = rows(&global, collective.rank() * micro, micro);
+        let local = global.rows(collective.rank() * micro, micro);
         let (next, report) = trainer.step(model, &local, 1e-3, collective).unwrap();
         model = next;
         losses.push(report.losses);

@@ -4,11 +4,11 @@
 
 pub mod attention;
 pub mod block;
-pub mod checksum;
 pub mod dense;
 pub mod init;
 pub mod loss;
 pub mod multimodal;
+pub mod parameters;
 pub mod pooler;
 pub mod unimodal;
 pub mod vision;
@@ -55,6 +55,17 @@ pub struct CocaBatch<B: Backend> {
     pub tokens: Tensor<B, 2, Int>,
     /// [batch, context_length], true at padding.
     pub padding: Tensor<B, 2, Bool>,
+}
+
+impl<B: Backend> CocaBatch<B> {
+    /// Samples `start..start + len`: a rank's share of a global batch.
+    pub fn rows(&self, start: usize, len: usize) -> Self {
+        Self {
+            images: self.images.clone().narrow(0, start, len),
+            tokens: self.tokens.clone().narrow(0, start, len),
+            padding: self.padding.clone().narrow(0, start, len),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! A fingerprint of a module's parameters, to check replicas agree.
+//! A module's parameters as plain values: flattened, or fingerprinted to
+//! check that replicas agree.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
@@ -21,4 +22,19 @@ pub fn parameter_checksum<B: Backend, M: Module<B>>(module: &M) -> u64 {
     let mut checksum = Checksum(0xcbf2_9ce4_8422_2325);
     module.visit(&mut checksum);
     checksum.0
+}
+
+/// Every float parameter's values, flattened in visiting order.
+pub fn parameter_values<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
+    struct Values(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Values {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0
+                .extend_from_slice(data.as_slice::<f32>().expect("f32 data after convert"));
+        }
+    }
+    let mut values = Values(Vec::new());
+    module.visit(&mut values);
+    values.0
 }
