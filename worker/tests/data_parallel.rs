@@ -15,7 +15,7 @@ use worker::collective::tcp::RingListener;
 use worker::collective::{Collective, Solo};
 use worker::model::loss::LossWeights;
 use worker::model::parameters::parameter_checksum;
-use worker::model::{CocaBatch, CocaModel};
+use worker::model::CocaModel;
 use worker::train::contrastive::ContrastiveMode;
 use worker::train::step::{StepLosses, TrainStep};
 use worker::train::synthetic::synthetic_batch;
