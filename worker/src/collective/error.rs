@@ -34,6 +34,8 @@ pub enum CollectiveError {
         operation: &'static str,
         message: String,
     },
+    #[error("device collective failed during {operation}: {message}")]
+    Device { operation: &'static str, message: String },
     #[error("invalid collective setup: {0}")]
     Setup(String),
 }

@@ -2,6 +2,8 @@
 //! training needs and nothing more.
 
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 pub use error::CollectiveError;
