@@ -162,7 +162,8 @@ fn accept(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Link, CollectiveError> {
-    let setup = |source: io::Error| CollectiveError::Listen { address, source };
+    let own = listener.local_addr().unwrap_or(address);
+    let setup = |source: io::Error| CollectiveError::Listen { address: own, source };
     listener.set_nonblocking(true).map_err(setup)?;
     loop {
         match listener.accept() {
