@@ -161,39 +161,50 @@ fn read_parameters(path: &std::path::Path) -> Vec<f32> {
 #[test]
 fn separate_processes_train_what_one_process_trains_on_the_whole_batch() {
     let dir = scratch_dir("data-parallel");
-    let run = |world: usize| {
-        let path = dir.join(format!("world-{world}.bin"));
-        let output = coca(&[
-            "bench",
-            "step",
-            "--preset",
-            "tiny",
-            "--batch",
-            "6",
-            "--steps",
-            "3",
-            "--warmup",
-            "0",
-            "--world",
-            &world.to_string(),
-            "--parameters-out",
-            path.to_str().unwrap(),
-        ]);
-        assert!(output.status.success(), "world {world}: {}", stderr(&output));
-        read_parameters(&path)
-    };
-    let reference = run(1);
-    let untrained_share = reference.iter().filter(|value| **value == 0.0).count();
-    assert!(untrained_share < reference.len() / 10, "the parameters look untrained");
-    for world in [2, 3] {
-        let parameters = run(world);
-        assert_eq!(parameters.len(), reference.len());
-        let norm = |values: &mut dyn Iterator<Item = f32>| values.map(|v| (v as f64).powi(2)).sum::<f64>().sqrt();
-        let difference = norm(&mut parameters.iter().zip(&reference).map(|(a, b)| a - b));
-        let relative = difference / norm(&mut reference.iter().copied());
-        // Float summation order differs between 1 and N ranks (see the
-        // worker's data_parallel tests); a wrong gradient is >= 1e-2.
-        assert!(relative < 1e-5, "world {world}: relative difference {relative:.2e}");
+    for negatives in ["local", "full"] {
+        let run = |world: usize| {
+            let path = dir.join(format!("{negatives}-world-{world}.bin"));
+            let output = coca(&[
+                "bench",
+                "step",
+                "--preset",
+                "tiny",
+                "--batch",
+                "6",
+                "--steps",
+                "3",
+                "--warmup",
+                "0",
+                "--world",
+                &world.to_string(),
+                "--negatives",
+                negatives,
+                "--parameters-out",
+                path.to_str().unwrap(),
+            ]);
+            assert!(
+                output.status.success(),
+                "{negatives}, world {world}: {}",
+                stderr(&output)
+            );
+            read_parameters(&path)
+        };
+        let reference = run(1);
+        let untrained_share = reference.iter().filter(|value| **value == 0.0).count();
+        assert!(untrained_share < reference.len() / 10, "the parameters look untrained");
+        for world in [2, 3] {
+            let parameters = run(world);
+            assert_eq!(parameters.len(), reference.len());
+            let norm = |values: &mut dyn Iterator<Item = f32>| values.map(|v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            let difference = norm(&mut parameters.iter().zip(&reference).map(|(a, b)| a - b));
+            let relative = difference / norm(&mut reference.iter().copied());
+            // Float summation order differs between 1 and N ranks (see the
+            // worker's data_parallel tests); a wrong gradient is >= 1e-2.
+            assert!(
+                relative < 1e-5,
+                "{negatives}, world {world}: relative difference {relative:.2e}"
+            );
+        }
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

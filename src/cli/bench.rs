@@ -10,9 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
 use worker::backend::CpuTrain;
-use worker::bench::{all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth, StepBenchmark};
+use worker::bench::{
+    all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
+};
 use worker::collective::tcp::{RingListener, TcpRing};
 use worker::collective::{Collective, Solo};
+use worker::train::contrastive::ContrastiveMode;
 
 use super::ModelArgs;
 
@@ -38,6 +41,10 @@ pub enum BenchCommand {
         /// splitting the batch between them.
         #[arg(long, default_value_t = 1)]
         world: usize,
+        /// How contrastive negatives span the ranks: `local` (each rank's
+        /// rows against all columns) or `full` (the whole matrix on every rank).
+        #[arg(long, value_enum, default_value_t = Negatives::Local)]
+        negatives: Negatives,
         /// Write the final parameters here (f32 little-endian, in module
         /// visiting order), to compare runs.
         #[arg(long, value_name = "FILE")]
@@ -67,6 +74,21 @@ pub enum BenchCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Negatives {
+    Local,
+    Full,
+}
+
+impl From<Negatives> for ContrastiveMode {
+    fn from(negatives: Negatives) -> Self {
+        match negatives {
+            Negatives::Local => ContrastiveMode::Local,
+            Negatives::Full => ContrastiveMode::Full,
+        }
+    }
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
@@ -81,6 +103,7 @@ impl BenchCommand {
                 warmup,
                 seed,
                 world,
+                negatives,
                 parameters_out,
                 child_rank,
             } => {
@@ -93,7 +116,14 @@ impl BenchCommand {
                 let config = model.resolve()?;
                 let device = Default::default();
                 let run = |collective: &mut dyn Collective| -> anyhow::Result<StepBenchmark> {
-                    let report = bench_step::<CpuTrain>(&config, batch, warmup, steps, seed, collective, &device)?;
+                    let plan = StepBenchmarkPlan {
+                        batch,
+                        warmup,
+                        steps,
+                        seed,
+                        mode: negatives.into(),
+                    };
+                    let report = bench_step::<CpuTrain>(&config, plan, collective, &device)?;
                     if let (Some(path), 0) = (&parameters_out, collective.rank()) {
                         let bytes: Vec<u8> = report.parameters.iter().flat_map(|value| value.to_le_bytes()).collect();
                         std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
@@ -117,6 +147,8 @@ impl BenchCommand {
                         args.extend([flag.to_string(), value.to_string()]);
                     }
                     args.extend(["--seed".to_string(), seed.to_string()]);
+                    let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
+                    args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
                     if let Some(path) = &parameters_out {
                         args.extend(["--parameters-out".to_string(), path.display().to_string()]);
                     }

@@ -36,22 +36,36 @@ impl StepBenchmark {
     }
 }
 
+/// What `bench_step` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepBenchmarkPlan {
+    /// Samples per step over all ranks.
+    pub batch: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub mode: ContrastiveMode,
+}
+
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
 /// objective (both losses, global negatives, backward, gradient all-reduce,
-/// AdamW) on one synthetic global batch of `batch` samples, of which this
-/// rank takes its share.
+/// AdamW) on one synthetic global batch, of which this rank takes its share.
 pub fn bench_step<B: AutodiffBackend>(
     config: &ModelConfig,
-    batch: usize,
-    warmup: usize,
-    steps: usize,
-    seed: u64,
+    plan: StepBenchmarkPlan,
     collective: &mut dyn Collective,
     device: &B::Device,
 ) -> Result<StepBenchmark, CollectiveError>
 where
     CocaModel<B>: AutodiffModule<B>,
 {
+    let StepBenchmarkPlan {
+        batch,
+        warmup,
+        steps,
+        seed,
+        mode,
+    } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
     assert_eq!(micro * collective.world_size(), batch, "the batch divides by the world");
@@ -60,7 +74,7 @@ where
     let mut trainer = TrainStep::new(
         &AdamWConfig::new().with_weight_decay(0.01),
         LossWeights::default(),
-        ContrastiveMode::default(),
+        mode,
     );
     let mut measured = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
