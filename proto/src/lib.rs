@@ -3,5 +3,6 @@
 //! without linking the tensor library.
 
 pub mod model;
+pub mod sample_order;
 
 pub use model::{ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};
