@@ -5,8 +5,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use proto::ModelConfig;
 
-use crate::model::init::SplitMix64;
 use crate::model::CocaBatch;
+use crate::rng::SplitMix64;
 
 /// Token ids the synthetic captions use for padding, start and end.
 pub const PAD: i32 = 0;

@@ -1,0 +1,3 @@
+//! Data: from stored samples to what the model reads.
+
+pub mod prompt;
