@@ -50,7 +50,7 @@ pub fn all_reduce_mean<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(gradients)
 }
 
-/// Moves every gradient, in visiting order, into one flat buffer.
+/// Copies every gradient, in visiting order, into one flat buffer.
 struct Flatten<B: AutodiffBackend> {
     gradients: GradientsParams,
     values: Vec<f32>,
