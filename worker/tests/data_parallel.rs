@@ -1,8 +1,6 @@
 //! The defining property of data parallelism: N ranks on micro-batches of B
 //! end with the same parameters as one rank on the N * B batch.
 
-use std::net::SocketAddr;
-use std::thread;
 use std::time::Duration;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -11,7 +9,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use proto::{ModelConfig, Preset};
 use worker::backend::CpuTrain;
-use worker::collective::tcp::RingListener;
 use worker::collective::{Collective, Solo};
 use worker::model::loss::LossWeights;
 use worker::model::parameters::parameter_checksum;
@@ -19,6 +16,10 @@ use worker::model::CocaModel;
 use worker::train::contrastive::ContrastiveMode;
 use worker::train::step::{StepLosses, TrainStep};
 use worker::train::synthetic::synthetic_batch;
+
+mod common;
+
+use common::{on_every_rank, rings};
 
 const SEED: u64 = 23;
 const GLOBAL_BATCH: usize = 6;
@@ -63,24 +64,7 @@ fn train(collective: &mut dyn Collective, mode: ContrastiveMode) -> (Vec<Vec<f32
 }
 
 fn train_on_ring(world: usize, mode: ContrastiveMode) -> Vec<(Vec<Vec<f32>>, u64, Vec<StepLosses>)> {
-    let listeners: Vec<RingListener> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
-    thread::scope(|scope| {
-        let ranks: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let peers = &peers;
-                scope.spawn(move || {
-                    let mut ring = listener.connect(rank, peers, Duration::from_secs(60)).unwrap();
-                    train(&mut ring, mode)
-                })
-            })
-            .collect();
-        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
-    })
+    on_every_rank(rings(world, Duration::from_secs(60)), |ring| train(ring, mode))
 }
 
 /// Each parameter tensor within relative 1e-3 (L2 norm of the difference

@@ -1,7 +1,7 @@
 //! The CoCa model's contract on the CPU backend: shapes, loss modes,
 //! causality, CLS masking, gradients, learning, parameter counts, seeding.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -9,6 +9,7 @@ use proto::{ModelConfig, PoolerLayout, Preset};
 use worker::backend::{Cpu, CpuTrain};
 use worker::collective::Solo;
 use worker::model::loss::{Heads, LossWeights};
+use worker::model::parameters::parameter_values;
 use worker::model::{CocaBatch, CocaModel};
 use worker::train::contrastive::ContrastiveMode;
 use worker::train::step::TrainStep;
@@ -225,28 +226,13 @@ fn padding_never_reaches_the_text_embedding() {
     assert!(max_abs_diff(&base[..config.embed_dim], &extended[..config.embed_dim]) > 1e-4);
 }
 
-/// Every float parameter, flattened in visiting order.
-struct Flatten(Vec<f32>);
-
-impl<B: Backend> ModuleVisitor<B> for Flatten {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.extend(values(param.val()));
-    }
-}
-
-fn flatten<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
-    let mut visitor = Flatten(Vec::new());
-    module.visit(&mut visitor);
-    visitor.0
-}
-
 #[test]
 fn same_seed_gives_bit_identical_parameters() {
     let config = tiny();
     let device = Default::default();
-    let a = flatten(&CocaModel::<Cpu>::new(&config, SEED, &device));
-    let b = flatten(&CocaModel::<Cpu>::new(&config, SEED, &device));
-    let other = flatten(&CocaModel::<Cpu>::new(&config, SEED + 1, &device));
+    let a = parameter_values(&CocaModel::<Cpu>::new(&config, SEED, &device));
+    let b = parameter_values(&CocaModel::<Cpu>::new(&config, SEED, &device));
+    let other = parameter_values(&CocaModel::<Cpu>::new(&config, SEED + 1, &device));
     assert_eq!(a.len(), b.len());
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     assert!(a.iter().zip(&other).filter(|(x, y)| x != y).count() > a.len() / 2);
