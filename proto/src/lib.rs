@@ -2,6 +2,7 @@
 //! section lives here so the coordinator can validate and describe a job
 //! without linking the tensor library.
 
+pub mod dataset;
 pub mod model;
 pub mod sample_order;
 

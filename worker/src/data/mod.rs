@@ -1,6 +1,10 @@
 //! Data: from stored samples to what the model reads.
 
+pub mod dataset;
 pub mod demo;
 pub mod image;
+pub mod loader;
 pub mod prompt;
+pub mod shard;
 pub mod tokenizer;
+pub mod writer;

@@ -1,0 +1,24 @@
+/// Errors name the full URL of the object concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("`{url}` is not a store URL: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{url}: not found")]
+    NotFound { url: String },
+    #[error("{url}: access denied ({detail}); check the credentials (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")]
+    Denied { url: String, detail: String },
+    #[error("{url}: {detail}")]
+    Failed { url: String, detail: String },
+    #[error("{url}: still failing after {attempts} attempts: {detail}")]
+    Exhausted { url: String, attempts: u32, detail: String },
+    #[error("cannot open the store at {url}: {detail}")]
+    Open { url: String, detail: String },
+    #[error("local cache {path}: {source}")]
+    Cache { path: String, source: std::io::Error },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}

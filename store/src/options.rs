@@ -1,0 +1,63 @@
+use std::time::Duration;
+
+/// How a store is reached: what the manifest (or a command's flags) says
+/// about credentials and retries. Anything left unset comes from the
+/// usual environment of each cloud (AWS_*, GOOGLE_*, AZURE_*).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreOptions {
+    pub s3: S3Options,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Clone, Default, PartialEq)]
+pub struct S3Options {
+    /// e.g. `http://127.0.0.1:8333` for an S3-compatible server; plain
+    /// http is allowed only when the endpoint says so.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+// Secrets never reach a log line.
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Transient errors (connection failures, timeouts, server errors) are
+/// retried with exponential backoff; missing objects and denied access are not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt` (1-based; attempt 1 does not wait).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << (attempt - 2).min(16);
+        (self.first_delay * factor).min(self.max_delay)
+    }
+}

@@ -1,0 +1,340 @@
+use std::future::Future;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::http::HttpBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use tokio::runtime::Runtime;
+
+use crate::{Location, RetryPolicy, Scheme, StoreError, StoreOptions};
+
+/// Objects larger than this are uploaded in parts.
+const MULTIPART_THRESHOLD: usize = 32 << 20;
+const PART_SIZE: usize = 16 << 20;
+
+/// One object under a store's prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The name relative to the store's prefix.
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// A prefix in an object store. Clones share the connection and runtime.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    runtime: Arc<Runtime>,
+    location: Location,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url())
+    }
+}
+
+impl Store {
+    /// Opens the store at `url`; plain paths are resolved against the working directory.
+    pub fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let cwd = std::env::current_dir().map_err(|error| StoreError::Open {
+            url: url.to_string(),
+            detail: format!("no working directory: {error}"),
+        })?;
+        Self::open_location(Location::parse(url, &cwd)?, options)
+    }
+
+    pub fn open_location(location: Location, options: &StoreOptions) -> Result<Self, StoreError> {
+        let open_error = |detail: String| StoreError::Open {
+            url: location.url(),
+            detail,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coca-store")
+            .enable_all()
+            .build()
+            .map_err(|error| open_error(format!("cannot start the I/O runtime: {error}")))?;
+        let inner: Arc<dyn ObjectStore> = match location.scheme {
+            Scheme::File => Arc::new(LocalFileSystem::new()),
+            Scheme::Memory => Arc::new(InMemory::new()),
+            Scheme::S3 => {
+                install_tls_provider();
+                let s3 = &options.s3;
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(&location.authority)
+                    .with_retry(no_internal_retry())
+                    .with_client_options(client_options(s3.endpoint.as_deref()));
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_allow_http(endpoint.starts_with("http://"));
+                }
+                if let Some(region) = &s3.region {
+                    builder = builder.with_region(region);
+                }
+                if let Some(key) = &s3.access_key_id {
+                    builder = builder.with_access_key_id(key);
+                }
+                if let Some(secret) = &s3.secret_access_key {
+                    builder = builder.with_secret_access_key(secret);
+                }
+                Arc::new(builder.build().map_err(|error| open_error(error.to_string()))?)
+            }
+            Scheme::Gcs => {
+                install_tls_provider();
+                let builder = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&location.authority)
+                    .with_retry(no_internal_retry())
+                    .with_client_options(client_options(None));
+                Arc::new(builder.build().map_err(|error| open_error(error.to_string()))?)
+            }
+            Scheme::Azure => {
+                install_tls_provider();
+                let builder = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&location.authority)
+                    .with_retry(no_internal_retry())
+                    .with_client_options(client_options(None));
+                Arc::new(builder.build().map_err(|error| open_error(error.to_string()))?)
+            }
+            Scheme::Http | Scheme::Https => {
+                install_tls_provider();
+                let scheme = if location.scheme == Scheme::Http {
+                    "http"
+                } else {
+                    "https"
+                };
+                let builder = HttpBuilder::new()
+                    .with_url(format!("{scheme}://{}", location.authority))
+                    .with_retry(no_internal_retry())
+                    .with_client_options(client_options(Some(scheme)));
+                Arc::new(builder.build().map_err(|error| open_error(error.to_string()))?)
+            }
+        };
+        Ok(Self {
+            inner,
+            runtime: Arc::new(runtime),
+            location,
+            retry: options.retry,
+        })
+    }
+
+    /// A fresh in-memory store (tests; clones share its contents).
+    pub fn memory() -> Self {
+        Self::open_location(
+            Location {
+                scheme: Scheme::Memory,
+                authority: String::new(),
+                prefix: String::new(),
+            },
+            &StoreOptions::default(),
+        )
+        .expect("an in-memory store always opens")
+    }
+
+    /// This store with another backend, for tests that inject failures.
+    pub fn with_backend(&self, inner: Arc<dyn ObjectStore>) -> Self {
+        Self { inner, ..self.clone() }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The same backend, one prefix further down.
+    pub fn at(&self, name: &str) -> Self {
+        Self {
+            location: self.location.join(name),
+            ..self.clone()
+        }
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The store's own URL, canonical (`file:///abs`, `s3://bucket/prefix`).
+    pub fn url(&self) -> String {
+        self.location.url()
+    }
+
+    /// The URL of object `name`, for messages.
+    pub fn object_url(&self, name: &str) -> String {
+        self.location.join(name).url()
+    }
+
+    /// The local directory of a `file://` store.
+    pub fn local_dir(&self) -> Option<&FsPath> {
+        (self.location.scheme == Scheme::File).then(|| FsPath::new(&self.location.prefix))
+    }
+
+    fn path(&self, name: &str) -> Path {
+        let joined = self.location.join(name);
+        Path::from(joined.prefix.trim_start_matches('/'))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(name);
+        self.run(name, || async {
+            let result = self.inner.get(&path).await?;
+            result.bytes().await
+        })
+    }
+
+    /// Writes `bytes` as object `name`, all or nothing: readers see the
+    /// old object or the whole new one.
+    pub fn put(&self, name: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = self.path(name);
+        if bytes.len() <= MULTIPART_THRESHOLD {
+            return self.run(name, || async {
+                self.inner
+                    .put(&path, PutPayload::from_bytes(bytes.clone()))
+                    .await
+                    .map(|_| ())
+            });
+        }
+        self.run(name, || async {
+            let upload = self.inner.put_multipart(&path).await?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            for chunk in bytes.chunks(PART_SIZE) {
+                writer.wait_for_capacity(4).await?;
+                writer.write(chunk);
+            }
+            writer.finish().await.map(|_| ())
+        })
+    }
+
+    /// Whether object `name` exists.
+    pub fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        let path = self.path(name);
+        match self.run(name, || async { self.inner.head(&path).await }) {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Every object under `name` (recursively), sorted by name.
+    pub fn list(&self, name: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let path = self.path(name);
+        let prefix = self.path("");
+        let mut objects: Result<Vec<ObjectInfo>, StoreError> = self.run(name, || async {
+            let metas: Vec<_> = self.inner.list(Some(&path)).try_collect().await?;
+            Ok(metas
+                .into_iter()
+                .map(|meta| ObjectInfo {
+                    name: meta
+                        .location
+                        .prefix_match(&prefix)
+                        .map(|parts| {
+                            parts
+                                .map(|part| part.as_ref().to_string())
+                                .collect::<Vec<_>>()
+                                .join("/")
+                        })
+                        .unwrap_or_else(|| meta.location.to_string()),
+                    bytes: meta.size,
+                })
+                .collect())
+        });
+        match &mut objects {
+            Ok(list) => list.sort_by(|a, b| a.name.cmp(&b.name)),
+            // A missing directory holds nothing.
+            Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(_) => {}
+        }
+        objects
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path(name);
+        match self.run(name, || async { self.inner.delete(&path).await }) {
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Runs `operation` on the store's runtime, retrying transient errors.
+    fn run<T, F, Fut>(&self, name: &str, operation: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        let url = || self.object_url(name);
+        self.runtime.block_on(async {
+            let mut attempt = 1;
+            loop {
+                tokio::time::sleep(self.retry.delay(attempt)).await;
+                let error = match operation().await {
+                    Ok(value) => return Ok(value),
+                    Err(error) => error,
+                };
+                let detail = error_detail(&error);
+                match error {
+                    object_store::Error::NotFound { .. } => return Err(StoreError::NotFound { url: url() }),
+                    object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                        return Err(StoreError::Denied { url: url(), detail })
+                    }
+                    object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
+                        if attempt >= self.retry.attempts {
+                            return Err(StoreError::Exhausted {
+                                url: url(),
+                                attempts: attempt,
+                                detail,
+                            });
+                        }
+                        attempt += 1;
+                    }
+                    _ => return Err(StoreError::Failed { url: url(), detail }),
+                }
+            }
+        })
+    }
+}
+
+/// The whole chain of causes, on one line.
+fn error_detail(error: &object_store::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = cause.source();
+    }
+    detail
+}
+
+/// Retries happen in [`Store::run`], uniformly for every store.
+fn no_internal_retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 0,
+        ..RetryConfig::default()
+    }
+}
+
+fn client_options(endpoint: Option<&str>) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(300))
+        .with_allow_http(endpoint.is_some_and(|endpoint| endpoint.starts_with("http")))
+}
+
+/// rustls needs one process-wide crypto provider; ours is ring.
+fn install_tls_provider() {
+    // Fails only when a provider is already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
