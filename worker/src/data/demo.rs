@@ -217,3 +217,126 @@ mod tests {
         assert_eq!(seen.len(), 18, "every class occurs");
     }
 }
+
+/// What `coca data demo` writes under its root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoSpec {
+    pub seed: u64,
+    pub align_rows: u64,
+    pub jft_rows: u64,
+    /// Held-out labelled images, drawn from indices the training set never uses.
+    pub heldout_rows: u64,
+    pub side: u32,
+    pub shard_rows: usize,
+    pub vocab_size: usize,
+}
+
+impl Default for DemoSpec {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            align_rows: 2048,
+            jft_rows: 2048,
+            heldout_rows: 360,
+            side: 64,
+            shard_rows: 512,
+            vocab_size: 512,
+        }
+    }
+}
+
+/// Dataset prefixes under the demo root.
+pub const ALIGN: &str = "align";
+pub const JFT: &str = "jft";
+pub const HELDOUT: &str = "jft-heldout";
+pub const TOKENIZER: &str = "tokenizer.json";
+const HELDOUT_FIRST_INDEX: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Writer(#[from] super::writer::WriterError),
+    #[error(transparent)]
+    Dataset(#[from] super::dataset::DatasetError),
+    #[error(transparent)]
+    Tokenizer(#[from] super::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Writes the demo datasets (align, jft, jft-heldout) and a tokenizer
+/// trained on them under `root`. Samples are drawn in parallel; the bytes
+/// written depend only on `spec`.
+pub fn write(root: &store::Store, spec: &DemoSpec) -> Result<(), DemoError> {
+    use rayon::prelude::*;
+
+    use super::shard::{Compression, Content, Record};
+    use super::writer::DatasetWriter;
+    use proto::dataset::{ClassName, DatasetKind};
+
+    let class_names: Vec<ClassName> = classes()
+        .into_iter()
+        .map(|(name, parent)| ClassName {
+            name,
+            parent: Some(parent),
+        })
+        .collect();
+    let source = format!("coca data demo (seed {})", spec.seed);
+    let datasets = [
+        (ALIGN, DatasetKind::Align, 0, spec.align_rows),
+        (JFT, DatasetKind::Jft, 0, spec.jft_rows),
+        (HELDOUT, DatasetKind::Jft, HELDOUT_FIRST_INDEX, spec.heldout_rows),
+    ];
+    for (name, kind, first, rows) in datasets {
+        let classes = if kind == DatasetKind::Jft {
+            class_names.clone()
+        } else {
+            Vec::new()
+        };
+        let mut writer = DatasetWriter::create(
+            root.at(name),
+            kind,
+            classes,
+            spec.shard_rows,
+            Compression::None,
+            &source,
+        )?;
+        let indices: Vec<u64> = (first..first + rows).collect();
+        for chunk in indices.chunks(spec.shard_rows) {
+            let records: Vec<Record> = chunk
+                .par_iter()
+                .map(|&index| match kind {
+                    DatasetKind::Align => {
+                        let sample = captioned(spec.seed, index, spec.side);
+                        Record {
+                            key: sample.key,
+                            image: sample.png,
+                            content: Content::Text(sample.text),
+                        }
+                    }
+                    DatasetKind::Jft => {
+                        let sample = labelled(spec.seed, index, spec.side);
+                        Record {
+                            key: sample.key,
+                            image: sample.png,
+                            content: Content::Labels(sample.labels),
+                        }
+                    }
+                })
+                .collect();
+            for record in records {
+                writer.push(record)?;
+            }
+        }
+        writer.finish()?;
+    }
+    let templates = super::prompt::PromptTemplates::clip80();
+    let mut texts = Vec::new();
+    for name in [ALIGN, JFT] {
+        let dataset = super::dataset::Dataset::open(root.at(name))?;
+        texts.extend(super::corpus::texts(&dataset, &templates)?);
+    }
+    let tokenizer = super::tokenizer::TextTokenizer::train(texts.iter(), spec.vocab_size)?;
+    root.put(TOKENIZER, bytes::Bytes::from(tokenizer.to_json()))?;
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Data: from stored samples to what the model reads.
 
+pub mod corpus;
 pub mod dataset;
 pub mod demo;
 pub mod image;
