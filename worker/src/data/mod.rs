@@ -4,6 +4,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod demo;
 pub mod image;
+pub mod import;
 pub mod loader;
 pub mod prompt;
 pub mod shard;
