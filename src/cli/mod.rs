@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch.
 
 mod bench;
+mod data;
 mod model;
 
 use anyhow::{bail, Context};
@@ -26,6 +27,9 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Build, import and inspect datasets; train a tokenizer.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 impl Cli {
@@ -33,8 +37,21 @@ impl Cli {
         match self.command {
             Command::Model(command) => command.run(),
             Command::Bench(command) => command.run(),
+            Command::Data(command) => command.run(),
         }
     }
+}
+
+/// How to reach S3-compatible stores; credentials come from the usual
+/// AWS_* environment variables.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// S3 endpoint, for S3-compatible servers (e.g. http://127.0.0.1:8333).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION")]
+    s3_region: Option<String>,
 }
 
 /// A preset plus `--set key=value` overrides, as the manifest's `[model]` table has them.

@@ -5,6 +5,8 @@ pub enum StoreError {
     BadUrl { url: String, reason: String },
     #[error("{url}: not found")]
     NotFound { url: String },
+    #[error("{url}: bucket `{bucket}` does not exist")]
+    NoBucket { bucket: String, url: String },
     #[error("{url}: access denied ({detail}); check the credentials (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")]
     Denied { url: String, detail: String },
     #[error("{url}: {detail}")]

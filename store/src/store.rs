@@ -282,9 +282,18 @@ impl Store {
                 };
                 let detail = error_detail(&error);
                 match error {
+                    object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
+                        return Err(StoreError::NoBucket {
+                            bucket: self.location.authority.clone(),
+                            url: url(),
+                        })
+                    }
                     object_store::Error::NotFound { .. } => return Err(StoreError::NotFound { url: url() }),
                     object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-                        return Err(StoreError::Denied { url: url(), detail })
+                        return Err(StoreError::Denied {
+                            url: url(),
+                            detail: server_error(&detail),
+                        })
                     }
                     object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
                         if attempt >= self.retry.attempts {
@@ -316,6 +325,20 @@ fn error_detail(error: &object_store::Error) -> String {
         source = cause.source();
     }
     detail
+}
+
+/// The code and message of an S3-style XML error body, or the detail as it is.
+fn server_error(detail: &str) -> String {
+    let tag = |name: &str| {
+        let start = detail.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + detail[start..].find(&format!("</{name}>"))?;
+        Some(detail[start..end].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ => detail.to_string(),
+    }
 }
 
 /// Retries happen in [`Store::run`], uniformly for every store.

@@ -34,7 +34,8 @@ fn run(
     )
     .map_err(|e| e.to_string())?;
     let mut seen = 0;
-    let (index, summary) = import::import(importer.as_mut(), writer, &mut |n| seen = n).map_err(|e| e.to_string())?;
+    let (index, summary) =
+        import::import(importer.as_mut(), writer, options.limit, &mut |n| seen = n).map_err(|e| e.to_string())?;
     assert_eq!(seen, summary.rows + summary.skipped);
     Ok((store, index, summary))
 }

