@@ -3,6 +3,11 @@
 
 mod cli;
 
+// glibc's malloc hands large buffers (decoded images, activations) back to
+// the kernel and page-faults them in again on every use; mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use std::process::ExitCode;

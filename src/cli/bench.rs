@@ -1,5 +1,5 @@
-//! `coca bench step` (a training step) and `coca bench allreduce` (the
-//! gradient all-reduce between local processes).
+//! `coca bench step` (a training step), `coca bench allreduce` (the
+//! gradient all-reduce between local processes) and `coca bench data` (the loader).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -11,10 +11,14 @@ use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
 use worker::backend::CpuTrain;
 use worker::bench::{
-    all_reduce_bandwidth, bench_all_reduce, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
+    all_reduce_bandwidth, bench_all_reduce, bench_data, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
 };
 use worker::collective::tcp::{RingListener, TcpRing};
 use worker::collective::{Collective, Solo};
+use worker::data::corpus;
+use worker::data::dataset::Dataset;
+use worker::data::prompt::PromptTemplates;
+use worker::data::tokenizer::TextTokenizer;
 use worker::train::contrastive::ContrastiveMode;
 
 use super::ModelArgs;
@@ -72,6 +76,25 @@ pub enum BenchCommand {
         #[arg(long, hide = true)]
         child_rank: Option<usize>,
     },
+    /// Training samples per second (decode, random resized crop,
+    /// normalise, tokenize) from a dataset's shards, and per loader thread.
+    Data {
+        /// The dataset (a path or a store URL).
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 224)]
+        image_size: u32,
+        /// Loader threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Measured batches.
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        #[command(flatten)]
+        store: super::StoreArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -96,6 +119,30 @@ fn ms(duration: Duration) -> f64 {
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            BenchCommand::Data {
+                url,
+                image_size,
+                threads,
+                batch,
+                batches,
+                store,
+            } => {
+                ensure!(batch >= 1 && batches >= 1, "--batch and --batches must be at least 1");
+                let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                let dataset = Dataset::open(store.open(&url)?)?;
+                // Tokenizing is part of the work measured; any trained tokenizer does.
+                let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
+                let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
+                let report = bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
+                println!(
+                    "data: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {:.1} per core ({threads} threads)",
+                    report.samples,
+                    report.seconds,
+                    report.samples_per_second(),
+                    report.per_core()
+                );
+                Ok(())
+            }
             BenchCommand::Step {
                 model,
                 batch,

@@ -1,6 +1,6 @@
 //! Training-step benchmark on synthetic data (`coca bench step`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
@@ -164,4 +164,65 @@ pub fn memcpy_bandwidth(bytes: usize, iterations: usize) -> f64 {
         .collect();
     times.sort();
     bytes as f64 / times[times.len() / 2].as_secs_f64()
+}
+
+/// Figures of `coca bench data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataBenchmark {
+    pub samples: usize,
+    pub seconds: f64,
+    pub threads: usize,
+}
+
+impl DataBenchmark {
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.seconds
+    }
+
+    pub fn per_core(&self) -> f64 {
+        self.samples_per_second() / self.threads as f64
+    }
+}
+
+/// Assembles `batches` training batches of `batch` samples from one dataset
+/// (decode, random resized crop, normalise, tokenize) on `threads` threads,
+/// after one unmeasured batch that brings the shards into memory.
+pub fn bench_data(
+    dataset: crate::data::dataset::Dataset,
+    tokenizer: crate::data::tokenizer::TextTokenizer,
+    image_size: u32,
+    threads: usize,
+    batch: usize,
+    batches: usize,
+) -> Result<DataBenchmark, crate::data::loader::LoaderError> {
+    use crate::data::loader::{BatchAssembler, LoaderConfig, LoaderSource};
+    use proto::sample_order::{SampleOrder, SourceSize};
+
+    let order = SampleOrder::new(
+        0,
+        &[SourceSize {
+            samples: dataset.index().rows(),
+            weight: 1.0,
+        }],
+        batch,
+    )?;
+    let config = LoaderConfig {
+        threads,
+        ..LoaderConfig::new(image_size, 77)
+    };
+    let source = LoaderSource {
+        dataset,
+        templates: crate::data::prompt::PromptTemplates::clip80(),
+    };
+    let mut assembler = BatchAssembler::new(vec![source], order, tokenizer, config, 0, 0, 1)?;
+    assembler.assemble(0)?;
+    let started = Instant::now();
+    for step in 1..=batches as u64 {
+        assembler.assemble(step)?;
+    }
+    Ok(DataBenchmark {
+        samples: batch * batches,
+        seconds: started.elapsed().as_secs_f64(),
+        threads,
+    })
 }

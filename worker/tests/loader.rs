@@ -332,3 +332,24 @@ fn datasets_refuse_overwrites_and_unfinished_imports_are_not_datasets() {
         "{error}"
     );
 }
+
+#[test]
+fn a_local_cache_serves_shards_the_store_no_longer_has() {
+    let root = small_demo();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = store::LocalCache::new(dir.path(), 1 << 20).unwrap();
+    let dataset = Dataset::open(root.at(demo::ALIGN)).unwrap().with_cache(cache);
+    let first = dataset.shard(0).unwrap();
+    let sha = &dataset.index().shards[0].sha256;
+    assert!(dir.path().join(sha).exists());
+    root.at(demo::ALIGN).delete("shard-00000.arrow").unwrap();
+    let again = dataset.shard(0).unwrap();
+    assert_eq!(again.record(3), first.record(3));
+    // Without the cache the object is gone.
+    let uncached = Dataset::open(root.at(demo::ALIGN)).unwrap();
+    assert!(uncached
+        .shard(0)
+        .unwrap_err()
+        .to_string()
+        .ends_with("shard-00000.arrow: not found"));
+}

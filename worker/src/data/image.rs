@@ -3,7 +3,8 @@
 //! crop for evaluation), normalise with CLIP's mean and std, lay out as
 //! channel-major f32.
 
-use image::imageops::{self, FilterType};
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
 use crate::rng::SplitMix64;
@@ -43,7 +44,7 @@ impl Crop {
 /// Decodes any supported format to RGB.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     let image = image::load_from_memory(bytes).map_err(|error| ImageError::Decode(error.to_string()))?;
-    let rgb = image.to_rgb8();
+    let rgb = image.into_rgb8();
     if rgb.width() == 0 || rgb.height() == 0 {
         return Err(ImageError::Empty {
             width: rgb.width(),
@@ -56,30 +57,53 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
 /// `size` x `size` normalised pixels, channel-major ([3, size, size]).
 /// `seed` draws the random crop; the same seed gives the same pixels.
 pub fn prepare(image: &RgbImage, size: u32, crop: Crop, seed: u64) -> Vec<f32> {
+    let mut pixels = vec![0.0f32; 3 * (size * size) as usize];
+    prepare_into(image, size, crop, seed, &mut pixels);
+    pixels
+}
+
+/// [`prepare`], written into `pixels` (3 x size x size values): the loader
+/// fills its batch in place. The crop and the resize are one SIMD
+/// convolution pass (`fast_image_resize`, Catmull-Rom) reading the window
+/// where it lies.
+pub fn prepare_into(image: &RgbImage, size: u32, crop: Crop, seed: u64, pixels: &mut [f32]) {
     let (width, height) = image.dimensions();
-    let square = match crop {
+    let (left, top, w, h) = match crop {
         Crop::Random { scale, ratio } => {
             let (x, y, w, h) = random_window(width, height, scale, ratio, seed);
-            let window = imageops::crop_imm(image, x, y, w, h).to_image();
-            imageops::resize(&window, size, size, FilterType::CatmullRom)
+            (f64::from(x), f64::from(y), f64::from(w), f64::from(h))
         }
         Crop::Centre => {
-            let shorter = width.min(height) as f32;
-            let scaled_w = ((width as f32 * size as f32 / shorter).round() as u32).max(size);
-            let scaled_h = ((height as f32 * size as f32 / shorter).round() as u32).max(size);
-            let resized = imageops::resize(image, scaled_w, scaled_h, FilterType::CatmullRom);
-            imageops::crop_imm(&resized, (scaled_w - size) / 2, (scaled_h - size) / 2, size, size).to_image()
+            let shorter = f64::from(width.min(height));
+            (
+                (f64::from(width) - shorter) / 2.0,
+                (f64::from(height) - shorter) / 2.0,
+                shorter,
+                shorter,
+            )
         }
     };
+    let source =
+        ImageRef::new(width, height, image.as_raw(), PixelType::U8x3).expect("an RgbImage holds 3 bytes a pixel");
+    let mut square = Image::new(size, size, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .crop(left, top, w, h)
+        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    Resizer::new()
+        .resize(&source, &mut square, &options)
+        .expect("source and destination are both U8x3");
     let plane = (size * size) as usize;
-    let mut pixels = vec![0.0f32; 3 * plane];
-    for (index, pixel) in square.pixels().enumerate() {
-        for channel in 0..3 {
-            let value = f32::from(pixel[channel]) / 255.0;
-            pixels[channel * plane + index] = (value - CLIP_MEAN[channel]) / CLIP_STD[channel];
-        }
+    assert_eq!(pixels.len(), 3 * plane, "room for 3 x {size} x {size} values");
+    // (x / 255 - mean) / std as one multiply-add per value.
+    let gain: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * CLIP_STD[c]));
+    let bias: [f32; 3] = std::array::from_fn(|c| -CLIP_MEAN[c] / CLIP_STD[c]);
+    let (red, rest) = pixels.split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    for (index, rgb) in square.buffer().chunks_exact(3).enumerate() {
+        red[index] = f32::from(rgb[0]) * gain[0] + bias[0];
+        green[index] = f32::from(rgb[1]) * gain[1] + bias[1];
+        blue[index] = f32::from(rgb[2]) * gain[2] + bias[2];
     }
-    pixels
 }
 
 /// torchvision's RandomResizedCrop window: up to 10 draws of area share and

@@ -192,15 +192,8 @@ struct ShardMemory {
 }
 
 enum Outcome {
-    Ready {
-        images: Vec<f32>,
-        tokens: Vec<u32>,
-        text: String,
-    },
-    Bad {
-        reason: &'static str,
-        detail: String,
-    },
+    Ready { tokens: Vec<u32>, text: String },
+    Bad { reason: &'static str, detail: String },
 }
 
 impl BatchAssembler {
@@ -265,24 +258,29 @@ impl BatchAssembler {
         let mut images = vec![0.0f32; batch * 3 * size * size];
         let mut tokens = vec![0u32; batch * context];
         let mut texts = vec![String::new(); batch];
+        let pixels = 3 * size * size;
         let mut pending: Vec<usize> = (0..batch).collect();
         while !pending.is_empty() {
             self.load_shards(pending.iter().map(|&slot| slots[slot]))?;
+            // Each pending slot's pixels are written in place, in parallel.
             let outcomes: Vec<Outcome> = {
                 let this = &*self;
-                let work: Vec<SampleRef> = pending.iter().map(|&slot| slots[slot]).collect();
-                this.pool
-                    .install(|| work.par_iter().map(|sample| this.prepare(*sample)).collect())
+                let mut work: Vec<(SampleRef, &mut [f32])> = Vec::with_capacity(pending.len());
+                let mut chunks = images.chunks_mut(pixels).enumerate();
+                for &slot in &pending {
+                    let (_, chunk) = chunks.find(|(i, _)| *i == slot).expect("pending slots are in order");
+                    work.push((slots[slot], chunk));
+                }
+                this.pool.install(|| {
+                    work.into_par_iter()
+                        .map(|(sample, chunk)| this.prepare(sample, chunk))
+                        .collect()
+                })
             };
             let mut retry = Vec::new();
             for (slot, outcome) in pending.into_iter().zip(outcomes) {
                 match outcome {
-                    Outcome::Ready {
-                        images: pixels,
-                        tokens: ids,
-                        text,
-                    } => {
-                        images[slot * pixels.len()..(slot + 1) * pixels.len()].copy_from_slice(&pixels);
+                    Outcome::Ready { tokens: ids, text } => {
                         tokens[slot * context..(slot + 1) * context].copy_from_slice(&ids);
                         texts[slot] = text;
                     }
@@ -399,8 +397,8 @@ impl BatchAssembler {
         Ok(())
     }
 
-    /// Decodes, augments and tokenizes one sample.
-    fn prepare(&self, sample: SampleRef) -> Outcome {
+    /// Decodes, augments (into `pixels`) and tokenizes one sample.
+    fn prepare(&self, sample: SampleRef, pixels: &mut [f32]) -> Outcome {
         let source = &self.sources[sample.source];
         let dataset = &source.dataset;
         let (shard, row) = dataset.locate(sample.row);
@@ -459,9 +457,15 @@ impl BatchAssembler {
             }
         };
         let crop_seed = self.seed ^ sample_key(0xc409, sample);
-        let images = image::prepare(&decoded_image, self.config.image_size, self.config.crop, crop_seed);
+        image::prepare_into(
+            &decoded_image,
+            self.config.image_size,
+            self.config.crop,
+            crop_seed,
+            pixels,
+        );
         match self.tokenizer.encode(&text, self.config.context) {
-            Ok(tokens) => Outcome::Ready { images, tokens, text },
+            Ok(tokens) => Outcome::Ready { tokens, text },
             Err(error) => Outcome::Bad {
                 reason: "untokenizable text",
                 detail: format!("{}: {error}", at()),
