@@ -3,6 +3,7 @@
 //! without linking the tensor library.
 
 pub mod dataset;
+pub mod manifest;
 pub mod model;
 pub mod sample_order;
 

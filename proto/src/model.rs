@@ -305,7 +305,7 @@ impl ParamCounts {
 }
 
 /// The candidate with the smallest edit distance to `word`, if it is close.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
         .map(|candidate| (edit_distance(word, candidate), *candidate))
