@@ -1,2 +1,314 @@
-//! coca's control plane: rendezvous, rank assignment, the shard plan,
-//! checkpoint commits and the status endpoint. Never links burn.
+//! coca's control plane: the job state machine, rendezvous, heartbeats,
+//! the journal and the status endpoint. Never links the tensor library.
+
+pub mod auth;
+pub mod job;
+pub mod journal;
+mod service;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::dataset::{DatasetIndex, INDEX_FILE};
+use proto::manifest::Manifest;
+use proto::rpc::coordinator_server::CoordinatorServer;
+use proto::sample_order::{SampleOrder, SourceSize};
+use store::{S3Options, Store, StoreOptions};
+use tokio::sync::watch;
+
+use auth::{Guard, Token};
+use job::{Job, JobState};
+use journal::{Event, Journal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("data.source[{index}] ({url}): {message}")]
+    Dataset { index: usize, url: String, message: String },
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind {
+        address: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+}
+
+/// State shared by the gRPC service, the status endpoint and the watchdog.
+pub struct Shared {
+    pub job: Mutex<Job>,
+    pub manifest: Manifest,
+    /// The pinned dataset indexes (JSON), one per source.
+    pub indexes: Vec<String>,
+    journal: Mutex<Journal>,
+    /// Bumped when ranks are assigned and when the job ends.
+    ready: watch::Sender<bool>,
+    guard: Guard,
+}
+
+impl Shared {
+    /// Moves the job to `state`, logs and journals it.
+    pub fn transition(&self, state: JobState, reason: Option<String>) {
+        let moved = self.job.lock().expect("job state").transition(state, reason.clone());
+        if moved {
+            match &reason {
+                Some(reason) => eprintln!("coordinator: job {} ({reason})", state.name()),
+                None => eprintln!("coordinator: job {}", state.name()),
+            }
+            self.journal(Event::State {
+                state: state.name().to_string(),
+                at: job::unix_now(),
+                reason,
+            });
+            if state.is_terminal() {
+                let _ = self.ready.send(true);
+            }
+        }
+    }
+
+    fn journal(&self, event: Event) {
+        if let Err(error) = self.journal.lock().expect("journal").append(&event) {
+            eprintln!("coordinator: {error}");
+        }
+    }
+
+    /// Ranks by (host, collective address): the same world gets the same ranks.
+    fn assign_ranks(&self) {
+        let mut job = self.job.lock().expect("job state");
+        let mut order: Vec<(String, String, String)> = job
+            .workers
+            .values()
+            .map(|w| (w.host.clone(), w.collective_address.clone(), w.id.clone()))
+            .collect();
+        order.sort();
+        for (rank, (_, _, id)) in order.into_iter().enumerate() {
+            if let Some(worker) = job.workers.get_mut(&id) {
+                worker.rank = Some(rank);
+                worker.last_heartbeat = std::time::Instant::now();
+            }
+        }
+        let world = job.world_size;
+        drop(job);
+        self.transition(JobState::Running, Some(format!("{world} workers, ranks assigned")));
+        let _ = self.ready.send(true);
+    }
+
+    /// Asks the workers to stop after their current step.
+    pub fn request_stop(&self, reason: &str) {
+        let state = self.job.lock().expect("job state").state;
+        match state {
+            JobState::Running | JobState::Rendezvous => self.transition(JobState::Stopping, Some(reason.to_string())),
+            JobState::Pending => self.transition(JobState::Stopped, Some(reason.to_string())),
+            _ => {}
+        }
+    }
+
+    pub fn refused_calls(&self) -> u64 {
+        self.guard.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Declares workers silent for longer than the timeout lost.
+    fn check_heartbeats(&self, timeout: Duration) {
+        let job = self.job.lock().expect("job state");
+        if !matches!(job.state, JobState::Running | JobState::Stopping) {
+            return;
+        }
+        let lost = job
+            .workers
+            .values()
+            .find(|w| w.finished.is_none() && w.last_heartbeat.elapsed() > timeout)
+            .map(|w| {
+                format!(
+                    "worker {} (rank {}, {}) lost: no heartbeat for {:.1} s (timeout {:.1} s), last at step {}",
+                    w.id,
+                    w.rank.map_or("-".into(), |r| r.to_string()),
+                    w.host,
+                    w.last_heartbeat.elapsed().as_secs_f64(),
+                    timeout.as_secs_f64(),
+                    w.step
+                )
+            });
+        drop(job);
+        if let Some(reason) = lost {
+            self.transition(JobState::Failed, Some(reason));
+        }
+    }
+}
+
+/// A running coordinator: the gRPC service, the status endpoint, the watchdog.
+pub struct Coordinator {
+    pub shared: Arc<Shared>,
+    grpc: SocketAddr,
+    status: SocketAddr,
+}
+
+impl Coordinator {
+    /// Reads and pins the datasets' indexes, opens the journal, binds both
+    /// listeners and starts serving. Must run inside a tokio runtime.
+    pub async fn start(manifest: Manifest, token: Token) -> Result<Self, CoordinatorError> {
+        let reading = manifest.clone();
+        let indexes = tokio::task::spawn_blocking(move || read_indexes(&reading))
+            .await
+            .expect("index reading does not panic")?;
+        let parsed: Vec<DatasetIndex> = indexes
+            .iter()
+            .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
+            .collect();
+        let sizes: Vec<SourceSize> = parsed
+            .iter()
+            .zip(&manifest.data.sources)
+            .map(|(index, source)| SourceSize {
+                samples: index.rows(),
+                weight: source.weight,
+            })
+            .collect();
+        let order = SampleOrder::new(manifest.job.seed, &sizes, manifest.train.global_batch)
+            .expect("the manifest's mix was validated");
+        let total_steps = manifest.total_steps(sizes[0].samples, order.counts_per_batch()[0]);
+
+        let (journal, recovered) = Journal::open(Path::new(&manifest.job.dir))?;
+        if recovered.events > 0 {
+            eprintln!(
+                "coordinator: the journal in {} says the job was {} at step {}",
+                manifest.job.dir,
+                recovered.state.as_deref().unwrap_or("started"),
+                recovered.step
+            );
+        }
+        let mut job = Job::new(&manifest.job.name, manifest.cluster.workers, total_steps);
+        job.previous = (recovered.events > 0).then_some(recovered);
+
+        let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
+        let status_listener = bind(manifest.status.bind, "status.bind").await?;
+        let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
+        let status = status_listener.local_addr().expect("a bound listener has an address");
+
+        let guard = Guard::new(token);
+        let shared = Arc::new(Shared {
+            job: Mutex::new(job),
+            manifest,
+            indexes,
+            journal: Mutex::new(journal),
+            ready: watch::channel(false).0,
+            guard: guard.clone(),
+        });
+        shared.journal(Event::State {
+            state: "pending".into(),
+            at: job::unix_now(),
+            reason: None,
+        });
+
+        let service = service::Service { shared: shared.clone() };
+        let interceptor = move |request| guard.check(request);
+        let server = tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::with_interceptor(service, interceptor))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener));
+        tokio::spawn(async move {
+            if let Err(error) = server.await {
+                eprintln!("coordinator: the gRPC server stopped: {error}");
+            }
+        });
+        let app = status::router(shared.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(status_listener, app).await {
+                eprintln!("coordinator: the status server stopped: {error}");
+            }
+        });
+        let watchdog = shared.clone();
+        let timeout = Duration::from_millis(watchdog.manifest.cluster.heartbeat_timeout_ms);
+        let tick = Duration::from_millis(watchdog.manifest.cluster.heartbeat_ms.max(50) / 2);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                watchdog.check_heartbeats(timeout);
+                if watchdog.job.lock().expect("job state").state.is_terminal() {
+                    return;
+                }
+            }
+        });
+        eprintln!(
+            "coordinator: job {} on {grpc} (gRPC), status on http://{status}/",
+            shared.manifest.job.name
+        );
+        Ok(Self { shared, grpc, status })
+    }
+
+    pub fn grpc_address(&self) -> SocketAddr {
+        self.grpc
+    }
+
+    pub fn status_address(&self) -> SocketAddr {
+        self.status
+    }
+
+    /// Waits until the job has ended and every worker has said goodbye (or
+    /// `grace` has passed since it ended); returns the final state.
+    pub async fn finished(&self, grace: Duration) -> JobState {
+        let mut ready = self.shared.ready.subscribe();
+        loop {
+            let state = self.shared.job.lock().expect("job state").state;
+            if state.is_terminal() {
+                let deadline = tokio::time::Instant::now() + grace;
+                loop {
+                    let all_done = self
+                        .shared
+                        .job
+                        .lock()
+                        .expect("job state")
+                        .workers
+                        .values()
+                        .all(|w| w.finished.is_some());
+                    if all_done || tokio::time::Instant::now() >= deadline {
+                        return state;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), ready.changed()).await;
+        }
+    }
+}
+
+async fn bind(address: SocketAddr, what: &'static str) -> Result<tokio::net::TcpListener, CoordinatorError> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| CoordinatorError::Bind { address, what, source })
+}
+
+/// Every source's index, read once and checked against the manifest.
+fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
+    let options = StoreOptions {
+        s3: S3Options {
+            endpoint: manifest.data.s3_endpoint.clone(),
+            region: manifest.data.s3_region.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut indexes = Vec::new();
+    for (index, source) in manifest.data.sources.iter().enumerate() {
+        let failed = |message: String| CoordinatorError::Dataset {
+            index,
+            url: source.url.clone(),
+            message,
+        };
+        let store = Store::open(&source.url, &options).map_err(|e| failed(e.to_string()))?;
+        let bytes = store.get(INDEX_FILE).map_err(|e| match e {
+            store::StoreError::NotFound { .. } => failed(format!("no dataset here (no {INDEX_FILE})")),
+            other => failed(other.to_string()),
+        })?;
+        let json = String::from_utf8(bytes.to_vec()).map_err(|_| failed(format!("{INDEX_FILE} is not UTF-8")))?;
+        let parsed = DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| failed(e.to_string()))?;
+        if parsed.kind != source.kind {
+            return Err(failed(format!(
+                "the dataset is {}, but the manifest says kind = \"{}\"",
+                parsed.kind, source.kind
+            )));
+        }
+        indexes.push(json);
+    }
+    Ok(indexes)
+}

@@ -3,6 +3,14 @@
 //! without linking the tensor library.
 
 pub mod dataset;
+
+/// The gRPC contract (coca.proto): messages and the Coordinator service.
+pub mod rpc {
+    tonic::include_proto!("coca.v1");
+
+    /// Bumped on every incompatible change; a worker speaking another is refused.
+    pub const PROTOCOL_VERSION: u32 = 1;
+}
 pub mod manifest;
 pub mod model;
 pub mod sample_order;

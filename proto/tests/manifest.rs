@@ -41,10 +41,10 @@ fn the_demo_manifest_reads_with_its_values_and_defaults() {
 fn the_schedule_warms_up_then_decays_to_its_end() {
     let train = Manifest::parse(DEMO, "m").unwrap().train;
     let lr = |step| train.learning_rate_at(step, 300);
-    assert!((lr(0) - 1e-3 / 20.0).abs() < 1e-12);
-    assert!((lr(19) - 1e-3).abs() < 1e-12);
-    assert!((lr(20) - 1e-3).abs() < 1e-12);
-    assert!((lr(160) - (1e-4 + 0.9e-3 * 0.5)).abs() < 1e-9, "{}", lr(160));
+    assert!((lr(0) - 1e-3 / 10.0).abs() < 1e-12);
+    assert!((lr(9) - 1e-3).abs() < 1e-12);
+    assert!((lr(10) - 1e-3).abs() < 1e-12);
+    assert!((lr(155) - (1e-4 + 0.9e-3 * 0.5)).abs() < 1e-9, "{}", lr(155));
     assert!((lr(300) - 1e-4).abs() < 1e-12);
     assert!(lr(100) > lr(200));
 }
@@ -74,7 +74,7 @@ fn every_rule_names_its_field() {
         (with("global_batch = 32", "global_batch = 33"), "train.global_batch: 33 is not divisible by cluster.workers = 2"),
         (with("learning_rate = 1e-3", "learning_rate = 0"), "train.learning_rate: 0 must be positive"),
         (with("end_learning_rate = 1e-4", "end_learning_rate = 1e-2"), "train.end_learning_rate: 0.01 must be between 0 and train.learning_rate = 0.001"),
-        (with("warmup_steps = 20", "warmup_steps = 300"), "train.warmup_steps: 300 must be less than job.steps = 300"),
+        (with("warmup_steps = 10", "warmup_steps = 300"), "train.warmup_steps: 300 must be less than job.steps = 300"),
         (with("schedule = \"cosine\"", "schedule = \"step\""), "train.schedule: `step` is not one of cosine, linear, constant"),
         (with("weight_decay = 0.01", "beta1 = 1.0"), "train.beta1: 1 must be in [0, 1)"),
         (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),

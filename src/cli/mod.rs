@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod job;
 mod model;
 
 use anyhow::{bail, Context};
@@ -30,14 +31,67 @@ enum Command {
     /// Build, import and inspect datasets; train a tokenizer.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Run a job on this machine: the coordinator and its workers as local processes.
+    Launch {
+        /// The job manifest (TOML).
+        manifest: std::path::PathBuf,
+        /// Override cluster.workers.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Override job.steps.
+        #[arg(long)]
+        steps: Option<u64>,
+    },
+    /// Run a job's coordinator alone (clusters start workers separately).
+    Coordinator { manifest: std::path::PathBuf },
+    /// Run one worker of a job.
+    Worker {
+        /// The coordinator's gRPC URL.
+        #[arg(long)]
+        coordinator: String,
+        /// The address this worker's collective listener binds and advertises.
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: std::net::IpAddr,
+        /// The environment variable holding the job token.
+        #[arg(long, env = "COCA_TOKEN_ENV", default_value = "COCA_JOB_TOKEN")]
+        token_env: String,
+        /// Seconds to keep trying to reach the coordinator.
+        #[arg(long, default_value_t = 60)]
+        connect_timeout: u64,
+    },
+    /// Show a job's status from its status endpoint.
+    Status {
+        /// e.g. http://127.0.0.1:7071
+        url: String,
+        /// The raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every 2 s until the job ends.
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 impl Cli {
-    pub fn run(self) -> anyhow::Result<()> {
+    /// Runs the command; the result is the process exit code.
+    pub fn run(self) -> anyhow::Result<u8> {
         match self.command {
-            Command::Model(command) => command.run(),
-            Command::Bench(command) => command.run(),
-            Command::Data(command) => command.run(),
+            Command::Model(command) => command.run().map(|()| 0),
+            Command::Bench(command) => command.run().map(|()| 0),
+            Command::Data(command) => command.run().map(|()| 0),
+            Command::Launch {
+                manifest,
+                workers,
+                steps,
+            } => job::launch(&manifest, workers, steps),
+            Command::Coordinator { manifest } => job::coordinator(&manifest),
+            Command::Worker {
+                coordinator,
+                listen,
+                token_env,
+                connect_timeout,
+            } => job::worker(&coordinator, listen, &token_env, connect_timeout),
+            Command::Status { url, json, watch } => job::status(&url, json, watch),
         }
     }
 }

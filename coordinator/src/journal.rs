@@ -1,0 +1,175 @@
+//! The coordinator's journal: one JSON line per event (state changes, steps
+//! reached, checkpoints committed) in the job directory, so a restarted
+//! coordinator knows where the job stood.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FILE: &str = "journal.jsonl";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    State {
+        state: String,
+        at: f64,
+        reason: Option<String>,
+    },
+    Step {
+        step: u64,
+        at: f64,
+    },
+    Checkpoint {
+        step: u64,
+        at: f64,
+    },
+}
+
+/// Where the job stood, as the journal tells it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Recovered {
+    pub state: Option<String>,
+    pub reason: Option<String>,
+    pub step: u64,
+    pub last_checkpoint: Option<u64>,
+    pub events: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("journal {path}, line {line}: {message}")]
+    Line { path: String, line: usize, message: String },
+}
+
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `dir` and reads what it already holds.
+    pub fn open(dir: &Path) -> Result<(Self, Recovered), JournalError> {
+        let path = dir.join(FILE);
+        let io = |source| JournalError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let recovered = if path.exists() {
+            read(&path)?
+        } else {
+            Recovered::default()
+        };
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        Ok((Self { path, file }, recovered))
+    }
+
+    pub fn append(&mut self, event: &Event) -> Result<(), JournalError> {
+        let mut line = serde_json::to_string(event).expect("events serialise");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| JournalError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })
+    }
+}
+
+/// Replays a journal. A torn last line (a crash mid-write) is ignored;
+/// damage anywhere else is an error naming the line.
+pub fn read(path: &Path) -> Result<Recovered, JournalError> {
+    let file = File::open(path).map_err(|source| JournalError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| JournalError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let mut recovered = Recovered::default();
+    for (number, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: Event = match serde_json::from_str(line) {
+            Ok(event) => event,
+            Err(_) if number + 1 == lines.len() => break,
+            Err(error) => {
+                return Err(JournalError::Line {
+                    path: path.display().to_string(),
+                    line: number + 1,
+                    message: error.to_string(),
+                })
+            }
+        };
+        recovered.events += 1;
+        match event {
+            Event::State { state, reason, .. } => {
+                recovered.state = Some(state);
+                recovered.reason = reason;
+            }
+            Event::Step { step, .. } => recovered.step = recovered.step.max(step),
+            Event::Checkpoint { step, .. } => recovered.last_checkpoint = Some(step),
+        }
+    }
+    Ok(recovered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_replays_where_the_job_stood_and_tolerates_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("coca-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut journal, recovered) = Journal::open(&dir).unwrap();
+        assert_eq!(recovered, Recovered::default());
+        for event in [
+            Event::State {
+                state: "running".into(),
+                at: 1.0,
+                reason: None,
+            },
+            Event::Step { step: 40, at: 2.0 },
+            Event::Checkpoint { step: 40, at: 2.5 },
+            Event::Step { step: 50, at: 3.0 },
+            Event::State {
+                state: "failed".into(),
+                at: 4.0,
+                reason: Some("worker w-1 lost".into()),
+            },
+        ] {
+            journal.append(&event).unwrap();
+        }
+        drop(journal);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(FILE))
+            .unwrap()
+            .write_all(b"{\"event\": \"st")
+            .unwrap();
+        let (_, recovered) = Journal::open(&dir).unwrap();
+        assert_eq!(recovered.state.as_deref(), Some("failed"));
+        assert_eq!(recovered.reason.as_deref(), Some("worker w-1 lost"));
+        assert_eq!(
+            (recovered.step, recovered.last_checkpoint, recovered.events),
+            (50, Some(40), 5)
+        );
+        // Damage before the last line is an error with its line number.
+        std::fs::write(dir.join(FILE), "garbage\n{\"event\":\"step\",\"step\":1,\"at\":0}\n").unwrap();
+        let error = read(&dir.join(FILE)).unwrap_err().to_string();
+        assert!(error.contains("journal.jsonl, line 1:"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,203 @@
+//! The gRPC service workers call: registration, rendezvous, heartbeats,
+//! checkpoint reports, finish.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::rpc::coordinator_server::Coordinator as CoordinatorRpc;
+use proto::rpc::{
+    Assignment, CheckpointReply, CheckpointShard, Command, FinishReply, FinishRequest, HeartbeatReply,
+    HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION,
+};
+use tonic::{Request, Response, Status};
+
+use crate::job::{JobState, Worker};
+use crate::journal::Event;
+use crate::Shared;
+
+pub struct Service {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        let request = request.into_inner();
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "this worker speaks protocol version {}, this coordinator speaks version {PROTOCOL_VERSION}; \
+                 run the same coca release on both",
+                request.protocol_version
+            )));
+        }
+        let mut job = self.shared.job.lock().expect("job state");
+        if job.state != JobState::Pending && job.state != JobState::Rendezvous {
+            return Err(Status::failed_precondition(format!(
+                "the job is {} and takes no new workers",
+                job.state.name()
+            )));
+        }
+        let id = format!("w-{}", job.workers.len());
+        let step = job.start_step;
+        job.workers.insert(
+            id.clone(),
+            Worker {
+                id: id.clone(),
+                rank: None,
+                host: request.host,
+                device: request.device,
+                collective_address: request.collective_address,
+                step,
+                last_heartbeat: Instant::now(),
+                finished: None,
+            },
+        );
+        let registered = job.workers.len();
+        let world = job.world_size;
+        drop(job);
+        self.shared.transition(
+            JobState::Rendezvous,
+            Some(format!("{registered} of {world} workers registered")),
+        );
+        if registered == world {
+            self.shared.assign_ranks();
+        }
+        Ok(Response::new(RegisterReply { worker_id: id }))
+    }
+
+    async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<Assignment>, Status> {
+        let id = request.into_inner().worker_id;
+        let mut ready = self.shared.ready.subscribe();
+        loop {
+            {
+                let job = self.shared.job.lock().expect("job state");
+                let worker = job
+                    .workers
+                    .get(&id)
+                    .ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
+                if job.state.is_terminal() {
+                    return Err(Status::aborted(format!("the job is {}", job.state.name())));
+                }
+                if let Some(rank) = worker.rank {
+                    let mut peers: Vec<(usize, String)> = job
+                        .workers
+                        .values()
+                        .filter_map(|w| w.rank.map(|r| (r, w.collective_address.clone())))
+                        .collect();
+                    peers.sort();
+                    return Ok(Response::new(Assignment {
+                        rank: rank as u32,
+                        world_size: job.world_size as u32,
+                        peers: peers.into_iter().map(|(_, address)| address).collect(),
+                        manifest_toml: self.shared.manifest.source.clone(),
+                        start_step: job.start_step,
+                        total_steps: job.total_steps,
+                        dataset_indexes: self.shared.indexes.clone(),
+                        nccl_unique_id: Vec::new(),
+                    }));
+                }
+            }
+            if ready.changed().await.is_err() {
+                return Err(Status::unavailable("the coordinator is shutting down"));
+            }
+        }
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        let mut job = self.shared.job.lock().expect("job state");
+        let worker = job
+            .workers
+            .get_mut(&request.worker_id)
+            .ok_or_else(|| Status::not_found(format!("unknown worker {}", request.worker_id)))?;
+        worker.last_heartbeat = Instant::now();
+        let before = worker.step;
+        worker.step = worker.step.max(request.step);
+        let rank = worker.rank;
+        if let Some(metrics) = request.metrics {
+            job.record_metrics(&request.worker_id, rank, metrics);
+        }
+        let step = job.step();
+        let stop = matches!(job.state, JobState::Stopping | JobState::Stopped | JobState::Failed);
+        drop(job);
+        // The journal hears every 10th step of the slowest rank.
+        if rank == Some(0) && before / 10 != request.step / 10 {
+            self.shared.journal(Event::Step {
+                step,
+                at: crate::job::unix_now(),
+            });
+        }
+        let command = if stop { Command::Stop } else { Command::Continue };
+        Ok(Response::new(HeartbeatReply {
+            command: command as i32,
+        }))
+    }
+
+    async fn report_checkpoint(&self, request: Request<CheckpointShard>) -> Result<Response<CheckpointReply>, Status> {
+        let shard = request.into_inner();
+        let job = self.shared.job.lock().expect("job state");
+        if !job.workers.contains_key(&shard.worker_id) {
+            return Err(Status::not_found(format!("unknown worker {}", shard.worker_id)));
+        }
+        // Committing checkpoints arrives with the checkpoint issue.
+        Ok(Response::new(CheckpointReply { committed: false }))
+    }
+
+    async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
+        let request = request.into_inner();
+        let mut job = self.shared.job.lock().expect("job state");
+        let worker = job
+            .workers
+            .get_mut(&request.worker_id)
+            .ok_or_else(|| Status::not_found(format!("unknown worker {}", request.worker_id)))?;
+        worker.step = worker.step.max(request.step);
+        worker.finished = Some((request.ok, request.message.clone()));
+        let describe = format!(
+            "worker {} (rank {}, {})",
+            worker.id,
+            worker.rank.map_or("-".into(), |r| r.to_string()),
+            worker.host
+        );
+        let all_finished = job.workers.values().all(|w| w.finished.is_some());
+        let all_ok = job
+            .workers
+            .values()
+            .all(|w| w.finished.as_ref().is_some_and(|(ok, _)| *ok));
+        let step = job.step();
+        let total = job.total_steps;
+        let state = job.state;
+        drop(job);
+        if !request.ok {
+            self.shared.transition(
+                JobState::Failed,
+                Some(format!(
+                    "{describe} failed at step {}: {}",
+                    request.step, request.message
+                )),
+            );
+        } else if all_finished {
+            match state {
+                JobState::Stopping => self
+                    .shared
+                    .transition(JobState::Stopped, Some(format!("stopped at step {step}"))),
+                _ if all_ok && step >= total => self
+                    .shared
+                    .transition(JobState::Completed, Some(format!("{step} steps"))),
+                _ => self.shared.transition(
+                    JobState::Failed,
+                    Some(format!(
+                        "workers finished at step {step} of {total} without being told to stop"
+                    )),
+                ),
+            };
+        }
+        if all_finished {
+            self.shared.journal(Event::Step {
+                step,
+                at: crate::job::unix_now(),
+            });
+            let _ = self.shared.ready.send(true);
+        }
+        Ok(Response::new(FinishReply {}))
+    }
+}

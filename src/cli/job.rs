@@ -1,0 +1,347 @@
+//! Running jobs: `coca launch` (one machine: the coordinator in-process and
+//! N worker processes), `coca coordinator` and `coca worker` (clusters),
+//! `coca status`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use coordinator::auth::Token;
+use coordinator::job::JobState;
+use coordinator::status::StatusReport;
+use coordinator::Coordinator;
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::manifest::Manifest;
+use store::{Store, StoreOptions};
+use worker::data::demo::{self, DemoSpec};
+use worker::job::{WorkerOptions, WorkerOutcome};
+
+/// Reads and validates a manifest, with `--workers`/`--steps` overrides applied to its text.
+pub fn read_manifest(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<Manifest> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the manifest {}", path.display()))?;
+    let mut table: toml::Table = text.parse().with_context(|| format!("{}: not TOML", path.display()))?;
+    let mut set = |section: &str, key: &str, value: toml::Value| {
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if let toml::Value::Table(section) = entry {
+            if key == "steps" {
+                section.remove("epochs");
+            }
+            section.insert(key.to_string(), value);
+        }
+    };
+    if let Some(workers) = workers {
+        set("cluster", "workers", toml::Value::Integer(workers as i64));
+    }
+    if let Some(steps) = steps {
+        set("job", "steps", toml::Value::Integer(steps as i64));
+    }
+    let text = if workers.is_some() || steps.is_some() {
+        toml::to_string(&table)?
+    } else {
+        text
+    };
+    Ok(Manifest::parse(&text, &path.display().to_string())?)
+}
+
+/// The job token: from `auth.token_file`, else the `auth.token_env` variable.
+fn job_token(manifest: &Manifest, generate: bool) -> anyhow::Result<String> {
+    if let Some(file) = &manifest.auth.token_file {
+        let token = std::fs::read_to_string(file).with_context(|| format!("auth.token_file: cannot read {file}"))?;
+        return Ok(token.trim().to_string());
+    }
+    match std::env::var(&manifest.auth.token_env) {
+        Ok(token) if !token.is_empty() => Ok(token),
+        _ if generate => {
+            let mut bytes = [0u8; 24];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut bytes))
+                .context("cannot draw a random job token")?;
+            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        }
+        _ => bail!(
+            "no job token: set {} (auth.token_env) or auth.token_file",
+            manifest.auth.token_env
+        ),
+    }
+}
+
+/// Writes the demo datasets where `[data] demo` points, unless they are there.
+fn ensure_demo_data(manifest: &Manifest) -> anyhow::Result<()> {
+    let Some(url) = &manifest.data.demo else { return Ok(()) };
+    let root = Store::open(url, &StoreOptions::default())?;
+    if root.exists(demo::TOKENIZER)? {
+        return Ok(());
+    }
+    eprintln!("launch: writing the demo datasets to {}", root.url());
+    demo::write(&root, &DemoSpec::default()).with_context(|| format!("writing the demo datasets to {}", root.url()))?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Exit code of a finished job: 0 completed, 1 failed, 130 stopped.
+fn exit_code(state: JobState) -> u8 {
+    match state {
+        JobState::Completed => 0,
+        JobState::Stopped => 130,
+        _ => 1,
+    }
+}
+
+pub fn launch(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<u8> {
+    let manifest = read_manifest(path, workers, steps)?;
+    ensure_demo_data(&manifest)?;
+    let token = job_token(&manifest, true)?;
+    let runtime = runtime()?;
+    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token)))?;
+    let url = format!("http://{}", coordinator.grpc_address());
+    println!(
+        "job {}: status on http://{}/",
+        manifest.job.name,
+        coordinator.status_address()
+    );
+
+    let mut children: Vec<Child> = Vec::new();
+    for _ in 0..manifest.cluster.workers {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args([
+                "worker",
+                "--coordinator",
+                &url,
+                "--listen",
+                &manifest.cluster.worker_host.to_string(),
+            ])
+            .env(&manifest.auth.token_env, &token)
+            .env("COCA_TOKEN_ENV", &manifest.auth.token_env);
+        // Their own process group: Ctrl-C reaches the launcher, which stops them cleanly.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        children.push(command.spawn().context("cannot start a worker process")?);
+    }
+
+    let shared = coordinator.shared.clone();
+    let interrupted = shared.clone();
+    runtime.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("launch: Ctrl-C: stopping after the current step");
+            interrupted.request_stop("interrupted (Ctrl-C)");
+        }
+    });
+    let bar = ProgressBar::new(1)
+        .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"));
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let state = runtime.block_on(async {
+        let finished = coordinator.finished(Duration::from_secs(10));
+        tokio::pin!(finished);
+        loop {
+            tokio::select! {
+                state = &mut finished => break state,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    let report = coordinator::status::report(&shared);
+                    bar.set_length(report.total_steps);
+                    bar.set_position(report.step);
+                    bar.set_message(progress_line(&report));
+                    // A worker process that died before reporting is a failure.
+                    for (i, child) in children.iter_mut().enumerate() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            if !status.success() && !report.state.is_terminal() {
+                                shared.request_stop(&format!("worker process {i} exited with {status}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    bar.finish_and_clear();
+    for child in &mut children {
+        // Workers end by themselves once the job has; give them a moment.
+        for _ in 0..100 {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let report = coordinator::status::report(&shared);
+    println!(
+        "job {}: {} at step {}/{}{}",
+        report.job,
+        report.state.name(),
+        report.step,
+        report.total_steps,
+        report.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
+    if let Some(loss) = &report.loss {
+        println!(
+            "loss {:.4} (contrastive {:.4}, captioning {:.4})",
+            loss.total, loss.contrastive, loss.captioning
+        );
+    }
+    Ok(exit_code(state))
+}
+
+fn progress_line(report: &StatusReport) -> String {
+    let mut line = report.state.name().to_string();
+    if let Some(loss) = &report.loss {
+        line += &format!(
+            " loss {:.3} (con {:.3} cap {:.3})",
+            loss.total, loss.contrastive, loss.captioning
+        );
+    }
+    if let Some(rate) = report.samples_per_second {
+        line += &format!(" {rate:.0} samples/s");
+    }
+    if let Some(eta) = report.eta_seconds {
+        line += &format!(" eta {eta:.0}s");
+    }
+    line
+}
+
+pub fn coordinator(path: &Path) -> anyhow::Result<u8> {
+    let manifest = read_manifest(path, None, None)?;
+    let token = job_token(&manifest, false)?;
+    let runtime = runtime()?;
+    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token)))?;
+    println!(
+        "job {}: gRPC on {}, status on http://{}/",
+        manifest.job.name,
+        coordinator.grpc_address(),
+        coordinator.status_address()
+    );
+    let shared = coordinator.shared.clone();
+    runtime.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            shared.request_stop("interrupted (Ctrl-C)");
+        }
+    });
+    let state = runtime.block_on(coordinator.finished(Duration::from_secs(30)));
+    println!("job {}: {}", manifest.job.name, state.name());
+    Ok(exit_code(state))
+}
+
+pub fn worker(
+    coordinator: &str,
+    listen: std::net::IpAddr,
+    token_env: &str,
+    connect_timeout: u64,
+) -> anyhow::Result<u8> {
+    let token = std::env::var(token_env).with_context(|| format!("no job token: set {token_env}"))?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
+    let options = WorkerOptions {
+        coordinator: coordinator.to_string(),
+        token,
+        listen,
+        host,
+        connect_timeout: Duration::from_secs(connect_timeout),
+    };
+    match worker::job::run(&options)? {
+        WorkerOutcome::Completed { step } => eprintln!("worker: done at step {step}"),
+        WorkerOutcome::Stopped { step } => eprintln!("worker: stopped at step {step}"),
+    }
+    Ok(0)
+}
+
+/// Fetches `path` from a status endpoint (plain HTTP/1.1 on loopback or a cluster network).
+pub fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+    let address = base.trim_start_matches("http://").trim_end_matches('/');
+    ensure!(
+        !address.contains('/'),
+        "{base}: give the status endpoint as http://host:port"
+    );
+    let mut stream = TcpStream::connect(address).with_context(|| format!("cannot reach {base}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("a malformed HTTP response")?;
+    ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{base}{path}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_string())
+}
+
+pub fn status(url: &str, json: bool, watch: bool) -> anyhow::Result<u8> {
+    loop {
+        let body = http_get(url, "/status")?;
+        if json {
+            println!("{body}");
+        } else {
+            let report: serde_json::Value = serde_json::from_str(&body).context("the status endpoint sent bad JSON")?;
+            print_status(&report);
+        }
+        let state = report_state(&body);
+        if !watch || matches!(state.as_deref(), Some("completed" | "stopped" | "failed")) {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn report_state(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("state")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn print_status(report: &serde_json::Value) {
+    let get = |key: &str| report.get(key).cloned().unwrap_or(serde_json::Value::Null);
+    println!(
+        "job    {}  {}",
+        get("job").as_str().unwrap_or("?"),
+        get("state").as_str().unwrap_or("?")
+    );
+    if let Some(reason) = get("reason").as_str() {
+        println!("why    {reason}");
+    }
+    println!("step   {} / {}", get("step"), get("total_steps"));
+    if let Some(loss) = report.get("loss").filter(|l| !l.is_null()) {
+        println!(
+            "loss   {:.4} (contrastive {:.4}, captioning {:.4})",
+            loss["total"].as_f64().unwrap_or(f64::NAN),
+            loss["contrastive"].as_f64().unwrap_or(f64::NAN),
+            loss["captioning"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(rate) = get("samples_per_second").as_f64() {
+        println!(
+            "speed  {rate:.1} samples/s, data wait {:.1}%",
+            100.0 * get("data_wait_share").as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(eta) = get("eta_seconds").as_f64() {
+        println!("eta    {eta:.0} s");
+    }
+    for worker in get("workers").as_array().into_iter().flatten() {
+        println!(
+            "worker {} rank {} on {}: step {}, heartbeat {:.1} s ago",
+            worker["id"].as_str().unwrap_or("?"),
+            worker["rank"],
+            worker["host"].as_str().unwrap_or("?"),
+            worker["step"],
+            worker["last_heartbeat_seconds_ago"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! The worker's side of a job: register with the coordinator, rendezvous,
+//! join the collective ring, then train on the job's data until the last
+//! step or until told to stop, heartbeating all along.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::optim::AdamWConfig;
+use burn::tensor::ElementConversion;
+use proto::dataset::DatasetIndex;
+use proto::manifest::{Backend, Contrastive, Manifest};
+use proto::rpc::coordinator_client::CoordinatorClient;
+use proto::rpc::{
+    Assignment, BadRecordCount, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
+    StepMetrics, PROTOCOL_VERSION,
+};
+use proto::sample_order::{SampleOrder, SourceSize};
+use store::{S3Options, Store, StoreOptions};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::backend::CpuTrain;
+use crate::collective::tcp::RingListener;
+use crate::collective::Collective;
+use crate::data::dataset::Dataset;
+use crate::data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
+use crate::data::prompt::PromptTemplates;
+use crate::data::tokenizer::TextTokenizer;
+use crate::model::loss::LossWeights;
+use crate::model::CocaModel;
+use crate::train::contrastive::ContrastiveMode;
+use crate::train::step::TrainStep;
+
+/// What a worker is told on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    pub token: String,
+    /// The address peers reach this worker's collective listener on.
+    pub listen: IpAddr,
+    /// How this worker names its host on the status page.
+    pub host: String,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the coordinator at {url} within {seconds} s: {message}")]
+    Unreachable { url: String, seconds: u64, message: String },
+    #[error("the coordinator refused {call}: {message}")]
+    Refused { call: &'static str, message: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("step {step}: {message}")]
+    Step { step: u64, message: String },
+    #[error("lost the coordinator: {0}")]
+    CoordinatorLost(String),
+}
+
+/// How the worker's part ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    Completed { step: u64 },
+    Stopped { step: u64 },
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds the job token to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Latest progress, shared between the training loop and the heartbeat thread.
+#[derive(Default)]
+struct Progress {
+    step: u64,
+    metrics: Option<StepMetrics>,
+}
+
+pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Setup(format!("cannot start the RPC runtime: {e}")))?;
+    let mut client = runtime.block_on(connect(options))?;
+    let listener =
+        RingListener::bind(SocketAddr::new(options.listen, 0)).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let registered = runtime
+        .block_on(client.register(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host: options.host.clone(),
+            device: "cpu".into(),
+            collective_address: listener.local_addr().to_string(),
+        }))
+        .map_err(|status| WorkerError::Refused {
+            call: "registration",
+            message: status.message().to_string(),
+        })?
+        .into_inner();
+    let id = registered.worker_id;
+    let assignment = runtime
+        .block_on(client.rendezvous(RendezvousRequest { worker_id: id.clone() }))
+        .map_err(|status| WorkerError::Refused {
+            call: "rendezvous",
+            message: status.message().to_string(),
+        })?
+        .into_inner();
+    eprintln!(
+        "worker {id}: rank {} of {}, steps {}..{}",
+        assignment.rank, assignment.world_size, assignment.start_step, assignment.total_steps
+    );
+
+    let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let progress = Arc::new(Mutex::new(Progress {
+        step: assignment.start_step,
+        metrics: None,
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let coordinator_lost = Arc::new(Mutex::new(None::<String>));
+    let heartbeat = spawn_heartbeat(
+        runtime.handle().clone(),
+        client.clone(),
+        id.clone(),
+        Duration::from_millis(manifest.cluster.heartbeat_ms),
+        progress.clone(),
+        stop.clone(),
+        done.clone(),
+        coordinator_lost.clone(),
+    );
+
+    let result = train(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost);
+    done.store(true, Ordering::SeqCst);
+    let _ = heartbeat.join();
+    // The last step's metrics, before saying goodbye.
+    let _ = send_heartbeat(runtime.handle(), &mut client, &id, &progress);
+    let step = progress.lock().expect("progress").step;
+    let (ok, message) = match &result {
+        Ok(_) => (true, String::new()),
+        Err(error) => (false, error.to_string()),
+    };
+    let finished = runtime.block_on(client.finish(FinishRequest {
+        worker_id: id,
+        step,
+        ok,
+        message,
+    }));
+    if let (Err(status), Ok(_)) = (&finished, &result) {
+        eprintln!(
+            "worker: could not report the end to the coordinator: {}",
+            status.message()
+        );
+    }
+    result
+}
+
+async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
+    let token = format!("Bearer {}", options.token)
+        .parse()
+        .map_err(|_| WorkerError::Setup("the job token holds characters that cannot travel in a header".into()))?;
+    let endpoint = Channel::from_shared(options.coordinator.clone()).map_err(|e| WorkerError::Unreachable {
+        url: options.coordinator.clone(),
+        seconds: 0,
+        message: e.to_string(),
+    })?;
+    let deadline = Instant::now() + options.connect_timeout;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, Bearer(token))),
+            Err(error) if Instant::now() + delay > deadline => {
+                return Err(WorkerError::Unreachable {
+                    url: options.coordinator.clone(),
+                    seconds: options.connect_timeout.as_secs(),
+                    message: std::error::Error::source(&error).map_or(error.to_string(), |s| s.to_string()),
+                })
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn spawn_heartbeat(
+    runtime: tokio::runtime::Handle,
+    mut client: Client,
+    id: String,
+    every: Duration,
+    progress: Arc<Mutex<Progress>>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    lost: Arc<Mutex<Option<String>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut failures = 0;
+        loop {
+            match send_heartbeat(&runtime, &mut client, &id, &progress) {
+                Ok(Command::Stop) => stop.store(true, Ordering::SeqCst),
+                Ok(Command::Continue) => failures = 0,
+                Err(message) => {
+                    failures += 1;
+                    if failures >= 5 {
+                        *lost.lock().expect("lost") = Some(message);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            let wake = Instant::now() + every;
+            while Instant::now() < wake {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    })
+}
+
+/// One heartbeat with the latest progress; returns the coordinator's command.
+fn send_heartbeat(
+    runtime: &tokio::runtime::Handle,
+    client: &mut Client,
+    id: &str,
+    progress: &Mutex<Progress>,
+) -> Result<Command, String> {
+    let (step, metrics) = {
+        let mut progress = progress.lock().expect("progress");
+        (progress.step, progress.metrics.take())
+    };
+    let reply = runtime.block_on(client.heartbeat(HeartbeatRequest {
+        worker_id: id.to_string(),
+        step,
+        metrics,
+    }));
+    match reply {
+        Ok(reply) if reply.get_ref().command == Command::Stop as i32 => Ok(Command::Stop),
+        Ok(_) => Ok(Command::Continue),
+        Err(status) => Err(status.message().to_string()),
+    }
+}
+
+fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, String> {
+    Ok(match spec {
+        "clip80" => PromptTemplates::clip80(),
+        "simple" => PromptTemplates::simple(),
+        url => {
+            let (store, name) = object(url, options)?;
+            let bytes = store.get(&name).map_err(|e| e.to_string())?;
+            PromptTemplates::parse(&String::from_utf8_lossy(&bytes), url).map_err(|e| e.to_string())?
+        }
+    })
+}
+
+/// The store holding object `url`, and the object's name in it.
+fn object(url: &str, options: &StoreOptions) -> Result<(Store, String), String> {
+    let (parent, name) = url
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{url}: not the URL of an object"))?;
+    Ok((
+        Store::open(parent, options).map_err(|e| e.to_string())?,
+        name.to_string(),
+    ))
+}
+
+fn train(
+    manifest: &Manifest,
+    assignment: &Assignment,
+    listener: RingListener,
+    progress: &Mutex<Progress>,
+    stop: &AtomicBool,
+    coordinator_lost: &Mutex<Option<String>>,
+) -> Result<WorkerOutcome, WorkerError> {
+    let setup = WorkerError::Setup;
+    if manifest.cluster.backend == Backend::Cuda {
+        return Err(setup(
+            "cluster.backend = \"cuda\": the worker's training loop runs on the CPU backend so far".into(),
+        ));
+    }
+    let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
+    let options = StoreOptions {
+        s3: S3Options {
+            endpoint: manifest.data.s3_endpoint.clone(),
+            region: manifest.data.s3_region.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut sources = Vec::new();
+    let mut sizes = Vec::new();
+    for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
+        let index =
+            DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
+        let store = Store::open(&source.url, &options).map_err(|e| setup(e.to_string()))?;
+        sizes.push(SourceSize {
+            samples: index.rows(),
+            weight: source.weight,
+        });
+        sources.push(LoaderSource {
+            dataset: Dataset::with_index(store, index),
+            templates: templates(&source.templates, &options)
+                .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
+        });
+    }
+    let (store, name) =
+        object(&manifest.data.tokenizer, &options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+    let json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+    let tokenizer = TextTokenizer::from_json(&String::from_utf8_lossy(&json), &manifest.data.tokenizer)
+        .map_err(|e| setup(e.to_string()))?;
+    if tokenizer.vocab_size() > manifest.model.vocab_size {
+        return Err(setup(format!(
+            "data.tokenizer: {} has {} tokens, more than model.vocab_size = {}",
+            manifest.data.tokenizer,
+            tokenizer.vocab_size(),
+            manifest.model.vocab_size
+        )));
+    }
+    let order =
+        SampleOrder::new(manifest.job.seed, &sizes, manifest.train.global_batch).map_err(|e| setup(e.to_string()))?;
+    let counts = order.counts_per_batch().to_vec();
+    let config = LoaderConfig {
+        threads: manifest.data.loader_threads,
+        prefetch_batches: manifest.data.prefetch_batches,
+        max_bad_fraction: manifest.data.max_bad_fraction,
+        ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
+    };
+    let assembler = BatchAssembler::new(sources, order, tokenizer, config, manifest.job.seed, rank, world)
+        .map_err(|e| setup(e.to_string()))?;
+    let mut loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
+
+    let peers: Vec<SocketAddr> = assignment
+        .peers
+        .iter()
+        .map(|peer| {
+            peer.parse()
+                .map_err(|_| setup(format!("peer address `{peer}` is not an address")))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut ring = listener
+        .connect(rank, &peers, Duration::from_secs(60))
+        .map_err(|e| setup(e.to_string()))?;
+
+    let device = Default::default();
+    let mut model = CocaModel::<CpuTrain>::new(&manifest.model, manifest.job.seed, &device);
+    let train = &manifest.train;
+    let optimizer = AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32);
+    let weights = LossWeights {
+        contrastive: train.lambda_con as f32,
+        captioning: train.lambda_cap as f32,
+    };
+    let mode = match train.contrastive {
+        Contrastive::Local => ContrastiveMode::Local,
+        Contrastive::Full => ContrastiveMode::Full,
+    };
+    let mut trainer = TrainStep::<CpuTrain>::new(&optimizer, weights, mode);
+
+    let started = Instant::now();
+    let total = assignment.total_steps;
+    let mut step = assignment.start_step;
+    while step < total {
+        // Every rank stops at the same step: a stop anyone heard is summed in.
+        let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
+        ring.all_reduce_sum(&mut flag).map_err(|e| WorkerError::Step {
+            step,
+            message: e.to_string(),
+        })?;
+        if flag[0] > 0.0 {
+            if let Some(message) = coordinator_lost.lock().expect("lost").clone() {
+                return Err(WorkerError::CoordinatorLost(message));
+            }
+            return Ok(WorkerOutcome::Stopped { step });
+        }
+        let step_started = Instant::now();
+        let batch = loader.next_batch().map_err(|e| WorkerError::Step {
+            step,
+            message: e.to_string(),
+        })?;
+        let batch = batch.to_device::<CpuTrain>(&device);
+        let learning_rate = train.learning_rate_at(step, total);
+        let (next, report) = trainer
+            .step(model, &batch, learning_rate, &mut ring)
+            .map_err(|e| WorkerError::Step {
+                step,
+                message: e.to_string(),
+            })?;
+        model = next;
+        step += 1;
+        let elapsed = step_started.elapsed().as_secs_f64();
+        let bad = loader.bad_records();
+        let metrics = StepMetrics {
+            step,
+            loss: f64::from(report.losses.total),
+            contrastive: report.losses.contrastive.map_or(0.0, f64::from),
+            captioning: report.losses.captioning.map_or(0.0, f64::from),
+            learning_rate,
+            logit_scale: f64::from(model.logit_scale().into_scalar().elem::<f32>()),
+            samples_per_second: train.global_batch as f64 / elapsed.max(1e-9),
+            data_wait_share: loader.waited().as_secs_f64() / started.elapsed().as_secs_f64().max(1e-9),
+            bad_records: bad
+                .sources
+                .iter()
+                .enumerate()
+                .flat_map(|(source, report)| {
+                    report.by_reason.iter().map(move |(reason, count)| BadRecordCount {
+                        source: source as u32,
+                        reason: reason.clone(),
+                        count: *count,
+                    })
+                })
+                .collect(),
+            source_epochs: counts
+                .iter()
+                .zip(&sizes)
+                .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
+                .collect(),
+        };
+        let mut shared = progress.lock().expect("progress");
+        shared.step = step;
+        shared.metrics = Some(metrics);
+    }
+    Ok(WorkerOutcome::Completed { step })
+}
