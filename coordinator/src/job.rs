@@ -87,6 +87,9 @@ pub struct Job {
     bad_records: BTreeMap<(String, u32, String), u64>,
     pub refused_calls: u64,
     pub last_checkpoint: Option<u64>,
+    /// A worker's reported failure, held while the watchdog looks for a
+    /// silent peer behind it (a dead worker breaks its peers' collectives first).
+    pub pending_failure: Option<(String, Instant)>,
     /// What the journal said when this coordinator started.
     pub previous: Option<crate::journal::Recovered>,
     started: Instant,
@@ -118,6 +121,7 @@ impl Job {
             bad_records: BTreeMap::new(),
             refused_calls: 0,
             last_checkpoint: None,
+            pending_failure: None,
             previous: None,
             started: Instant::now(),
             running_since: None,

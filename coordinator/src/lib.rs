@@ -131,9 +131,19 @@ impl Shared {
                     w.step
                 )
             });
+        let pending = job.pending_failure.clone();
         drop(job);
         if let Some(reason) = lost {
+            let reason = match pending {
+                Some((failure, _)) => format!("{reason}; then {failure}"),
+                None => reason,
+            };
             self.transition(JobState::Failed, Some(reason));
+        } else if let Some((failure, since)) = pending {
+            // No silent peer within the timeout: the reported failure is the cause.
+            if since.elapsed() > timeout {
+                self.transition(JobState::Failed, Some(failure));
+            }
         }
     }
 }

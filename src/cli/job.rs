@@ -98,7 +98,7 @@ fn exit_code(state: JobState) -> u8 {
     }
 }
 
-pub fn launch(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<u8> {
+pub fn launch(path: &Path, workers: Option<usize>, steps: Option<u64>, linger: u64) -> anyhow::Result<u8> {
     let manifest = read_manifest(path, workers, steps)?;
     ensure_demo_data(&manifest)?;
     let token = job_token(&manifest, true)?;
@@ -192,6 +192,7 @@ pub fn launch(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow
             loss.total, loss.contrastive, loss.captioning
         );
     }
+    std::thread::sleep(Duration::from_secs(linger));
     Ok(exit_code(state))
 }
 

@@ -41,6 +41,9 @@ enum Command {
         /// Override job.steps.
         #[arg(long)]
         steps: Option<u64>,
+        /// Keep the status endpoint up this many seconds after the job ends.
+        #[arg(long, default_value_t = 0)]
+        linger: u64,
     },
     /// Run a job's coordinator alone (clusters start workers separately).
     Coordinator { manifest: std::path::PathBuf },
@@ -83,7 +86,8 @@ impl Cli {
                 manifest,
                 workers,
                 steps,
-            } => job::launch(&manifest, workers, steps),
+                linger,
+            } => job::launch(&manifest, workers, steps, linger),
             Command::Coordinator { manifest } => job::coordinator(&manifest),
             Command::Worker {
                 coordinator,
