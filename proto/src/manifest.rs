@@ -678,7 +678,7 @@ impl Manifest {
                 return Err(error("checkpoint.keep", "must be at least 1"));
             }
         }
-        if self.status.bind == cluster.coordinator {
+        if self.status.bind == cluster.coordinator && self.status.bind.port() != 0 {
             return Err(error(
                 "status.bind",
                 format!("{} is also cluster.coordinator", self.status.bind),

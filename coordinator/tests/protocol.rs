@@ -1,0 +1,268 @@
+//! The coordinator over real gRPC on loopback, with workers played by the
+//! test: registration, tokens, protocol versions, rendezvous, heartbeats,
+//! a silent worker, and the journal across a restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coordinator::auth::Token;
+use coordinator::job::JobState;
+use coordinator::Coordinator;
+use proto::manifest::Manifest;
+use proto::rpc::coordinator_client::CoordinatorClient;
+use proto::rpc::{Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION};
+use tonic::transport::Channel;
+
+/// A manifest over two hand-written dataset indexes (the coordinator reads
+/// only indexes), everything on port 0.
+fn manifest(dir: &Path, timeout_ms: u64) -> Manifest {
+    for (name, kind, classes) in [
+        ("align", "align", ""),
+        ("jft", "jft", r#", "classes": [{"name": "cat"}]"#),
+    ] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        let index = format!(
+            r#"{{"format": "coca-dataset", "version": 1, "kind": "{kind}", "shards": [{{"file": "shard-00000.arrow", "rows": 100, "bytes": 1, "sha256": "{}"}}]{classes}}}"#,
+            "0".repeat(64)
+        );
+        std::fs::write(dir.join(name).join("index.json"), index).unwrap();
+    }
+    let text = format!(
+        r#"
+[job]
+name = "protocol"
+steps = 5
+dir = "{dir}/run"
+[model]
+preset = "tiny"
+[data]
+tokenizer = "{dir}/tokenizer.json"
+[[data.source]]
+url = "{dir}/align"
+kind = "align"
+[[data.source]]
+url = "{dir}/jft"
+kind = "jft"
+[train]
+global_batch = 4
+[cluster]
+workers = 2
+coordinator = "127.0.0.1:0"
+heartbeat_ms = 100
+heartbeat_timeout_ms = {timeout_ms}
+[status]
+bind = "127.0.0.1:0"
+"#,
+        dir = dir.display()
+    );
+    Manifest::parse(&text, "test manifest").unwrap()
+}
+
+/// Presents a token, or none.
+#[derive(Clone)]
+struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.0 {
+            request.metadata_mut().insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+async fn client(coordinator: &Coordinator, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(format!("http://{}", coordinator.grpc_address()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    CoordinatorClient::with_interceptor(channel, Auth(token.map(|t| format!("Bearer {t}").parse().unwrap())))
+}
+
+fn register(address: &str) -> RegisterRequest {
+    RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        host: "test-host".into(),
+        device: "cpu".into(),
+        collective_address: address.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_protocol_versions_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("right"))
+        .await
+        .unwrap();
+    let mut anonymous = client(&coordinator, None).await;
+    let status = anonymous.register(register("127.0.0.1:1")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert_eq!(status.message(), "no job token (authorization: Bearer ...)");
+    let mut wrong = client(&coordinator, Some("another job's")).await;
+    let status = wrong.register(register("127.0.0.1:1")).await.unwrap_err();
+    assert_eq!(status.message(), "the job token does not match this job's");
+    assert_eq!(coordinator.shared.refused_calls(), 2);
+
+    let mut right = client(&coordinator, Some("right")).await;
+    let mut old = register("127.0.0.1:1");
+    old.protocol_version = PROTOCOL_VERSION + 1;
+    let status = right.register(old).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.message(),
+        format!(
+            "this worker speaks protocol version {}, this coordinator speaks version {PROTOCOL_VERSION}; run the same coca release on both",
+            PROTOCOL_VERSION + 1
+        )
+    );
+    // Nothing refused reached the job.
+    assert!(coordinator.shared.job.lock().unwrap().workers.is_empty());
+    let report = coordinator::status::report(&coordinator.shared);
+    assert_eq!(report.refused_calls, 2);
+    let metrics = coordinator::status::prometheus_text(&report);
+    assert!(metrics.contains("coca_rpc_refused_calls 2"), "{metrics}");
+    assert!(
+        !serde_json::to_string(&report).unwrap().contains("right"),
+        "the token never shows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_ranks_heartbeats_and_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"))
+        .await
+        .unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    // Registered out of address order; ranks follow (host, address).
+    let second = client
+        .register(register("127.0.0.1:9002"))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let first = client
+        .register(register("127.0.0.1:9001"))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let rendezvous = |id: String| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .rendezvous(RendezvousRequest { worker_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let (a, b) = (
+        rendezvous(first.clone()).await.unwrap(),
+        rendezvous(second.clone()).await.unwrap(),
+    );
+    assert_eq!((a.rank, b.rank), (0, 1));
+    assert_eq!(a.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    assert_eq!((a.world_size, a.total_steps, a.dataset_indexes.len()), (2, 5, 2));
+    assert!(a.manifest_toml.contains("name = \"protocol\""));
+    assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Running);
+    // A third worker is refused: the world is complete.
+    let status = client.register(register("127.0.0.1:9003")).await.unwrap_err();
+    assert_eq!(status.message(), "the job is running and takes no new workers");
+
+    for id in [&first, &second] {
+        let reply = client
+            .heartbeat(HeartbeatRequest {
+                worker_id: id.clone(),
+                step: 5,
+                metrics: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.command, Command::Continue as i32);
+        client
+            .finish(FinishRequest {
+                worker_id: id.clone(),
+                step: 5,
+                ok: true,
+                message: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(coordinator.finished(Duration::from_secs(1)).await, JobState::Completed);
+    let report = coordinator::status::report(&coordinator.shared);
+    let states: Vec<&str> = report.transitions.iter().map(|t| t.state.name()).collect();
+    assert_eq!(states, ["pending", "rendezvous", "running", "completed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(manifest(dir.path(), 600), Token::new("t"))
+        .await
+        .unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    let alive = client
+        .register(register("127.0.0.1:9001"))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let silent = client
+        .register(register("127.0.0.1:9002"))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let started = std::time::Instant::now();
+    let mut stopped = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        let reply = client
+            .heartbeat(HeartbeatRequest {
+                worker_id: alive.clone(),
+                step: 1,
+                metrics: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if reply.command == Command::Stop as i32 {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "the live worker is told to stop");
+    let lost_after = started.elapsed();
+    assert!(
+        lost_after >= Duration::from_millis(600),
+        "not before the timeout: {lost_after:?}"
+    );
+    let report = coordinator::status::report(&coordinator.shared);
+    assert_eq!(report.state, JobState::Failed);
+    let reason = report.reason.unwrap();
+    assert!(
+        reason.starts_with(&format!("worker {silent} (rank 1, test-host) lost: no heartbeat for")),
+        "{reason}"
+    );
+    assert!(
+        coordinator::status::prometheus_text(&coordinator::status::report(&coordinator.shared))
+            .contains("coca_workers_lost 1")
+    );
+    drop(coordinator);
+
+    // A new coordinator over the same job directory knows how the job ended.
+    let again = Coordinator::start(manifest(dir.path(), 600), Token::new("t"))
+        .await
+        .unwrap();
+    let previous = coordinator::status::report(&again.shared)
+        .previous
+        .expect("the journal was read");
+    assert_eq!(previous.state.as_deref(), Some("failed"));
+    assert!(previous.reason.unwrap().contains("lost: no heartbeat"));
+}
