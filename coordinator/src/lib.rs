@@ -263,6 +263,8 @@ impl Coordinator {
             if state.is_terminal() {
                 let deadline = tokio::time::Instant::now() + grace;
                 loop {
+                    // Lost workers will never say goodbye.
+                    let timeout = Duration::from_millis(self.shared.manifest.cluster.heartbeat_timeout_ms);
                     let all_done = self
                         .shared
                         .job
@@ -270,7 +272,7 @@ impl Coordinator {
                         .expect("job state")
                         .workers
                         .values()
-                        .all(|w| w.finished.is_some());
+                        .all(|w| w.finished.is_some() || w.last_heartbeat.elapsed() > timeout);
                     if all_done || tokio::time::Instant::now() >= deadline {
                         return state;
                     }

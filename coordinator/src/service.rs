@@ -166,15 +166,24 @@ impl CoordinatorRpc for Service {
         let step = job.step();
         let total = job.total_steps;
         let state = job.state;
+        let failure = (!request.ok).then(|| format!("{describe} failed at step {}: {}", request.step, request.message));
+        if let Some(failure) = &failure {
+            if job.pending_failure.is_none() {
+                job.pending_failure = Some((failure.clone(), Instant::now()));
+            }
+        }
+        let pending = job.pending_failure.as_ref().map(|(reason, _)| reason.clone());
         drop(job);
-        if !request.ok {
-            self.shared.transition(
-                JobState::Failed,
-                Some(format!(
-                    "{describe} failed at step {}: {}",
-                    request.step, request.message
-                )),
-            );
+        if let Some(failure) = failure {
+            // A failing worker often only saw a dead peer: the watchdog names it, if any.
+            let next = if all_finished {
+                JobState::Failed
+            } else {
+                JobState::Stopping
+            };
+            self.shared.transition(next, Some(failure));
+        } else if let (true, Some(pending)) = (all_finished, pending) {
+            self.shared.transition(JobState::Failed, Some(pending));
         } else if all_finished {
             match state {
                 JobState::Stopping => self

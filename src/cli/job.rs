@@ -231,7 +231,15 @@ pub fn coordinator(path: &Path) -> anyhow::Result<u8> {
         }
     });
     let state = runtime.block_on(coordinator.finished(Duration::from_secs(30)));
-    println!("job {}: {}", manifest.job.name, state.name());
+    let report = coordinator::status::report(&coordinator.shared);
+    let reason = report.reason.map(|r| format!(" ({r})")).unwrap_or_default();
+    println!(
+        "job {}: {} at step {}/{}{reason}",
+        manifest.job.name,
+        state.name(),
+        report.step,
+        report.total_steps
+    );
     Ok(exit_code(state))
 }
 

@@ -1,0 +1,291 @@
+//! Jobs run as users run them: `coca launch`, `coca coordinator` +
+//! `coca worker` processes on loopback, `coca status`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DEMO: &str = include_str!("../deploy/local/demo.toml");
+
+fn coca() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coca"));
+    command.env_remove("COCA_JOB_TOKEN");
+    command
+}
+
+/// The demo manifest with every port chosen by the system, heartbeats
+/// tuned by the test, in `dir` (its relative paths resolve there).
+fn manifest(dir: &Path, heartbeat_ms: u64, timeout_ms: u64) -> std::path::PathBuf {
+    let text = DEMO
+        .replace("coordinator = \"127.0.0.1:7070\"", "coordinator = \"127.0.0.1:0\"")
+        .replace("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:0\"")
+        .replace("heartbeat_ms = 500", &format!("heartbeat_ms = {heartbeat_ms}"))
+        .replace(
+            "heartbeat_timeout_ms = 10000",
+            &format!("heartbeat_timeout_ms = {timeout_ms}"),
+        );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response.split_once("\r\n\r\n")?.1.to_string())
+}
+
+fn status(address: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&http_get(address, "/status")?).ok()
+}
+
+/// Reads `child`'s stdout until a line starting with `prefix`; returns the
+/// address after "http://" in it.
+fn address_from(child: &mut Child, prefix: &str) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|line| line.starts_with(prefix))
+        .expect("the announced line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let start = line.rfind("http://").unwrap() + "http://".len();
+    line[start..].trim_end_matches('/').to_string()
+}
+
+#[test]
+fn launch_runs_the_demo_and_the_loss_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = manifest(dir.path(), 200, 10_000);
+    let mut child = coca()
+        .args(["launch", job.to_str().unwrap(), "--steps", "20", "--linger", "2"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = address_from(&mut child, "job demo: status on");
+    let last: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
+    let watcher = {
+        let last = last.clone();
+        let address = address.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(120) {
+                if let Some(report) = status(&address) {
+                    let done = report["state"] == "completed";
+                    *last.lock().unwrap() = Some(report);
+                    if done {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    watcher.join().unwrap();
+    let metrics = http_get(&address, "/metrics").unwrap();
+    let page = http_get(&address, "/").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report = last.lock().unwrap().clone().expect("/status answered");
+    assert_eq!(report["state"], "completed", "{report}");
+    assert_eq!(report["step"], 20);
+    let history = report["history"].as_array().unwrap();
+    let (first, final_point) = (&history[0], history.last().unwrap());
+    assert_eq!(final_point["step"], 20);
+    assert!(
+        final_point["loss"].as_f64().unwrap() < first["loss"].as_f64().unwrap(),
+        "loss at step {} = {}, at step 20 = {}",
+        first["step"],
+        first["loss"],
+        final_point["loss"]
+    );
+    assert!(metrics.contains("coca_train_loss{kind=\"contrastive\"}"), "{metrics}");
+    assert!(metrics.contains("coca_job_state{state=\"completed\"} 1"), "{metrics}");
+    assert!(page.contains("<canvas id=\"losses\""));
+    let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
+    assert!(journal.contains("\"state\":\"completed\""), "{journal}");
+    // The demo data was written on first launch.
+    assert!(dir.path().join("data/demo/tokenizer.json").exists());
+}
+
+/// `coca coordinator` with its token; returns the process, its gRPC and
+/// status addresses, and its later stdout lines.
+fn start_coordinator(dir: &Path, job: &Path) -> (Child, String, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = coca()
+        .args(["coordinator", job.to_str().unwrap()])
+        .current_dir(dir)
+        .env("COCA_JOB_TOKEN", "the-token")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|line| line.contains("gRPC on"))
+        .unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| drop(sender.send(line))));
+    let grpc = line
+        .split("gRPC on ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    let status = line.rsplit("http://").next().unwrap().trim_end_matches('/').to_string();
+    (child, grpc, status, receiver)
+}
+
+fn start_worker(dir: &Path, grpc: &str, token: &str) -> Child {
+    coca()
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://{grpc}"),
+            "--connect-timeout",
+            "10",
+        ])
+        .current_dir(dir)
+        .env("COCA_JOB_TOKEN", token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(address: &str, what: &str, predicate: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        if let Some(report) = status(address) {
+            if predicate(&report) {
+                return report;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}: {:?}",
+            status(address)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_a_killed_worker_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    // Data first, as `coca launch` would.
+    let data = dir.path().join("data/demo");
+    let made = coca()
+        .args(["data", "demo", "--out", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let job = manifest(dir.path(), 200, 3000);
+    let (mut coordinator, grpc, address, said) = start_coordinator(dir.path(), &job);
+
+    let intruder = start_worker(dir.path(), &grpc, "not-the-token")
+        .wait_with_output()
+        .unwrap();
+    assert!(!intruder.status.success());
+    let message = String::from_utf8_lossy(&intruder.stderr);
+    assert!(
+        message.contains("the coordinator refused registration: the job token does not match this job's"),
+        "{message}"
+    );
+    assert_eq!(
+        wait_for(&address, "the refusal", |r| r["refused_calls"] == 1)["state"],
+        "pending"
+    );
+
+    let mut workers = [
+        start_worker(dir.path(), &grpc, "the-token"),
+        start_worker(dir.path(), &grpc, "the-token"),
+    ];
+    wait_for(&address, "training", |r| r["step"].as_u64().unwrap_or(0) >= 3);
+    let killed_at = Instant::now();
+    workers[1].kill().unwrap();
+    let exit = coordinator.wait().unwrap();
+    let detected = killed_at.elapsed();
+    assert_eq!(exit.code(), Some(1), "a failed job exits 1");
+    // The victim said who it was when it started.
+    let victim_said = workers[1].wait_with_output_lossy();
+    let victim = victim_said
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    let last = said.try_iter().last().expect("the coordinator's last word");
+    assert!(last.starts_with(&format!("job demo: failed at step ")), "{last}");
+    assert!(
+        last.contains(&format!("(worker {victim} (rank ")) && last.contains(") lost: no heartbeat for"),
+        "{last} / {victim_said}"
+    );
+    assert!(detected < Duration::from_secs(10), "declared lost after {detected:?}");
+    let _ = workers[0].kill();
+    let _ = workers[0].wait();
+    let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
+    assert!(journal.contains(&format!("worker {victim} (rank ")), "{journal}");
+}
+
+trait StderrText {
+    fn wait_with_output_lossy(&mut self) -> String;
+}
+
+impl StderrText for Child {
+    fn wait_with_output_lossy(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.wait();
+        let mut text = String::new();
+        if let Some(mut stderr) = self.stderr.take() {
+            let _ = stderr.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+#[test]
+fn ctrl_c_stops_the_job_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = manifest(dir.path(), 200, 10_000);
+    let mut child = coca()
+        .args(["launch", job.to_str().unwrap(), "--steps", "100000"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = address_from(&mut child, "job demo: status on");
+    wait_for(&address, "training", |r| r["step"].as_u64().unwrap_or(0) >= 2);
+    let text = coca().args(["status", &format!("http://{address}")]).output().unwrap();
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        shown.contains("job    demo  running") && shown.contains("rank 0"),
+        "{shown}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(130), "stopped jobs exit 130");
+    let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
+    assert!(journal.contains("\"state\":\"stopped\""), "{journal}");
+}
