@@ -117,11 +117,11 @@ impl CoordinatorRpc for Service {
         if let Some(metrics) = request.metrics {
             job.record_metrics(&request.worker_id, rank, metrics);
         }
-        let step = job.step();
+        // The journal hears of every 10th step rank 0 reaches (the slowest rank's step).
+        let journal_step = (rank == Some(0) && before / 10 != request.step / 10).then(|| job.step());
         let stop = matches!(job.state, JobState::Stopping | JobState::Stopped | JobState::Failed);
         drop(job);
-        // The journal hears every 10th step of the slowest rank.
-        if rank == Some(0) && before / 10 != request.step / 10 {
+        if let Some(step) = journal_step {
             self.shared.journal(Event::Step {
                 step,
                 at: crate::job::unix_now(),

@@ -76,6 +76,16 @@ pub enum BenchCommand {
         #[arg(long, hide = true)]
         child_rank: Option<usize>,
     },
+    /// RPC latency and coordinator CPU with many simulated workers
+    /// registering, heartbeating and reporting metrics over loopback.
+    Coordinator {
+        #[arg(long, default_value_t = 4096)]
+        workers: usize,
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Training samples per second (decode, random resized crop,
     /// normalise, tokenize) from a dataset's shards, and per loader thread.
     Data {
@@ -119,6 +129,31 @@ fn ms(duration: Duration) -> f64 {
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            BenchCommand::Coordinator {
+                workers,
+                heartbeat_ms,
+                seconds,
+            } => {
+                ensure!(
+                    workers >= 1 && heartbeat_ms >= 1 && seconds >= 1,
+                    "--workers, --heartbeat-ms and --seconds must be at least 1"
+                );
+                let dir = tempfile::tempdir()?;
+                let report = super::swarm::run(dir.path(), workers, heartbeat_ms, seconds)?;
+                println!(
+                    "coordinator: {workers} simulated workers registered and met in {:.2} s",
+                    report.registered_in.as_secs_f64()
+                );
+                println!(
+                    "heartbeats: {} in {seconds} s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    report.heartbeats,
+                    ms(report.p50),
+                    ms(report.p99),
+                    ms(report.max)
+                );
+                println!("coordinator CPU: {:.2} cores", report.coordinator_cores);
+                Ok(())
+            }
             BenchCommand::Data {
                 url,
                 image_size,

@@ -4,6 +4,7 @@ mod bench;
 mod data;
 mod job;
 mod model;
+mod swarm;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};

@@ -74,6 +74,15 @@ type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 #[derive(Clone)]
 pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
+impl Bearer {
+    pub fn new(token: &str) -> Result<Self, WorkerError> {
+        format!("Bearer {token}")
+            .parse()
+            .map(Self)
+            .map_err(|_| WorkerError::Setup("the job token holds characters that cannot travel in a header".into()))
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         request.metadata_mut().insert("authorization", self.0.clone());
@@ -168,9 +177,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
 }
 
 async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
-    let token = format!("Bearer {}", options.token)
-        .parse()
-        .map_err(|_| WorkerError::Setup("the job token holds characters that cannot travel in a header".into()))?;
+    let bearer = Bearer::new(&options.token)?;
     let endpoint = Channel::from_shared(options.coordinator.clone()).map_err(|e| WorkerError::Unreachable {
         url: options.coordinator.clone(),
         seconds: 0,
@@ -180,7 +187,7 @@ async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match endpoint.connect().await {
-            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, Bearer(token))),
+            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, bearer)),
             Err(error) if Instant::now() + delay > deadline => {
                 return Err(WorkerError::Unreachable {
                     url: options.coordinator.clone(),

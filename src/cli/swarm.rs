@@ -1,0 +1,192 @@
+//! `coca bench coordinator`: a swarm of simulated workers (tasks, not
+//! processes) registering, heartbeating and reporting metrics against a
+//! real `coca coordinator` process over loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use proto::rpc::coordinator_client::CoordinatorClient;
+use proto::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, PROTOCOL_VERSION};
+use tonic::transport::Channel;
+use worker::job::Bearer;
+
+pub struct SwarmReport {
+    pub registered_in: Duration,
+    pub heartbeats: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// Coordinator CPU seconds per wall second while heartbeating.
+    pub coordinator_cores: f64,
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a malformed /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Result<SwarmReport> {
+    let data = dir.join("data");
+    worker::data::demo::write(
+        &store::Store::open(&data.display().to_string(), &Default::default())?,
+        &worker::data::demo::DemoSpec {
+            align_rows: 64,
+            jft_rows: 64,
+            heldout_rows: 8,
+            vocab_size: 300,
+            ..Default::default()
+        },
+    )?;
+    let manifest = dir.join("swarm.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[job]\nname = \"swarm\"\nsteps = 1000000000\ndir = \"{dir}/run\"\n[model]\npreset = \"tiny\"\n\
+             [data]\ntokenizer = \"{data}/tokenizer.json\"\n[[data.source]]\nurl = \"{data}/align\"\nkind = \"align\"\n\
+             [train]\nglobal_batch = {workers}\n[cluster]\nworkers = {workers}\ncoordinator = \"127.0.0.1:0\"\n\
+             heartbeat_ms = {heartbeat_ms}\nheartbeat_timeout_ms = {}\n[status]\nbind = \"127.0.0.1:0\"\n",
+            heartbeat_ms * 30,
+            dir = dir.display(),
+            data = data.display()
+        ),
+    )?;
+    let mut coordinator = Command::new(std::env::current_exe()?)
+        .args(["coordinator", &manifest.display().to_string()])
+        .env("COCA_JOB_TOKEN", "swarm")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = coordinator.id();
+    let mut lines = BufReader::new(coordinator.stdout.take().context("the coordinator's stdout")?).lines();
+    let Some(Ok(line)) = lines.find(|line| line.as_ref().is_ok_and(|l| l.contains("gRPC on"))) else {
+        let _ = coordinator.kill();
+        bail!("the coordinator did not start");
+    };
+    let grpc = line
+        .split("gRPC on ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .context("its address")?
+        .to_string();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(swarm(&grpc, workers, heartbeat_ms, seconds, pid));
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    result
+}
+
+async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
+    // Real workers each hold one HTTP/2 connection; 16 simulated workers share one here.
+    let bearer = Bearer::new("swarm")?;
+    let mut channels = Vec::new();
+    for _ in 0..workers.div_ceil(16) {
+        let channel = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;
+        channels.push(CoordinatorClient::with_interceptor(channel, bearer.clone()));
+    }
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..workers {
+        let mut client = channels[i % channels.len()].clone();
+        let reply = client
+            .register(RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                host: format!("sim-{}", i / 8),
+                device: "simulated".into(),
+                collective_address: format!("10.{}.{}.{}:29500", i >> 16, (i >> 8) & 255, i & 255),
+            })
+            .await?;
+        ids.push(reply.into_inner().worker_id);
+    }
+    let mut waits = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut client = channels[i % channels.len()].clone();
+        let id = id.clone();
+        waits.push(tokio::spawn(async move {
+            client.rendezvous(RendezvousRequest { worker_id: id }).await
+        }));
+    }
+    for wait in waits {
+        wait.await??;
+    }
+    let registered_in = started.elapsed();
+
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let cpu_before = cpu_seconds(pid)?;
+    let window = Instant::now();
+    let deadline = window + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for (i, id) in ids.into_iter().enumerate() {
+        let mut client = channels[i % channels.len()].clone();
+        let latencies = latencies.clone();
+        // Spread the heartbeats over the period, as independent workers do.
+        let offset = Duration::from_millis(heartbeat_ms * i as u64 / workers as u64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut step = 0;
+            let mut mine = Vec::new();
+            while Instant::now() < deadline {
+                step += 1;
+                let metrics = StepMetrics {
+                    step,
+                    loss: 5.0,
+                    contrastive: 2.0,
+                    captioning: 1.5,
+                    learning_rate: 1e-4,
+                    logit_scale: 14.0,
+                    samples_per_second: 1000.0,
+                    data_wait_share: 0.01,
+                    bad_records: Vec::new(),
+                    source_epochs: vec![0.1],
+                };
+                let sent = Instant::now();
+                let reply = client
+                    .heartbeat(HeartbeatRequest {
+                        worker_id: id.clone(),
+                        step,
+                        metrics: Some(metrics),
+                    })
+                    .await;
+                if reply.is_ok() {
+                    mine.push(sent.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(heartbeat_ms).saturating_sub(sent.elapsed())).await;
+            }
+            latencies.lock().expect("latencies").extend(mine);
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let wall = window.elapsed().as_secs_f64();
+    let coordinator_cores = (cpu_seconds(pid)? - cpu_before) / wall;
+    let mut latencies = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    if latencies.is_empty() {
+        bail!("no heartbeat succeeded");
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Ok(SwarmReport {
+        registered_in,
+        heartbeats: latencies.len(),
+        p50: at(0.5),
+        p99: at(0.99),
+        max: *latencies.last().expect("not empty"),
+        coordinator_cores,
+    })
+}
