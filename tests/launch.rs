@@ -289,3 +289,67 @@ fn ctrl_c_stops_the_job_cleanly() {
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
     assert!(journal.contains("\"state\":\"stopped\""), "{journal}");
 }
+
+/// The page's DOM after headless Chromium ran its script for a few seconds.
+fn rendered(url: &str, profile: &Path) -> String {
+    let output = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.display()),
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("chromium runs: run scripts/test-deps.sh");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = manifest(dir.path(), 200, 10_000);
+    let mut child = coca()
+        .args(["launch", job.to_str().unwrap(), "--steps", "12", "--linger", "60"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = address_from(&mut child, "job demo: status on");
+    wait_for(&address, "the end of the job", |r| r["state"] == "completed");
+    let dom = rendered(&format!("http://{address}/"), &dir.path().join("chromium"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text_of = |id: &str| {
+        let start = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("#{id} in {dom}"));
+        let open = start + dom[start..].find('>').unwrap() + 1;
+        dom[open..open + dom[open..].find('<').unwrap()].to_string()
+    };
+    assert_eq!(text_of("job"), "demo");
+    assert_eq!(text_of("step"), "12 / 12");
+    assert_eq!(text_of("state"), "completed");
+    // The charts drew the job's points (the script records how many).
+    for chart in ["losses", "throughput-chart"] {
+        let tag = &dom[dom.find(&format!("id=\"{chart}\"")).unwrap()..];
+        let tag = &tag[..tag.find('>').unwrap()];
+        let points: usize = tag
+            .split("data-points=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(points >= 2, "{chart}: {tag}");
+    }
+}
