@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use proto::dataset::DatasetIndex;
-use proto::manifest::{Backend, Contrastive, Manifest};
+use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
 use proto::rpc::coordinator_client::CoordinatorClient;
 use proto::rpc::{
     Assignment, BadRecordCount, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
@@ -151,7 +153,17 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         coordinator_lost.clone(),
     );
 
-    let result = train(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost);
+    let result = match manifest.cluster.backend {
+        Backend::Cpu => train::<CpuTrain>(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            train::<crate::backend::CudaTrain>(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => Err(WorkerError::Setup(
+            "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
+        )),
+    };
     done.store(true, Ordering::SeqCst);
     let _ = heartbeat.join();
     // The last step's metrics, before saying goodbye.
@@ -284,18 +296,24 @@ fn object(url: &str, options: &StoreOptions) -> Result<(Store, String), String> 
     ))
 }
 
-fn train(
+/// The training loop on backend `B`. Gradients and embeddings cross the
+/// TCP ring through host memory, so it serves CPU and CUDA workers alike.
+fn train<B: AutodiffBackend>(
     manifest: &Manifest,
     assignment: &Assignment,
     listener: RingListener,
     progress: &Mutex<Progress>,
     stop: &AtomicBool,
     coordinator_lost: &Mutex<Option<String>>,
-) -> Result<WorkerOutcome, WorkerError> {
+) -> Result<WorkerOutcome, WorkerError>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
     let setup = WorkerError::Setup;
-    if manifest.cluster.backend == Backend::Cuda {
+    if manifest.cluster.collective == CollectiveKind::Nccl {
         return Err(setup(
-            "cluster.backend = \"cuda\": the worker's training loop runs on the CPU backend so far".into(),
+            "cluster.collective = \"nccl\": the worker loop does not exchange an NCCL id yet; use collective = \"tcp\""
+                .into(),
         ));
     }
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
@@ -362,7 +380,7 @@ fn train(
         .map_err(|e| setup(e.to_string()))?;
 
     let device = Default::default();
-    let mut model = CocaModel::<CpuTrain>::new(&manifest.model, manifest.job.seed, &device);
+    let mut model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, &device);
     let train = &manifest.train;
     let optimizer = AdamWConfig::new()
         .with_beta_1(train.beta1 as f32)
@@ -377,7 +395,7 @@ fn train(
         Contrastive::Local => ContrastiveMode::Local,
         Contrastive::Full => ContrastiveMode::Full,
     };
-    let mut trainer = TrainStep::<CpuTrain>::new(&optimizer, weights, mode);
+    let mut trainer = TrainStep::<B>::new(&optimizer, weights, mode);
 
     let started = Instant::now();
     let total = assignment.total_steps;
@@ -400,7 +418,7 @@ fn train(
             step,
             message: e.to_string(),
         })?;
-        let batch = batch.to_device::<CpuTrain>(&device);
+        let batch = batch.to_device::<B>(&device);
         let learning_rate = train.learning_rate_at(step, total);
         let (next, report) = trainer
             .step(model, &batch, learning_rate, &mut ring)
