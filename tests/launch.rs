@@ -226,7 +226,11 @@ fn a_wrong_token_is_refused_and_a_killed_worker_is_named() {
     assert_eq!(exit.code(), Some(1), "a failed job exits 1");
     // The victim said who it was when it started.
     let victim_said = workers[1].wait_with_output_lossy();
-    let victim = victim_said
+    let introduction = victim_said
+        .lines()
+        .find(|line| line.starts_with("worker w-"))
+        .unwrap_or_default();
+    let victim = introduction
         .split_whitespace()
         .nth(1)
         .unwrap()

@@ -244,16 +244,32 @@ pub fn coordinator(path: &Path) -> anyhow::Result<u8> {
 }
 
 pub fn worker(
-    coordinator: &str,
-    listen: std::net::IpAddr,
+    coordinator: Option<&str>,
+    listen: Option<std::net::IpAddr>,
     token_env: &str,
     connect_timeout: u64,
 ) -> anyhow::Result<u8> {
+    let environment: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let found = worker::discovery::discover(coordinator, &environment)?;
+    for origin in &found.origins {
+        eprintln!("worker: {origin}");
+    }
+    let listen = match listen {
+        Some(address) => {
+            eprintln!("worker: listening on {address} from --listen");
+            address
+        }
+        None => {
+            let address = worker::discovery::route_to(&found.coordinator)?;
+            eprintln!("worker: listening on {address}, the interface that reaches the coordinator");
+            address
+        }
+    };
     let token = std::env::var(token_env).with_context(|| format!("no job token: set {token_env}"))?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
     let options = WorkerOptions {
-        coordinator: coordinator.to_string(),
+        coordinator: found.coordinator.clone(),
         token,
         listen,
         host,

@@ -50,12 +50,13 @@ enum Command {
     Coordinator { manifest: std::path::PathBuf },
     /// Run one worker of a job.
     Worker {
-        /// The coordinator's gRPC URL.
+        /// The coordinator's gRPC URL (default: from Slurm's or Kubernetes' environment).
         #[arg(long)]
-        coordinator: String,
-        /// The address this worker's collective listener binds and advertises.
-        #[arg(long, default_value = "127.0.0.1")]
-        listen: std::net::IpAddr,
+        coordinator: Option<String>,
+        /// The address this worker's collective listener binds and advertises
+        /// (default: the local address of the route to the coordinator).
+        #[arg(long)]
+        listen: Option<std::net::IpAddr>,
         /// The environment variable holding the job token.
         #[arg(long, env = "COCA_TOKEN_ENV", default_value = "COCA_JOB_TOKEN")]
         token_env: String,
@@ -95,7 +96,7 @@ impl Cli {
                 listen,
                 token_env,
                 connect_timeout,
-            } => job::worker(&coordinator, listen, &token_env, connect_timeout),
+            } => job::worker(coordinator.as_deref(), listen, &token_env, connect_timeout),
             Command::Status { url, json, watch } => job::status(&url, json, watch),
         }
     }

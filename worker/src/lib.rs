@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod collective;
 pub mod data;
+pub mod discovery;
 pub mod eval;
 pub mod job;
 pub mod model;
