@@ -113,6 +113,29 @@ fn launch_runs_the_demo_and_the_loss_falls() {
         final_point["loss"]
     );
     assert!(metrics.contains("coca_train_loss{kind=\"contrastive\"}"), "{metrics}");
+    // Every metric the Grafana dashboard queries is one the coordinator serves.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../deploy/grafana/coca.json")).expect("the dashboard is JSON");
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let name = target["expr"]
+                .as_str()
+                .unwrap()
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap();
+            // These appear only while there is something to say: bad records met, a running job's ETA.
+            if !["coca_data_bad_records", "coca_eta_seconds"].contains(&name) {
+                assert!(
+                    metrics.contains(&format!("# TYPE {name} ")),
+                    "the dashboard queries {name}, not in\n{metrics}"
+                );
+            }
+            queried += 1;
+        }
+    }
+    assert!(queried >= 10);
     assert!(metrics.contains("coca_job_state{state=\"completed\"} 1"), "{metrics}");
     assert!(page.contains("<canvas id=\"losses\""));
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
