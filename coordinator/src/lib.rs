@@ -16,7 +16,7 @@ use proto::dataset::{DatasetIndex, INDEX_FILE};
 use proto::manifest::Manifest;
 use proto::rpc::coordinator_server::CoordinatorServer;
 use proto::sample_order::{SampleOrder, SourceSize};
-use store::{S3Options, Store, StoreOptions};
+use store::{Store, StoreOptions};
 use tokio::sync::watch;
 
 use auth::{Guard, Token};
@@ -292,14 +292,7 @@ async fn bind(address: SocketAddr, what: &'static str) -> Result<tokio::net::Tcp
 
 /// Every source's index, read once and checked against the manifest.
 fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
-    let options = StoreOptions {
-        s3: S3Options {
-            endpoint: manifest.data.s3_endpoint.clone(),
-            region: manifest.data.s3_region.clone(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let mut indexes = Vec::new();
     for (index, source) in manifest.data.sources.iter().enumerate() {
         let failed = |message: String| CoordinatorError::Dataset {

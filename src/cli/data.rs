@@ -8,7 +8,7 @@ use clap::Subcommand;
 use image::{imageops, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::dataset::DatasetKind;
-use store::{Location, Store, StoreOptions};
+use store::{Store, StoreOptions};
 use worker::data::dataset::Dataset;
 use worker::data::demo::{self, DemoSpec};
 use worker::data::import::{self, ImportFormat, ImportOptions};
@@ -389,26 +389,10 @@ impl StoreArgs {
 
     /// The store holding the object at `url`, and the object's name in it.
     pub fn open_object(&self, url: &str) -> anyhow::Result<(Store, String)> {
-        let cwd = std::env::current_dir()?;
-        let location = Location::parse(url, &cwd)?;
-        let Some((parent, name)) = location.prefix.rsplit_once('/') else {
-            bail!("{url}: expected the URL of an object (e.g. s3://bucket/tokenizer.json)");
-        };
-        let parent = Location {
-            prefix: parent.to_string(),
-            ..location.clone()
-        };
-        Ok((Store::open_location(parent, &self.options())?, name.to_string()))
+        Ok(Store::open_object(url, &self.options())?)
     }
 
     fn options(&self) -> StoreOptions {
-        StoreOptions {
-            s3: store::S3Options {
-                endpoint: self.s3_endpoint.clone(),
-                region: self.s3_region.clone(),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
+        StoreOptions::with_s3(self.s3_endpoint.clone(), self.s3_region.clone())
     }
 }

@@ -19,6 +19,20 @@ pub struct S3Options {
     pub secret_access_key: Option<String>,
 }
 
+impl StoreOptions {
+    /// Default retries, with an S3 endpoint and region where given.
+    pub fn with_s3(endpoint: Option<String>, region: Option<String>) -> Self {
+        Self {
+            s3: S3Options {
+                endpoint,
+                region,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
 // Secrets never reach a log line.
 impl std::fmt::Debug for S3Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -54,6 +54,28 @@ impl Store {
         Self::open_location(Location::parse(url, &cwd)?, options)
     }
 
+    /// The store holding the object at `url`, and the object's name in it
+    /// (`s3://bucket/dir/tokenizer.json` -> `s3://bucket/dir`, `tokenizer.json`).
+    pub fn open_object(url: &str, options: &StoreOptions) -> Result<(Self, String), StoreError> {
+        let cwd = std::env::current_dir().map_err(|error| StoreError::Open {
+            url: url.to_string(),
+            detail: format!("no working directory: {error}"),
+        })?;
+        let mut location = Location::parse(url, &cwd)?;
+        let (parent, name) = match location.prefix.rsplit_once('/') {
+            Some((parent, name)) => (parent.to_string(), name.to_string()),
+            None => (String::new(), location.prefix.clone()),
+        };
+        if name.is_empty() {
+            return Err(StoreError::BadUrl {
+                url: url.to_string(),
+                reason: "it names no object (e.g. s3://bucket/tokenizer.json)".into(),
+            });
+        }
+        location.prefix = parent;
+        Ok((Self::open_location(location, options)?, name))
+    }
+
     pub fn open_location(location: Location, options: &StoreOptions) -> Result<Self, StoreError> {
         let open_error = |detail: String| StoreError::Open {
             url: location.url(),

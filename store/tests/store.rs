@@ -190,3 +190,17 @@ fn the_cache_is_content_addressed_and_bounded() {
     assert_eq!(cache.get(&sums[1]), None);
     assert!(!dir.path().join(&sums[1]).exists());
 }
+
+#[test]
+fn an_object_url_opens_its_parent_store_and_names_the_object() {
+    let options = StoreOptions::default();
+    let (store, name) = Store::open_object("/data/demo/tokenizer.json", &options).unwrap();
+    assert_eq!(
+        (store.url().as_str(), name.as_str()),
+        ("file:///data/demo", "tokenizer.json")
+    );
+    let (store, name) = Store::open_object("s3://bucket/tokenizer.json", &options).unwrap();
+    assert_eq!((store.url().as_str(), name.as_str()), ("s3://bucket", "tokenizer.json"));
+    let error = Store::open_object("s3://bucket/", &options).unwrap_err().to_string();
+    assert!(error.contains("names no object"), "{error}");
+}

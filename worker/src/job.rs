@@ -19,7 +19,7 @@ use proto::rpc::{
     StepMetrics, PROTOCOL_VERSION,
 };
 use proto::sample_order::{SampleOrder, SourceSize};
-use store::{S3Options, Store, StoreOptions};
+use store::{Store, StoreOptions};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -278,22 +278,11 @@ fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, Stri
         "clip80" => PromptTemplates::clip80(),
         "simple" => PromptTemplates::simple(),
         url => {
-            let (store, name) = object(url, options)?;
+            let (store, name) = Store::open_object(url, options).map_err(|e| e.to_string())?;
             let bytes = store.get(&name).map_err(|e| e.to_string())?;
             PromptTemplates::parse(&String::from_utf8_lossy(&bytes), url).map_err(|e| e.to_string())?
         }
     })
-}
-
-/// The store holding object `url`, and the object's name in it.
-fn object(url: &str, options: &StoreOptions) -> Result<(Store, String), String> {
-    let (parent, name) = url
-        .rsplit_once('/')
-        .ok_or_else(|| format!("{url}: not the URL of an object"))?;
-    Ok((
-        Store::open(parent, options).map_err(|e| e.to_string())?,
-        name.to_string(),
-    ))
 }
 
 /// The training loop on backend `B`. Gradients and embeddings cross the
@@ -317,14 +306,7 @@ where
         ));
     }
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
-    let options = StoreOptions {
-        s3: S3Options {
-            endpoint: manifest.data.s3_endpoint.clone(),
-            region: manifest.data.s3_region.clone(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let mut sources = Vec::new();
     let mut sizes = Vec::new();
     for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
@@ -342,7 +324,7 @@ where
         });
     }
     let (store, name) =
-        object(&manifest.data.tokenizer, &options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+        Store::open_object(&manifest.data.tokenizer, &options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
     let json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
     let tokenizer = TextTokenizer::from_json(&String::from_utf8_lossy(&json), &manifest.data.tokenizer)
         .map_err(|e| setup(e.to_string()))?;
