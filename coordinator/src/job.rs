@@ -53,6 +53,8 @@ pub struct Worker {
     pub host: String,
     pub device: String,
     pub collective_address: String,
+    #[serde(skip)]
+    pub preferred_rank: Option<usize>,
     pub step: u64,
     #[serde(skip)]
     pub last_heartbeat: Instant,

@@ -78,15 +78,24 @@ impl Shared {
     /// Ranks by (host, collective address): the same world gets the same ranks.
     fn assign_ranks(&self) {
         let mut job = self.job.lock().expect("job state");
+        let world = job.world_size;
+        // The engine's indexes when they name every rank once (log files
+        // then match ranks); otherwise a stable order by host and address.
+        let mut preferred: Vec<usize> = job.workers.values().filter_map(|w| w.preferred_rank).collect();
+        preferred.sort_unstable();
+        let use_preferred = preferred.len() == world && preferred.iter().copied().eq(0..world);
         let mut order: Vec<(String, String, String)> = job
             .workers
             .values()
             .map(|w| (w.host.clone(), w.collective_address.clone(), w.id.clone()))
             .collect();
         order.sort();
-        for (rank, (_, _, id)) in order.into_iter().enumerate() {
+        for (fallback_rank, (_, _, id)) in order.into_iter().enumerate() {
             if let Some(worker) = job.workers.get_mut(&id) {
-                worker.rank = Some(rank);
+                worker.rank = Some(match (use_preferred, worker.preferred_rank) {
+                    (true, Some(rank)) => rank,
+                    _ => fallback_rank,
+                });
                 worker.last_heartbeat = std::time::Instant::now();
             }
         }
@@ -153,6 +162,8 @@ pub struct Coordinator {
     pub shared: Arc<Shared>,
     grpc: SocketAddr,
     status: SocketAddr,
+    /// Ends the gRPC server once the job is over, after in-flight replies.
+    grpc_shutdown: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Coordinator {
@@ -213,10 +224,16 @@ impl Coordinator {
 
         let service = service::Service { shared: shared.clone() };
         let interceptor = move |request| guard.check(request);
+        let (stop, stop_serving) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .add_service(CoordinatorServer::with_interceptor(service, interceptor))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener));
-        tokio::spawn(async move {
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                async move {
+                    let _ = stop_serving.await;
+                },
+            );
+        let serving = tokio::spawn(async move {
             if let Err(error) = server.await {
                 eprintln!("coordinator: the gRPC server stopped: {error}");
             }
@@ -243,7 +260,12 @@ impl Coordinator {
             "coordinator: job {} on {grpc} (gRPC), status on http://{status}/",
             shared.manifest.job.name
         );
-        Ok(Self { shared, grpc, status })
+        Ok(Self {
+            shared,
+            grpc,
+            status,
+            grpc_shutdown: Mutex::new(Some((stop, serving))),
+        })
     }
 
     pub fn grpc_address(&self) -> SocketAddr {
@@ -274,12 +296,26 @@ impl Coordinator {
                         .values()
                         .all(|w| w.finished.is_some() || w.last_heartbeat.elapsed() > timeout);
                     if all_done || tokio::time::Instant::now() >= deadline {
+                        self.stop_grpc().await;
                         return state;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), ready.changed()).await;
+        }
+    }
+}
+
+impl Coordinator {
+    /// Lets the last replies (the workers' Finish) reach their workers
+    /// before the process exits; a worker that keeps its connection open
+    /// does not hold the exit up for more than two seconds.
+    async fn stop_grpc(&self) {
+        let shutdown = self.grpc_shutdown.lock().expect("grpc shutdown").take();
+        if let Some((stop, serving)) = shutdown {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), serving).await;
         }
     }
 }

@@ -45,6 +45,7 @@ impl CoordinatorRpc for Service {
                 id: id.clone(),
                 rank: None,
                 host: request.host,
+                preferred_rank: request.preferred_rank.map(|r| r as usize),
                 device: request.device,
                 collective_address: request.collective_address,
                 step,

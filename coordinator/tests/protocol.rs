@@ -88,7 +88,44 @@ fn register(address: &str) -> RegisterRequest {
         host: "test-host".into(),
         device: "cpu".into(),
         collective_address: address.into(),
+        preferred_rank: None,
     }
+}
+
+/// Registers two workers and returns the ranks they were given.
+async fn ranks_for(preferred: [Option<u32>; 2]) -> [u32; 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"))
+        .await
+        .unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    let mut ids = Vec::new();
+    for (address, preferred_rank) in ["127.0.0.1:9001", "127.0.0.1:9002"].into_iter().zip(preferred) {
+        let request = RegisterRequest {
+            preferred_rank,
+            ..register(address)
+        };
+        ids.push(client.register(request).await.unwrap().into_inner().worker_id);
+    }
+    let mut ranks = [0; 2];
+    for (rank, id) in ranks.iter_mut().zip(ids) {
+        *rank = client
+            .rendezvous(RendezvousRequest { worker_id: id })
+            .await
+            .unwrap()
+            .into_inner()
+            .rank;
+    }
+    ranks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_indexes_become_ranks_when_they_name_each_rank_once() {
+    assert_eq!(ranks_for([Some(1), Some(0)]).await, [1, 0]);
+    // Otherwise the order of (host, address) decides.
+    assert_eq!(ranks_for([Some(1), Some(1)]).await, [0, 1]);
+    assert_eq!(ranks_for([Some(1), None]).await, [0, 1]);
+    assert_eq!(ranks_for([Some(5), Some(0)]).await, [0, 1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

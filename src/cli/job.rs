@@ -213,9 +213,10 @@ fn progress_line(report: &StatusReport) -> String {
     line
 }
 
-pub fn coordinator(path: &Path) -> anyhow::Result<u8> {
-    let manifest = read_manifest(path, None, None)?;
+pub fn coordinator(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<u8> {
+    let manifest = read_manifest(path, workers, steps)?;
     let token = job_token(&manifest, false)?;
+    ensure_demo_data(&manifest)?;
     let runtime = runtime()?;
     let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token)))?;
     println!(
@@ -228,6 +229,16 @@ pub fn coordinator(path: &Path) -> anyhow::Result<u8> {
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             shared.request_stop("interrupted (Ctrl-C)");
+        }
+    });
+    // Slurm's scancel and Kubernetes' pod deletion send SIGTERM.
+    let shared = coordinator.shared.clone();
+    runtime.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            if terminate.recv().await.is_some() {
+                shared.request_stop("terminated (SIGTERM)");
+            }
         }
     });
     let state = runtime.block_on(coordinator.finished(Duration::from_secs(30)));
@@ -248,10 +259,12 @@ pub fn worker(
     listen: Option<std::net::IpAddr>,
     token_env: &str,
     connect_timeout: u64,
+    device: Option<usize>,
 ) -> anyhow::Result<u8> {
     let environment: std::collections::HashMap<String, String> = std::env::vars().collect();
     let found = worker::discovery::discover(coordinator, &environment)?;
-    for origin in &found.origins {
+    let (device, device_origin) = worker::discovery::pick_device(device, &environment)?;
+    for origin in found.origins.iter().chain([&device_origin]) {
         eprintln!("worker: {origin}");
     }
     let listen = match listen {
@@ -274,6 +287,8 @@ pub fn worker(
         listen,
         host,
         connect_timeout: Duration::from_secs(connect_timeout),
+        device,
+        preferred_rank: found.index.and_then(|index| u32::try_from(index).ok()),
     };
     match worker::job::run(&options)? {
         WorkerOutcome::Completed { step } => eprintln!("worker: done at step {step}"),

@@ -47,7 +47,15 @@ enum Command {
         linger: u64,
     },
     /// Run a job's coordinator alone (clusters start workers separately).
-    Coordinator { manifest: std::path::PathBuf },
+    Coordinator {
+        manifest: std::path::PathBuf,
+        /// Override cluster.workers (e.g. with Slurm's $SLURM_NTASKS).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Override the job's length in steps.
+        #[arg(long)]
+        steps: Option<u64>,
+    },
     /// Run one worker of a job.
     Worker {
         /// The coordinator's gRPC URL (default: from Slurm's or Kubernetes' environment).
@@ -63,6 +71,10 @@ enum Command {
         /// Seconds to keep trying to reach the coordinator.
         #[arg(long, default_value_t = 60)]
         connect_timeout: u64,
+        /// The GPU ordinal for the cuda backend (default: the only visible
+        /// GPU, else SLURM_LOCALID, else 0).
+        #[arg(long)]
+        device: Option<usize>,
     },
     /// Show a job's status from its status endpoint.
     Status {
@@ -90,13 +102,18 @@ impl Cli {
                 steps,
                 linger,
             } => job::launch(&manifest, workers, steps, linger),
-            Command::Coordinator { manifest } => job::coordinator(&manifest),
+            Command::Coordinator {
+                manifest,
+                workers,
+                steps,
+            } => job::coordinator(&manifest, workers, steps),
             Command::Worker {
                 coordinator,
                 listen,
                 token_env,
                 connect_timeout,
-            } => job::worker(coordinator.as_deref(), listen, &token_env, connect_timeout),
+                device,
+            } => job::worker(coordinator.as_deref(), listen, &token_env, connect_timeout, device),
             Command::Status { url, json, watch } => job::status(&url, json, watch),
         }
     }

@@ -109,6 +109,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                 host: format!("sim-{}", i / 8),
                 device: "simulated".into(),
                 collective_address: format!("10.{}.{}.{}:29500", i >> 16, (i >> 8) & 255, i & 255),
+                preferred_rank: Some(i as u32),
             })
             .await?;
         ids.push(reply.into_inner().worker_id);

@@ -102,6 +102,34 @@ pub fn discover(flag: Option<&str>, env: &HashMap<String, String>) -> Result<Dis
     Err(DiscoveryError::NoCoordinator)
 }
 
+/// Which accelerator this worker uses (its ordinal among the visible ones),
+/// and where that came from: `--device`, else the only device
+/// CUDA_VISIBLE_DEVICES leaves visible, else Slurm's task index on its node
+/// (SLURM_LOCALID, one task per GPU), else the first device.
+pub fn pick_device(flag: Option<usize>, env: &HashMap<String, String>) -> Result<(usize, String), DiscoveryError> {
+    let get = |name: &str| env.get(name).map(String::as_str).filter(|value| !value.is_empty());
+    if let Some(device) = flag {
+        return Ok((device, format!("device {device} from --device")));
+    }
+    if let Some(visible) = get("CUDA_VISIBLE_DEVICES") {
+        if visible.split(',').count() == 1 {
+            return Ok((
+                0,
+                format!("device 0, the only one CUDA_VISIBLE_DEVICES={visible} leaves"),
+            ));
+        }
+    }
+    if let Some(local) = get("SLURM_LOCALID") {
+        let device = local.parse().map_err(|_| DiscoveryError::Bad {
+            variable: "SLURM_LOCALID",
+            value: local.to_string(),
+            message: "not a number".into(),
+        })?;
+        return Ok((device, format!("device {device} from SLURM_LOCALID (one task per GPU)")));
+    }
+    Ok((0, "device 0 (the default)".into()))
+}
+
 /// The first host of a Slurm node list: `node[01-04,07],gpu5` -> `node01`.
 pub fn first_host(list: &str) -> Result<String, String> {
     let list = list.trim();
@@ -219,6 +247,25 @@ mod tests {
         assert_eq!(found.index, Some(2));
         assert!(found.origins[1].contains("pod coca-workers-2-x7k2p"));
         assert_eq!(discover(None, &env(&[])).unwrap_err(), DiscoveryError::NoCoordinator);
+    }
+
+    #[test]
+    fn the_device_comes_from_the_flag_then_the_visible_devices_then_the_slurm_task() {
+        let task = env(&[("SLURM_LOCALID", "3"), ("CUDA_VISIBLE_DEVICES", "0,1,2,3")]);
+        assert_eq!(pick_device(None, &task).unwrap().0, 3);
+        assert_eq!(
+            pick_device(Some(1), &task).unwrap(),
+            (1, "device 1 from --device".into())
+        );
+        let bound = env(&[("SLURM_LOCALID", "3"), ("CUDA_VISIBLE_DEVICES", "GPU-5f1c")]);
+        assert_eq!(pick_device(None, &bound).unwrap().0, 0);
+        assert_eq!(pick_device(None, &env(&[])).unwrap().0, 0);
+        assert_eq!(
+            pick_device(None, &env(&[("SLURM_LOCALID", "x")]))
+                .unwrap_err()
+                .to_string(),
+            "SLURM_LOCALID = `x`: not a number"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Device as _};
 use burn::tensor::ElementConversion;
 use proto::dataset::DatasetIndex;
 use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
@@ -47,6 +47,10 @@ pub struct WorkerOptions {
     pub host: String,
     /// How long to keep trying to reach the coordinator.
     pub connect_timeout: Duration,
+    /// The accelerator's ordinal (CUDA); the CPU backend has one device.
+    pub device: usize,
+    /// The engine's index for this worker, asked for as its rank.
+    pub preferred_rank: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +118,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             host: options.host.clone(),
             device: "cpu".into(),
             collective_address: listener.local_addr().to_string(),
+            preferred_rank: options.preferred_rank,
         }))
         .map_err(|status| WorkerError::Refused {
             call: "registration",
@@ -154,11 +159,25 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     );
 
     let result = match manifest.cluster.backend {
-        Backend::Cpu => train::<CpuTrain>(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost),
+        Backend::Cpu => train::<CpuTrain>(
+            &manifest,
+            &assignment,
+            options.device,
+            listener,
+            &progress,
+            &stop,
+            &coordinator_lost,
+        ),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => {
-            train::<crate::backend::CudaTrain>(&manifest, &assignment, listener, &progress, &stop, &coordinator_lost)
-        }
+        Backend::Cuda => train::<crate::backend::CudaTrain>(
+            &manifest,
+            &assignment,
+            options.device,
+            listener,
+            &progress,
+            &stop,
+            &coordinator_lost,
+        ),
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
             "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
@@ -290,6 +309,7 @@ fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, Stri
 fn train<B: AutodiffBackend>(
     manifest: &Manifest,
     assignment: &Assignment,
+    device: usize,
     listener: RingListener,
     progress: &Mutex<Progress>,
     stop: &AtomicBool,
@@ -361,7 +381,11 @@ where
         .connect(rank, &peers, Duration::from_secs(60))
         .map_err(|e| setup(e.to_string()))?;
 
-    let device = Default::default();
+    let device = {
+        let mut id = B::Device::default().to_id();
+        id.index_id = u16::try_from(device).map_err(|_| setup(format!("device {device} does not exist")))?;
+        B::Device::from_id(id)
+    };
     let mut model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, &device);
     let train = &manifest.train;
     let optimizer = AdamWConfig::new()
