@@ -2,6 +2,7 @@
 //! section lives here so the coordinator can validate and describe a job
 //! without linking the tensor library.
 
+pub mod checkpoint;
 pub mod dataset;
 
 /// The gRPC contract (coca.proto): messages and the Coordinator service.

@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
+use crate::checkpoint::state::{Optimizer as AdamWOptimizer, OptimizerRecord};
 use crate::collective::{Collective, CollectiveError};
 use crate::model::loss::{captioning_loss_sum, LossWeights};
 use crate::model::{CocaBatch, CocaModel};
@@ -46,7 +46,7 @@ pub struct StepLosses {
 }
 
 pub struct TrainStep<B: AutodiffBackend> {
-    optimizer: OptimizerAdaptor<AdamW, CocaModel<B>, B>,
+    optimizer: AdamWOptimizer<B>,
     weights: LossWeights,
     mode: ContrastiveMode,
     bucket_bytes: usize,
@@ -63,6 +63,17 @@ where
             mode,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
+    }
+
+    /// AdamW's state, keyed by the model's ParamIds (for checkpoints).
+    pub fn optimizer_record(&self) -> OptimizerRecord<B> {
+        self.optimizer.to_record()
+    }
+
+    /// Continues from saved AdamW state (keyed by this model's ParamIds).
+    pub fn with_optimizer_record(mut self, record: OptimizerRecord<B>) -> Self {
+        self.optimizer = self.optimizer.load_record(record);
+        self
     }
 
     /// Size of the gradient all-reduce buckets.
