@@ -88,7 +88,7 @@ pub struct Job {
     /// Each worker's latest cumulative bad-record counts, by (worker, source, reason).
     bad_records: BTreeMap<(String, u32, String), u64>,
     pub refused_calls: u64,
-    pub last_checkpoint: Option<u64>,
+    pub checkpoint: CheckpointProgress,
     /// A worker's reported failure, held while the watchdog looks for a
     /// silent peer behind it (a dead worker breaks its peers' collectives first).
     pub pending_failure: Option<(String, Instant)>,
@@ -96,6 +96,21 @@ pub struct Job {
     pub previous: Option<crate::journal::Recovered>,
     started: Instant,
     running_since: Option<(Instant, u64)>,
+}
+
+/// Saves and commits, as the status endpoint shows them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckpointProgress {
+    /// The step this job resumed from (its URL), if any.
+    pub resumed_from: Option<String>,
+    pub last_committed_step: Option<u64>,
+    /// The slowest rank's save of the last committed step.
+    pub last_save_seconds: Option<f64>,
+    pub last_bytes: Option<u64>,
+    pub committed: u64,
+    /// Shards reported per step not yet committed: rank -> (shard, seconds).
+    #[serde(skip)]
+    pub reports: BTreeMap<u64, BTreeMap<usize, (proto::checkpoint::ShardRecord, f64)>>,
 }
 
 pub fn unix_now() -> f64 {
@@ -122,7 +137,7 @@ impl Job {
             history: Vec::new(),
             bad_records: BTreeMap::new(),
             refused_calls: 0,
-            last_checkpoint: None,
+            checkpoint: CheckpointProgress::default(),
             pending_failure: None,
             previous: None,
             started: Instant::now(),

@@ -2,6 +2,7 @@
 //! the journal and the status endpoint. Never links the tensor library.
 
 pub mod auth;
+pub mod checkpoints;
 pub mod job;
 pub mod journal;
 mod service;
@@ -20,8 +21,10 @@ use store::{Store, StoreOptions};
 use tokio::sync::watch;
 
 use auth::{Guard, Token};
+pub use checkpoints::Resume;
 use job::{Job, JobState};
 use journal::{Event, Journal};
+use proto::checkpoint::ResumeFields;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -35,7 +38,12 @@ pub enum CoordinatorError {
     },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error("resume: {0}")]
+    Checkpoint(#[from] checkpoints::CheckpointError),
 }
+
+/// Every step's metrics, one JSON object per line, in the job's directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// State shared by the gRPC service, the status endpoint and the watchdog.
 pub struct Shared {
@@ -44,6 +52,8 @@ pub struct Shared {
     /// The pinned dataset indexes (JSON), one per source.
     pub indexes: Vec<String>,
     journal: Mutex<Journal>,
+    /// `<job.dir>/metrics.jsonl`: every step's metrics, appended across resumes.
+    metrics_log: Mutex<Option<std::fs::File>>,
     /// Bumped when ranks are assigned and when the job ends.
     ready: watch::Sender<bool>,
     guard: Guard,
@@ -66,6 +76,31 @@ impl Shared {
             if state.is_terminal() {
                 let _ = self.ready.send(true);
             }
+        }
+    }
+
+    /// Appends rank 0's step metrics (the job's) to metrics.jsonl.
+    fn log_metrics(&self, metrics: &[proto::rpc::StepMetrics]) {
+        use std::io::Write;
+        let mut log = self.metrics_log.lock().expect("metrics log");
+        let Some(file) = log.as_mut() else { return };
+        let mut lines = String::new();
+        for m in metrics {
+            let line = serde_json::json!({
+                "step": m.step,
+                "loss": m.loss,
+                "contrastive": m.contrastive,
+                "captioning": m.captioning,
+                "learning_rate": m.learning_rate,
+                "logit_scale": m.logit_scale,
+                "samples_per_second": m.samples_per_second,
+                "data_wait_share": m.data_wait_share,
+            });
+            lines.push_str(&format!("{line}\n"));
+        }
+        if let Err(error) = file.write_all(lines.as_bytes()) {
+            eprintln!("coordinator: cannot append to {METRICS_FILE}: {error}");
+            *log = None;
         }
     }
 
@@ -169,7 +204,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// Reads and pins the datasets' indexes, opens the journal, binds both
     /// listeners and starts serving. Must run inside a tokio runtime.
-    pub async fn start(manifest: Manifest, token: Token) -> Result<Self, CoordinatorError> {
+    pub async fn start(manifest: Manifest, token: Token, resume: Resume) -> Result<Self, CoordinatorError> {
         let reading = manifest.clone();
         let indexes = tokio::task::spawn_blocking(move || read_indexes(&reading))
             .await
@@ -189,6 +224,27 @@ impl Coordinator {
         let order = SampleOrder::new(manifest.job.seed, &sizes, manifest.train.global_batch)
             .expect("the manifest's mix was validated");
         let total_steps = manifest.total_steps(sizes[0].samples, order.counts_per_batch()[0]);
+        let choosing = manifest.clone();
+        let chosen = tokio::task::spawn_blocking(move || choose_start(&choosing, &parsed, &resume))
+            .await
+            .expect("choosing a checkpoint does not panic")?;
+        if let Some(chosen) = &chosen {
+            for skipped in &chosen.skipped {
+                eprintln!("coordinator: skipping {skipped}");
+            }
+            if chosen.step >= total_steps {
+                return Err(CoordinatorError::Checkpoint(checkpoints::CheckpointError::Other(
+                    format!(
+                    "{} is step {}, and the job has {total_steps} steps: raise job.steps (or --steps) to train further",
+                    chosen.url, chosen.step
+                ),
+                )));
+            }
+            eprintln!(
+                "coordinator: resuming from {} (step {}, saved by {} workers)",
+                chosen.url, chosen.step, chosen.meta.world_size
+            );
+        }
 
         let (journal, recovered) = Journal::open(Path::new(&manifest.job.dir))?;
         if recovered.events > 0 {
@@ -200,6 +256,10 @@ impl Coordinator {
             );
         }
         let mut job = Job::new(&manifest.job.name, manifest.cluster.workers, total_steps);
+        if let Some(chosen) = chosen {
+            job.start_step = chosen.step;
+            job.checkpoint.resumed_from = Some(chosen.url);
+        }
         job.previous = (recovered.events > 0).then_some(recovered);
 
         let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
@@ -207,12 +267,19 @@ impl Coordinator {
         let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
         let status = status_listener.local_addr().expect("a bound listener has an address");
 
+        let metrics_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(&manifest.job.dir).join(METRICS_FILE))
+            .map_err(|e| eprintln!("coordinator: no {METRICS_FILE} in {}: {e}", manifest.job.dir))
+            .ok();
         let guard = Guard::new(token);
         let shared = Arc::new(Shared {
             job: Mutex::new(job),
             manifest,
             indexes,
             journal: Mutex::new(journal),
+            metrics_log: Mutex::new(metrics_log),
             ready: watch::channel(false).0,
             guard: guard.clone(),
         });
@@ -327,8 +394,45 @@ async fn bind(address: SocketAddr, what: &'static str) -> Result<tokio::net::Tcp
 }
 
 /// Every source's index, read once and checked against the manifest.
+/// The checkpoint the job starts from, after checking that the manifest
+/// and the tokenizer still match what wrote it.
+fn choose_start(
+    manifest: &Manifest,
+    indexes: &[DatasetIndex],
+    resume: &Resume,
+) -> Result<Option<checkpoints::Chosen>, CoordinatorError> {
+    let options = store_options(manifest);
+    let root = match (&manifest.checkpoint, resume) {
+        (Some(checkpoint), _) => Store::open(&checkpoint.url, &options).map_err(checkpoints::CheckpointError::from)?,
+        // --from reads a step wherever it is; without a location there is nothing else to resume.
+        (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoints::CheckpointError::from)?,
+        (None, _) => return Ok(None),
+    };
+    let fields = ResumeFields::of(manifest, indexes);
+    let Some(chosen) = checkpoints::choose(&root, &options, resume, &fields)? else {
+        return Ok(None);
+    };
+    let (store, name) =
+        Store::open_object(&manifest.data.tokenizer, &options).map_err(checkpoints::CheckpointError::from)?;
+    let tokenizer = store::sha256_hex(&store.get(&name).map_err(checkpoints::CheckpointError::from)?);
+    if tokenizer != chosen.meta.tokenizer_sha256 {
+        return Err(checkpoints::CheckpointError::Changed {
+            url: chosen.url,
+            field: "data.tokenizer".into(),
+            was: format!("a tokenizer with SHA-256 {}", chosen.meta.tokenizer_sha256),
+            is: format!("{} with SHA-256 {tokenizer}", manifest.data.tokenizer),
+        }
+        .into());
+    }
+    Ok(Some(chosen))
+}
+
+pub fn store_options(manifest: &Manifest) -> StoreOptions {
+    StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone())
+}
+
 fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
-    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
+    let options = store_options(manifest);
     let mut indexes = Vec::new();
     for (index, source) in manifest.data.sources.iter().enumerate() {
         let failed = |message: String| CoordinatorError::Dataset {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use proto::checkpoint::ShardRecord;
 use proto::rpc::coordinator_server::Coordinator as CoordinatorRpc;
 use proto::rpc::{
     Assignment, CheckpointReply, CheckpointShard, Command, FinishReply, FinishRequest, HeartbeatReply,
@@ -95,6 +96,7 @@ impl CoordinatorRpc for Service {
                         total_steps: job.total_steps,
                         dataset_indexes: self.shared.indexes.clone(),
                         nccl_unique_id: Vec::new(),
+                        resume_from: job.checkpoint.resumed_from.clone().unwrap_or_default(),
                     }));
                 }
             }
@@ -115,7 +117,10 @@ impl CoordinatorRpc for Service {
         let before = worker.step;
         worker.step = worker.step.max(request.step);
         let rank = worker.rank;
-        if let Some(metrics) = request.metrics {
+        if rank == Some(0) {
+            self.shared.log_metrics(&request.metrics);
+        }
+        for metrics in request.metrics {
             job.record_metrics(&request.worker_id, rank, metrics);
         }
         // The journal hears of every 10th step rank 0 reaches (the slowest rank's step).
@@ -136,12 +141,60 @@ impl CoordinatorRpc for Service {
 
     async fn report_checkpoint(&self, request: Request<CheckpointShard>) -> Result<Response<CheckpointReply>, Status> {
         let shard = request.into_inner();
-        let job = self.shared.job.lock().expect("job state");
-        if !job.workers.contains_key(&shard.worker_id) {
-            return Err(Status::not_found(format!("unknown worker {}", shard.worker_id)));
+        let Some(checkpoint) = self.shared.manifest.checkpoint.clone() else {
+            return Err(Status::failed_precondition("this job has no [checkpoint] section"));
+        };
+        let complete = {
+            let mut job = self.shared.job.lock().expect("job state");
+            let rank = job
+                .workers
+                .get(&shard.worker_id)
+                .ok_or_else(|| Status::not_found(format!("unknown worker {}", shard.worker_id)))?
+                .rank
+                .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
+            let world = job.world_size;
+            let reports = job.checkpoint.reports.entry(shard.step).or_default();
+            reports.insert(
+                rank,
+                (
+                    ShardRecord {
+                        file: shard.file,
+                        bytes: shard.bytes,
+                        sha256: shard.sha256,
+                    },
+                    shard.seconds,
+                ),
+            );
+            (reports.len() == world).then(|| job.checkpoint.reports.remove(&shard.step).unwrap_or_default())
+        };
+        let Some(reports) = complete else {
+            return Ok(Response::new(CheckpointReply { committed: false }));
+        };
+        let step = shard.step;
+        let seconds = reports.values().map(|(_, s)| *s).fold(0.0, f64::max);
+        let shards: Vec<ShardRecord> = reports.into_values().map(|(record, _)| record).collect();
+        let options = crate::store_options(&self.shared.manifest);
+        let committed = tokio::task::spawn_blocking(move || {
+            let root = store::Store::open(&checkpoint.url, &options)?;
+            crate::checkpoints::commit(&root, step, shards, checkpoint.keep)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let bytes = committed.map_err(|e| Status::unavailable(format!("committing step {step}: {e}")))?;
+        {
+            let mut job = self.shared.job.lock().expect("job state");
+            let progress = &mut job.checkpoint;
+            progress.last_committed_step = Some(step);
+            progress.last_save_seconds = Some(seconds);
+            progress.last_bytes = Some(bytes);
+            progress.committed += 1;
         }
-        // Committing checkpoints arrives with the checkpoint issue.
-        Ok(Response::new(CheckpointReply { committed: false }))
+        eprintln!("coordinator: committed step {step} ({bytes} bytes, slowest save {seconds:.2} s)");
+        self.shared.journal(Event::Checkpoint {
+            step,
+            at: crate::job::unix_now(),
+        });
+        Ok(Response::new(CheckpointReply { committed: true }))
     }
 
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {

@@ -39,7 +39,7 @@ pub struct StatusReport {
     pub source_epochs: Vec<f64>,
     pub bad_records: Vec<BadRecords>,
     pub workers: Vec<WorkerReport>,
-    pub last_checkpoint: Option<u64>,
+    pub checkpoint: crate::job::CheckpointProgress,
     pub eta_seconds: Option<f64>,
     pub uptime_seconds: f64,
     pub refused_calls: u64,
@@ -116,7 +116,7 @@ pub fn report(shared: &Shared) -> StatusReport {
                     .filter(|m| !m.is_empty()),
             })
             .collect(),
-        last_checkpoint: job.last_checkpoint,
+        checkpoint: job.checkpoint.clone(),
         eta_seconds: job.eta_seconds(),
         uptime_seconds: job.uptime().as_secs_f64(),
         refused_calls: shared.refused_calls(),
@@ -199,6 +199,21 @@ pub fn prometheus_text(status: &StatusReport) -> String {
             status.data_wait_share,
         ),
         ("eta_seconds", "Seconds left at the current pace", status.eta_seconds),
+        (
+            "checkpoint_last_step",
+            "Step of the last committed checkpoint",
+            status.checkpoint.last_committed_step.map(|s| s as f64),
+        ),
+        (
+            "checkpoint_save_seconds",
+            "Seconds the slowest rank took to save the last committed checkpoint",
+            status.checkpoint.last_save_seconds,
+        ),
+        (
+            "checkpoint_bytes",
+            "Bytes of the last committed checkpoint, all shards",
+            status.checkpoint.last_bytes.map(|b| b as f64),
+        ),
     ] {
         if let Some(value) = value {
             gauge(&mut registry, name, help, value);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coordinator::auth::Token;
 use coordinator::job::JobState;
-use coordinator::Coordinator;
+use coordinator::{Coordinator, Resume};
 use proto::manifest::Manifest;
 use proto::rpc::coordinator_client::CoordinatorClient;
 use proto::rpc::{Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION};
@@ -95,7 +95,7 @@ fn register(address: &str) -> RegisterRequest {
 /// Registers two workers and returns the ranks they were given.
 async fn ranks_for(preferred: [Option<u32>; 2]) -> [u32; 2] {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"))
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"), Resume::Latest)
         .await
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
@@ -131,7 +131,7 @@ async fn the_engines_indexes_become_ranks_when_they_name_each_rank_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_protocol_versions_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("right"))
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("right"), Resume::Latest)
         .await
         .unwrap();
     let mut anonymous = client(&coordinator, None).await;
@@ -170,7 +170,7 @@ async fn tokens_and_protocol_versions_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendezvous_ranks_heartbeats_and_completion() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"))
+    let coordinator = Coordinator::start(manifest(dir.path(), 5000), Token::new("t"), Resume::Latest)
         .await
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
@@ -215,7 +215,7 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
             .heartbeat(HeartbeatRequest {
                 worker_id: id.clone(),
                 step: 5,
-                metrics: None,
+                metrics: Vec::new(),
             })
             .await
             .unwrap()
@@ -240,7 +240,7 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(manifest(dir.path(), 600), Token::new("t"))
+    let coordinator = Coordinator::start(manifest(dir.path(), 600), Token::new("t"), Resume::Latest)
         .await
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
@@ -263,7 +263,7 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
             .heartbeat(HeartbeatRequest {
                 worker_id: alive.clone(),
                 step: 1,
-                metrics: None,
+                metrics: Vec::new(),
             })
             .await
             .unwrap()
@@ -294,7 +294,7 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
     drop(coordinator);
 
     // A new coordinator over the same job directory knows how the job ended.
-    let again = Coordinator::start(manifest(dir.path(), 600), Token::new("t"))
+    let again = Coordinator::start(manifest(dir.path(), 600), Token::new("t"), Resume::Latest)
         .await
         .unwrap();
     let previous = coordinator::status::report(&again.shared)

@@ -163,6 +163,14 @@ impl ResumeFields {
     pub fn check(&self, now: &ResumeFields) -> Result<(), (String, String, String)> {
         let differ = |field: &str, was: String, is: String| Err((field.to_string(), was, is));
         if self.model != now.model {
+            // Name the first model field that differs.
+            let parse = |json: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json);
+            if let (Ok(was), Ok(is)) = (parse(&self.model), parse(&now.model)) {
+                if let Some((key, value)) = was.iter().find(|(key, value)| is.get(*key) != Some(value)) {
+                    let is = is.get(key).map_or("nothing".into(), |v| v.to_string());
+                    return differ(&format!("model.{key}"), value.to_string(), is);
+                }
+            }
             return differ("model", self.model.clone(), now.model.clone());
         }
         if self.sources.len() != now.sources.len() {

@@ -98,12 +98,18 @@ fn exit_code(state: JobState) -> u8 {
     }
 }
 
-pub fn launch(path: &Path, workers: Option<usize>, steps: Option<u64>, linger: u64) -> anyhow::Result<u8> {
+pub fn launch(
+    path: &Path,
+    workers: Option<usize>,
+    steps: Option<u64>,
+    linger: u64,
+    resume: coordinator::Resume,
+) -> anyhow::Result<u8> {
     let manifest = read_manifest(path, workers, steps)?;
     ensure_demo_data(&manifest)?;
     let token = job_token(&manifest, true)?;
     let runtime = runtime()?;
-    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token)))?;
+    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume))?;
     let url = format!("http://{}", coordinator.grpc_address());
     println!(
         "job {}: status on http://{}/",
@@ -213,12 +219,17 @@ fn progress_line(report: &StatusReport) -> String {
     line
 }
 
-pub fn coordinator(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<u8> {
+pub fn coordinator(
+    path: &Path,
+    workers: Option<usize>,
+    steps: Option<u64>,
+    resume: coordinator::Resume,
+) -> anyhow::Result<u8> {
     let manifest = read_manifest(path, workers, steps)?;
     let token = job_token(&manifest, false)?;
     ensure_demo_data(&manifest)?;
     let runtime = runtime()?;
-    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token)))?;
+    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume))?;
     println!(
         "job {}: gRPC on {}, status on http://{}/",
         manifest.job.name,

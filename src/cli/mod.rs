@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod export;
 mod job;
 mod model;
 mod swarm;
@@ -32,6 +33,20 @@ enum Command {
     /// Build, import and inspect datasets; train a tokenizer.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Write a committed checkpoint's parameters to one safetensors file.
+    Export {
+        /// The checkpoint location (checkpoint.url) or one step directory in it.
+        #[arg(long)]
+        checkpoint: String,
+        /// The step (default: the newest committed one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Where to write (a path or store URL).
+        #[arg(long)]
+        out: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Run a job on this machine: the coordinator and its workers as local processes.
     Launch {
         /// The job manifest (TOML).
@@ -45,6 +60,8 @@ enum Command {
         /// Keep the status endpoint up this many seconds after the job ends.
         #[arg(long, default_value_t = 0)]
         linger: u64,
+        #[command(flatten)]
+        resume: ResumeArgs,
     },
     /// Run a job's coordinator alone (clusters start workers separately).
     Coordinator {
@@ -55,6 +72,8 @@ enum Command {
         /// Override the job's length in steps.
         #[arg(long)]
         steps: Option<u64>,
+        #[command(flatten)]
+        resume: ResumeArgs,
     },
     /// Run one worker of a job.
     Worker {
@@ -96,17 +115,25 @@ impl Cli {
             Command::Model(command) => command.run().map(|()| 0),
             Command::Bench(command) => command.run().map(|()| 0),
             Command::Data(command) => command.run().map(|()| 0),
+            Command::Export {
+                checkpoint,
+                step,
+                out,
+                store,
+            } => export::export(&checkpoint, step, &out, &store),
             Command::Launch {
                 manifest,
                 workers,
                 steps,
                 linger,
-            } => job::launch(&manifest, workers, steps, linger),
+                resume,
+            } => job::launch(&manifest, workers, steps, linger, resume.resume()),
             Command::Coordinator {
                 manifest,
                 workers,
                 steps,
-            } => job::coordinator(&manifest, workers, steps),
+                resume,
+            } => job::coordinator(&manifest, workers, steps, resume.resume()),
             Command::Worker {
                 coordinator,
                 listen,
@@ -115,6 +142,28 @@ impl Cli {
                 device,
             } => job::worker(coordinator.as_deref(), listen, &token_env, connect_timeout, device),
             Command::Status { url, json, watch } => job::status(&url, json, watch),
+        }
+    }
+}
+
+/// Where a job starts: by default from the newest committed checkpoint
+/// under checkpoint.url, when there is one.
+#[derive(Debug, clap::Args)]
+struct ResumeArgs {
+    /// Start from step 0; refused when checkpoint.url holds a committed step.
+    #[arg(long, conflicts_with = "from")]
+    fresh: bool,
+    /// Resume from this committed step directory (e.g. runs/demo/checkpoints/step-00000100).
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+}
+
+impl ResumeArgs {
+    fn resume(self) -> coordinator::Resume {
+        match (self.fresh, self.from) {
+            (true, _) => coordinator::Resume::Fresh,
+            (false, Some(url)) => coordinator::Resume::From(url),
+            (false, None) => coordinator::Resume::Latest,
         }
     }
 }

@@ -160,7 +160,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                     .heartbeat(HeartbeatRequest {
                         worker_id: id.clone(),
                         step,
-                        metrics: Some(metrics),
+                        metrics: vec![metrics],
                     })
                     .await;
                 if reply.is_ok() {

@@ -14,6 +14,7 @@ mod location;
 mod options;
 mod store;
 
+pub use bytes::Bytes;
 pub use cache::LocalCache;
 pub use error::StoreError;
 pub use location::{Location, Scheme};

@@ -11,12 +11,13 @@ use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::{AutodiffBackend, Device as _};
 use burn::tensor::ElementConversion;
+use proto::checkpoint::{self as checkpoint_layout, Meta, ResumeFields, RngState};
 use proto::dataset::DatasetIndex;
 use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
 use proto::rpc::coordinator_client::CoordinatorClient;
 use proto::rpc::{
-    Assignment, BadRecordCount, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
-    StepMetrics, PROTOCOL_VERSION,
+    Assignment, BadRecordCount, CheckpointShard, Command, FinishRequest, HeartbeatRequest, RegisterRequest,
+    RendezvousRequest, StepMetrics, PROTOCOL_VERSION,
 };
 use proto::sample_order::{SampleOrder, SourceSize};
 use store::{Store, StoreOptions};
@@ -24,6 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::backend::CpuTrain;
+use crate::checkpoint::{self, SavedShard, StateLayout};
 use crate::collective::tcp::RingListener;
 use crate::collective::Collective;
 use crate::data::dataset::Dataset;
@@ -100,7 +102,8 @@ impl tonic::service::Interceptor for Bearer {
 #[derive(Default)]
 struct Progress {
     step: u64,
-    metrics: Option<StepMetrics>,
+    /// Steps completed since the last heartbeat.
+    metrics: Vec<StepMetrics>,
 }
 
 pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
@@ -142,7 +145,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let progress = Arc::new(Mutex::new(Progress {
         step: assignment.start_step,
-        metrics: None,
+        metrics: Vec::new(),
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
@@ -158,26 +161,33 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         coordinator_lost.clone(),
     );
 
+    let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
+        let shard = CheckpointShard {
+            worker_id: id.clone(),
+            step,
+            file: saved.record.file.clone(),
+            bytes: saved.record.bytes,
+            sha256: saved.record.sha256.clone(),
+            seconds: saved.seconds,
+        };
+        runtime
+            .block_on(client.clone().report_checkpoint(shard))
+            .map(|reply| reply.into_inner().committed)
+            .map_err(|status| status.message().to_string())
+    };
+    let job = TrainJob {
+        manifest: &manifest,
+        assignment: &assignment,
+        device: options.device,
+        progress: &progress,
+        stop: &stop,
+        coordinator_lost: &coordinator_lost,
+        report: &report,
+    };
     let result = match manifest.cluster.backend {
-        Backend::Cpu => train::<CpuTrain>(
-            &manifest,
-            &assignment,
-            options.device,
-            listener,
-            &progress,
-            &stop,
-            &coordinator_lost,
-        ),
+        Backend::Cpu => train::<CpuTrain>(&job, listener),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => train::<crate::backend::CudaTrain>(
-            &manifest,
-            &assignment,
-            options.device,
-            listener,
-            &progress,
-            &stop,
-            &coordinator_lost,
-        ),
+        Backend::Cuda => train::<crate::backend::CudaTrain>(&job, listener),
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
             "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
@@ -278,7 +288,7 @@ fn send_heartbeat(
 ) -> Result<Command, String> {
     let (step, metrics) = {
         let mut progress = progress.lock().expect("progress");
-        (progress.step, progress.metrics.take())
+        (progress.step, std::mem::take(&mut progress.metrics))
     };
     let reply = runtime.block_on(client.heartbeat(HeartbeatRequest {
         worker_id: id.to_string(),
@@ -306,18 +316,39 @@ fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, Stri
 
 /// The training loop on backend `B`. Gradients and embeddings cross the
 /// TCP ring through host memory, so it serves CPU and CUDA workers alike.
-fn train<B: AutodiffBackend>(
-    manifest: &Manifest,
-    assignment: &Assignment,
+/// What the training loop works from and reports to.
+struct TrainJob<'a> {
+    manifest: &'a Manifest,
+    assignment: &'a Assignment,
     device: usize,
-    listener: RingListener,
-    progress: &Mutex<Progress>,
-    stop: &AtomicBool,
-    coordinator_lost: &Mutex<Option<String>>,
-) -> Result<WorkerOutcome, WorkerError>
+    progress: &'a Mutex<Progress>,
+    stop: &'a AtomicBool,
+    coordinator_lost: &'a Mutex<Option<String>>,
+    /// Tells the coordinator a shard is written; true when that committed the step.
+    report: &'a dyn Fn(u64, &SavedShard) -> Result<bool, String>,
+}
+
+/// Saving this job's checkpoints.
+struct Checkpointing {
+    root: Store,
+    every: u64,
+    resume: ResumeFields,
+    tokenizer_sha256: String,
+}
+
+fn train<B: AutodiffBackend>(job: &TrainJob, listener: RingListener) -> Result<WorkerOutcome, WorkerError>
 where
     CocaModel<B>: AutodiffModule<B>,
 {
+    let TrainJob {
+        manifest,
+        assignment,
+        device,
+        progress,
+        stop,
+        coordinator_lost,
+        report,
+    } = *job;
     let setup = WorkerError::Setup;
     if manifest.cluster.collective == CollectiveKind::Nccl {
         return Err(setup(
@@ -329,6 +360,7 @@ where
     let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let mut sources = Vec::new();
     let mut sizes = Vec::new();
+    let mut indexes = Vec::new();
     for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
         let index =
             DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
@@ -337,6 +369,7 @@ where
             samples: index.rows(),
             weight: source.weight,
         });
+        indexes.push(index.clone());
         sources.push(LoaderSource {
             dataset: Dataset::with_index(store, index),
             templates: templates(&source.templates, &options)
@@ -402,6 +435,74 @@ where
         Contrastive::Full => ContrastiveMode::Full,
     };
     let mut trainer = TrainStep::<B>::new(&optimizer, weights, mode);
+    if !assignment.resume_from.is_empty() {
+        let dir = Store::open(&assignment.resume_from, &options).map_err(|e| setup(e.to_string()))?;
+        let (loaded, record, meta) = checkpoint::load(&dir, model).map_err(|e| setup(e.to_string()))?;
+        if meta.step != assignment.start_step {
+            return Err(setup(format!(
+                "{} holds step {}, the coordinator said step {}",
+                assignment.resume_from, meta.step, assignment.start_step
+            )));
+        }
+        model = loaded;
+        trainer = trainer.with_optimizer_record(record);
+        if rank == 0 {
+            eprintln!(
+                "worker: resumed from {} (step {}, saved by {} workers)",
+                assignment.resume_from, meta.step, meta.world_size
+            );
+        }
+    }
+    let checkpointing = match &manifest.checkpoint {
+        Some(checkpoint) => Some(Checkpointing {
+            root: Store::open(&checkpoint.url, &options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
+            every: checkpoint.every,
+            resume: ResumeFields::of(manifest, &indexes),
+            tokenizer_sha256: store::sha256_hex(&json),
+        }),
+        None => None,
+    };
+    let save = |step: u64, model: &CocaModel<B>, trainer: &TrainStep<B>| -> Result<(), WorkerError> {
+        let Some(checkpointing) = &checkpointing else {
+            return Ok(());
+        };
+        let failed = |message: String| WorkerError::Step {
+            step,
+            message: format!("checkpoint: {message}"),
+        };
+        let record = trainer.optimizer_record();
+        let saved = checkpoint::save_shard(&checkpointing.root, step, rank, world, model, &record)
+            .map_err(|e| failed(e.to_string()))?;
+        if rank == 0 {
+            let layout = StateLayout::of(model, &record);
+            let meta = Meta {
+                format: checkpoint_layout::FORMAT.into(),
+                version: checkpoint_layout::VERSION,
+                step,
+                world_size: world,
+                optimizer_steps: layout.optimizer_steps,
+                source_samples: counts.iter().map(|&count| step * count as u64).collect(),
+                source_epochs: counts
+                    .iter()
+                    .zip(&sizes)
+                    .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
+                    .collect(),
+                rng: RngState {
+                    seed: manifest.job.seed,
+                    scheme: "counter-based: every draw is SplitMix64 keyed by (seed, step or sample)".into(),
+                },
+                resume: checkpointing.resume.clone(),
+                tokenizer_sha256: checkpointing.tokenizer_sha256.clone(),
+                software: format!("coca {}", env!("CARGO_PKG_VERSION")),
+                section_len: layout.section_len,
+                shards: layout.shards(world),
+                tensors: layout.tensors,
+            };
+            checkpoint::write_meta(&checkpointing.root, &meta).map_err(|e| failed(e.to_string()))?;
+        }
+        report(step, &saved).map_err(failed)?;
+        Ok(())
+    };
 
     let started = Instant::now();
     let total = assignment.total_steps;
@@ -416,6 +517,10 @@ where
         if flag[0] > 0.0 {
             if let Some(message) = coordinator_lost.lock().expect("lost").clone() {
                 return Err(WorkerError::CoordinatorLost(message));
+            }
+            // Asked to stop: keep what was trained since the last save.
+            if step > assignment.start_step && checkpointing.as_ref().is_some_and(|c| step % c.every != 0) {
+                save(step, &model, &trainer)?;
             }
             return Ok(WorkerOutcome::Stopped { step });
         }
@@ -463,9 +568,17 @@ where
                 .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
                 .collect(),
         };
-        let mut shared = progress.lock().expect("progress");
-        shared.step = step;
-        shared.metrics = Some(metrics);
+        {
+            let mut shared = progress.lock().expect("progress");
+            shared.step = step;
+            shared.metrics.push(metrics);
+        }
+        if checkpointing
+            .as_ref()
+            .is_some_and(|c| step % c.every == 0 || step == total)
+        {
+            save(step, &model, &trainer)?;
+        }
     }
     Ok(WorkerOutcome::Completed { step })
 }

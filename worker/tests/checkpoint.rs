@@ -58,7 +58,11 @@ fn flat(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> Vec<f32> {
 fn save(root: &Store, step: u64, world: usize, model: &CocaModel<B>, record: &OptimizerRecord<B>) {
     let mut shards = Vec::new();
     for rank in 0..world {
-        shards.push(checkpoint::save_shard(root, step, rank, world, model, record).unwrap().record);
+        shards.push(
+            checkpoint::save_shard(root, step, rank, world, model, record)
+                .unwrap()
+                .record,
+        );
     }
     let layout = StateLayout::of(model, record);
     let meta = Meta {
@@ -124,7 +128,12 @@ fn a_state_saved_by_n_ranks_loads_exactly_on_any_world_size() {
     save(&root, 4, 1, &again, &again_record);
     let (single, single_record, _) = checkpoint::load(&root.at(&layout::step_dir(4)), fresh_model()).unwrap();
     assert_eq!(flat(&single, &single_record), expected, "1 rank -> loaded");
-    let files: Vec<String> = root.list("step-00000003").unwrap().into_iter().map(|o| o.name).collect();
+    let files: Vec<String> = root
+        .list("step-00000003")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
     assert_eq!(
         files,
         [
@@ -178,7 +187,10 @@ fn damaged_shards_are_named() {
     flipped[last] ^= 1;
     std::fs::write(&shard, &flipped).unwrap();
     let message = load();
-    assert!(message.contains("rank-00001-of-00002.safetensors: checksum mismatch"), "{message}");
+    assert!(
+        message.contains("rank-00001-of-00002.safetensors: checksum mismatch"),
+        "{message}"
+    );
 
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
     let message = load();

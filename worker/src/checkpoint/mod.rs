@@ -161,8 +161,14 @@ pub fn read_state(dir: &Store) -> Result<(Meta, Vec<f32>), CheckpointError> {
                 expected.sha256
             )));
         }
-        shard::decode_into(&bytes, (range.start, range.end), &entries, meta.section_len, &mut values)
-            .map_err(damaged)?;
+        shard::decode_into(
+            &bytes,
+            (range.start, range.end),
+            &entries,
+            meta.section_len,
+            &mut values,
+        )
+        .map_err(damaged)?;
     }
     Ok((meta, values))
 }

@@ -21,12 +21,12 @@ pub fn encode(pieces: &[Piece], start: u64, end: u64, step: u64) -> Result<Vec<u
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([
-        ("format".to_string(), "coca-checkpoint-shard".to_string()),
-        ("step".to_string(), step.to_string()),
-        ("start".to_string(), start.to_string()),
-        ("end".to_string(), end.to_string()),
-    ]);
+    // One key: safetensors writes a map's keys in hash order, and equal
+    // states should give equal bytes (and checksums).
+    let metadata = HashMap::from([(
+        "coca".to_string(),
+        format!(r#"{{"format":"coca-checkpoint-shard","step":{step},"start":{start},"end":{end}}}"#),
+    )]);
     safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
 }
 
@@ -69,10 +69,7 @@ pub fn decode_into(
         covered += len;
     }
     if covered != end - start {
-        return Err(format!(
-            "holds {covered} of the {} elements of its range",
-            end - start
-        ));
+        return Err(format!("holds {covered} of the {} elements of its range", end - start));
     }
     Ok(())
 }

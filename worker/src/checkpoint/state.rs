@@ -139,7 +139,11 @@ pub fn read_range<B: AutodiffBackend>(
                     _ => match self.record.get(&param.id) {
                         Some(record) => {
                             let momentum = record.clone().into_state::<D>().momentum;
-                            flat(if section == 1 { momentum.moment_1 } else { momentum.moment_2 })
+                            flat(if section == 1 {
+                                momentum.moment_1
+                            } else {
+                                momentum.moment_2
+                            })
                         }
                         None => vec![0.0; len as usize],
                     },
@@ -197,7 +201,10 @@ where
     impl<B: AutodiffBackend> ModuleMapper<B> for Loader<'_, B> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, tensor, mapper) = param.consume();
-            let entry = self.entries.next().expect("the index matches the model (checked before)");
+            let entry = self
+                .entries
+                .next()
+                .expect("the index matches the model (checked before)");
             let (offset, len) = (entry.offset as usize, entry.len() as usize);
             let device = tensor.device();
             let section = |s: usize| {

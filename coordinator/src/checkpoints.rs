@@ -1,0 +1,241 @@
+//! The checkpoint location as the coordinator sees it: which committed step
+//! a job resumes from (checked shard by shard, falling back past damaged
+//! ones), committing a step once every rank reported its shard, and
+//! retention. Blocking (object store calls): run off the async runtime.
+
+use proto::checkpoint::{self as layout, Committed, Meta, ResumeFields, ShardRecord};
+use store::Store;
+
+/// Where a job starts, as its command line asked.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Resume {
+    /// The newest committed step, if the location has one.
+    #[default]
+    Latest,
+    /// From step 0; refused when the location already holds a committed step.
+    Fresh,
+    /// This step directory (`<checkpoint url>/step-N`).
+    From(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{url}: {message}")]
+    Damaged { url: String, message: String },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(
+        "{url} was written with {field} = {was}; this manifest has {is}. A resume must keep {field}: \
+         put it back, or start a new job (another checkpoint.url, or --fresh on an empty one)"
+    )]
+    Changed {
+        url: String,
+        field: String,
+        was: String,
+        is: String,
+    },
+    #[error(
+        "--fresh: {url} already holds committed step {step}; resume it (drop --fresh) or use another checkpoint.url"
+    )]
+    NotFresh { url: String, step: u64 },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A committed step chosen to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chosen {
+    pub step: u64,
+    pub url: String,
+    pub meta: Meta,
+    /// Newer steps passed over, each with why.
+    pub skipped: Vec<String>,
+}
+
+/// Committed steps under `root`, newest first, and step directories
+/// without COMMITTED (a save that never finished).
+pub fn steps(root: &Store) -> Result<(Vec<u64>, Vec<u64>), CheckpointError> {
+    let mut committed = Vec::new();
+    let mut unfinished = Vec::new();
+    let objects = root.list("")?;
+    let mut seen = std::collections::BTreeSet::new();
+    for object in &objects {
+        if let Some((dir, _)) = object.name.split_once('/') {
+            if let Some(step) = layout::parse_step_dir(dir) {
+                seen.insert(step);
+            }
+        }
+    }
+    for step in seen.into_iter().rev() {
+        let marker = format!("{}/{}", layout::step_dir(step), layout::COMMITTED);
+        if objects.iter().any(|o| o.name == marker) {
+            committed.push(step);
+        } else {
+            unfinished.push(step);
+        }
+    }
+    Ok((committed, unfinished))
+}
+
+/// Reads a step's COMMITTED and meta.json and checks every shard's size
+/// and SHA-256 sum against what was committed.
+pub fn verify(dir: &Store) -> Result<Meta, CheckpointError> {
+    let damaged = |name: &str, message: String| CheckpointError::Damaged {
+        url: dir.object_url(name),
+        message,
+    };
+    let read = |name: &str| -> Result<store::Bytes, CheckpointError> {
+        dir.get(name).map_err(|e| match e {
+            store::StoreError::NotFound { .. } => damaged(name, "missing".into()),
+            other => other.into(),
+        })
+    };
+    let committed: Committed =
+        serde_json::from_slice(&read(layout::COMMITTED)?).map_err(|e| damaged(layout::COMMITTED, e.to_string()))?;
+    let meta: Meta = serde_json::from_slice(&read(layout::META)?).map_err(|e| damaged(layout::META, e.to_string()))?;
+    if meta.format != layout::FORMAT || meta.version != layout::VERSION {
+        return Err(damaged(
+            layout::META,
+            format!(
+                "format {} version {}, not {} {}",
+                meta.format,
+                meta.version,
+                layout::FORMAT,
+                layout::VERSION
+            ),
+        ));
+    }
+    for range in &meta.shards {
+        let record = committed
+            .shards
+            .iter()
+            .find(|s| s.file == range.file)
+            .ok_or_else(|| damaged(&range.file, "not among the shards COMMITTED lists".into()))?;
+        let bytes = read(&range.file)?;
+        if bytes.len() as u64 != record.bytes {
+            return Err(damaged(
+                &range.file,
+                format!("{} bytes, {} were committed (truncated?)", bytes.len(), record.bytes),
+            ));
+        }
+        let sum = store::sha256_hex(&bytes);
+        if sum != record.sha256 {
+            return Err(damaged(
+                &range.file,
+                format!("checksum mismatch: SHA-256 {sum}, {} was committed", record.sha256),
+            ));
+        }
+    }
+    Ok(meta)
+}
+
+/// The step a job starts from: `None` for step 0.
+pub fn choose(
+    root: &Store,
+    options: &store::StoreOptions,
+    resume: &Resume,
+    now: &ResumeFields,
+) -> Result<Option<Chosen>, CheckpointError> {
+    let check = |url: &str, meta: &Meta| {
+        meta.resume
+            .check(now)
+            .map_err(|(field, was, is)| CheckpointError::Changed {
+                url: url.to_string(),
+                field,
+                was,
+                is,
+            })
+    };
+    match resume {
+        Resume::Fresh => match steps(root)?.0.first() {
+            Some(&step) => Err(CheckpointError::NotFresh {
+                url: root.object_url(""),
+                step,
+            }),
+            None => Ok(None),
+        },
+        Resume::From(url) => {
+            let name = url.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            let step = layout::parse_step_dir(name).ok_or_else(|| {
+                CheckpointError::Other(format!("--from {url}: not a step directory (…/step-NNNNNNNN)"))
+            })?;
+            let dir = Store::open(url, options).map_err(CheckpointError::Store)?;
+            let meta = verify(&dir)?;
+            check(url, &meta)?;
+            Ok(Some(Chosen {
+                step,
+                url: url.trim_end_matches('/').to_string(),
+                meta,
+                skipped: Vec::new(),
+            }))
+        }
+        Resume::Latest => {
+            let (committed, unfinished) = steps(root)?;
+            let mut skipped: Vec<String> = unfinished
+                .iter()
+                .filter(|&&step| committed.first().is_none_or(|&newest| step > newest))
+                .map(|&step| format!("{}: no COMMITTED (a save that did not finish)", layout::step_dir(step)))
+                .collect();
+            for step in committed {
+                let name = layout::step_dir(step);
+                let dir = root.at(&name);
+                match verify(&dir) {
+                    Ok(meta) => {
+                        check(&dir.object_url(""), &meta)?;
+                        return Ok(Some(Chosen {
+                            step,
+                            url: dir.object_url("").trim_end_matches('/').to_string(),
+                            meta,
+                            skipped,
+                        }));
+                    }
+                    Err(CheckpointError::Damaged { url, message }) => skipped.push(format!("{url}: {message}")),
+                    Err(other) => return Err(other),
+                }
+            }
+            if skipped.is_empty() {
+                Ok(None)
+            } else {
+                Err(CheckpointError::Other(format!(
+                    "{} holds no usable checkpoint: {}; start over with --fresh on another checkpoint.url",
+                    root.object_url(""),
+                    skipped.join("; ")
+                )))
+            }
+        }
+    }
+}
+
+/// Writes COMMITTED for `step` (every shard is durable), then keeps the
+/// `keep` newest committed steps and drops unfinished saves older than
+/// this one. Returns the bytes the step holds.
+pub fn commit(root: &Store, step: u64, shards: Vec<ShardRecord>, keep: usize) -> Result<u64, CheckpointError> {
+    let bytes = shards.iter().map(|s| s.bytes).sum();
+    let committed = Committed {
+        step,
+        committed_at: crate::job::unix_now(),
+        shards,
+    };
+    let json = serde_json::to_vec_pretty(&committed).expect("COMMITTED serializes");
+    root.at(&layout::step_dir(step)).put(layout::COMMITTED, json.into())?;
+    let (committed, unfinished) = steps(root)?;
+    let drop: Vec<u64> = committed
+        .iter()
+        .skip(keep)
+        .chain(unfinished.iter().filter(|&&s| s < step))
+        .copied()
+        .collect();
+    for old in drop {
+        let name = layout::step_dir(old);
+        // COMMITTED first: a half-deleted step is never taken for whole.
+        root.at(&name).delete(layout::COMMITTED)?;
+        for object in root.list(&name)? {
+            root.delete(&object.name)?;
+        }
+        // Object stores have no directories; a file system keeps an empty one.
+        if let Some(dir) = root.at(&name).local_dir() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    Ok(bytes)
+}

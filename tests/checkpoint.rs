@@ -1,0 +1,250 @@
+//! Checkpoints end to end with `coca launch`: stop and resume equals the
+//! straight run bit for bit, other world sizes resume, changed manifests
+//! are refused, damaged steps are skipped, export writes one file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const DEMO: &str = include_str!("../deploy/local/demo.toml");
+
+/// The demo manifest on system-chosen ports, checkpointing every `every`
+/// steps, with `edits` applied to its text, in `dir`.
+fn manifest(dir: &Path, every: u64, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = DEMO
+        .replace("coordinator = \"127.0.0.1:7070\"", "coordinator = \"127.0.0.1:0\"")
+        .replace("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:0\"")
+        .replace("every = 100", &format!("every = {every}"))
+        .replace("warmup_steps = 10", "warmup_steps = 2");
+    for (from, to) in edits {
+        assert!(text.contains(from), "the demo manifest has `{from}`");
+        text = text.replace(from, to);
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn launch(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coca"))
+        .arg("launch")
+        .arg(dir.join("job.toml"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("COCA_JOB_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn ok(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(
+        output.status.success(),
+        "coca launch failed:\n{}\n{stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    stderr
+}
+
+fn failed(output: &Output) -> String {
+    assert!(!output.status.success(), "coca launch should have failed");
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// metrics.jsonl: one object per step.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("runs/demo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn committed(dir: &Path, step: u64) -> serde_json::Value {
+    let path = dir.join(format!("runs/demo/checkpoints/step-{step:08}/COMMITTED"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
+    let straight = tempfile::tempdir().unwrap();
+    let resumed = tempfile::tempdir().unwrap();
+    // A constant rate after warmup: the 20-step job is the 40-step job stopped at 20.
+    let constant = [("schedule = \"cosine\"", "schedule = \"constant\"")];
+    manifest(straight.path(), 20, &constant);
+    manifest(resumed.path(), 20, &constant);
+    ok(&launch(straight.path(), &["--steps", "40"]));
+    ok(&launch(resumed.path(), &["--steps", "20"]));
+    let stderr = ok(&launch(resumed.path(), &["--steps", "40"]));
+    assert!(stderr.contains("resuming from file://"), "{stderr}");
+    assert!(
+        stderr.contains("step-00000020 (step 20, saved by 2 workers)"),
+        "{stderr}"
+    );
+
+    let (a, b) = (metrics(straight.path()), metrics(resumed.path()));
+    let steps = |m: &[serde_json::Value]| m.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(steps(&a), (1..=40).collect::<Vec<_>>());
+    assert_eq!(steps(&b), (1..=40).collect::<Vec<_>>());
+    for (x, y) in a[20..].iter().zip(&b[20..]) {
+        for key in ["loss", "contrastive", "captioning", "learning_rate", "logit_scale"] {
+            assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
+        }
+    }
+    // Parameters and AdamW moments of step 40: the same bytes.
+    assert_eq!(
+        committed(straight.path(), 40)["shards"],
+        committed(resumed.path(), 40)["shards"]
+    );
+}
+
+#[test]
+fn a_checkpoint_resumes_on_other_world_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    // 24 divides among 1, 2, 3 and 4 workers.
+    manifest(dir.path(), 6, &[("global_batch = 32", "global_batch = 24")]);
+    ok(&launch(dir.path(), &["--steps", "6", "--workers", "1"]));
+    for (workers, steps, saved_by) in [("4", "12", 1), ("2", "18", 4), ("3", "24", 2)] {
+        let stderr = ok(&launch(dir.path(), &["--steps", steps, "--workers", workers]));
+        assert!(stderr.contains(&format!("saved by {saved_by} workers")), "{stderr}");
+    }
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/demo/checkpoints/step-00000024/meta.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["world_size"], 3);
+    assert_eq!(meta["optimizer_steps"], 24);
+    assert_eq!(meta["source_samples"], serde_json::json!([288, 288]));
+    let steps: Vec<u64> = metrics(dir.path())
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    // The global batch is part of the data plan: a change is refused by name.
+    manifest(dir.path(), 6, &[("global_batch = 32", "global_batch = 16")]);
+    let stderr = failed(&launch(dir.path(), &["--steps", "30"]));
+    assert!(
+        stderr.contains("was written with train.global_batch = 24; this manifest has 16"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn changed_fields_are_refused_and_fresh_needs_an_empty_location() {
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 5, &[]);
+    ok(&launch(dir.path(), &["--steps", "5"]));
+    for (edit, field) in [
+        (("seed = 0", "seed = 1"), "job.seed = 0; this manifest has 1"),
+        (
+            ("weight = 0.5\n\n[[data", "weight = 0.25\n\n[[data"),
+            "data.source[0] = ",
+        ),
+        (
+            ("preset = \"tiny\"", "preset = \"tiny\"\nmultimodal_layers = 3"),
+            "model.multimodal_layers = 2; this manifest has 3",
+        ),
+    ] {
+        manifest(dir.path(), 5, &[edit]);
+        let stderr = failed(&launch(dir.path(), &["--steps", "10"]));
+        assert!(stderr.contains(field), "{field}: {stderr}");
+        assert!(stderr.contains("A resume must keep"), "{stderr}");
+    }
+    // What may change does: the schedule's end, the cadence, the length.
+    manifest(
+        dir.path(),
+        3,
+        &[("end_learning_rate = 1e-4", "end_learning_rate = 1e-5")],
+    );
+    let stderr = failed(&launch(dir.path(), &["--steps", "10", "--fresh"]));
+    assert!(stderr.contains("already holds committed step 5"), "{stderr}");
+    ok(&launch(dir.path(), &["--steps", "10"]));
+    let stderr = failed(&launch(dir.path(), &["--steps", "10"]));
+    assert!(
+        stderr.contains("is step 10, and the job has 10 steps: raise job.steps"),
+        "{stderr}"
+    );
+    // --from picks an older step.
+    let from = dir.path().join("runs/demo/checkpoints/step-00000009");
+    let stderr = ok(&launch(
+        dir.path(),
+        &["--steps", "12", "--from", from.to_str().unwrap()],
+    ));
+    assert!(
+        stderr.contains("step-00000009 (step 9, saved by 2 workers)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn damaged_and_unfinished_steps_are_skipped_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 5, &[("keep = 2", "keep = 3")]);
+    ok(&launch(dir.path(), &["--steps", "15"]));
+    let checkpoints = dir.path().join("runs/demo/checkpoints");
+    // A save that never finished (a worker killed mid-save): no COMMITTED.
+    std::fs::create_dir_all(checkpoints.join("step-00000020")).unwrap();
+    std::fs::write(
+        checkpoints.join("step-00000020/rank-00000-of-00002.safetensors"),
+        b"partial",
+    )
+    .unwrap();
+    // A truncated shard, and a flipped byte.
+    let shard = checkpoints.join("step-00000015/rank-00001-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+    let shard = checkpoints.join("step-00000010/rank-00000-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&shard, &bytes).unwrap();
+
+    let stderr = ok(&launch(dir.path(), &["--steps", "20"]));
+    assert!(
+        stderr.contains("skipping step-00000020: no COMMITTED (a save that did not finish)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("step-00000015/rank-00001-of-00002.safetensors: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("were committed (truncated?)"), "{stderr}");
+    assert!(
+        stderr.contains("step-00000010/rank-00000-of-00002.safetensors: checksum mismatch"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("step-00000005 (step 5, saved by 2 workers)"),
+        "{stderr}"
+    );
+    // The job saved over the damaged steps; the newest is whole again.
+    assert!(committed(dir.path(), 20)["shards"].as_array().unwrap().len() == 2);
+}
+
+#[test]
+fn export_writes_one_safetensors_file_of_the_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 5, &[]);
+    ok(&launch(dir.path(), &["--steps", "5", "--workers", "2"]));
+    let out = dir.path().join("model.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(["export", "--checkpoint", "runs/demo/checkpoints", "--out"])
+        .arg(&out)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    // The safetensors header, read by hand as any reader would.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let meta = &header["__metadata__"];
+    assert_eq!(meta["step"], "5");
+    let config: serde_json::Value = serde_json::from_str(meta["model"].as_str().unwrap()).unwrap();
+    assert_eq!(config["vision_layers"], 2);
+    let q = &header["image_encoder.blocks.1.attn.q.weight"];
+    assert_eq!(q["dtype"], "F32", "{header}");
+    assert_eq!(q["shape"], serde_json::json!([32, 32]));
+    assert!(header.get("adamw.m1.logit_scale").is_none(), "no optimizer state");
+    let tensors = header.as_object().unwrap().len() - 1;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(&format!("{tensors} tensors")), "{stdout}");
+}
