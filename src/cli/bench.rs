@@ -86,6 +86,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Checkpoint save throughput with N ranks saving at once (their
+    /// shards of parameters and AdamW moments) and load throughput, to a
+    /// local directory, beside plain file writes of the same sizes.
+    Checkpoint {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Ranks saving at once (threads of this process).
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// Where to write (default: a temporary directory under the system's).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Training samples per second (decode, random resized crop,
     /// normalise, tokenize) from a dataset's shards, and per loader thread.
     Data {
@@ -129,6 +142,42 @@ fn ms(duration: Duration) -> f64 {
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            BenchCommand::Checkpoint { model, world, dir } => {
+                ensure!(world >= 1, "--world must be at least 1");
+                let config = model.resolve()?;
+                let scratch = match &dir {
+                    Some(dir) => tempfile::tempdir_in(dir)?,
+                    None => tempfile::tempdir()?,
+                };
+                let report = worker::bench::bench_checkpoint::<CpuTrain>(&config, world, scratch.path())?;
+                let gb = |bytes: u64, seconds: f64| bytes as f64 / seconds.max(1e-9) / 1e9;
+                let total = report.total_bytes;
+                println!(
+                    "checkpoint: {:.2} GB of parameters and AdamW moments, {world} ranks, in {}",
+                    total as f64 / 1e9,
+                    scratch.path().display()
+                );
+                for (rank, (bytes, seconds)) in report.saves.iter().enumerate() {
+                    println!("  rank {rank}: saved {:.3} GB in {seconds:.2} s = {:.2} GB/s", *bytes as f64 / 1e9, gb(*bytes, *seconds));
+                }
+                println!(
+                    "save: {:.2} s for all ranks, {:.2} GB/s per rank",
+                    report.save_seconds,
+                    gb(total / world as u64, report.save_seconds)
+                );
+                println!(
+                    "load (one rank reads every shard, checks SHA-256): {:.2} s = {:.2} GB/s",
+                    report.load_seconds,
+                    gb(total, report.load_seconds)
+                );
+                println!(
+                    "ceiling (plain writes of the same sizes, {world} at once): {:.2} s = {:.2} GB/s per rank; save reaches {:.0}% of it",
+                    report.baseline_seconds,
+                    gb(total / world as u64, report.baseline_seconds),
+                    100.0 * report.baseline_seconds / report.save_seconds
+                );
+                Ok(())
+            }
             BenchCommand::Coordinator {
                 workers,
                 heartbeat_ms,

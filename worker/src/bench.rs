@@ -226,3 +226,132 @@ pub fn bench_data(
         threads,
     })
 }
+
+/// Checkpoint save and load throughput against a local directory.
+#[derive(Debug, Clone)]
+pub struct CheckpointBenchmark {
+    pub total_bytes: u64,
+    /// Per rank: bytes written and seconds, all ranks saving at once.
+    pub saves: Vec<(u64, f64)>,
+    pub save_seconds: f64,
+    /// One rank reading every shard back (what each rank does on resume).
+    pub load_seconds: f64,
+    /// The same bytes per rank written as plain files at once: the ceiling.
+    pub baseline_seconds: f64,
+}
+
+/// Saves a model's full training state (AdamW moments filled in) as
+/// `world` ranks at once into `dir`, loads it back, and writes the same
+/// byte counts as plain files for comparison.
+pub fn bench_checkpoint<B: AutodiffBackend>(
+    config: &ModelConfig,
+    world: usize,
+    dir: &std::path::Path,
+) -> Result<CheckpointBenchmark, crate::checkpoint::CheckpointError>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    use crate::checkpoint::{self, state, StateLayout};
+    let device = Default::default();
+    let model = CocaModel::<B>::new(config, 0, &device);
+    // Moments the size of the parameters, as after the first step.
+    let (mut tensors, section_len) = state::tensor_index(&model, &state::OptimizerRecord::new());
+    for tensor in &mut tensors {
+        tensor.optimizer_state = true;
+    }
+    let params = parameter_values(&model);
+    let values: Vec<f32> = params
+        .iter()
+        .chain(params.iter())
+        .chain(params.iter())
+        .copied()
+        .collect();
+    let (model, record) = state::apply(model, &tensors, section_len, &values, 1);
+    drop(values);
+    let root = store::Store::open(&dir.display().to_string(), &store::StoreOptions::default())?;
+
+    let started = Instant::now();
+    let saves = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (root, model, record) = (&root, &model, &record);
+                scope.spawn(move || checkpoint::save_shard(root, 1, rank, world, model, record))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a save thread does not panic"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let save_seconds = started.elapsed().as_secs_f64();
+    let layout = StateLayout::of(&model, &record);
+    let meta = proto::checkpoint::Meta {
+        format: proto::checkpoint::FORMAT.into(),
+        version: proto::checkpoint::VERSION,
+        step: 1,
+        world_size: world,
+        optimizer_steps: 1,
+        source_samples: Vec::new(),
+        source_epochs: Vec::new(),
+        rng: proto::checkpoint::RngState {
+            seed: 0,
+            scheme: "bench".into(),
+        },
+        resume: proto::checkpoint::ResumeFields {
+            model: String::new(),
+            sources: Vec::new(),
+            datasets: Vec::new(),
+            seed: 0,
+            global_batch: 0,
+        },
+        tokenizer_sha256: String::new(),
+        software: "bench".into(),
+        section_len: layout.section_len,
+        shards: layout.shards(world),
+        tensors: layout.tensors,
+    };
+    checkpoint::write_meta(&root, &meta)?;
+    let committed = proto::checkpoint::Committed {
+        step: 1,
+        committed_at: 0.0,
+        shards: saves.iter().map(|s| s.record.clone()).collect(),
+    };
+    let step = root.at(&proto::checkpoint::step_dir(1));
+    step.put(
+        proto::checkpoint::COMMITTED,
+        serde_json::to_vec(&committed).expect("serializes").into(),
+    )?;
+    drop((model, record));
+
+    let started = Instant::now();
+    let (_, state) = checkpoint::read_state(&step)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    drop(state);
+
+    let sizes: Vec<u64> = saves.iter().map(|s| s.record.bytes).collect();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for (rank, &size) in sizes.iter().enumerate() {
+            let path = dir.join(format!("baseline-{rank}"));
+            scope.spawn(move || {
+                use std::io::Write;
+                let block = vec![1u8; 8 << 20];
+                let mut file = std::fs::File::create(&path).expect("a baseline file");
+                let mut left = size as usize;
+                while left > 0 {
+                    let n = left.min(block.len());
+                    file.write_all(&block[..n]).expect("baseline write");
+                    left -= n;
+                }
+            });
+        }
+    });
+    let baseline_seconds = started.elapsed().as_secs_f64();
+    Ok(CheckpointBenchmark {
+        total_bytes: sizes.iter().sum(),
+        saves: saves.iter().map(|s| (s.record.bytes, s.seconds)).collect(),
+        save_seconds,
+        load_seconds,
+        baseline_seconds,
+    })
+}
