@@ -248,3 +248,72 @@ fn export_writes_one_safetensors_file_of_the_parameters() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(&format!("{tensors} tensors")), "{stdout}");
 }
+
+/// Children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            // pid (comm) state ppid ...
+            let parent: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (parent == pid).then_some(child)
+        })
+        .collect()
+}
+
+fn committed_steps(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir.join("runs/demo/checkpoints"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    e.path().join("COMMITTED").exists().then_some(())?;
+                    e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+#[test]
+fn a_worker_killed_while_saving_every_step_leaves_a_resumable_job() {
+    let dir = tempfile::tempdir().unwrap();
+    manifest(
+        dir.path(),
+        1,
+        &[("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 2000")],
+    );
+    let mut job = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .arg("launch")
+        .arg(dir.path().join("job.toml"))
+        .args(["--steps", "100000"])
+        .current_dir(dir.path())
+        .env_remove("COCA_JOB_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while committed_steps(dir.path()).len() < 2 || children(job.id()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoints committed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let workers = children(job.id());
+    Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .unwrap();
+    let exit = job.wait().unwrap();
+    assert!(!exit.success(), "a job that lost a worker fails");
+
+    let newest = *committed_steps(dir.path()).last().unwrap();
+    let stderr = ok(&launch(dir.path(), &["--steps", &(newest + 2).to_string()]));
+    assert!(
+        stderr.contains(&format!("step-{newest:08} (step {newest}, saved by 2 workers)")),
+        "{stderr}"
+    );
+}

@@ -315,6 +315,34 @@ fn ctrl_c_stops_the_job_cleanly() {
     assert_eq!(exit.code(), Some(130), "stopped jobs exit 130");
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
     assert!(journal.contains("\"state\":\"stopped\""), "{journal}");
+    // The step it stopped at was saved and committed before the exit...
+    let events: Vec<serde_json::Value> = journal.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stopped = events
+        .iter()
+        .rev()
+        .find(|e| e["state"] == "stopped")
+        .and_then(|e| {
+            e["reason"]
+                .as_str()?
+                .strip_prefix("stopped at step ")?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("the stop step in the journal");
+    let saved = events.iter().rev().find(|e| e["event"] == "checkpoint").unwrap()["step"].as_u64();
+    assert_eq!(saved, Some(stopped), "{journal}");
+    // ... and the job goes on from it.
+    let resumed = coca()
+        .args(["launch", job.to_str().unwrap(), "--steps", &(stopped + 2).to_string()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(step {stopped}, saved by 2 workers)")),
+        "{stderr}"
+    );
 }
 
 /// The page's DOM after headless Chromium ran its script for a few seconds.

@@ -158,7 +158,11 @@ impl BenchCommand {
                     scratch.path().display()
                 );
                 for (rank, (bytes, seconds)) in report.saves.iter().enumerate() {
-                    println!("  rank {rank}: saved {:.3} GB in {seconds:.2} s = {:.2} GB/s", *bytes as f64 / 1e9, gb(*bytes, *seconds));
+                    println!(
+                        "  rank {rank}: saved {:.3} GB in {seconds:.2} s = {:.2} GB/s",
+                        *bytes as f64 / 1e9,
+                        gb(*bytes, *seconds)
+                    );
                 }
                 println!(
                     "save: {:.2} s for all ranks, {:.2} GB/s per rank",

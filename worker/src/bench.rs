@@ -266,6 +266,7 @@ where
         .chain(params.iter())
         .copied()
         .collect();
+    drop(params);
     let (model, record) = state::apply(model, &tensors, section_len, &values, 1);
     drop(values);
     let root = store::Store::open(&dir.display().to_string(), &store::StoreOptions::default())?;

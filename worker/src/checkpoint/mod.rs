@@ -88,6 +88,8 @@ pub fn save_shard<B: AutodiffBackend>(
         url: dir.object_url(&file),
         message,
     })?;
+    // The pieces are in the encoded file now; free them before writing.
+    drop(pieces);
     let record = ShardRecord {
         file: file.clone(),
         bytes: bytes.len() as u64,
