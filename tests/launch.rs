@@ -331,9 +331,9 @@ fn ctrl_c_stops_the_job_cleanly() {
         .expect("the stop step in the journal");
     let saved = events.iter().rev().find(|e| e["event"] == "checkpoint").unwrap()["step"].as_u64();
     assert_eq!(saved, Some(stopped), "{journal}");
-    // ... and the job goes on from it.
+    // ... and the job goes on from it (past the 10 warmup steps the manifest needs).
     let resumed = coca()
-        .args(["launch", job.to_str().unwrap(), "--steps", &(stopped + 2).to_string()])
+        .args(["launch", job.to_str().unwrap(), "--steps", &(stopped + 12).to_string()])
         .current_dir(dir.path())
         .output()
         .unwrap();

@@ -232,10 +232,6 @@ pub fn commit(root: &Store, step: u64, shards: Vec<ShardRecord>, keep: usize) ->
         for object in root.list(&name)? {
             root.delete(&object.name)?;
         }
-        // Object stores have no directories; a file system keeps an empty one.
-        if let Some(dir) = root.at(&name).local_dir() {
-            let _ = std::fs::remove_dir(dir);
-        }
     }
     Ok(bytes)
 }

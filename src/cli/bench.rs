@@ -175,7 +175,7 @@ impl BenchCommand {
                     gb(total, report.load_seconds)
                 );
                 println!(
-                    "ceiling (plain writes of the same sizes, {world} at once): {:.2} s = {:.2} GB/s per rank; save reaches {:.0}% of it",
+                    "ceiling (plain writes of the same sizes, {world} at once, synced): {:.2} s = {:.2} GB/s per rank; save reaches {:.0}% of it",
                     report.baseline_seconds,
                     gb(total / world as u64, report.baseline_seconds),
                     100.0 * report.baseline_seconds / report.save_seconds

@@ -88,7 +88,10 @@ impl Store {
             .build()
             .map_err(|error| open_error(format!("cannot start the I/O runtime: {error}")))?;
         let inner: Arc<dyn ObjectStore> = match location.scheme {
-            Scheme::File => Arc::new(LocalFileSystem::new()),
+            // Durable on return, as remote stores are: a checkpoint shard
+            // reported written survives a power cut. Deleting the last file
+            // of a directory removes the directory.
+            Scheme::File => Arc::new(LocalFileSystem::new().with_fsync(true).with_automatic_cleanup(true)),
             Scheme::Memory => Arc::new(InMemory::new()),
             Scheme::S3 => {
                 install_tls_provider();
@@ -218,7 +221,9 @@ impl Store {
     /// old object or the whole new one.
     pub fn put(&self, name: &str, bytes: Bytes) -> Result<(), StoreError> {
         let path = self.path(name);
-        if bytes.len() <= MULTIPART_THRESHOLD {
+        // A local file is written whole (to a temporary name, then renamed);
+        // parts only help remote stores.
+        if bytes.len() <= MULTIPART_THRESHOLD || self.location.scheme == Scheme::File {
             return self.run(name, || async {
                 self.inner
                     .put(&path, PutPayload::from_bytes(bytes.clone()))

@@ -236,7 +236,8 @@ pub struct CheckpointBenchmark {
     pub save_seconds: f64,
     /// One rank reading every shard back (what each rank does on resume).
     pub load_seconds: f64,
-    /// The same bytes per rank written as plain files at once: the ceiling.
+    /// The same bytes per rank written as plain files at once and synced
+    /// (what `dd conv=fsync` measures): the ceiling.
     pub baseline_seconds: f64,
 }
 
@@ -254,22 +255,57 @@ where
     use crate::checkpoint::{self, state, StateLayout};
     let device = Default::default();
     let model = CocaModel::<B>::new(config, 0, &device);
-    // Moments the size of the parameters, as after the first step.
     let (mut tensors, section_len) = state::tensor_index(&model, &state::OptimizerRecord::new());
     for tensor in &mut tensors {
         tensor.optimizer_state = true;
     }
     let params = parameter_values(&model);
+    // Distinct bytes in each section, as real moments are (a virtual disk
+    // may shortcut repeated blocks).
     let values: Vec<f32> = params
         .iter()
-        .chain(params.iter())
-        .chain(params.iter())
         .copied()
+        .chain(params.iter().map(|p| 0.1 * p))
+        .chain(params.iter().map(|p| p * p))
         .collect();
     drop(params);
     let (model, record) = state::apply(model, &tensors, section_len, &values, 1);
     drop(values);
     let root = store::Store::open(&dir.display().to_string(), &store::StoreOptions::default())?;
+
+    // The ceiling first, with the same memory in use as the save has.
+    let layout = StateLayout::of(&model, &record);
+    let sizes: Vec<u64> = layout.shards(world).iter().map(|s| 4 * (s.end - s.start)).collect();
+    // Incompressible bytes: virtual disks may shortcut repeated blocks.
+    let buffers: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(rank, &size)| {
+            let mut random = crate::rng::SplitMix64::new(rank as u64);
+            (0..size.div_ceil(8))
+                .flat_map(|_| random.next_u64().to_le_bytes())
+                .take(size as usize)
+                .collect()
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for (rank, data) in buffers.iter().enumerate() {
+            let path = dir.join(format!("baseline-{rank}"));
+            scope.spawn(move || {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&path).expect("a baseline file");
+                file.write_all(data).expect("baseline write");
+                // As the store does: durable before it counts as written.
+                file.sync_all().expect("baseline sync");
+            });
+        }
+    });
+    let baseline_seconds = started.elapsed().as_secs_f64();
+    drop(buffers);
+    for rank in 0..world {
+        let _ = std::fs::remove_file(dir.join(format!("baseline-{rank}")));
+    }
 
     let started = Instant::now();
     let saves = std::thread::scope(|scope| {
@@ -329,27 +365,8 @@ where
     let load_seconds = started.elapsed().as_secs_f64();
     drop(state);
 
-    let sizes: Vec<u64> = saves.iter().map(|s| s.record.bytes).collect();
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for (rank, &size) in sizes.iter().enumerate() {
-            let path = dir.join(format!("baseline-{rank}"));
-            scope.spawn(move || {
-                use std::io::Write;
-                let block = vec![1u8; 8 << 20];
-                let mut file = std::fs::File::create(&path).expect("a baseline file");
-                let mut left = size as usize;
-                while left > 0 {
-                    let n = left.min(block.len());
-                    file.write_all(&block[..n]).expect("baseline write");
-                    left -= n;
-                }
-            });
-        }
-    });
-    let baseline_seconds = started.elapsed().as_secs_f64();
     Ok(CheckpointBenchmark {
-        total_bytes: sizes.iter().sum(),
+        total_bytes: saves.iter().map(|s| s.record.bytes).sum(),
         saves: saves.iter().map(|s| (s.record.bytes, s.seconds)).collect(),
         save_seconds,
         load_seconds,

@@ -49,9 +49,6 @@ fn step_once(model: CocaModel<B>, trainer: &mut TrainStep<B>, step: u64) -> Coca
 fn flat(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> Vec<f32> {
     let layout = StateLayout::of(model, record);
     read_range(model, record, layout.section_len, 0, layout.total())
-        .into_iter()
-        .flat_map(|piece| piece.values)
-        .collect()
 }
 
 /// Saves step `step` as `world` ranks would, and commits it as the coordinator would.

@@ -80,24 +80,27 @@ pub fn save_shard<B: AutodiffBackend>(
 ) -> Result<SavedShard, CheckpointError> {
     let started = Instant::now();
     let layout = StateLayout::of(model, record);
-    let (start, end) = layout::shard_range(layout.total(), rank, world);
-    let pieces = state::read_range(model, record, layout.section_len, start, end);
+    let range = layout::shard_range(layout.total(), rank, world);
+    let bytes = shard::encode(&layout.tensors, layout.section_len, range, step, |data| {
+        state::fill_range(model, record, layout.section_len, range, data)
+    });
+    let bytes = store::Bytes::from(bytes);
+    // Hash while the file is written: the commit needs both.
+    let hashing = {
+        let bytes = bytes.clone();
+        std::thread::spawn(move || store::sha256_hex(&bytes))
+    };
     let dir = root.at(&layout::step_dir(step));
     let file = layout::shard_file(rank, world);
-    let bytes = shard::encode(&pieces, start, end, step).map_err(|message| CheckpointError::Damaged {
-        url: dir.object_url(&file),
-        message,
-    })?;
-    // The pieces are in the encoded file now; free them before writing.
-    drop(pieces);
-    let record = ShardRecord {
-        file: file.clone(),
-        bytes: bytes.len() as u64,
-        sha256: store::sha256_hex(&bytes),
-    };
-    dir.put(&file, bytes.into())?;
+    let written = dir.put(&file, bytes.clone());
+    let sha256 = hashing.join().expect("hashing does not panic");
+    written?;
     Ok(SavedShard {
-        record,
+        record: ShardRecord {
+            file,
+            bytes: bytes.len() as u64,
+            sha256,
+        },
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -5,29 +5,56 @@
 use std::collections::HashMap;
 
 use proto::checkpoint::{TensorEntry, SECTIONS};
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use super::state::Piece;
+/// The pieces of tensors a range of the flattened state holds, in
+/// flattened order: (`<section>.<path>`, first element, end element).
+pub fn pieces(entries: &[TensorEntry], section_len: u64, (start, end): (u64, u64)) -> Vec<(String, u64, u64)> {
+    let mut pieces = Vec::new();
+    for (section, prefix) in SECTIONS.iter().enumerate() {
+        for entry in entries {
+            let begin = section as u64 * section_len + entry.offset;
+            let (lo, hi) = (begin.max(start), (begin + entry.len()).min(end));
+            if lo < hi {
+                pieces.push((format!("{prefix}.{}", entry.path), lo, hi));
+            }
+        }
+    }
+    pieces
+}
 
-pub fn encode(pieces: &[Piece], start: u64, end: u64, step: u64) -> Result<Vec<u8>, String> {
-    let bytes: Vec<&[u8]> = pieces.iter().map(|p| bytemuck::cast_slice(&p.values)).collect();
-    let views = pieces
-        .iter()
-        .zip(&bytes)
-        .map(|(piece, data)| {
-            TensorView::new(Dtype::F32, vec![piece.values.len()], data)
-                .map(|view| (piece.name.clone(), view))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // One key: safetensors writes a map's keys in hash order, and equal
-    // states should give equal bytes (and checksums).
-    let metadata = HashMap::from([(
-        "coca".to_string(),
-        format!(r#"{{"format":"coca-checkpoint-shard","step":{step},"start":{start},"end":{end}}}"#),
-    )]);
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+/// A shard file of the range `[start, end)`: the safetensors header for its
+/// pieces, then the range's values, written in place by `fill` (4 bytes
+/// per element, little-endian), so the data is copied once.
+pub fn encode(
+    entries: &[TensorEntry],
+    section_len: u64,
+    (start, end): (u64, u64),
+    step: u64,
+    fill: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let about = format!(r#"{{"format":"coca-checkpoint-shard","step":{step},"start":{start},"end":{end}}}"#);
+    let quote = |text: &str| serde_json::to_string(text).expect("a string serializes");
+    let mut header = format!(r#"{{"__metadata__":{{"coca":{}}}"#, quote(&about));
+    for (name, lo, hi) in pieces(entries, section_len, (start, end)) {
+        let (from, to) = (4 * (lo - start), 4 * (hi - start));
+        header.push_str(&format!(
+            r#",{}:{{"dtype":"F32","shape":[{}],"data_offsets":[{from},{to}]}}"#,
+            quote(&name),
+            hi - lo
+        ));
+    }
+    header.push('}');
+    // safetensors pads its header to 8 bytes so the data stays aligned.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let data = 4 * (end - start) as usize;
+    let mut file = vec![0u8; 8 + header.len() + data];
+    file[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+    file[8..8 + header.len()].copy_from_slice(header.as_bytes());
+    fill(&mut file[8 + header.len()..]);
+    file
 }
 
 /// Writes a shard's pieces into `values` (the whole flattened state),

@@ -20,16 +20,6 @@ pub type OptimizerRecord<B> = HashMap<ParamId, AdaptorRecord<AdamW, B>>;
 /// The optimizer a trainer steps with.
 pub type Optimizer<B> = OptimizerAdaptor<AdamW, CocaModel<B>, B>;
 
-/// A contiguous run of one tensor's elements in one section.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Piece {
-    /// `<section>.<module path>`.
-    pub name: String,
-    /// Where in the flattened state the piece starts.
-    pub start: u64,
-    pub values: Vec<f32>,
-}
-
 /// Module path of the parameter being visited: the stack of module names.
 #[derive(Default)]
 struct PathStack(Vec<String>);
@@ -101,82 +91,82 @@ pub fn optimizer_steps<B: AutodiffBackend>(model: &CocaModel<B>, record: &Optimi
     steps.steps.unwrap_or(0)
 }
 
-/// Elements `[start, end)` of the flattened state, as pieces of tensors.
+/// Writes elements `[start, end)` of the flattened state into `out`
+/// (little-endian f32, `out.len() == 4 * (end - start)`), each tensor's
+/// values copied once, straight from the backend's data.
+pub fn fill_range<B: AutodiffBackend>(
+    model: &CocaModel<B>,
+    record: &OptimizerRecord<B>,
+    section_len: u64,
+    (start, end): (u64, u64),
+    out: &mut [u8],
+) {
+    struct Filler<'a, B: AutodiffBackend> {
+        record: &'a OptimizerRecord<B>,
+        section_len: u64,
+        range: (u64, u64),
+        offset: u64,
+        out: &'a mut [u8],
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Filler<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let len = param.val().shape().num_elements() as u64;
+            let offset = self.offset;
+            self.offset += len;
+            for section in 0..SECTIONS.len() {
+                let begin = section as u64 * self.section_len + offset;
+                let (lo, hi) = (begin.max(self.range.0), (begin + len).min(self.range.1));
+                if lo >= hi {
+                    continue;
+                }
+                let target = &mut self.out[4 * (lo - self.range.0) as usize..4 * (hi - self.range.0) as usize];
+                let tensor = match section {
+                    0 => Some(param.val().inner()),
+                    _ => self.record.get(&param.id).map(|record| {
+                        let momentum = record.clone().into_state::<D>().momentum;
+                        if section == 1 {
+                            momentum.moment_1
+                        } else {
+                            momentum.moment_2
+                        }
+                    }),
+                };
+                match tensor {
+                    Some(tensor) => {
+                        let data = tensor.into_data().convert::<f32>();
+                        let values = data.as_slice::<f32>().expect("f32 data after convert");
+                        let piece = &values[(lo - begin) as usize..(hi - begin) as usize];
+                        target.copy_from_slice(bytemuck::cast_slice(piece));
+                    }
+                    None => target.fill(0),
+                }
+            }
+        }
+    }
+    assert_eq!(out.len() as u64, 4 * (end - start), "the buffer holds the range");
+    model.visit(&mut Filler {
+        record,
+        section_len,
+        range: (start, end),
+        offset: 0,
+        out,
+    });
+}
+
+/// Elements `[start, end)` of the flattened state.
 pub fn read_range<B: AutodiffBackend>(
     model: &CocaModel<B>,
     record: &OptimizerRecord<B>,
     section_len: u64,
     start: u64,
     end: u64,
-) -> Vec<Piece> {
-    struct Reader<'a, B: AutodiffBackend> {
-        stack: PathStack,
-        record: &'a OptimizerRecord<B>,
-        section_len: u64,
-        range: (u64, u64),
-        offset: u64,
-        pieces: Vec<(usize, Piece)>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Reader<'_, B> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let len = param.val().shape().num_elements() as u64;
-            let offset = self.offset;
-            self.offset += len;
-            for (section, name) in SECTIONS.iter().enumerate() {
-                let begin = section as u64 * self.section_len + offset;
-                let (lo, hi) = (begin.max(self.range.0), (begin + len).min(self.range.1));
-                if lo >= hi {
-                    continue;
-                }
-                let values: Vec<f32> = match section {
-                    0 => flat(param.val().inner()),
-                    _ => match self.record.get(&param.id) {
-                        Some(record) => {
-                            let momentum = record.clone().into_state::<D>().momentum;
-                            flat(if section == 1 {
-                                momentum.moment_1
-                            } else {
-                                momentum.moment_2
-                            })
-                        }
-                        None => vec![0.0; len as usize],
-                    },
-                };
-                let piece = Piece {
-                    name: format!("{name}.{}", self.stack.path()),
-                    start: lo,
-                    values: values[(lo - begin) as usize..(hi - begin) as usize].to_vec(),
-                };
-                self.pieces.push((section, piece));
-            }
-        }
-    }
-    let mut reader = Reader {
-        stack: PathStack::default(),
-        record,
-        section_len,
-        range: (start, end),
-        offset: 0,
-        pieces: Vec::new(),
-    };
-    model.visit(&mut reader);
-    // In flattened order: sections first, then tensors.
-    reader.pieces.sort_by_key(|(section, piece)| (*section, piece.start));
-    reader.pieces.into_iter().map(|(_, piece)| piece).collect()
-}
-
-fn flat<B: burn::tensor::backend::Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
-    tensor
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 data after convert")
+) -> Vec<f32> {
+    let mut bytes = vec![0u8; 4 * (end - start) as usize];
+    fill_range(model, record, section_len, (start, end), &mut bytes);
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
 }
 
 /// The model with the parameters of a full flattened state, and AdamW's
