@@ -7,6 +7,7 @@ pub mod collective;
 pub mod data;
 pub mod discovery;
 pub mod eval;
+pub mod generate;
 pub mod job;
 pub mod model;
 pub mod rng;

@@ -42,14 +42,32 @@ impl<B: Backend> Attention<B> {
     /// added to the scores, broadcast to [batch, 1, len_q, len_k] (see
     /// `causal_bias`). Returns [batch, len_q, width].
     pub fn forward(&self, queries: Tensor<B, 3>, context: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-        let [batch, _, _] = context.dims();
+        let (k, v) = self.keys_values(context);
+        self.attend(queries, k, v, bias)
+    }
+
+    /// Keys and values of a context [batch, len, context_width], split into
+    /// heads: [batch, heads, len, width / heads] each. Decoding caches these.
+    pub fn keys_values(&self, context: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            split_heads(self.k.forward(context.clone()), self.heads),
+            split_heads(self.v.forward(context), self.heads),
+        )
+    }
+
+    /// `queries` attending to keys and values from `keys_values`.
+    pub fn attend(
+        &self,
+        queries: Tensor<B, 3>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let [batch, _, _, _] = k.dims();
         let [_, len_q, width] = queries.dims();
-        let heads = |x: Tensor<B, 3>| split_heads(x, self.heads);
         // Shared queries are projected once, then broadcast over the batch
         // as a view (after the head split, so no copy is ever made of it).
-        let q = heads(self.q.forward(queries)).expand([batch, self.heads, len_q, width / self.heads]);
-        let k = heads(self.k.forward(context.clone()));
-        let v = heads(self.v.forward(context));
+        let q = split_heads(self.q.forward(queries), self.heads).expand([batch, self.heads, len_q, width / self.heads]);
         let context = attention(q, k, v, None, bias, AttentionModuleOptions::default());
         self.out.forward(merge_heads(context, width))
     }
@@ -75,6 +93,22 @@ pub fn causal_bias<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
         .map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 })
         .collect();
     Tensor::from_data(TensorData::new(values, [1, 1, len, len]), device)
+}
+
+/// The causal bias of `len` new queries after `past` cached keys:
+/// [1, 1, len, past + len], query t sees keys up to past + t.
+pub fn causal_bias_after<B: Backend>(past: usize, len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let keys = past + len;
+    let values: Vec<f32> = (0..len * keys)
+        .map(|i| {
+            if i % keys > past + i / keys {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, len, keys]), device)
 }
 
 /// `causal_bias` with keys at padding ([batch, len], true at padding) also

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod decoding;
 pub mod dense;
 pub mod init;
 pub mod loss;
@@ -177,6 +178,24 @@ impl<B: Backend> CocaModel<B> {
             text_embedding,
             caption_logits,
         }
+    }
+
+    /// L2-normalised image embeddings (the contrastive head): [batch, embed_dim].
+    pub fn embed_images(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        let heads = Heads {
+            contrastive: true,
+            captioning: false,
+        };
+        let (token, _) = self.pool(self.image_encoder.forward(images), heads);
+        let token = token.expect("the contrastive head was asked for");
+        let [batch, _, width] = token.dims();
+        l2_normalize(self.image_projection.forward(token.reshape([batch, width])))
+    }
+
+    /// L2-normalised text embeddings (the unimodal decoder's CLS): [batch, embed_dim].
+    pub fn embed_texts(&self, tokens: Tensor<B, 2, Int>, padding: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+        let embedded = self.text_embedding.forward(tokens);
+        l2_normalize(self.unimodal.forward(embedded, padding).cls)
     }
 
     /// Forward and loss on one batch with in-batch negatives only.
