@@ -21,6 +21,9 @@ use crate::manifest::Manifest;
 
 pub const META: &str = "meta.json";
 pub const COMMITTED: &str = "COMMITTED";
+/// The tokenizer the step was trained with (rank 0 copies it), so a step
+/// serves evaluation on its own.
+pub const TOKENIZER: &str = "tokenizer.json";
 pub const FORMAT: &str = "coca-checkpoint";
 pub const VERSION: u32 = 1;
 /// The three sections of the flattened state, in order; tensor names in

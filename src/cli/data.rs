@@ -217,7 +217,7 @@ impl DataCommand {
     }
 }
 
-fn progress(total: Option<u64>) -> ProgressBar {
+pub(super) fn progress(total: Option<u64>) -> ProgressBar {
     let bar = match total {
         Some(total) => ProgressBar::new(total).with_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} records, {per_sec}, eta {eta}")

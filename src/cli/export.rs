@@ -1,9 +1,10 @@
 //! `coca export`: a committed checkpoint's parameters as one safetensors
-//! file, the model configuration in its metadata; no optimizer state.
+//! file, the model configuration and tokenizer in its metadata; no
+//! optimizer state.
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use proto::checkpoint::{self as layout};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -11,31 +12,7 @@ use safetensors::Dtype;
 use super::StoreArgs;
 
 pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    let root = store.open(checkpoint)?;
-    let last = checkpoint.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-    let dir = match (layout::parse_step_dir(last), step) {
-        // The URL is a step directory itself.
-        (Some(_), None) => root,
-        (_, Some(step)) => root.at(&layout::step_dir(step)),
-        (None, None) => {
-            let (committed, _) = coordinator::checkpoints::steps(&root)?;
-            let mut chosen = None;
-            for step in committed {
-                let dir = root.at(&layout::step_dir(step));
-                match coordinator::checkpoints::verify(&dir) {
-                    Ok(_) => {
-                        chosen = Some(dir);
-                        break;
-                    }
-                    Err(error) => eprintln!("export: skipping {error}"),
-                }
-            }
-            match chosen {
-                Some(dir) => dir,
-                None => bail!("{checkpoint}: no committed checkpoint here"),
-            }
-        }
-    };
+    let dir = super::eval::step_dir(checkpoint, step, store)?;
     let (meta, values) = worker::checkpoint::read_state(&dir)?;
     let bytes: Vec<&[u8]> = meta
         .tensors
@@ -53,8 +30,15 @@ pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs)
             ))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let tokenizer = dir
+        .get(layout::TOKENIZER)
+        .with_context(|| format!("{}: the step's tokenizer", dir.object_url(layout::TOKENIZER)))?;
     let metadata = HashMap::from([
         ("format".to_string(), "coca-model".to_string()),
+        (
+            "tokenizer".to_string(),
+            String::from_utf8_lossy(&tokenizer).into_owned(),
+        ),
         ("step".to_string(), meta.step.to_string()),
         ("model".to_string(), meta.resume.model.clone()),
         ("software".to_string(), meta.software.clone()),

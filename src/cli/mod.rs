@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod eval;
 mod export;
 mod job;
 mod model;
@@ -33,6 +34,22 @@ enum Command {
     /// Build, import and inspect datasets; train a tokenizer.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Evaluate a trained model: zero-shot classification, retrieval, captioning.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+    /// Caption image files with a trained model.
+    Caption {
+        #[command(flatten)]
+        model: eval::ModelSource,
+        /// Image files (JPEG, PNG, WebP).
+        #[arg(required = true)]
+        images: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        generation: eval::GenerationArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a committed checkpoint's parameters to one safetensors file.
     Export {
         /// The checkpoint location (checkpoint.url) or one step directory in it.
@@ -115,6 +132,13 @@ impl Cli {
             Command::Model(command) => command.run().map(|()| 0),
             Command::Bench(command) => command.run().map(|()| 0),
             Command::Data(command) => command.run().map(|()| 0),
+            Command::Eval(command) => command.run(),
+            Command::Caption {
+                model,
+                images,
+                generation,
+                json,
+            } => eval::caption(&model, &images, &generation, json),
             Command::Export {
                 checkpoint,
                 step,

@@ -314,8 +314,6 @@ fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, Stri
     })
 }
 
-/// The training loop on backend `B`. Gradients and embeddings cross the
-/// TCP ring through host memory, so it serves CPU and CUDA workers alike.
 /// What the training loop works from and reports to.
 struct TrainJob<'a> {
     manifest: &'a Manifest,
@@ -334,8 +332,12 @@ struct Checkpointing {
     every: u64,
     resume: ResumeFields,
     tokenizer_sha256: String,
+    /// tokenizer.json, copied into every step.
+    tokenizer: store::Bytes,
 }
 
+/// The training loop on backend `B`. Gradients and embeddings cross the
+/// TCP ring through host memory, so it serves CPU and CUDA workers alike.
 fn train<B: AutodiffBackend>(job: &TrainJob, listener: RingListener) -> Result<WorkerOutcome, WorkerError>
 where
     CocaModel<B>: AutodiffModule<B>,
@@ -459,6 +461,7 @@ where
             every: checkpoint.every,
             resume: ResumeFields::of(manifest, &indexes),
             tokenizer_sha256: store::sha256_hex(&json),
+            tokenizer: json.clone(),
         }),
         None => None,
     };
@@ -499,6 +502,11 @@ where
                 tensors: layout.tensors,
             };
             checkpoint::write_meta(&checkpointing.root, &meta).map_err(|e| failed(e.to_string()))?;
+            checkpointing
+                .root
+                .at(&checkpoint_layout::step_dir(step))
+                .put(checkpoint_layout::TOKENIZER, checkpointing.tokenizer.clone())
+                .map_err(|e| failed(e.to_string()))?;
         }
         report(step, &saved).map_err(failed)?;
         Ok(())

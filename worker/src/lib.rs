@@ -8,6 +8,7 @@ pub mod data;
 pub mod discovery;
 pub mod eval;
 pub mod generate;
+pub mod inference;
 pub mod job;
 pub mod model;
 pub mod rng;

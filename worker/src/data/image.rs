@@ -5,7 +5,7 @@
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::RgbImage;
+pub use image::RgbImage;
 
 use crate::rng::SplitMix64;
 

@@ -3,4 +3,5 @@
 pub mod bleu;
 pub mod cider;
 pub mod ranking;
+pub mod tasks;
 mod words;

@@ -1,0 +1,329 @@
+//! `coca eval` and `coca caption`: what a trained model does, from an
+//! export file or a committed checkpoint.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use proto::checkpoint as layout;
+use store::Store;
+use worker::backend::Cpu;
+use worker::data::dataset::Dataset;
+use worker::data::prompt::PromptTemplates;
+use worker::eval::tasks;
+use worker::generate::{generate, Generation, Strategy};
+use worker::inference::{self, Loaded};
+
+use super::StoreArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Zero-shot classification of a jft dataset: top-1/top-5 accuracy,
+    /// per-class accuracy and the confusion matrix as a PNG.
+    Zeroshot {
+        #[command(flatten)]
+        model: ModelSource,
+        /// The dataset (a path or store URL).
+        #[arg(long)]
+        data: String,
+        /// Prompt templates: clip80, simple, or a file (one per line, with {}).
+        #[arg(long, default_value = "clip80")]
+        templates: String,
+        /// Where to draw the confusion matrix.
+        #[arg(long, default_value = "confusion.png")]
+        confusion: PathBuf,
+        #[command(flatten)]
+        options: EvalOptions,
+    },
+    /// Image-to-text and text-to-image recall@1/5/10 on an align dataset.
+    Retrieval {
+        #[command(flatten)]
+        model: ModelSource,
+        #[arg(long)]
+        data: String,
+        #[command(flatten)]
+        options: EvalOptions,
+    },
+    /// BLEU-4 and CIDEr-D of generated captions against the dataset's texts
+    /// (align) or its class names in the templates (jft).
+    Caption {
+        #[command(flatten)]
+        model: ModelSource,
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value = "simple")]
+        templates: String,
+        #[command(flatten)]
+        generation: GenerationArgs,
+        #[command(flatten)]
+        options: EvalOptions,
+    },
+}
+
+/// Where the model comes from.
+#[derive(Debug, clap::Args)]
+pub struct ModelSource {
+    /// `coca export`'s file, a checkpoint location (its newest whole step)
+    /// or one step directory.
+    #[arg(long)]
+    checkpoint: String,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalOptions {
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Evaluate the first N samples only.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerationArgs {
+    /// Beam search with N beams (1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    /// Tokens generated at most.
+    #[arg(long, default_value_t = 32)]
+    max_len: usize,
+    /// Sample at this temperature instead of searching.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling: the smallest set of tokens reaching this probability.
+    #[arg(long, default_value_t = 0.9, requires = "temperature")]
+    top_p: f32,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Recompute the whole prefix for every token (no key/value cache).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl GenerationArgs {
+    fn generation(&self, loaded: &Loaded<Cpu>) -> anyhow::Result<Generation> {
+        let strategy = match (self.temperature, self.beam) {
+            (Some(temperature), _) => {
+                anyhow::ensure!(temperature > 0.0, "--temperature must be above 0");
+                anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
+                Strategy::Sample {
+                    temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                }
+            }
+            (None, 0) => bail!("--beam must be at least 1"),
+            (None, 1) => Strategy::Greedy,
+            (None, beams) => Strategy::Beam(beams),
+        };
+        Ok(Generation {
+            strategy,
+            max_len: self.max_len,
+            bos: loaded.tokenizer.bos_id(),
+            eos: loaded.tokenizer.eos_id(),
+            cache: !self.no_cache,
+        })
+    }
+}
+
+/// The committed step a checkpoint URL names: a step directory, `step`
+/// under a location, or the location's newest whole step.
+pub fn step_dir(checkpoint: &str, step: Option<u64>, store: &StoreArgs) -> anyhow::Result<Store> {
+    let root = store.open(checkpoint)?;
+    let last = checkpoint.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    match (layout::parse_step_dir(last), step) {
+        (Some(_), None) => Ok(root),
+        (_, Some(step)) => Ok(root.at(&layout::step_dir(step))),
+        (None, None) => {
+            let (committed, _) = coordinator::checkpoints::steps(&root)?;
+            for step in committed {
+                let dir = root.at(&layout::step_dir(step));
+                match coordinator::checkpoints::verify(&dir) {
+                    Ok(_) => return Ok(dir),
+                    Err(error) => eprintln!("skipping {error}"),
+                }
+            }
+            bail!("{checkpoint}: no committed checkpoint here")
+        }
+    }
+}
+
+pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
+    let device = Default::default();
+    let loaded = if source.checkpoint.ends_with(".safetensors") {
+        let (store, name) = source.store.open_object(&source.checkpoint)?;
+        let bytes = store.get(&name)?;
+        inference::from_export::<Cpu>(&bytes, &source.checkpoint, &device)?
+    } else {
+        inference::from_step::<Cpu>(&step_dir(&source.checkpoint, None, &source.store)?, &device)?
+    };
+    eprintln!("model: step {} of {}", loaded.step, loaded.origin);
+    Ok(loaded)
+}
+
+fn templates(spec: &str, store: &StoreArgs) -> anyhow::Result<PromptTemplates> {
+    Ok(match spec {
+        "clip80" => PromptTemplates::clip80(),
+        "simple" => PromptTemplates::simple(),
+        url => {
+            let (store, name) = store.open_object(url)?;
+            PromptTemplates::parse(&String::from_utf8_lossy(&store.get(&name)?), url)?
+        }
+    })
+}
+
+fn dataset(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {
+    Ok(Dataset::open(store.open(url)?)?)
+}
+
+fn bar(dataset: &Dataset, limit: Option<u64>) -> indicatif::ProgressBar {
+    let rows = dataset.index().rows();
+    super::data::progress(Some(limit.map_or(rows, |l| l.min(rows))))
+}
+
+impl EvalCommand {
+    pub fn run(self) -> anyhow::Result<u8> {
+        match self {
+            EvalCommand::Zeroshot {
+                model,
+                data,
+                templates: spec,
+                confusion,
+                options,
+            } => {
+                let loaded = load(&model)?;
+                let dataset = dataset(&data, &model.store)?;
+                let templates = templates(&spec, &model.store)?;
+                let bar = bar(&dataset, options.limit);
+                let report = tasks::zero_shot(&loaded, &dataset, &templates, options.batch, options.limit, &|n| {
+                    bar.set_position(n)
+                })?;
+                bar.finish_and_clear();
+                draw_confusion(&report.confusion, &confusion)?;
+                if options.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!(
+                        "zero-shot on {data}: {} samples, {} classes, {} templates",
+                        report.samples, report.classes, report.templates
+                    );
+                    println!("top-1 {:.2}%  top-5 {:.2}%", 100.0 * report.top1, 100.0 * report.top5);
+                    for class in &report.per_class {
+                        println!(
+                            "  {:<24} {:>6.2}% ({}/{})",
+                            class.class,
+                            100.0 * class.correct as f64 / class.total.max(1) as f64,
+                            class.correct,
+                            class.total
+                        );
+                    }
+                    println!("confusion matrix: {}", confusion.display());
+                }
+            }
+            EvalCommand::Retrieval { model, data, options } => {
+                let loaded = load(&model)?;
+                let dataset = dataset(&data, &model.store)?;
+                let bar = bar(&dataset, options.limit);
+                let report = tasks::retrieval(&loaded, &dataset, options.batch, options.limit, &|n| {
+                    bar.set_position(n)
+                })?;
+                bar.finish_and_clear();
+                if options.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    let [i1, i5, i10] = report.image_to_text.map(|r| 100.0 * r);
+                    let [t1, t5, t10] = report.text_to_image.map(|r| 100.0 * r);
+                    println!("retrieval on {data}: {} image-text pairs", report.samples);
+                    println!("image -> text  R@1 {i1:.2}%  R@5 {i5:.2}%  R@10 {i10:.2}%");
+                    println!("text -> image  R@1 {t1:.2}%  R@5 {t5:.2}%  R@10 {t10:.2}%");
+                }
+            }
+            EvalCommand::Caption {
+                model,
+                data,
+                templates: spec,
+                generation,
+                options,
+            } => {
+                let loaded = load(&model)?;
+                let dataset = dataset(&data, &model.store)?;
+                let templates = templates(&spec, &model.store)?;
+                let generation = generation.generation(&loaded)?;
+                let bar = bar(&dataset, options.limit);
+                let report = tasks::captioning(&loaded, &dataset, &generation, &templates, options.limit, &|n| {
+                    bar.set_position(n)
+                })?;
+                bar.finish_and_clear();
+                if options.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!("captioning on {data}: {} images", report.samples);
+                    println!("BLEU-4 {:.4}  CIDEr-D {:.4}", report.bleu4, report.cider_d);
+                    for sample in report.captions.iter().take(5) {
+                        println!("  {}: {}", sample.key, sample.caption);
+                    }
+                }
+            }
+        }
+        Ok(0)
+    }
+}
+
+/// `coca caption`: captions for image files.
+pub fn caption(
+    source: &ModelSource,
+    images: &[PathBuf],
+    generation: &GenerationArgs,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let loaded = load(source)?;
+    let generation = generation.generation(&loaded)?;
+    let device = Default::default();
+    let mut results = Vec::new();
+    for path in images {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let picture = worker::data::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        let batch = inference::image_batch::<Cpu>(&[picture], loaded.config.image_size as u32, &device);
+        let tokens = loaded.model.caption_image_tokens(batch);
+        let ids = generate(&loaded.model, tokens, &generation);
+        let caption = loaded.tokenizer.decode(&ids)?.trim().to_string();
+        if json {
+            results.push(serde_json::json!({"image": path.display().to_string(), "caption": caption}));
+        } else {
+            println!("{}: {caption}", path.display());
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(0)
+}
+
+/// The confusion matrix as a grey-level PNG: row = true class, column =
+/// predicted, darker = a larger share of the row.
+fn draw_confusion(confusion: &[Vec<u64>], path: &std::path::Path) -> anyhow::Result<()> {
+    const CELL: u32 = 12;
+    let n = confusion.len() as u32;
+    let mut picture = image::GrayImage::from_pixel((n * CELL).max(1), (n * CELL).max(1), image::Luma([255]));
+    for (row, counts) in confusion.iter().enumerate() {
+        let total: u64 = counts.iter().sum();
+        for (column, &count) in counts.iter().enumerate() {
+            let share = count as f64 / total.max(1) as f64;
+            let level = (255.0 * (1.0 - share)).round() as u8;
+            for y in 0..CELL {
+                for x in 0..CELL {
+                    picture.put_pixel(column as u32 * CELL + x, row as u32 * CELL + y, image::Luma([level]));
+                }
+            }
+        }
+    }
+    picture
+        .save(path)
+        .with_context(|| format!("cannot write the confusion matrix to {}", path.display()))
+}

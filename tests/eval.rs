@@ -1,0 +1,186 @@
+//! What a trained model does, end to end: the demo job trains, then `coca
+//! eval` and `coca caption` judge its checkpoint and its export.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const DEMO: &str = include_str!("../deploy/local/demo.toml");
+
+fn coca(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("COCA_JOB_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Share of captions holding `word`, among those whose reference does or does not.
+fn rate(captions: &[serde_json::Value], word: &str, in_reference: bool) -> f64 {
+    let chosen: Vec<&serde_json::Value> = captions
+        .iter()
+        .filter(|c| words(c["references"][0].as_str().unwrap()).contains(&word.to_string()) == in_reference)
+        .collect();
+    let hits = chosen
+        .iter()
+        .filter(|c| words(c["caption"].as_str().unwrap()).contains(&word.to_string()))
+        .count();
+    hits as f64 / chosen.len().max(1) as f64
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric()).map(str::to_string).collect()
+}
+
+#[test]
+fn a_trained_demo_model_classifies_retrieves_and_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let manifest = DEMO
+        .replace("coordinator = \"127.0.0.1:7070\"", "coordinator = \"127.0.0.1:0\"")
+        .replace("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:0\"");
+    std::fs::write(path.join("job.toml"), manifest).unwrap();
+    let trained = coca(path, &["launch", "job.toml"]);
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let checkpoint = "runs/demo/checkpoints";
+
+    // Zero-shot on held-out images: 18 classes, chance is 1/18.
+    let zeroshot = json(&coca(
+        path,
+        &[
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            "data/demo/jft-heldout",
+            "--json",
+        ],
+    ));
+    let top1 = zeroshot["top1"].as_f64().unwrap();
+    assert!(top1 >= 3.0 / 18.0, "top-1 {top1} is under 3x chance");
+    assert_eq!(zeroshot["per_class"].as_array().unwrap().len(), 18);
+    let confusion = image::open(path.join("confusion.png")).unwrap();
+    assert_eq!((confusion.width(), confusion.height()), (18 * 12, 18 * 12));
+
+    // The export is the same model.
+    let export = coca(
+        path,
+        &["export", "--checkpoint", checkpoint, "--out", "model.safetensors"],
+    );
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let exported = json(&coca(
+        path,
+        &[
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            "model.safetensors",
+            "--data",
+            "data/demo/jft-heldout",
+            "--json",
+        ],
+    ));
+    assert_eq!(exported["top1"], zeroshot["top1"]);
+    assert_eq!(exported["confusion"], zeroshot["confusion"]);
+
+    // Retrieval among 100 pairs: chance at R@10 is 10%.
+    let retrieval = json(&coca(
+        path,
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            "data/demo/align",
+            "--limit",
+            "100",
+            "--json",
+        ],
+    ));
+    for direction in ["image_to_text", "text_to_image"] {
+        let r10 = retrieval[direction][2].as_f64().unwrap();
+        assert!(r10 >= 0.3, "{direction} R@10 {r10}");
+    }
+
+    // Captions of held-out images name their colour and shape more often
+    // than they name the colours and shapes the images do not have.
+    let captioned = json(&coca(
+        path,
+        &[
+            "eval",
+            "caption",
+            "--checkpoint",
+            "model.safetensors",
+            "--data",
+            "data/demo/jft-heldout",
+            "--limit",
+            "120",
+            "--json",
+        ],
+    ));
+    let captions = captioned["captions"].as_array().unwrap();
+    assert_eq!(captions.len(), 120);
+    assert!(captioned["bleu4"].as_f64().unwrap() > 0.0);
+    assert!(captioned["cider_d"].as_f64().unwrap() > 0.0);
+    for (words, factor) in [
+        (&["red", "green", "blue", "yellow", "purple", "orange"][..], 2.0),
+        (&["circle", "square", "triangle"][..], 1.0),
+    ] {
+        let right: f64 = words.iter().map(|w| rate(captions, w, true)).sum::<f64>() / words.len() as f64;
+        let wrong: f64 = words.iter().map(|w| rate(captions, w, false)).sum::<f64>() / words.len() as f64;
+        assert!(
+            right > factor * wrong,
+            "{words:?}: named when right {right:.2}, when wrong {wrong:.2}"
+        );
+    }
+
+    // `coca caption` on image files, with beam search.
+    let sheet = coca(
+        path,
+        &["data", "inspect", "data/demo/jft-heldout", "--sheet", "sheet.png"],
+    );
+    assert!(sheet.status.success(), "{}", String::from_utf8_lossy(&sheet.stderr));
+    let captioned = json(&coca(
+        path,
+        &[
+            "caption",
+            "--checkpoint",
+            "model.safetensors",
+            "--beam",
+            "3",
+            "--json",
+            "sheet.png",
+        ],
+    ));
+    assert!(!captioned[0]["caption"].as_str().unwrap().is_empty(), "{captioned}");
+    let missing = coca(path, &["caption", "--checkpoint", "model.safetensors", "nowhere.png"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read nowhere.png"));
+
+    // Each evaluation checks the dataset's kind.
+    let wrong = coca(
+        path,
+        &[
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            "data/demo/align",
+        ],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr)
+            .contains("is an align dataset; zero-shot classification needs a jft one"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+}
