@@ -68,6 +68,34 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
     let confusion = image::open(path.join("confusion.png")).unwrap();
     assert_eq!((confusion.width(), confusion.height()), (18 * 12, 18 * 12));
 
+    // The job's own [eval] (zero-shot, first 256 held-out images, simple
+    // templates) ran every 100 steps and agrees with `coca eval`.
+    let metrics = std::fs::read_to_string(path.join("runs/demo/metrics.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|m| m.get("evals").is_some())
+        .collect();
+    let steps: Vec<u64> = evals.iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [100, 200, 300]);
+    let same = json(&coca(
+        path,
+        &[
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            "data/demo/jft-heldout",
+            "--templates",
+            "simple",
+            "--limit",
+            "256",
+            "--json",
+        ],
+    ));
+    assert_eq!(evals[2]["evals"]["zeroshot_top1"], same["top1"]);
+
     // The export is the same model.
     let export = coca(
         path,
@@ -163,6 +191,22 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
     let missing = coca(path, &["caption", "--checkpoint", "model.safetensors", "nowhere.png"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read nowhere.png"));
+
+    // A job's [eval] datasets are checked before it starts.
+    let manifest = std::fs::read_to_string(path.join("job.toml")).unwrap();
+    std::fs::write(
+        path.join("job.toml"),
+        manifest.replace("zeroshot = \"data/demo/jft-heldout\"", "zeroshot = \"data/demo/align\""),
+    )
+    .unwrap();
+    let refused = coca(path, &["launch", "job.toml", "--fresh"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("eval.zeroshot (data/demo/align): the dataset is align; eval.zeroshot needs a jft dataset"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     // Each evaluation checks the dataset's kind.
     let wrong = coca(

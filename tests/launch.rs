@@ -407,4 +407,11 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
             .unwrap();
         assert!(points >= 2, "{chart}: {tag}");
     }
+    // The [eval] chart: the demo evaluates at its last step.
+    let tag = &dom[dom.find("id=\"evals\"").unwrap()..];
+    assert!(tag[..tag.find('>').unwrap()].contains("data-points=\"1\""), "{tag}");
+    assert!(
+        text_of("eval-legend").contains("zeroshot_top1") || dom.contains("■ zeroshot_top1"),
+        "{dom}"
+    );
 }

@@ -85,6 +85,8 @@ pub struct Job {
     pub workers: BTreeMap<String, Worker>,
     pub latest: Option<StepMetrics>,
     pub history: Vec<Point>,
+    /// The manifest's [eval] results, one point per evaluated step.
+    pub evals: Vec<EvalPoint>,
     /// Each worker's latest cumulative bad-record counts, by (worker, source, reason).
     bad_records: BTreeMap<(String, u32, String), u64>,
     pub refused_calls: u64,
@@ -96,6 +98,14 @@ pub struct Job {
     pub previous: Option<crate::journal::Recovered>,
     started: Instant,
     running_since: Option<(Instant, u64)>,
+}
+
+/// One evaluation: `{"step": 100, "zeroshot_top1": 0.31, ...}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    #[serde(flatten)]
+    pub values: BTreeMap<String, f64>,
 }
 
 /// Saves and commits, as the status endpoint shows them.
@@ -135,6 +145,7 @@ impl Job {
             workers: BTreeMap::new(),
             latest: None,
             history: Vec::new(),
+            evals: Vec::new(),
             bad_records: BTreeMap::new(),
             refused_calls: 0,
             checkpoint: CheckpointProgress::default(),
@@ -185,6 +196,12 @@ impl Job {
                 // Keep every other old point: the chart spans the whole run.
                 let old: Vec<Point> = self.history.drain(..HISTORY / 2).step_by(2).collect();
                 self.history.splice(0..0, old);
+            }
+            if !metrics.evals.is_empty() {
+                self.evals.push(EvalPoint {
+                    step: metrics.step,
+                    values: metrics.evals.iter().map(|e| (e.name.clone(), e.value)).collect(),
+                });
             }
             self.latest = Some(metrics.clone());
         }

@@ -30,6 +30,12 @@ use proto::checkpoint::ResumeFields;
 pub enum CoordinatorError {
     #[error("data.source[{index}] ({url}): {message}")]
     Dataset { index: usize, url: String, message: String },
+    #[error("{field} ({url}): {message}")]
+    Eval {
+        field: &'static str,
+        url: String,
+        message: String,
+    },
     #[error("cannot listen on {address} ({what}): {source}")]
     Bind {
         address: SocketAddr,
@@ -86,7 +92,7 @@ impl Shared {
         let Some(file) = log.as_mut() else { return };
         let mut lines = String::new();
         for m in metrics {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": m.step,
                 "loss": m.loss,
                 "contrastive": m.contrastive,
@@ -96,6 +102,13 @@ impl Shared {
                 "samples_per_second": m.samples_per_second,
                 "data_wait_share": m.data_wait_share,
             });
+            if !m.evals.is_empty() {
+                line["evals"] = m
+                    .evals
+                    .iter()
+                    .map(|e| (e.name.clone(), serde_json::json!(e.value)))
+                    .collect();
+            }
             lines.push_str(&format!("{line}\n"));
         }
         if let Err(error) = file.write_all(lines.as_bytes()) {
@@ -454,6 +467,42 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
             )));
         }
         indexes.push(json);
+    }
+    // The [eval] datasets: rank 0 reads them mid-job, so check them now.
+    let evals = manifest.eval.iter().flat_map(|eval| {
+        [
+            (
+                "eval.zeroshot",
+                eval.zeroshot.as_deref(),
+                proto::dataset::DatasetKind::Jft,
+            ),
+            (
+                "eval.retrieval",
+                eval.retrieval.as_deref(),
+                proto::dataset::DatasetKind::Align,
+            ),
+        ]
+    });
+    for (field, url, kind) in evals {
+        let Some(url) = url else { continue };
+        let failed = |message: String| CoordinatorError::Eval {
+            field,
+            url: url.to_string(),
+            message,
+        };
+        let store = Store::open(url, &options).map_err(|e| failed(e.to_string()))?;
+        let bytes = store.get(INDEX_FILE).map_err(|e| match e {
+            store::StoreError::NotFound { .. } => failed(format!("no dataset here (no {INDEX_FILE})")),
+            other => failed(other.to_string()),
+        })?;
+        let parsed = DatasetIndex::parse(&String::from_utf8_lossy(&bytes), &store.object_url(INDEX_FILE))
+            .map_err(|e| failed(e.to_string()))?;
+        if parsed.kind != kind {
+            return Err(failed(format!(
+                "the dataset is {}; {field} needs a {kind} dataset",
+                parsed.kind
+            )));
+        }
     }
     Ok(indexes)
 }

@@ -45,6 +45,7 @@ pub struct StatusReport {
     pub refused_calls: u64,
     pub previous: Option<Recovered>,
     pub history: Vec<Point>,
+    pub evals: Vec<crate::job::EvalPoint>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +123,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         refused_calls: shared.refused_calls(),
         previous: job.previous.clone(),
         history: job.history.clone(),
+        evals: job.evals.clone(),
     }
 }
 
@@ -218,6 +220,15 @@ pub fn prometheus_text(status: &StatusReport) -> String {
         if let Some(value) = value {
             gauge(&mut registry, name, help, value);
         }
+    }
+    if let Some(latest) = status.evals.last() {
+        let evals = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+        for (metric, value) in &latest.values {
+            evals
+                .get_or_create(&vec![("metric".to_string(), metric.clone())])
+                .set(*value);
+        }
+        registry.register("eval", "The latest [eval] results, by metric", evals);
     }
     let bad = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
     for record in &status.bad_records {

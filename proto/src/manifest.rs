@@ -32,6 +32,7 @@ pub struct Manifest {
     pub train: Train,
     pub cluster: Cluster,
     pub checkpoint: Option<Checkpoint>,
+    pub eval: Option<Eval>,
     pub status: Status,
     pub auth: Auth,
     /// The text the manifest was read from, handed to workers as is.
@@ -156,6 +157,20 @@ pub struct Checkpoint {
     pub url: String,
     pub every: u64,
     pub keep: usize,
+}
+
+/// Evaluation on held-out data during training, by rank 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Eval {
+    pub every: u64,
+    /// A jft dataset for zero-shot classification.
+    pub zeroshot: Option<String>,
+    /// An align dataset for image-text retrieval.
+    pub retrieval: Option<String>,
+    /// Prompt templates of the zero-shot classes.
+    pub templates: String,
+    /// Samples per evaluation (the first ones of each dataset).
+    pub limit: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -296,13 +311,14 @@ impl Manifest {
         let root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| error(origin, e.to_string().trim().to_string()))?;
-        const SECTIONS: [&str; 8] = [
+        const SECTIONS: [&str; 9] = [
             "job",
             "model",
             "data",
             "train",
             "cluster",
             "checkpoint",
+            "eval",
             "status",
             "auth",
         ];
@@ -434,6 +450,26 @@ impl Manifest {
             }
         };
 
+        let eval = match table(&root, "eval", "eval")? {
+            None => None,
+            Some(eval) => {
+                let mut section = Section::new("eval", Some(eval));
+                let every = section.int("every")?.unwrap_or(100);
+                let zeroshot = section.string("zeroshot")?;
+                let retrieval = section.string("retrieval")?;
+                let templates = section.string("templates")?.unwrap_or_else(|| "clip80".into());
+                let limit = section.int("limit")?.unwrap_or(512);
+                section.finish()?;
+                Some(Eval {
+                    every,
+                    zeroshot,
+                    retrieval,
+                    templates,
+                    limit,
+                })
+            }
+        };
+
         let mut section = Section::new("status", table(&root, "status", "status")?);
         let status = Status {
             bind: section.address("bind", "127.0.0.1:7071")?,
@@ -455,6 +491,7 @@ impl Manifest {
             train,
             cluster,
             checkpoint,
+            eval,
             status,
             auth,
             source: text.to_string(),
@@ -676,6 +713,20 @@ impl Manifest {
             }
             if checkpoint.keep == 0 {
                 return Err(error("checkpoint.keep", "must be at least 1"));
+            }
+        }
+        if let Some(eval) = &self.eval {
+            if eval.every == 0 {
+                return Err(error("eval.every", "must be at least 1"));
+            }
+            if eval.limit == 0 {
+                return Err(error("eval.limit", "must be at least 1"));
+            }
+            if eval.zeroshot.is_none() && eval.retrieval.is_none() {
+                return Err(error(
+                    "eval",
+                    "names no dataset: set zeroshot (a jft dataset) and/or retrieval (an align dataset)",
+                ));
             }
         }
         if self.status.bind == cluster.coordinator && self.status.bind.port() != 0 {

@@ -87,6 +87,9 @@ fn every_rule_names_its_field() {
         (with("every = 100", "every = 0"), "checkpoint.every: must be at least 1"),
         (with("keep = 2", "keep = 0"), "checkpoint.keep: must be at least 1"),
         (with("url = \"runs/demo/checkpoints\"\n", ""), "checkpoint.url: missing"),
+        (with("limit = 256", "limit = 0"), "eval.limit: must be at least 1"),
+        (with("zeroshot = \"data/demo/jft-heldout\"\n", ""), "eval: names no dataset: set zeroshot (a jft dataset) and/or retrieval (an align dataset)"),
+        (with("limit = 256", "limit = 256\nzero_shot = \"x\""), "eval.zero_shot: unknown key; did you mean `zeroshot`?"),
         (with("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:7070\""), "status.bind: 127.0.0.1:7070 is also cluster.coordinator"),
         (DEMO.to_string() + "\n[auth]\ntoken = \"x\"\n", "auth.token: unknown key; did you mean `token_env`?"),
     ];

@@ -99,6 +99,16 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Generated tokens per second with and without the decoder's
+    /// key/value cache (beam search, every caption max-len tokens long).
+    Caption {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 4)]
+        beam: usize,
+        #[arg(long, default_value_t = 32)]
+        max_len: usize,
+    },
     /// Training samples per second (decode, random resized crop,
     /// normalise, tokenize) from a dataset's shards, and per loader thread.
     Data {
@@ -142,6 +152,21 @@ fn ms(duration: Duration) -> f64 {
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            BenchCommand::Caption { model, beam, max_len } => {
+                ensure!(beam >= 1 && max_len >= 1, "--beam and --max-len must be at least 1");
+                let config = model.resolve()?;
+                let max_len = max_len.min(config.context_length - 1);
+                let (cached, uncached) = worker::bench::bench_caption::<worker::backend::Cpu>(&config, beam, max_len);
+                let rate = |seconds: f64| max_len as f64 / seconds;
+                println!("caption: {max_len} tokens, beam {beam}, preset weights at random");
+                println!("with the key/value cache: {cached:.3} s = {:.1} tokens/s", rate(cached));
+                println!(
+                    "recomputing the prefix:   {uncached:.3} s = {:.1} tokens/s",
+                    rate(uncached)
+                );
+                println!("the cache is {:.1}x faster", uncached / cached);
+                Ok(())
+            }
             BenchCommand::Checkpoint { model, world, dir } => {
                 ensure!(world >= 1, "--world must be at least 1");
                 let config = model.resolve()?;

@@ -154,6 +154,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                     data_wait_share: 0.01,
                     bad_records: Vec::new(),
                     source_epochs: vec![0.1],
+                    evals: Vec::new(),
                 };
                 let sent = Instant::now();
                 let reply = client

@@ -16,7 +16,7 @@ use proto::dataset::DatasetIndex;
 use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
 use proto::rpc::coordinator_client::CoordinatorClient;
 use proto::rpc::{
-    Assignment, BadRecordCount, CheckpointShard, Command, FinishRequest, HeartbeatRequest, RegisterRequest,
+    Assignment, BadRecordCount, CheckpointShard, Command, EvalMetric, FinishRequest, HeartbeatRequest, RegisterRequest,
     RendezvousRequest, StepMetrics, PROTOCOL_VERSION,
 };
 use proto::sample_order::{SampleOrder, SourceSize};
@@ -32,6 +32,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
 use crate::data::prompt::PromptTemplates;
 use crate::data::tokenizer::TextTokenizer;
+use crate::eval::periodic::PeriodicEval;
 use crate::model::loss::LossWeights;
 use crate::model::CocaModel;
 use crate::train::contrastive::ContrastiveMode;
@@ -340,7 +341,7 @@ struct Checkpointing {
 /// TCP ring through host memory, so it serves CPU and CUDA workers alike.
 fn train<B: AutodiffBackend>(job: &TrainJob, listener: RingListener) -> Result<WorkerOutcome, WorkerError>
 where
-    CocaModel<B>: AutodiffModule<B>,
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     let TrainJob {
         manifest,
@@ -399,6 +400,39 @@ where
         prefetch_batches: manifest.data.prefetch_batches,
         max_bad_fraction: manifest.data.max_bad_fraction,
         ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
+    };
+    // Rank 0 evaluates on held-out data, with a tokenizer of its own.
+    let mut periodic_eval = match (&manifest.eval, rank) {
+        (Some(eval), 0) => {
+            let open = |field: &str, url: &str| {
+                Store::open(url, &options)
+                    .map_err(|e| e.to_string())
+                    .and_then(|store| Dataset::open(store).map_err(|e| e.to_string()))
+                    .map_err(|e| setup(format!("{field}: {e}")))
+            };
+            let zeroshot = match &eval.zeroshot {
+                Some(url) => Some((
+                    open("eval.zeroshot", url)?,
+                    templates(&eval.templates, &options).map_err(|e| setup(format!("eval.templates: {e}")))?,
+                )),
+                None => None,
+            };
+            let retrieval = eval
+                .retrieval
+                .as_deref()
+                .map(|url| open("eval.retrieval", url))
+                .transpose()?;
+            let tokenizer = TextTokenizer::from_json(&String::from_utf8_lossy(&json), &manifest.data.tokenizer)
+                .map_err(|e| setup(e.to_string()))?;
+            Some(PeriodicEval::new(
+                eval,
+                zeroshot,
+                retrieval,
+                manifest.model.clone(),
+                tokenizer,
+            ))
+        }
+        _ => None,
     };
     let assembler = BatchAssembler::new(sources, order, tokenizer, config, manifest.job.seed, rank, world)
         .map_err(|e| setup(e.to_string()))?;
@@ -549,7 +583,7 @@ where
         step += 1;
         let elapsed = step_started.elapsed().as_secs_f64();
         let bad = loader.bad_records();
-        let metrics = StepMetrics {
+        let mut metrics = StepMetrics {
             step,
             loss: f64::from(report.losses.total),
             contrastive: report.losses.contrastive.map_or(0.0, f64::from),
@@ -575,7 +609,18 @@ where
                 .zip(&sizes)
                 .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
                 .collect(),
+            evals: Vec::new(),
         };
+        if let Some(eval) = periodic_eval.as_mut().filter(|e| e.due(step, total)) {
+            let results = eval.run(model.valid(), step).map_err(|e| WorkerError::Step {
+                step,
+                message: format!("eval: {e}"),
+            })?;
+            metrics.evals = results
+                .into_iter()
+                .map(|(name, value)| EvalMetric { name, value })
+                .collect();
+        }
         {
             let mut shared = progress.lock().expect("progress");
             shared.step = step;

@@ -2,6 +2,7 @@
 
 pub mod bleu;
 pub mod cider;
+pub mod periodic;
 pub mod ranking;
 pub mod tasks;
 mod words;
