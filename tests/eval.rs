@@ -20,6 +20,13 @@ fn json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// `coca eval TASK --checkpoint .. --data .. EXTRA.. --json`, parsed.
+fn evaluate(dir: &Path, task: &str, checkpoint: &str, data: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["eval", task, "--checkpoint", checkpoint, "--data", data, "--json"];
+    args.extend_from_slice(extra);
+    json(&coca(dir, &args))
+}
+
 /// Share of captions holding `word`, among those whose reference does or does not.
 fn rate(captions: &[serde_json::Value], word: &str, in_reference: bool) -> f64 {
     let chosen: Vec<&serde_json::Value> = captions
@@ -50,18 +57,7 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
     let checkpoint = "runs/demo/checkpoints";
 
     // Zero-shot on held-out images: 18 classes, chance is 1/18.
-    let zeroshot = json(&coca(
-        path,
-        &[
-            "eval",
-            "zeroshot",
-            "--checkpoint",
-            checkpoint,
-            "--data",
-            "data/demo/jft-heldout",
-            "--json",
-        ],
-    ));
+    let zeroshot = evaluate(path, "zeroshot", checkpoint, "data/demo/jft-heldout", &[]);
     let top1 = zeroshot["top1"].as_f64().unwrap();
     assert!(top1 >= 3.0 / 18.0, "top-1 {top1} is under 3x chance");
     assert_eq!(zeroshot["per_class"].as_array().unwrap().len(), 18);
@@ -78,22 +74,13 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
         .collect();
     let steps: Vec<u64> = evals.iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [100, 200, 300]);
-    let same = json(&coca(
+    let same = evaluate(
         path,
-        &[
-            "eval",
-            "zeroshot",
-            "--checkpoint",
-            checkpoint,
-            "--data",
-            "data/demo/jft-heldout",
-            "--templates",
-            "simple",
-            "--limit",
-            "256",
-            "--json",
-        ],
-    ));
+        "zeroshot",
+        checkpoint,
+        "data/demo/jft-heldout",
+        &["--templates", "simple", "--limit", "256"],
+    );
     assert_eq!(evals[2]["evals"]["zeroshot_top1"], same["top1"]);
 
     // The export is the same model.
@@ -102,36 +89,12 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
         &["export", "--checkpoint", checkpoint, "--out", "model.safetensors"],
     );
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
-    let exported = json(&coca(
-        path,
-        &[
-            "eval",
-            "zeroshot",
-            "--checkpoint",
-            "model.safetensors",
-            "--data",
-            "data/demo/jft-heldout",
-            "--json",
-        ],
-    ));
+    let exported = evaluate(path, "zeroshot", "model.safetensors", "data/demo/jft-heldout", &[]);
     assert_eq!(exported["top1"], zeroshot["top1"]);
     assert_eq!(exported["confusion"], zeroshot["confusion"]);
 
     // Retrieval among 100 pairs: chance at R@10 is 10%.
-    let retrieval = json(&coca(
-        path,
-        &[
-            "eval",
-            "retrieval",
-            "--checkpoint",
-            checkpoint,
-            "--data",
-            "data/demo/align",
-            "--limit",
-            "100",
-            "--json",
-        ],
-    ));
+    let retrieval = evaluate(path, "retrieval", checkpoint, "data/demo/align", &["--limit", "100"]);
     for direction in ["image_to_text", "text_to_image"] {
         let r10 = retrieval[direction][2].as_f64().unwrap();
         assert!(r10 >= 0.3, "{direction} R@10 {r10}");
@@ -139,20 +102,13 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
 
     // Captions of held-out images name their colour and shape more often
     // than they name the colours and shapes the images do not have.
-    let captioned = json(&coca(
+    let captioned = evaluate(
         path,
-        &[
-            "eval",
-            "caption",
-            "--checkpoint",
-            "model.safetensors",
-            "--data",
-            "data/demo/jft-heldout",
-            "--limit",
-            "120",
-            "--json",
-        ],
-    ));
+        "caption",
+        "model.safetensors",
+        "data/demo/jft-heldout",
+        &["--limit", "120"],
+    );
     let captions = captioned["captions"].as_array().unwrap();
     assert_eq!(captions.len(), 120);
     assert!(captioned["bleu4"].as_f64().unwrap() > 0.0);
