@@ -171,6 +171,7 @@ pub fn choose(
         }
         Resume::Latest => {
             let (committed, unfinished) = steps(root)?;
+            let any_committed = !committed.is_empty();
             let mut skipped: Vec<String> = unfinished
                 .iter()
                 .filter(|&&step| committed.first().is_none_or(|&newest| step > newest))
@@ -193,7 +194,9 @@ pub fn choose(
                     Err(other) => return Err(other),
                 }
             }
-            if skipped.is_empty() {
+            // Nothing was ever committed (at most a first save that did not
+            // finish): a fresh start loses nothing.
+            if skipped.is_empty() || !any_committed {
                 Ok(None)
             } else {
                 Err(CheckpointError::Other(format!(
@@ -234,4 +237,42 @@ pub fn commit(root: &Store, step: u64, shards: Vec<ShardRecord>, keep: usize) ->
         }
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields() -> ResumeFields {
+        ResumeFields {
+            model: "{}".into(),
+            sources: vec![],
+            datasets: vec![],
+            seed: 0,
+            global_batch: 1,
+        }
+    }
+
+    #[test]
+    fn a_location_with_only_an_unfinished_first_save_starts_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = store::StoreOptions::default();
+        let root = Store::open(&dir.path().display().to_string(), &options).unwrap();
+        assert_eq!(choose(&root, &options, &Resume::Latest, &fields()).unwrap(), None);
+        root.put(
+            "step-00000005/rank-00000-of-00001.safetensors",
+            b"partial".to_vec().into(),
+        )
+        .unwrap();
+        assert_eq!(steps(&root).unwrap(), (vec![], vec![5]));
+        assert_eq!(choose(&root, &options, &Resume::Latest, &fields()).unwrap(), None);
+        assert_eq!(choose(&root, &options, &Resume::Fresh, &fields()).unwrap(), None);
+        // A committed step that is damaged is never silently replaced by step 0.
+        root.put("step-00000003/COMMITTED", b"{}".to_vec().into()).unwrap();
+        let error = choose(&root, &options, &Resume::Latest, &fields())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("holds no usable checkpoint"), "{error}");
+        assert!(error.contains("step-00000003/COMMITTED: missing field"), "{error}");
+    }
 }
