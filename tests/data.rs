@@ -397,6 +397,67 @@ fn datasets_round_trip_through_s3() {
         "{text}"
     );
 
+    // A job reading its data from S3 and checkpointing to S3, resumed from
+    // there, and exported from there.
+    let manifest = format!(
+        r#"
+[job]
+name = "s3"
+steps = 6
+dir = "{dir}/run"
+[model]
+preset = "tiny"
+[data]
+tokenizer = "s3://coca-test/tok/tokenizer.json"
+s3_endpoint = "http://127.0.0.1:8333"
+s3_region = "us-east-1"
+loader_threads = 1
+[[data.source]]
+url = "s3://coca-test/demo/align"
+kind = "align"
+[[data.source]]
+url = "s3://coca-test/demo/jft"
+kind = "jft"
+[train]
+global_batch = 8
+[cluster]
+workers = 2
+coordinator = "127.0.0.1:0"
+[checkpoint]
+url = "s3://coca-test/runs/checkpoints"
+every = 3
+keep = 2
+[status]
+bind = "127.0.0.1:0"
+"#,
+        dir = dir.path().display()
+    );
+    let job = dir.path().join("s3.toml");
+    std::fs::write(&job, manifest).unwrap();
+    ok(coca(&["launch", job.to_str().unwrap()], &credentials));
+    let resumed = coca(&["launch", job.to_str().unwrap(), "--steps", "9"], &credentials);
+    let stderr = String::from_utf8_lossy(&resumed.stderr).to_string();
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming from s3://coca-test/runs/checkpoints/step-00000006 (step 6, saved by 2 workers)"),
+        "{stderr}"
+    );
+    let model = dir.path().join("model.safetensors");
+    let text = ok(coca(
+        &[
+            "export",
+            "--checkpoint",
+            "s3://coca-test/runs/checkpoints",
+            "--out",
+            model.to_str().unwrap(),
+        ],
+        &credentials,
+    ));
+    assert!(
+        text.starts_with("exported step 9 of s3://coca-test/runs/checkpoints/step-00000009"),
+        "{text}"
+    );
+
     let mut wrong = credentials;
     wrong[2].1 = "not-the-secret";
     let error = fails(coca(&["data", "inspect", "s3://coca-test/demo/jft"], &wrong));
