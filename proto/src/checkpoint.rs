@@ -134,7 +134,7 @@ pub struct ShardRecord {
 /// The manifest fields a resumed job must keep: changing them would make
 /// the saved state or the data plan mean something else. (Steps, the
 /// schedule's end, checkpoint cadence and the worker count may change.)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResumeFields {
     /// The model configuration, as JSON.
     pub model: String,

@@ -321,32 +321,7 @@ where
             .collect::<Result<Vec<_>, _>>()
     })?;
     let save_seconds = started.elapsed().as_secs_f64();
-    let layout = StateLayout::of(&model, &record);
-    let meta = proto::checkpoint::Meta {
-        format: proto::checkpoint::FORMAT.into(),
-        version: proto::checkpoint::VERSION,
-        step: 1,
-        world_size: world,
-        optimizer_steps: 1,
-        source_samples: Vec::new(),
-        source_epochs: Vec::new(),
-        rng: proto::checkpoint::RngState {
-            seed: 0,
-            scheme: "bench".into(),
-        },
-        resume: proto::checkpoint::ResumeFields {
-            model: String::new(),
-            sources: Vec::new(),
-            datasets: Vec::new(),
-            seed: 0,
-            global_batch: 0,
-        },
-        tokenizer_sha256: String::new(),
-        software: "bench".into(),
-        section_len: layout.section_len,
-        shards: layout.shards(world),
-        tensors: layout.tensors,
-    };
+    let meta = StateLayout::of(&model, &record).meta(1, world, checkpoint::JobFacts::default());
     checkpoint::write_meta(&root, &meta)?;
     let committed = proto::checkpoint::Committed {
         step: 1,

@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::{AutodiffBackend, Device as _};
 use burn::tensor::ElementConversion;
-use proto::checkpoint::{self as checkpoint_layout, Meta, ResumeFields, RngState};
+use proto::checkpoint::{self as checkpoint_layout, ResumeFields};
 use proto::dataset::DatasetIndex;
 use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
 use proto::rpc::coordinator_client::CoordinatorClient;
@@ -25,7 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::backend::CpuTrain;
-use crate::checkpoint::{self, SavedShard, StateLayout};
+use crate::checkpoint::{self, JobFacts, SavedShard, StateLayout};
 use crate::collective::tcp::RingListener;
 use crate::collective::Collective;
 use crate::data::dataset::Dataset;
@@ -511,30 +511,18 @@ where
         let saved = checkpoint::save_shard(&checkpointing.root, step, rank, world, model, &record)
             .map_err(|e| failed(e.to_string()))?;
         if rank == 0 {
-            let layout = StateLayout::of(model, &record);
-            let meta = Meta {
-                format: checkpoint_layout::FORMAT.into(),
-                version: checkpoint_layout::VERSION,
-                step,
-                world_size: world,
-                optimizer_steps: layout.optimizer_steps,
+            let facts = JobFacts {
                 source_samples: counts.iter().map(|&count| step * count as u64).collect(),
                 source_epochs: counts
                     .iter()
                     .zip(&sizes)
                     .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
                     .collect(),
-                rng: RngState {
-                    seed: manifest.job.seed,
-                    scheme: "counter-based: every draw is SplitMix64 keyed by (seed, step or sample)".into(),
-                },
+                seed: manifest.job.seed,
                 resume: checkpointing.resume.clone(),
                 tokenizer_sha256: checkpointing.tokenizer_sha256.clone(),
-                software: format!("coca {}", env!("CARGO_PKG_VERSION")),
-                section_len: layout.section_len,
-                shards: layout.shards(world),
-                tensors: layout.tensors,
             };
+            let meta = StateLayout::of(model, &record).meta(step, world, facts);
             checkpoint::write_meta(&checkpointing.root, &meta).map_err(|e| failed(e.to_string()))?;
             checkpointing
                 .root

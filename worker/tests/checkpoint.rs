@@ -3,12 +3,12 @@
 //! one, and damaged shards are named.
 
 use burn::optim::AdamWConfig;
-use proto::checkpoint::{self as layout, Committed, Meta, ResumeFields, RngState};
+use proto::checkpoint::{self as layout, Committed};
 use proto::Preset;
 use store::{Store, StoreOptions};
 use worker::backend::CpuTrain;
 use worker::checkpoint::state::{read_range, OptimizerRecord};
-use worker::checkpoint::{self, StateLayout};
+use worker::checkpoint::{self, JobFacts, StateLayout};
 use worker::collective::Solo;
 use worker::model::loss::LossWeights;
 use worker::model::parameters::parameter_checksum;
@@ -61,32 +61,7 @@ fn save(root: &Store, step: u64, world: usize, model: &CocaModel<B>, record: &Op
                 .record,
         );
     }
-    let layout = StateLayout::of(model, record);
-    let meta = Meta {
-        format: layout::FORMAT.into(),
-        version: layout::VERSION,
-        step,
-        world_size: world,
-        optimizer_steps: layout.optimizer_steps,
-        source_samples: vec![],
-        source_epochs: vec![],
-        rng: RngState {
-            seed: 7,
-            scheme: "test".into(),
-        },
-        resume: ResumeFields {
-            model: String::new(),
-            sources: vec![],
-            datasets: vec![],
-            seed: 7,
-            global_batch: 4,
-        },
-        tokenizer_sha256: String::new(),
-        software: "test".into(),
-        section_len: layout.section_len,
-        shards: layout.shards(world),
-        tensors: layout.tensors,
-    };
+    let meta = StateLayout::of(model, record).meta(step, world, JobFacts::default());
     checkpoint::write_meta(root, &meta).unwrap();
     let committed = Committed {
         step,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use proto::checkpoint::{self as layout, Committed, Meta, ShardRecord, TensorEntry};
+use proto::checkpoint::{self as layout, Committed, Meta, ResumeFields, RngState, ShardRecord, TensorEntry};
 use store::{Store, StoreError};
 
 use crate::model::CocaModel;
@@ -66,6 +66,41 @@ impl StateLayout {
                 }
             })
             .collect()
+    }
+}
+
+/// What meta.json says about the job, beyond the state itself.
+#[derive(Debug, Clone, Default)]
+pub struct JobFacts {
+    pub source_samples: Vec<u64>,
+    pub source_epochs: Vec<f64>,
+    pub seed: u64,
+    pub resume: ResumeFields,
+    pub tokenizer_sha256: String,
+}
+
+impl StateLayout {
+    /// meta.json of step `step` saved by `world` ranks.
+    pub fn meta(self, step: u64, world: usize, facts: JobFacts) -> Meta {
+        Meta {
+            format: layout::FORMAT.into(),
+            version: layout::VERSION,
+            step,
+            world_size: world,
+            optimizer_steps: self.optimizer_steps,
+            source_samples: facts.source_samples,
+            source_epochs: facts.source_epochs,
+            rng: RngState {
+                seed: facts.seed,
+                scheme: "counter-based: every draw is SplitMix64 keyed by (seed, step or sample)".into(),
+            },
+            resume: facts.resume,
+            tokenizer_sha256: facts.tokenizer_sha256,
+            software: format!("coca {}", env!("CARGO_PKG_VERSION")),
+            section_len: self.section_len,
+            shards: self.shards(world),
+            tensors: self.tensors,
+        }
     }
 }
 
