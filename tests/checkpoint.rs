@@ -158,10 +158,14 @@ fn changed_fields_are_refused_and_fresh_needs_an_empty_location() {
     let stderr = failed(&launch(dir.path(), &["--steps", "10", "--fresh"]));
     assert!(stderr.contains("already holds committed step 5"), "{stderr}");
     ok(&launch(dir.path(), &["--steps", "10"]));
-    let stderr = failed(&launch(dir.path(), &["--steps", "10"]));
+    // Run again, it says it is done (and exits 0).
+    let again = launch(dir.path(), &["--steps", "10"]);
+    ok(&again);
+    let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(
-        stderr.contains("is step 10, and the job has 10 steps: raise job.steps"),
-        "{stderr}"
+        stdout.contains("job demo: the job is complete: its newest checkpoint, file://")
+            && stdout.contains("step-00000010, is step 10 of 10. Raise job.steps"),
+        "{stdout}"
     );
     // --from picks an older step.
     let from = dir.path().join("runs/demo/checkpoints/step-00000009");

@@ -46,6 +46,12 @@ pub enum CoordinatorError {
     Journal(#[from] journal::JournalError),
     #[error("resume: {0}")]
     Checkpoint(#[from] checkpoints::CheckpointError),
+    /// Not a failure: the checkpoint is the job's last step.
+    #[error(
+        "the job is complete: its newest checkpoint, {url}, is step {step} of {total}. Raise job.steps \
+         (or --steps) to train further, or give it another checkpoint.url to start over"
+    )]
+    Complete { url: String, step: u64, total: u64 },
 }
 
 /// Every step's metrics, one JSON object per line, in the job's directory.
@@ -246,12 +252,11 @@ impl Coordinator {
                 eprintln!("coordinator: skipping {skipped}");
             }
             if chosen.step >= total_steps {
-                return Err(CoordinatorError::Checkpoint(checkpoints::CheckpointError::Other(
-                    format!(
-                    "{} is step {}, and the job has {total_steps} steps: raise job.steps (or --steps) to train further",
-                    chosen.url, chosen.step
-                ),
-                )));
+                return Err(CoordinatorError::Complete {
+                    url: chosen.url.clone(),
+                    step: chosen.step,
+                    total: total_steps,
+                });
             }
             eprintln!(
                 "coordinator: resuming from {} (step {}, saved by {} workers)",

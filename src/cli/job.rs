@@ -109,7 +109,10 @@ pub fn launch(
     ensure_demo_data(&manifest)?;
     let token = job_token(&manifest, true)?;
     let runtime = runtime()?;
-    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume))?;
+    let coordinator = match runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume)) {
+        Err(done @ coordinator::CoordinatorError::Complete { .. }) => return nothing_to_do(&manifest, &done),
+        started => started?,
+    };
     let url = format!("http://{}", coordinator.grpc_address());
     println!(
         "job {}: status on http://{}/",
@@ -229,7 +232,10 @@ pub fn coordinator(
     let token = job_token(&manifest, false)?;
     ensure_demo_data(&manifest)?;
     let runtime = runtime()?;
-    let coordinator = runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume))?;
+    let coordinator = match runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume)) {
+        Err(done @ coordinator::CoordinatorError::Complete { .. }) => return nothing_to_do(&manifest, &done),
+        started => started?,
+    };
     println!(
         "job {}: gRPC on {}, status on http://{}/",
         manifest.job.name,
@@ -263,6 +269,12 @@ pub fn coordinator(
         report.total_steps
     );
     Ok(exit_code(state))
+}
+
+/// A job whose checkpoint is already its last step: said, and exit 0.
+fn nothing_to_do(manifest: &Manifest, done: &coordinator::CoordinatorError) -> anyhow::Result<u8> {
+    println!("job {}: {done}", manifest.job.name);
+    Ok(0)
 }
 
 pub fn worker(
