@@ -394,6 +394,11 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
     assert_eq!(text_of("job"), "demo");
     assert_eq!(text_of("step"), "12 / 12");
     assert_eq!(text_of("state"), "completed");
+    assert!(
+        text_of("checkpoint").starts_with("step 12 ("),
+        "{}",
+        text_of("checkpoint")
+    );
     // The charts drew the job's points (the script records how many).
     for chart in ["losses", "throughput-chart"] {
         let tag = &dom[dom.find(&format!("id=\"{chart}\"")).unwrap()..];
