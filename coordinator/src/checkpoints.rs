@@ -112,19 +112,9 @@ pub fn verify(dir: &Store) -> Result<Meta, CheckpointError> {
             .find(|s| s.file == range.file)
             .ok_or_else(|| damaged(&range.file, "not among the shards COMMITTED lists".into()))?;
         let bytes = read(&range.file)?;
-        if bytes.len() as u64 != record.bytes {
-            return Err(damaged(
-                &range.file,
-                format!("{} bytes, {} were committed (truncated?)", bytes.len(), record.bytes),
-            ));
-        }
-        let sum = store::sha256_hex(&bytes);
-        if sum != record.sha256 {
-            return Err(damaged(
-                &range.file,
-                format!("checksum mismatch: SHA-256 {sum}, {} was committed", record.sha256),
-            ));
-        }
+        record
+            .check(bytes.len() as u64, &store::sha256_hex(&bytes))
+            .map_err(|message| damaged(&range.file, message))?;
     }
     Ok(meta)
 }

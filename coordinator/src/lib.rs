@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::dataset::{DatasetIndex, INDEX_FILE};
+use proto::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use proto::manifest::Manifest;
 use proto::rpc::coordinator_server::CoordinatorServer;
 use proto::sample_order::{SampleOrder, SourceSize};
@@ -458,13 +458,7 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
             url: source.url.clone(),
             message,
         };
-        let store = Store::open(&source.url, &options).map_err(|e| failed(e.to_string()))?;
-        let bytes = store.get(INDEX_FILE).map_err(|e| match e {
-            store::StoreError::NotFound { .. } => failed(format!("no dataset here (no {INDEX_FILE})")),
-            other => failed(other.to_string()),
-        })?;
-        let json = String::from_utf8(bytes.to_vec()).map_err(|_| failed(format!("{INDEX_FILE} is not UTF-8")))?;
-        let parsed = DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| failed(e.to_string()))?;
+        let (json, parsed) = read_index(&source.url, &options).map_err(failed)?;
         if parsed.kind != source.kind {
             return Err(failed(format!(
                 "the dataset is {}, but the manifest says kind = \"{}\"",
@@ -476,16 +470,8 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
     // The [eval] datasets: rank 0 reads them mid-job, so check them now.
     let evals = manifest.eval.iter().flat_map(|eval| {
         [
-            (
-                "eval.zeroshot",
-                eval.zeroshot.as_deref(),
-                proto::dataset::DatasetKind::Jft,
-            ),
-            (
-                "eval.retrieval",
-                eval.retrieval.as_deref(),
-                proto::dataset::DatasetKind::Align,
-            ),
+            ("eval.zeroshot", eval.zeroshot.as_deref(), DatasetKind::Jft),
+            ("eval.retrieval", eval.retrieval.as_deref(), DatasetKind::Align),
         ]
     });
     for (field, url, kind) in evals {
@@ -495,13 +481,7 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
             url: url.to_string(),
             message,
         };
-        let store = Store::open(url, &options).map_err(|e| failed(e.to_string()))?;
-        let bytes = store.get(INDEX_FILE).map_err(|e| match e {
-            store::StoreError::NotFound { .. } => failed(format!("no dataset here (no {INDEX_FILE})")),
-            other => failed(other.to_string()),
-        })?;
-        let parsed = DatasetIndex::parse(&String::from_utf8_lossy(&bytes), &store.object_url(INDEX_FILE))
-            .map_err(|e| failed(e.to_string()))?;
+        let (_, parsed) = read_index(url, &options).map_err(failed)?;
         if parsed.kind != kind {
             return Err(failed(format!(
                 "the dataset is {}; {field} needs a {kind} dataset",
@@ -510,4 +490,16 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
         }
     }
     Ok(indexes)
+}
+
+/// A dataset's index.json: its text (to pin) and what it says.
+fn read_index(url: &str, options: &StoreOptions) -> Result<(String, DatasetIndex), String> {
+    let store = Store::open(url, options).map_err(|e| e.to_string())?;
+    let bytes = store.get(INDEX_FILE).map_err(|e| match e {
+        store::StoreError::NotFound { .. } => format!("no dataset here (no {INDEX_FILE})"),
+        other => other.to_string(),
+    })?;
+    let json = String::from_utf8(bytes.to_vec()).map_err(|_| format!("{INDEX_FILE} is not UTF-8"))?;
+    let parsed = DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| e.to_string())?;
+    Ok((json, parsed))
 }

@@ -12,7 +12,7 @@ use proto::rpc::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{JobState, Worker};
+use crate::job::{Job, JobState, Worker};
 use crate::journal::Event;
 use crate::Shared;
 
@@ -72,15 +72,12 @@ impl CoordinatorRpc for Service {
         let mut ready = self.shared.ready.subscribe();
         loop {
             {
-                let job = self.shared.job.lock().expect("job state");
-                let worker = job
-                    .workers
-                    .get(&id)
-                    .ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
+                let mut job = self.shared.job.lock().expect("job state");
+                let rank = registered(&mut job, &id)?.rank;
                 if job.state.is_terminal() {
                     return Err(Status::aborted(format!("the job is {}", job.state.name())));
                 }
-                if let Some(rank) = worker.rank {
+                if let Some(rank) = rank {
                     let mut peers: Vec<(usize, String)> = job
                         .workers
                         .values()
@@ -109,10 +106,7 @@ impl CoordinatorRpc for Service {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
         let mut job = self.shared.job.lock().expect("job state");
-        let worker = job
-            .workers
-            .get_mut(&request.worker_id)
-            .ok_or_else(|| Status::not_found(format!("unknown worker {}", request.worker_id)))?;
+        let worker = registered(&mut job, &request.worker_id)?;
         worker.last_heartbeat = Instant::now();
         let before = worker.step;
         worker.step = worker.step.max(request.step);
@@ -146,10 +140,7 @@ impl CoordinatorRpc for Service {
         };
         let complete = {
             let mut job = self.shared.job.lock().expect("job state");
-            let rank = job
-                .workers
-                .get(&shard.worker_id)
-                .ok_or_else(|| Status::not_found(format!("unknown worker {}", shard.worker_id)))?
+            let rank = registered(&mut job, &shard.worker_id)?
                 .rank
                 .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
             let world = job.world_size;
@@ -200,10 +191,7 @@ impl CoordinatorRpc for Service {
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let request = request.into_inner();
         let mut job = self.shared.job.lock().expect("job state");
-        let worker = job
-            .workers
-            .get_mut(&request.worker_id)
-            .ok_or_else(|| Status::not_found(format!("unknown worker {}", request.worker_id)))?;
+        let worker = registered(&mut job, &request.worker_id)?;
         worker.step = worker.step.max(request.step);
         worker.finished = Some((request.ok, request.message.clone()));
         let describe = format!(
@@ -263,4 +251,11 @@ impl CoordinatorRpc for Service {
         }
         Ok(Response::new(FinishReply {}))
     }
+}
+
+/// The worker a call names, which must have registered.
+fn registered<'a>(job: &'a mut Job, id: &str) -> Result<&'a mut Worker, Status> {
+    job.workers
+        .get_mut(id)
+        .ok_or_else(|| Status::not_found(format!("unknown worker {id}")))
 }

@@ -131,6 +131,23 @@ pub struct ShardRecord {
     pub sha256: String,
 }
 
+impl ShardRecord {
+    /// Whether a shard read back is the one committed: its size, then its
+    /// SHA-256 (`sha256` of the bytes read).
+    pub fn check(&self, bytes: u64, sha256: &str) -> Result<(), String> {
+        if bytes != self.bytes {
+            return Err(format!("{bytes} bytes, {} were committed (truncated?)", self.bytes));
+        }
+        if sha256 != self.sha256 {
+            return Err(format!(
+                "checksum mismatch: SHA-256 {sha256}, {} was committed",
+                self.sha256
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The manifest fields a resumed job must keep: changing them would make
 /// the saved state or the data plan mean something else. (Steps, the
 /// schedule's end, checkpoint cadence and the worker count may change.)

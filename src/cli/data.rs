@@ -392,7 +392,7 @@ impl StoreArgs {
         Ok(Store::open_object(url, &self.options())?)
     }
 
-    fn options(&self) -> StoreOptions {
+    pub(super) fn options(&self) -> StoreOptions {
         StoreOptions::with_s3(self.s3_endpoint.clone(), self.s3_region.clone())
     }
 }

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use proto::checkpoint as layout;
 use store::Store;
 use worker::backend::Cpu;
+use worker::checkpoint::CheckpointError;
 use worker::data::dataset::Dataset;
 use worker::data::prompt::PromptTemplates;
 use worker::eval::tasks;
@@ -132,21 +133,27 @@ impl GenerationArgs {
     }
 }
 
-/// The committed step a checkpoint URL names: a step directory, `step`
-/// under a location, or the location's newest whole step.
-pub fn step_dir(checkpoint: &str, step: Option<u64>, store: &StoreArgs) -> anyhow::Result<Store> {
+/// The state of the committed step a checkpoint URL names: a step
+/// directory, `step` under a location, or the location's newest step whose
+/// shards are all whole (damaged ones are skipped, by name). Read once.
+pub fn read_step(
+    checkpoint: &str,
+    step: Option<u64>,
+    store: &StoreArgs,
+) -> anyhow::Result<(Store, proto::checkpoint::Meta, Vec<f32>)> {
     let root = store.open(checkpoint)?;
     let last = checkpoint.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    let read = |dir: Store| worker::checkpoint::read_state(&dir).map(|(meta, values)| (dir, meta, values));
     match (layout::parse_step_dir(last), step) {
-        (Some(_), None) => Ok(root),
-        (_, Some(step)) => Ok(root.at(&layout::step_dir(step))),
+        (Some(_), None) => Ok(read(root)?),
+        (_, Some(step)) => Ok(read(root.at(&layout::step_dir(step)))?),
         (None, None) => {
             let (committed, _) = coordinator::checkpoints::steps(&root)?;
             for step in committed {
-                let dir = root.at(&layout::step_dir(step));
-                match coordinator::checkpoints::verify(&dir) {
-                    Ok(_) => return Ok(dir),
-                    Err(error) => eprintln!("skipping {error}"),
+                match read(root.at(&layout::step_dir(step))) {
+                    Ok(state) => return Ok(state),
+                    Err(damaged @ CheckpointError::Damaged { .. }) => eprintln!("skipping {damaged}"),
+                    Err(other) => return Err(other.into()),
                 }
             }
             bail!("{checkpoint}: no committed checkpoint here")
@@ -161,21 +168,15 @@ pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
         let bytes = store.get(&name)?;
         inference::from_export::<Cpu>(&bytes, &source.checkpoint, &device)?
     } else {
-        inference::from_step::<Cpu>(&step_dir(&source.checkpoint, None, &source.store)?, &device)?
+        let (dir, meta, values) = read_step(&source.checkpoint, None, &source.store)?;
+        inference::from_state::<Cpu>(&dir, meta, &values, &device)?
     };
     eprintln!("model: step {} of {}", loaded.step, loaded.origin);
     Ok(loaded)
 }
 
 fn templates(spec: &str, store: &StoreArgs) -> anyhow::Result<PromptTemplates> {
-    Ok(match spec {
-        "clip80" => PromptTemplates::clip80(),
-        "simple" => PromptTemplates::simple(),
-        url => {
-            let (store, name) = store.open_object(url)?;
-            PromptTemplates::parse(&String::from_utf8_lossy(&store.get(&name)?), url)?
-        }
-    })
+    PromptTemplates::open(spec, &store.options()).map_err(anyhow::Error::msg)
 }
 
 fn dataset(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {

@@ -12,8 +12,7 @@ use safetensors::Dtype;
 use super::StoreArgs;
 
 pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    let dir = super::eval::step_dir(checkpoint, step, store)?;
-    let (meta, values) = worker::checkpoint::read_state(&dir)?;
+    let (dir, meta, values) = super::eval::read_step(checkpoint, step, store)?;
     let bytes: Vec<&[u8]> = meta
         .tensors
         .iter()

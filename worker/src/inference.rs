@@ -6,12 +6,13 @@
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use proto::checkpoint::{self as layout, TensorEntry};
+use proto::checkpoint::{self as layout, Meta, TensorEntry};
 use proto::ModelConfig;
 use safetensors::{Dtype, SafeTensors};
 use store::Store;
 
-use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::state::PathStack;
+use crate::checkpoint::CheckpointError;
 use crate::data::image::{self, Crop};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::CocaModel;
@@ -82,14 +83,19 @@ pub fn from_export<B: Backend>(bytes: &[u8], origin: &str, device: &B::Device) -
     })
 }
 
-/// Loads the parameters of a committed step directory, every shard checked.
-pub fn from_step<B: Backend>(dir: &Store, device: &B::Device) -> Result<Loaded<B>, LoadError> {
+/// A model from a committed step's state (`checkpoint::read_state` of
+/// `dir`), with the tokenizer the step holds.
+pub fn from_state<B: Backend>(
+    dir: &Store,
+    meta: Meta,
+    values: &[f32],
+    device: &B::Device,
+) -> Result<Loaded<B>, LoadError> {
     let origin = dir.object_url("");
     let format = |message: String| LoadError::Format {
         origin: origin.clone(),
         message,
     };
-    let (meta, values) = checkpoint::read_state(dir)?;
     let config: ModelConfig =
         serde_json::from_str(&meta.resume.model).map_err(|e| format(format!("meta.json `resume.model`: {e}")))?;
     let json = dir.get(layout::TOKENIZER)?;
@@ -126,21 +132,21 @@ fn build<B: Backend>(
     lookup: impl Fn(&str, &[usize]) -> Result<Vec<f32>, String>,
 ) -> Result<CocaModel<B>, String> {
     struct Load<F> {
-        stack: Vec<String>,
+        stack: PathStack,
         lookup: F,
         error: Option<String>,
     }
     impl<B: Backend, F: Fn(&str, &[usize]) -> Result<Vec<f32>, String>> ModuleMapper<B> for Load<F> {
         fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
+            self.stack.enter(name);
         }
         fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, tensor, mapper) = param.consume();
             let shape = tensor.dims().to_vec();
-            let path = self.stack.join(".");
+            let path = self.stack.path();
             let value = match (self.error.is_none()).then(|| (self.lookup)(&path, &shape)) {
                 Some(Ok(values)) => Tensor::from_data(TensorData::new(values, shape), &tensor.device()),
                 Some(Err(message)) => {
@@ -153,7 +159,7 @@ fn build<B: Backend>(
         }
     }
     let mut load = Load {
-        stack: Vec::new(),
+        stack: PathStack::default(),
         lookup,
         error: None,
     };

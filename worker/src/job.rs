@@ -303,18 +303,6 @@ fn send_heartbeat(
     }
 }
 
-fn templates(spec: &str, options: &StoreOptions) -> Result<PromptTemplates, String> {
-    Ok(match spec {
-        "clip80" => PromptTemplates::clip80(),
-        "simple" => PromptTemplates::simple(),
-        url => {
-            let (store, name) = Store::open_object(url, options).map_err(|e| e.to_string())?;
-            let bytes = store.get(&name).map_err(|e| e.to_string())?;
-            PromptTemplates::parse(&String::from_utf8_lossy(&bytes), url).map_err(|e| e.to_string())?
-        }
-    })
-}
-
 /// What the training loop works from and reports to.
 struct TrainJob<'a> {
     manifest: &'a Manifest,
@@ -375,7 +363,7 @@ where
         indexes.push(index.clone());
         sources.push(LoaderSource {
             dataset: Dataset::with_index(store, index),
-            templates: templates(&source.templates, &options)
+            templates: PromptTemplates::open(&source.templates, &options)
                 .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
         });
     }
@@ -395,6 +383,14 @@ where
     let order =
         SampleOrder::new(manifest.job.seed, &sizes, manifest.train.global_batch).map_err(|e| setup(e.to_string()))?;
     let counts = order.counts_per_batch().to_vec();
+    // Per source: epochs completed after `step` steps.
+    let epochs_at = |step: u64| -> Vec<f64> {
+        counts
+            .iter()
+            .zip(&sizes)
+            .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
+            .collect()
+    };
     let config = LoaderConfig {
         threads: manifest.data.loader_threads,
         prefetch_batches: manifest.data.prefetch_batches,
@@ -413,7 +409,8 @@ where
             let zeroshot = match &eval.zeroshot {
                 Some(url) => Some((
                     open("eval.zeroshot", url)?,
-                    templates(&eval.templates, &options).map_err(|e| setup(format!("eval.templates: {e}")))?,
+                    PromptTemplates::open(&eval.templates, &options)
+                        .map_err(|e| setup(format!("eval.templates: {e}")))?,
                 )),
                 None => None,
             };
@@ -513,11 +510,7 @@ where
         if rank == 0 {
             let facts = JobFacts {
                 source_samples: counts.iter().map(|&count| step * count as u64).collect(),
-                source_epochs: counts
-                    .iter()
-                    .zip(&sizes)
-                    .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
-                    .collect(),
+                source_epochs: epochs_at(step),
                 seed: manifest.job.seed,
                 resume: checkpointing.resume.clone(),
                 tokenizer_sha256: checkpointing.tokenizer_sha256.clone(),
@@ -592,11 +585,7 @@ where
                     })
                 })
                 .collect(),
-            source_epochs: counts
-                .iter()
-                .zip(&sizes)
-                .map(|(&count, size)| (step * count as u64) as f64 / size.samples as f64)
-                .collect(),
+            source_epochs: epochs_at(step),
             evals: Vec::new(),
         };
         if let Some(eval) = periodic_eval.as_mut().filter(|e| e.due(step, total)) {

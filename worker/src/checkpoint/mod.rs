@@ -147,10 +147,21 @@ pub fn write_meta(root: &Store, meta: &Meta) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// An object of a step; a missing one makes the step damaged.
+fn get(dir: &Store, name: &str) -> Result<store::Bytes, CheckpointError> {
+    dir.get(name).map_err(|e| match e {
+        StoreError::NotFound { .. } => CheckpointError::Damaged {
+            url: dir.object_url(name),
+            message: "missing".into(),
+        },
+        other => other.into(),
+    })
+}
+
 /// Reads a committed step's meta.json and COMMITTED.
 pub fn read_step(dir: &Store) -> Result<(Meta, Committed), CheckpointError> {
     let parse = |name: &str| -> Result<serde_json::Value, CheckpointError> {
-        let bytes = dir.get(name)?;
+        let bytes = get(dir, name)?;
         serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Damaged {
             url: dir.object_url(name),
             message: format!("not valid JSON: {e}"),
@@ -186,21 +197,10 @@ pub fn read_state(dir: &Store) -> Result<(Meta, Vec<f32>), CheckpointError> {
             .iter()
             .find(|s| s.file == range.file)
             .ok_or_else(|| damaged("not among the shards COMMITTED lists".into()))?;
-        let bytes = dir.get(&range.file)?;
-        if bytes.len() as u64 != expected.bytes {
-            return Err(damaged(format!(
-                "{} bytes, {} were committed (truncated?)",
-                bytes.len(),
-                expected.bytes
-            )));
-        }
-        let sum = store::sha256_hex(&bytes);
-        if sum != expected.sha256 {
-            return Err(damaged(format!(
-                "checksum mismatch: SHA-256 {sum}, {} was committed",
-                expected.sha256
-            )));
-        }
+        let bytes = get(dir, &range.file)?;
+        expected
+            .check(bytes.len() as u64, &store::sha256_hex(&bytes))
+            .map_err(&damaged)?;
         shard::decode_into(
             &bytes,
             (range.start, range.end),

@@ -22,16 +22,16 @@ pub type Optimizer<B> = OptimizerAdaptor<AdamW, CocaModel<B>, B>;
 
 /// Module path of the parameter being visited: the stack of module names.
 #[derive(Default)]
-struct PathStack(Vec<String>);
+pub(crate) struct PathStack(Vec<String>);
 
 impl PathStack {
-    fn enter(&mut self, name: &str) {
+    pub(crate) fn enter(&mut self, name: &str) {
         self.0.push(name.to_string());
     }
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.0.pop();
     }
-    fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         self.0.join(".")
     }
 }

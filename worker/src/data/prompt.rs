@@ -60,6 +60,20 @@ impl PromptTemplates {
         Ok(Self(templates))
     }
 
+    /// The templates a manifest or command line names: `clip80`, `simple`,
+    /// or the URL of a file of them.
+    pub fn open(spec: &str, options: &store::StoreOptions) -> Result<Self, String> {
+        Ok(match spec {
+            "clip80" => Self::clip80(),
+            "simple" => Self::simple(),
+            url => {
+                let (store, name) = store::Store::open_object(url, options).map_err(|e| e.to_string())?;
+                let bytes = store.get(&name).map_err(|e| e.to_string())?;
+                Self::parse(&String::from_utf8_lossy(&bytes), url).map_err(|e| e.to_string())?
+            }
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
