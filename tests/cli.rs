@@ -93,13 +93,46 @@ fn bench_step_prints_a_median_on_the_tiny_model() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    let median: f64 = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("median step"))
-        .and_then(|rest| rest.trim().strip_suffix("ms"))
-        .and_then(|number| number.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no median in:\n{text}"));
-    assert!(median > 0.0);
+    let figure = |label: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
+    };
+    let median_ms = figure("median step");
+    assert!(median_ms > 0.0);
+    // The first step includes building the model, so it is no shorter than a step (printed in s to 0.1).
+    assert!(figure("first step") >= 0.0);
+    // Throughput and FLOP/s are the batch and the model's FLOPs over the
+    // median, which is printed rounded to 0.1 ms.
+    let per_median = |value: f64, amount: f64| {
+        let (slowest, fastest) = ((median_ms + 0.05) / 1e3, (median_ms - 0.05).max(1e-3) / 1e3);
+        value >= 0.999 * amount / slowest - 0.05 && value <= 1.001 * amount / fastest + 0.05
+    };
+    assert!(per_median(figure("samples/s"), 4.0), "{text}");
+    let flops = proto::Preset::Tiny.config().training_flops(4);
+    assert!(per_median(figure("model FLOP/s"), flops), "{text}");
+}
+
+#[test]
+fn bench_step_on_cuda_says_what_it_needs() {
+    let output = coca(&["bench", "step", "--preset", "tiny", "--backend", "cuda", "--world", "2"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--backend cuda runs one process: leave out --world"),
+        "{}",
+        stderr(&output)
+    );
+    if !cfg!(feature = "cuda") {
+        let output = coca(&["bench", "step", "--preset", "tiny", "--backend", "cuda"]);
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains("this coca was built without CUDA (cargo build --release --features cuda)"),
+            "{}",
+            stderr(&output)
+        );
+    }
 }
 
 #[test]

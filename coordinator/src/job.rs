@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proto::rpc::StepMetrics;
+use proto::rpc::{StepMetrics, WorkerPhase};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,6 +56,8 @@ pub struct Worker {
     #[serde(skip)]
     pub preferred_rank: Option<usize>,
     pub step: u64,
+    #[serde(skip)]
+    pub phase: WorkerPhase,
     #[serde(skip)]
     pub last_heartbeat: Instant,
     /// Set by Finish: whether it ended well, and its message.

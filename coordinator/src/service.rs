@@ -8,7 +8,7 @@ use proto::checkpoint::ShardRecord;
 use proto::rpc::coordinator_server::Coordinator as CoordinatorRpc;
 use proto::rpc::{
     Assignment, CheckpointReply, CheckpointShard, Command, FinishReply, FinishRequest, HeartbeatReply,
-    HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION,
+    HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
@@ -50,6 +50,7 @@ impl CoordinatorRpc for Service {
                 device: request.device,
                 collective_address: request.collective_address,
                 step,
+                phase: WorkerPhase::Starting,
                 last_heartbeat: Instant::now(),
                 finished: None,
             },
@@ -108,6 +109,7 @@ impl CoordinatorRpc for Service {
         let mut job = self.shared.job.lock().expect("job state");
         let worker = registered(&mut job, &request.worker_id)?;
         worker.last_heartbeat = Instant::now();
+        worker.phase = WorkerPhase::try_from(request.phase).unwrap_or(WorkerPhase::Starting);
         let before = worker.step;
         worker.step = worker.step.max(request.step);
         let rank = worker.rank;

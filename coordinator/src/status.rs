@@ -13,6 +13,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use proto::rpc::WorkerPhase;
 use serde::Serialize;
 use std::sync::atomic::AtomicU64;
 
@@ -69,6 +70,8 @@ pub struct WorkerReport {
     pub host: String,
     pub device: String,
     pub step: u64,
+    /// starting, compiling (a GPU worker's first step) or training.
+    pub phase: &'static str,
     pub last_heartbeat_seconds_ago: f64,
     pub finished: Option<bool>,
     pub message: Option<String>,
@@ -108,6 +111,7 @@ pub fn report(shared: &Shared) -> StatusReport {
                 host: w.host.clone(),
                 device: w.device.clone(),
                 step: w.step,
+                phase: phase_name(w.phase),
                 last_heartbeat_seconds_ago: w.last_heartbeat.elapsed().as_secs_f64(),
                 finished: w.finished.as_ref().map(|(ok, _)| *ok),
                 message: w
@@ -124,6 +128,14 @@ pub fn report(shared: &Shared) -> StatusReport {
         previous: job.previous.clone(),
         history: job.history.clone(),
         evals: job.evals.clone(),
+    }
+}
+
+pub fn phase_name(phase: WorkerPhase) -> &'static str {
+    match phase {
+        WorkerPhase::Starting => "starting",
+        WorkerPhase::Compiling => "compiling",
+        WorkerPhase::Training => "training",
     }
 }
 
@@ -251,6 +263,12 @@ pub fn prometheus_text(status: &StatusReport) -> String {
         workers,
     );
     let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
+    gauge(
+        &mut registry,
+        "workers_compiling",
+        "Workers in their first GPU step, compiling and tuning kernels",
+        status.workers.iter().filter(|w| w.phase == "compiling").count() as f64,
+    );
     gauge(
         &mut registry,
         "workers_lost",

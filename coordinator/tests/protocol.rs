@@ -10,7 +10,9 @@ use coordinator::job::JobState;
 use coordinator::{Coordinator, Resume};
 use proto::manifest::Manifest;
 use proto::rpc::coordinator_client::CoordinatorClient;
-use proto::rpc::{Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION};
+use proto::rpc::{
+    Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
+};
 use tonic::transport::Channel;
 
 /// A manifest over two hand-written dataset indexes (the coordinator reads
@@ -210,12 +212,34 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
     let status = client.register(register("127.0.0.1:9003")).await.unwrap_err();
     assert_eq!(status.message(), "the job is running and takes no new workers");
 
+    // A GPU worker in its first step says it compiles; the status page shows it.
+    client
+        .heartbeat(HeartbeatRequest {
+            worker_id: first.clone(),
+            step: 0,
+            metrics: Vec::new(),
+            phase: WorkerPhase::Compiling as i32,
+        })
+        .await
+        .unwrap();
+    let phases: Vec<(String, &str)> = coordinator::status::report(&coordinator.shared)
+        .workers
+        .iter()
+        .map(|w| (w.id.clone(), w.phase))
+        .collect();
+    assert!(phases.contains(&(first.clone(), "compiling")), "{phases:?}");
+    assert!(phases.contains(&(second.clone(), "starting")), "{phases:?}");
+    assert!(
+        coordinator::status::prometheus_text(&coordinator::status::report(&coordinator.shared))
+            .contains("coca_workers_compiling 1")
+    );
     for id in [&first, &second] {
         let reply = client
             .heartbeat(HeartbeatRequest {
                 worker_id: id.clone(),
                 step: 5,
                 metrics: Vec::new(),
+                phase: WorkerPhase::Training as i32,
             })
             .await
             .unwrap()
@@ -264,6 +288,7 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
                 worker_id: alive.clone(),
                 step: 1,
                 metrics: Vec::new(),
+                phase: WorkerPhase::Training as i32,
             })
             .await
             .unwrap()

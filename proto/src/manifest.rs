@@ -33,6 +33,7 @@ pub struct Manifest {
     pub cluster: Cluster,
     pub checkpoint: Option<Checkpoint>,
     pub eval: Option<Eval>,
+    pub gpu: Gpu,
     pub status: Status,
     pub auth: Auth,
     /// The text the manifest was read from, handed to workers as is.
@@ -152,6 +153,28 @@ pub struct Cluster {
     pub heartbeat_timeout_ms: u64,
 }
 
+/// How much time cubecl spends choosing the fastest kernel for a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutotuneLevel {
+    Minimal,
+    Balanced,
+    Extensive,
+    Full,
+}
+
+/// How CUDA workers compile and tune their kernels (ignored on the CPU backend).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpu {
+    /// Defaults to minimal: the first step of a fresh job then takes seconds
+    /// of tuning instead of minutes.
+    pub autotune: AutotuneLevel,
+    /// Where the job's compiled kernels and autotune results are kept, so
+    /// that every worker after the first, and every restart, starts warm.
+    pub kernel_cache: String,
+    /// Count the kernels compiled in each step and log them.
+    pub log_compilations: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     pub url: String,
@@ -239,6 +262,10 @@ impl<'a> Section<'a> {
         })
     }
 
+    fn boolean(&mut self, key: &'static str) -> Result<Option<bool>, ManifestError> {
+        self.typed(key, "true or false", |v| v.as_bool())
+    }
+
     fn string(&mut self, key: &'static str) -> Result<Option<String>, ManifestError> {
         self.typed(key, "a string", |v| v.as_str().map(str::to_string))
     }
@@ -311,7 +338,7 @@ impl Manifest {
         let root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| error(origin, e.to_string().trim().to_string()))?;
-        const SECTIONS: [&str; 9] = [
+        const SECTIONS: [&str; 10] = [
             "job",
             "model",
             "data",
@@ -319,6 +346,7 @@ impl Manifest {
             "cluster",
             "checkpoint",
             "eval",
+            "gpu",
             "status",
             "auth",
         ];
@@ -408,15 +436,11 @@ impl Manifest {
             &[("cpu", Backend::Cpu), ("cuda", Backend::Cuda)],
             Backend::Cpu,
         )?;
-        let default_collective = if backend == Backend::Cuda {
-            CollectiveKind::Nccl
-        } else {
-            CollectiveKind::Tcp
-        };
+        // tcp on every backend until the worker exchanges an NCCL id.
         let collective = section.choice(
             "collective",
             &[("tcp", CollectiveKind::Tcp), ("nccl", CollectiveKind::Nccl)],
-            default_collective,
+            CollectiveKind::Tcp,
         )?;
         let coordinator = section.address("coordinator", "127.0.0.1:7070")?;
         let worker_host_text = section.string("worker_host")?.unwrap_or_else(|| "127.0.0.1".into());
@@ -470,6 +494,32 @@ impl Manifest {
             }
         };
 
+        let mut section = Section::new("gpu", table(&root, "gpu", "gpu")?);
+        let gpu = Gpu {
+            autotune: section.choice(
+                "autotune",
+                &[
+                    ("minimal", AutotuneLevel::Minimal),
+                    ("balanced", AutotuneLevel::Balanced),
+                    ("extensive", AutotuneLevel::Extensive),
+                    ("full", AutotuneLevel::Full),
+                ],
+                AutotuneLevel::Minimal,
+            )?,
+            kernel_cache: match section.string("kernel_cache")? {
+                Some(url) => url,
+                None => {
+                    let beside = checkpoint.as_ref().map_or(job.dir.as_str(), |c| c.url.as_str());
+                    format!("{}/kernel-cache", beside.trim_end_matches('/'))
+                }
+            },
+            log_compilations: section.boolean("log_compilations")?.unwrap_or(true),
+        };
+        section.finish()?;
+        if gpu.kernel_cache.is_empty() {
+            return Err(error("gpu.kernel_cache", "is empty (the URL of a directory)"));
+        }
+
         let mut section = Section::new("status", table(&root, "status", "status")?);
         let status = Status {
             bind: section.address("bind", "127.0.0.1:7071")?,
@@ -492,6 +542,7 @@ impl Manifest {
             cluster,
             checkpoint,
             eval,
+            gpu,
             status,
             auth,
             source: text.to_string(),
@@ -692,8 +743,14 @@ impl Manifest {
         if self.data.loader_threads == 0 {
             return Err(error("data.loader_threads", "must be at least 1"));
         }
-        if cluster.collective == CollectiveKind::Nccl && cluster.backend != Backend::Cuda {
-            return Err(error("cluster.collective", "nccl needs cluster.backend = \"cuda\""));
+        if cluster.collective == CollectiveKind::Nccl {
+            return Err(error(
+                "cluster.collective",
+                match cluster.backend {
+                    Backend::Cpu => "nccl needs cluster.backend = \"cuda\"",
+                    Backend::Cuda => "nccl is not available yet (the workers exchange no NCCL id); use \"tcp\"",
+                },
+            ));
         }
         if cluster.heartbeat_ms == 0 {
             return Err(error("cluster.heartbeat_ms", "must be at least 1"));

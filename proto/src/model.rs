@@ -276,6 +276,54 @@ impl ModelConfig {
             embeddings,
         }
     }
+
+    /// Floating-point operations of one training step on `batch` samples:
+    /// 3 x the forward (the backward costs two forwards), where the forward
+    /// is 2 x (elements x tokens through it) summed over every weight matrix
+    /// plus 4 x query length x key length x width over every attention, and
+    /// the contrastive logits of the whole batch. Embedding lookups, norms,
+    /// softmax and activations are not counted; causal attention counts in
+    /// full (its kernels compute the masked half). The same formula as the
+    /// open_clip baseline script uses, on this model's shapes.
+    pub fn training_flops(&self, batch: usize) -> f64 {
+        let (v, t, e) = (self.vision_width as f64, self.text_width as f64, self.embed_dim as f64);
+        let image_tokens = self.image_tokens() as f64;
+        let queries = self.caption_queries as f64;
+        // The unimodal tower sees the text and its CLS; the decoder predicts all but the first token.
+        let (unimodal_tokens, decoder_tokens) = (self.context_length as f64 + 1.0, self.context_length as f64 - 1.0);
+        // 2 x weight elements x tokens.
+        let dense = |input: f64, output: f64, tokens: f64| 2.0 * input * output * tokens;
+        let attention_scores = |queries: f64, keys: f64, width: f64| 4.0 * queries * keys * width;
+        let attention = |width: f64, context: f64, queries: f64, keys: f64| {
+            dense(width, width, queries) * 2.0
+                + dense(context, width, keys) * 2.0
+                + attention_scores(queries, keys, width)
+        };
+        let mlp = |width: f64, hidden: f64, tokens: f64| dense(width, hidden, tokens) + dense(hidden, width, tokens);
+        let encoder_block =
+            |width: f64, hidden: f64, tokens: f64| attention(width, width, tokens, tokens) + mlp(width, hidden, tokens);
+
+        let patch_dim = (self.channels * self.patch_size * self.patch_size) as f64;
+        let image = dense(patch_dim, v, image_tokens)
+            + self.vision_layers as f64 * encoder_block(v, self.vision_mlp as f64, image_tokens);
+        let pooler = |queries: f64| attention(v, v, queries, image_tokens);
+        let poolers = match self.pooler_layout {
+            PoolerLayout::Parallel => pooler(1.0) + pooler(queries),
+            PoolerLayout::Shared => pooler(1.0 + queries),
+        } + dense(v, e, 1.0);
+        let unimodal =
+            self.unimodal_layers as f64 * encoder_block(t, self.text_mlp as f64, unimodal_tokens) + dense(t, e, 1.0);
+        let multimodal_block = attention(t, t, decoder_tokens, decoder_tokens)
+            + attention(t, v, decoder_tokens, queries)
+            + mlp(t, self.text_mlp as f64, decoder_tokens);
+        let multimodal =
+            self.multimodal_layers as f64 * multimodal_block + dense(t, self.vocab_size as f64, decoder_tokens);
+        let per_sample = image + poolers + unimodal + multimodal;
+        let batch = batch as f64;
+        // Image-to-text and text-to-image logits over the whole batch.
+        let contrastive_logits = 2.0 * dense(e, batch, batch);
+        3.0 * (batch * per_sample + contrastive_logits)
+    }
 }
 
 /// Parameters per part of the model.
@@ -334,6 +382,24 @@ mod tests {
 
     fn within(actual: usize, paper: f64, tolerance: f64) -> bool {
         ((actual as f64 - paper) / paper).abs() <= tolerance
+    }
+
+    #[test]
+    fn training_flops_follow_the_shapes() {
+        // base at batch 64: the figure the open_clip baseline's formula gives on
+        // this model's shapes (no class token, one MLP per decoder layer).
+        let base = Preset::Base.config();
+        let flops = base.training_flops(64);
+        assert!((flops / 1.6544e13 - 1.0).abs() < 1e-3, "{flops:e}");
+        // Linear in the batch, except the contrastive logits, which are quadratic.
+        let logits = |batch: f64| 3.0 * 4.0 * batch * batch * base.embed_dim as f64;
+        let per_sample = (flops - logits(64.0)) / 64.0;
+        let doubled = base.training_flops(128);
+        assert!((doubled - (128.0 * per_sample + logits(128.0))).abs() / doubled < 1e-12);
+        // Roughly 6 x parameters x tokens: the weights dominate.
+        let counts = base.param_counts();
+        let six_nd = 6.0 * counts.image_encoder as f64 * base.image_tokens() as f64;
+        assert!(per_sample > six_nd, "{per_sample:e} <= {six_nd:e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Every manifest rule, table-driven: a change to the demo manifest and the
 //! exact error it must give.
 
-use proto::manifest::{Backend, CollectiveKind, Length, Manifest, Schedule};
+use proto::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Schedule};
 
 const DEMO: &str = include_str!("../../deploy/local/demo.toml");
 
@@ -28,13 +28,44 @@ fn the_demo_manifest_reads_with_its_values_and_defaults() {
     assert_eq!(manifest.cluster.coordinator.to_string(), "127.0.0.1:7070");
     assert_eq!(manifest.checkpoint.as_ref().unwrap().keep, 2);
     assert_eq!(manifest.auth.token_env, "COCA_JOB_TOKEN");
-    // cuda defaults to nccl.
+    // The GPU settings default to a fast start and a kernel cache beside the checkpoints.
+    assert_eq!(manifest.gpu.autotune, AutotuneLevel::Minimal);
+    assert_eq!(manifest.gpu.kernel_cache, "runs/demo/checkpoints/kernel-cache");
+    assert!(manifest.gpu.log_compilations);
+}
+
+#[test]
+fn a_cuda_manifest_without_a_collective_runs_on_tcp() {
     let cuda = Manifest::parse(
         &with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"cuda\""),
         "m",
     )
     .unwrap();
-    assert_eq!(cuda.cluster.collective, CollectiveKind::Nccl);
+    assert_eq!(
+        (cuda.cluster.backend, cuda.cluster.collective),
+        (Backend::Cuda, CollectiveKind::Tcp)
+    );
+}
+
+#[test]
+fn the_gpu_section_is_read_and_its_cache_defaults_to_the_job_directory() {
+    let gpu = Manifest::parse(
+        &(DEMO.to_string()
+            + "\n[gpu]\nautotune = \"balanced\"\nkernel_cache = \"s3://b/k\"\nlog_compilations = false\n"),
+        "m",
+    )
+    .unwrap()
+    .gpu;
+    assert_eq!(
+        (gpu.autotune, gpu.kernel_cache.as_str(), gpu.log_compilations),
+        (AutotuneLevel::Balanced, "s3://b/k", false)
+    );
+    let start = DEMO.find("[checkpoint]").expect("the demo checkpoints");
+    let end = DEMO[start..].find("\n\n").map_or(DEMO.len(), |i| start + i);
+    let without_checkpoints = format!("{}{}", &DEMO[..start], &DEMO[end..]);
+    let manifest = Manifest::parse(&without_checkpoints, "m").unwrap();
+    assert!(manifest.checkpoint.is_none());
+    assert_eq!(manifest.gpu.kernel_cache, "runs/demo/kernel-cache");
 }
 
 #[test]
@@ -81,6 +112,14 @@ fn every_rule_names_its_field() {
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
+        (
+            with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"cuda\"\ncollective = \"nccl\""),
+            "cluster.collective: nccl is not available yet (the workers exchange no NCCL id); use \"tcp\"",
+        ),
+        (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: `max` is not one of minimal, balanced, extensive, full"),
+        (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: expected true or false, found the integer 1"),
+        (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),
+        (DEMO.to_string() + "\n[gpu]\nkernel_cahce = \"x\"\n", "gpu.kernel_cahce: unknown key; did you mean `kernel_cache`?"),
         (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda"),
         (with("coordinator = \"127.0.0.1:7070\"", "coordinator = \"localhost\""), "cluster.coordinator: `localhost` is not an address (host:port, e.g. 127.0.0.1:7070)"),
         (with("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 600"), "cluster.heartbeat_timeout_ms: 600 must be at least twice cluster.heartbeat_ms = 500"),

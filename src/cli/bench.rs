@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
+use proto::ModelConfig;
 use worker::backend::CpuTrain;
 use worker::bench::{
     all_reduce_bandwidth, bench_all_reduce, bench_data, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
@@ -26,10 +27,23 @@ use super::ModelArgs;
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Median ms per training step (forward, both losses, backward, AdamW)
-    /// on synthetic data, on the CPU backend.
+    /// on synthetic data: time to the first step, samples/s and FLOP/s.
     Step {
         #[command(flatten)]
         model: ModelArgs,
+        /// `cpu`, or `cuda` (a build with `--features cuda`, one process).
+        #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
+        backend: BenchBackend,
+        /// The GPU ordinal (cuda).
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// cuda: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
+        #[arg(long, value_enum, default_value_t = Autotune::Minimal)]
+        autotune: Autotune,
+        /// cuda: where compiled kernels and autotune results are kept between
+        /// runs (a directory or object-store URL; as gpu.kernel_cache).
+        #[arg(long, default_value = "coca-kernel-cache")]
+        kernel_cache: String,
         /// Samples per step (the global batch when --world > 1).
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -258,6 +272,10 @@ impl BenchCommand {
             }
             BenchCommand::Step {
                 model,
+                backend,
+                device: ordinal,
+                autotune,
+                kernel_cache,
                 batch,
                 steps,
                 warmup,
@@ -273,16 +291,31 @@ impl BenchCommand {
                     batch >= world && batch % world == 0,
                     "--batch {batch} does not split evenly between --world {world} ranks"
                 );
+                ensure!(
+                    backend == BenchBackend::Cpu || (world == 1 && child_rank.is_none()),
+                    "--backend cuda runs one process: leave out --world"
+                );
                 let config = model.resolve()?;
+                let plan = StepBenchmarkPlan {
+                    batch,
+                    warmup,
+                    steps,
+                    seed,
+                    mode: negatives.into(),
+                };
+                if backend == BenchBackend::Cuda {
+                    let gpu = proto::manifest::Gpu {
+                        autotune: autotune.into(),
+                        kernel_cache,
+                        log_compilations: true,
+                    };
+                    let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
+                    print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
+                    println!("  kernels       {kernels}");
+                    return Ok(());
+                }
                 let device = Default::default();
                 let run = |collective: &mut dyn Collective| -> anyhow::Result<StepBenchmark> {
-                    let plan = StepBenchmarkPlan {
-                        batch,
-                        warmup,
-                        steps,
-                        seed,
-                        mode: negatives.into(),
-                    };
                     let report = bench_step::<CpuTrain>(&config, plan, collective, &device)?;
                     if let (Some(path), 0) = (&parameters_out, collective.rank()) {
                         let bytes: Vec<u8> = report.parameters.iter().flat_map(|value| value.to_le_bytes()).collect();
@@ -322,20 +355,13 @@ impl BenchCommand {
                     return Ok(());
                 }
                 let report = run(&mut Solo)?;
-                println!(
-                    "bench step: preset {} batch {batch}, {steps} steps after {warmup} warm-up, {} threads (cpu)",
-                    model.preset, report.threads
+                print_step(
+                    &model,
+                    plan,
+                    &config,
+                    &report,
+                    &format!("{} threads (cpu)", report.threads),
                 );
-                println!("  median step   {:8.1} ms", ms(report.median(|t| t.total())));
-                println!("    forward     {:8.1} ms", ms(report.median(|t| t.forward)));
-                println!("    backward    {:8.1} ms", ms(report.median(|t| t.backward)));
-                println!("    optimizer   {:8.1} ms", ms(report.median(|t| t.optimizer)));
-                let totals: Vec<f64> = report.steps.iter().map(|t| ms(t.total())).collect();
-                let (min, max) = totals
-                    .iter()
-                    .fold((f64::MAX, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
-                println!("  min / max     {min:8.1} / {max:.1} ms");
-                println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
                 Ok(())
             }
             BenchCommand::Allreduce {
@@ -384,6 +410,92 @@ impl BenchCommand {
                 );
                 Ok(())
             }
+        }
+    }
+}
+
+/// One process's step benchmark, printed.
+fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, report: &StepBenchmark, on: &str) {
+    let (batch, median) = (plan.batch, report.median(|t| t.total()));
+    println!(
+        "bench step: preset {} batch {batch}, {} steps after {} warm-up, {on}",
+        model.preset, plan.steps, plan.warmup
+    );
+    println!(
+        "  first step    {:8.1} s   (from start: build, compile, tune)",
+        report.first_step.as_secs_f64()
+    );
+    println!("  median step   {:8.1} ms", ms(median));
+    println!("    forward     {:8.1} ms", ms(report.median(|t| t.forward)));
+    println!("    backward    {:8.1} ms", ms(report.median(|t| t.backward)));
+    println!("    optimizer   {:8.1} ms", ms(report.median(|t| t.optimizer)));
+    let totals: Vec<f64> = report.steps.iter().map(|t| ms(t.total())).collect();
+    let (min, max) = totals
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    println!("  min / max     {min:8.1} / {max:.1} ms");
+    println!("  samples/s     {:8.1}", batch as f64 / median.as_secs_f64());
+    let flops = config.training_flops(batch);
+    println!(
+        "  model FLOP/s  {:.3e}  ({flops:.3e} FLOP a step)",
+        flops / median.as_secs_f64()
+    );
+    println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
+}
+
+/// The step benchmark on CUDA device `ordinal`, with cubecl set up as a
+/// worker sets it up; also says how many kernels were compiled.
+#[cfg(feature = "cuda")]
+fn cuda_step(
+    config: &ModelConfig,
+    plan: StepBenchmarkPlan,
+    gpu: &proto::manifest::Gpu,
+    ordinal: usize,
+) -> anyhow::Result<(StepBenchmark, String)> {
+    use anyhow::anyhow;
+    let name = worker::backend::cuda_device_name(ordinal).map_err(|e| anyhow!(e))?;
+    let mut kernels = worker::kernels::Kernels::prepare(gpu, &store::StoreOptions::default(), ordinal, &name)?;
+    println!("{name}: kernel cache {} ({} files)", gpu.kernel_cache, kernels.fetched);
+    let device = worker::backend::cuda_device(ordinal);
+    let report = bench_step::<worker::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
+    kernels.publish();
+    let compiled = kernels
+        .compiled()
+        .map_or("not counted".into(), |n| format!("{n} compiled"));
+    Ok((report, compiled))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_step(
+    _: &ModelConfig,
+    _: StepBenchmarkPlan,
+    _: &proto::manifest::Gpu,
+    _: usize,
+) -> anyhow::Result<(StepBenchmark, String)> {
+    bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Autotune {
+    Minimal,
+    Balanced,
+    Extensive,
+    Full,
+}
+
+impl From<Autotune> for proto::manifest::AutotuneLevel {
+    fn from(level: Autotune) -> Self {
+        match level {
+            Autotune::Minimal => Self::Minimal,
+            Autotune::Balanced => Self::Balanced,
+            Autotune::Extensive => Self::Extensive,
+            Autotune::Full => Self::Full,
         }
     }
 }

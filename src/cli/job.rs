@@ -399,11 +399,12 @@ fn print_status(report: &serde_json::Value) {
     }
     for worker in get("workers").as_array().into_iter().flatten() {
         println!(
-            "worker {} rank {} on {}: step {}, heartbeat {:.1} s ago",
+            "worker {} rank {} on {}: step {} ({}), heartbeat {:.1} s ago",
             worker["id"].as_str().unwrap_or("?"),
             worker["rank"],
             worker["host"].as_str().unwrap_or("?"),
             worker["step"],
+            worker["phase"].as_str().unwrap_or("?"),
             worker["last_heartbeat_seconds_ago"].as_f64().unwrap_or(f64::NAN)
         );
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use proto::rpc::coordinator_client::CoordinatorClient;
-use proto::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, PROTOCOL_VERSION};
+use proto::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
 use tonic::transport::Channel;
 use worker::job::Bearer;
 
@@ -162,6 +162,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                         worker_id: id.clone(),
                         step,
                         metrics: vec![metrics],
+                        phase: WorkerPhase::Training as i32,
                     })
                     .await;
                 if reply.is_ok() {

@@ -12,3 +12,19 @@ pub type CpuTrain = Autodiff<Cpu>;
 pub type Cuda = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type CudaTrain = Autodiff<Cuda>;
+
+#[cfg(feature = "cuda")]
+pub fn cuda_device(ordinal: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(ordinal)
+}
+
+/// The name of CUDA device `ordinal` (`NVIDIA H200`), as the driver gives it.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_name(ordinal: usize) -> Result<String, String> {
+    use cudarc::driver::result;
+    let ordinal = std::ffi::c_int::try_from(ordinal).map_err(|_| format!("device {ordinal} does not exist"))?;
+    result::init()
+        .and_then(|()| result::device::get(ordinal))
+        .and_then(result::device::get_name)
+        .map_err(|e| format!("CUDA device {ordinal}: {e}"))
+}

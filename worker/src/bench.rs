@@ -17,6 +17,9 @@ use crate::train::synthetic::synthetic_batch;
 
 #[derive(Debug, Clone)]
 pub struct StepBenchmark {
+    /// From the start (the model not yet built) to the end of the first step:
+    /// on a GPU, mostly compiling and tuning kernels.
+    pub first_step: Duration,
     /// Timings of the measured steps, in order (warm-up excluded).
     pub steps: Vec<StepTimings>,
     /// Threads in the pool the CPU backend computes on.
@@ -69,6 +72,8 @@ where
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
     assert_eq!(micro * collective.world_size(), batch, "the batch divides by the world");
+    let started = Instant::now();
+    let mut first_step = Duration::ZERO;
     let mut model = CocaModel::<B>::new(config, seed, device);
     let data = synthetic_batch::<B>(config, batch, seed, device).rows(collective.rank() * micro, micro);
     let mut trainer = TrainStep::new(
@@ -82,11 +87,15 @@ where
         let (next, report) = trainer.step(model, &data, 1e-4, collective)?;
         model = next;
         losses.push(report.losses.total);
+        if index == 0 {
+            first_step = started.elapsed();
+        }
         if index >= warmup {
             measured.push(report.timings);
         }
     }
     Ok(StepBenchmark {
+        first_step,
         steps: measured,
         threads: rayon::current_num_threads(),
         first_loss: losses[0],

@@ -13,11 +13,11 @@ use burn::tensor::backend::{AutodiffBackend, Device as _};
 use burn::tensor::ElementConversion;
 use proto::checkpoint::{self as checkpoint_layout, ResumeFields};
 use proto::dataset::DatasetIndex;
-use proto::manifest::{Backend, CollectiveKind, Contrastive, Manifest};
+use proto::manifest::{Backend, Contrastive, Manifest};
 use proto::rpc::coordinator_client::CoordinatorClient;
 use proto::rpc::{
     Assignment, BadRecordCount, CheckpointShard, Command, EvalMetric, FinishRequest, HeartbeatRequest, RegisterRequest,
-    RendezvousRequest, StepMetrics, PROTOCOL_VERSION,
+    RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };
 use proto::sample_order::{SampleOrder, SourceSize};
 use store::{Store, StoreOptions};
@@ -33,6 +33,7 @@ use crate::data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
 use crate::data::prompt::PromptTemplates;
 use crate::data::tokenizer::TextTokenizer;
 use crate::eval::periodic::PeriodicEval;
+use crate::kernels::Kernels;
 use crate::model::loss::LossWeights;
 use crate::model::CocaModel;
 use crate::train::contrastive::ContrastiveMode;
@@ -105,6 +106,7 @@ struct Progress {
     step: u64,
     /// Steps completed since the last heartbeat.
     metrics: Vec<StepMetrics>,
+    phase: WorkerPhase,
 }
 
 pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
@@ -146,7 +148,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let progress = Arc::new(Mutex::new(Progress {
         step: assignment.start_step,
-        metrics: Vec::new(),
+        ..Progress::default()
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
@@ -186,9 +188,16 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         report: &report,
     };
     let result = match manifest.cluster.backend {
-        Backend::Cpu => train::<CpuTrain>(&job, listener),
+        Backend::Cpu => train::<CpuTrain>(&job, listener, None),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => train::<crate::backend::CudaTrain>(&job, listener),
+        Backend::Cuda => prepare_kernels(&manifest, options.device).and_then(|mut kernels| {
+            let result = train::<crate::backend::CudaTrain>(&job, listener, Some(&mut kernels));
+            // What the whole run compiled, evaluation included, for the next start.
+            if assignment.rank == 0 {
+                kernels.publish();
+            }
+            result
+        }),
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
             "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
@@ -287,20 +296,38 @@ fn send_heartbeat(
     id: &str,
     progress: &Mutex<Progress>,
 ) -> Result<Command, String> {
-    let (step, metrics) = {
+    let (step, metrics, phase) = {
         let mut progress = progress.lock().expect("progress");
-        (progress.step, std::mem::take(&mut progress.metrics))
+        (progress.step, std::mem::take(&mut progress.metrics), progress.phase)
     };
     let reply = runtime.block_on(client.heartbeat(HeartbeatRequest {
         worker_id: id.to_string(),
         step,
         metrics,
+        phase: phase as i32,
     }));
     match reply {
         Ok(reply) if reply.get_ref().command == Command::Stop as i32 => Ok(Command::Stop),
         Ok(_) => Ok(Command::Continue),
         Err(status) => Err(status.message().to_string()),
     }
+}
+
+/// Points cubecl at the job's kernel cache and settings for CUDA device `device`.
+#[cfg(feature = "cuda")]
+fn prepare_kernels(manifest: &Manifest, device: usize) -> Result<Kernels, WorkerError> {
+    let name = crate::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
+    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
+    let kernels =
+        Kernels::prepare(&manifest.gpu, &options, device, &name).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    eprintln!(
+        "worker: {name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
+        manifest.gpu.autotune,
+        manifest.gpu.kernel_cache,
+        kernels.fetched,
+        kernels.prepared_at.elapsed().as_secs_f64()
+    );
+    Ok(kernels)
 }
 
 /// What the training loop works from and reports to.
@@ -327,7 +354,11 @@ struct Checkpointing {
 
 /// The training loop on backend `B`. Gradients and embeddings cross the
 /// TCP ring through host memory, so it serves CPU and CUDA workers alike.
-fn train<B: AutodiffBackend>(job: &TrainJob, listener: RingListener) -> Result<WorkerOutcome, WorkerError>
+fn train<B: AutodiffBackend>(
+    job: &TrainJob,
+    listener: RingListener,
+    mut kernels: Option<&mut Kernels>,
+) -> Result<WorkerOutcome, WorkerError>
 where
     CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
@@ -341,12 +372,6 @@ where
         report,
     } = *job;
     let setup = WorkerError::Setup;
-    if manifest.cluster.collective == CollectiveKind::Nccl {
-        return Err(setup(
-            "cluster.collective = \"nccl\": the worker loop does not exchange an NCCL id yet; use collective = \"tcp\""
-                .into(),
-        ));
-    }
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
     let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let mut sources = Vec::new();
@@ -530,6 +555,11 @@ where
     let started = Instant::now();
     let total = assignment.total_steps;
     let mut step = assignment.start_step;
+    progress.lock().expect("progress").phase = match kernels {
+        Some(_) => WorkerPhase::Compiling,
+        None => WorkerPhase::Training,
+    };
+    let mut compiled = kernels.as_ref().and_then(|k| k.compiled()).unwrap_or(0);
     while step < total {
         // Every rank stops at the same step: a stop anyone heard is summed in.
         let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
@@ -563,6 +593,25 @@ where
         model = next;
         step += 1;
         let elapsed = step_started.elapsed().as_secs_f64();
+        if let Some(kernels) = kernels.as_deref_mut() {
+            let first = step == assignment.start_step + 1;
+            let now = kernels.compiled();
+            let count = now.map_or("not counted".to_string(), |now| format!("{} compiled", now - compiled));
+            if first {
+                eprintln!(
+                    "worker rank {rank}: first step in {elapsed:.1} s, {:.1} s after the kernel set-up (kernels: {count})",
+                    kernels.prepared_at.elapsed().as_secs_f64()
+                );
+                progress.lock().expect("progress").phase = WorkerPhase::Training;
+                if rank == 0 {
+                    kernels.publish();
+                }
+            } else if now.is_some_and(|now| now > compiled) {
+                // Steady steps compile nothing; a kernel specialised on a changing value shows here.
+                eprintln!("worker rank {rank}: step {step}: kernels {count} in {elapsed:.1} s");
+            }
+            compiled = now.unwrap_or(0);
+        }
         let bad = loader.bad_records();
         let mut metrics = StepMetrics {
             step,

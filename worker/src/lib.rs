@@ -10,6 +10,7 @@ pub mod eval;
 pub mod generate;
 pub mod inference;
 pub mod job;
+pub mod kernels;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -1,0 +1,53 @@
+#!/bin/bash
+# The GPU check of coca's CUDA path (README.md here says how to prepare and carry it).
+# Run from the repository root on the device machine:  bash scripts/gpu/check.sh
+# Writes logs and summary.txt to $OUT. Stages, each with a timeout:
+#   1. bench step tiny b32 cold, then warm (same kernel cache): time to first step, kernels compiled
+#   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s
+#   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache
+#   4. launch base b64 (1 worker)
+#   5. open_clip base b64, bf16 and TF32, on the same card (needs scripts/gpu/.whl)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+G=$PWD/scripts/gpu; BIN=/tmp/coca-cuda
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/coca-cuda.xz'), open('$BIN','wb'))" && chmod +x "$BIN"
+S=$OUT/summary.txt
+say() { echo "$*" | tee -a "$S"; }
+say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+LIBS=$(find "$SP/nvidia" -maxdepth 4 -type d -name lib 2>/dev/null | tr '\n' ':')
+for c in /usr/local/cuda /usr/local/cuda-13.0; do [[ -d $c ]] && export CUDA_PATH=$c CUDA_HOME=$c && break; done
+export LD_LIBRARY_PATH="${CUDA_PATH:+$CUDA_PATH/lib64:}${LIBS}/usr/local/nvidia/lib64:/usr/local/nvidia/lib:${LD_LIBRARY_PATH:-}"
+W=/tmp/coca-gpu; rm -rf $W; mkdir -p $W; cd $W
+reap() { for p in /proc/[0-9]*; do [[ $(readlink $p/exe 2>/dev/null) == "$BIN" ]] && kill -9 ${p#/proc/} 2>/dev/null; done; }
+bench() { # name timeout preset batch
+  timeout "$2" "$BIN" bench step --backend cuda --preset "$3" --batch "$4" --steps 10 --warmup 3 \
+    --kernel-cache "$W/bench-kernels" > "$OUT/$1.log" 2>&1; local rc=$?; reap
+  say "== $1: rc=$rc"; grep -E "first step|median step|samples/s|FLOP/s|kernels|error" "$OUT/$1.log" | tee -a "$S"
+}
+stage() { # name timeout manifest [args]
+  local name=$1 t=$2 m=$3; shift 3
+  local t0=$(date +%s.%N)
+  timeout "$t" "$BIN" launch "$G/$m" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  local t1=$(date +%s.%N); reap
+  say "== $name: rc=$rc wall=$(python3 -c "print(round($t1-$t0,1))")s"
+  grep -E "kernel cache|first step|kernels|error" "$OUT/$name.log" | head -8 | tee -a "$S"
+  tail -2 "$OUT/$name.log" | tee -a "$S"
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader >> "$S"
+}
+bench bench-tiny-cold 60 tiny 32
+bench bench-tiny-warm 30 tiny 32
+bench bench-base-cold 150 base 64
+bench bench-base-warm 60 base 64
+stage launch-tiny-cold 90 tiny.toml
+rm -rf runs/tiny   # a fresh job; its kernel cache stays
+stage launch-tiny-warm 60 tiny.toml
+stage launch-base 120 base.toml
+if ls $G/.whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $G/.whl/*.whl && export PYTHONPATH=/tmp/site
+  for dt in bf16 tf32; do
+    PYTHONUNBUFFERED=1 timeout 80 python3 $G/openclip_gpu_step.py --preset base --decoder rust --batch 64 --steps 15 --warmup 5 --dtype $dt --device cuda > "$OUT/openclip-$dt.log" 2>&1
+    say "== open_clip base b64 $dt: rc=$?"; tail -2 "$OUT/openclip-$dt.log" | tee -a "$S"
+  done
+fi
+say "== end $(date -u +%FT%TZ)"

@@ -1,0 +1,127 @@
+//! GPU kernels: how cubecl compiles and tunes them for a job (`config`),
+//! the job's shared cache of both (`cache`), and counting compilations so
+//! that a worker can say what its first steps spent their time on
+//! (`compilations`).
+
+pub mod cache;
+pub mod compilations;
+pub mod config;
+
+use proto::manifest::Gpu;
+use store::{Store, StoreOptions};
+
+use self::cache::KernelCache;
+use self::compilations::Compilations;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cubecl's configuration was read before the job's [gpu] settings could be applied")]
+    ConfigAlreadyRead,
+    #[error("another logger is installed, so kernel compilations cannot be counted")]
+    LoggerTaken,
+    #[error("gpu.kernel_cache {url}: {message}")]
+    Cache { url: String, message: String },
+}
+
+/// A CUDA worker's kernel set-up, made before its first kernel.
+pub struct Kernels {
+    /// None when the shared cache could not be read: the job runs, cold.
+    cache: Option<KernelCache>,
+    compilations: Option<&'static Compilations>,
+    /// Where cubecl keeps this process's copy of the caches.
+    _local: tempfile::TempDir,
+    /// Files the shared cache held at start.
+    pub fetched: usize,
+    /// When the set-up began: the worker's start, as far as its GPU goes.
+    pub prepared_at: std::time::Instant,
+}
+
+impl Kernels {
+    /// Fetches the job's kernel cache for GPU model `device_name`, points
+    /// cubecl at it with the manifest's settings, and starts counting
+    /// compilations if asked to.
+    pub fn prepare(gpu: &Gpu, options: &StoreOptions, device: usize, device_name: &str) -> Result<Self, KernelError> {
+        let prepared_at = std::time::Instant::now();
+        let local = tempfile::Builder::new()
+            .prefix("coca-kernels-")
+            .tempdir()
+            .map_err(|e| KernelError::Cache {
+                url: gpu.kernel_cache.clone(),
+                message: format!("no local directory for it: {e}"),
+            })?;
+        let shared = Store::open(&gpu.kernel_cache, options)
+            .map_err(|e| KernelError::Cache {
+                url: gpu.kernel_cache.clone(),
+                message: e.to_string(),
+            })?
+            .at(&folder_name(device_name));
+        // A cache that cannot be read costs time, not the job.
+        let (cache, fetched) = match KernelCache::fetch(shared, local.path(), device) {
+            Ok((cache, fetched)) => (Some(cache), fetched),
+            Err(error) => {
+                eprintln!("worker: {error}; compiling every kernel afresh");
+                (None, 0)
+            }
+        };
+        config::install(config::runtime_config(gpu, local.path()))?;
+        let compilations = gpu.log_compilations.then(Compilations::install).transpose()?;
+        Ok(Self {
+            cache,
+            compilations,
+            _local: local,
+            fetched,
+            prepared_at,
+        })
+    }
+
+    /// Kernels compiled so far, when counted.
+    pub fn compiled(&self) -> Option<u64> {
+        self.compilations.map(Compilations::total)
+    }
+
+    /// Shares what this worker compiled and tuned; a failure is reported, not fatal.
+    pub fn publish(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            match cache.publish() {
+                Ok(0) => {}
+                Ok(files) => eprintln!("worker: kernel cache: {files} files shared"),
+                Err(error) => eprintln!("worker: {error}"),
+            }
+        }
+    }
+}
+
+/// A folder name for a GPU model (`NVIDIA H200` -> `NVIDIA-H200`): kernels
+/// compiled or tuned for one model are not used on another.
+pub fn folder_name(device_name: &str) -> String {
+    let name: String = device_name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.chars().all(|c| c == '.') {
+        "unnamed-device".into()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_models_name_their_folders() {
+        assert_eq!(folder_name("NVIDIA H200"), "NVIDIA-H200");
+        assert_eq!(folder_name("NVIDIA A100-SXM4-80GB"), "NVIDIA-A100-SXM4-80GB");
+        assert_eq!(folder_name(" ../x/ "), "..-x-");
+        assert_eq!(folder_name(""), "unnamed-device");
+        assert_eq!(folder_name(".."), "unnamed-device");
+    }
+}
