@@ -6,7 +6,9 @@
 #  - Debian's chromium (headless, to check the status page draws from live data),
 #  - PyPI's kubernetes-validate (the Kubernetes schemas, for deploy/k8s),
 #  - Debian's slurm-wlm and munge (a one-node Slurm cluster, for deploy/slurm;
-#    the test writes its own slurm.conf and starts and stops the daemons).
+#    the test writes its own slurm.conf and starts and stops the daemons),
+#  - Debian's mesa-vulkan-drivers (lavapipe: a Vulkan device on the CPU, on
+#    which burn's wgpu backend compiles and runs cubecl kernels as on a GPU).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -25,6 +27,11 @@ fi
 if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge
+fi
+
+if ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json > /dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers
 fi
 
 if [ ! -f /opt/coca-test-data/node_modules/emoji-datasource-twitter/emoji.json ]; then
