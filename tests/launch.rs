@@ -67,8 +67,33 @@ fn address_from(child: &mut Child, prefix: &str) -> String {
 fn launch_runs_the_demo_and_the_loss_falls() {
     let dir = tempfile::tempdir().unwrap();
     let job = manifest(dir.path(), 200, 10_000);
+    // A trial shorter than the manifest's 10 warm-up steps says how to proceed...
+    let short = coca()
+        .args(["launch", job.to_str().unwrap(), "--steps", "8"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!short.status.success());
+    assert!(
+        String::from_utf8_lossy(&short.stderr).contains(
+            "train.warmup_steps: 10 must be less than job.steps = 8 (set by --steps); \
+             add --warmup-steps N with N below it to shorten the warm-up for this run"
+        ),
+        "{}",
+        String::from_utf8_lossy(&short.stderr)
+    );
+    // ... and this run takes that advice.
     let mut child = coca()
-        .args(["launch", job.to_str().unwrap(), "--steps", "20", "--linger", "2"])
+        .args([
+            "launch",
+            job.to_str().unwrap(),
+            "--steps",
+            "20",
+            "--warmup-steps",
+            "4",
+            "--linger",
+            "2",
+        ])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -138,6 +163,14 @@ fn launch_runs_the_demo_and_the_loss_falls() {
     assert!(queried >= 10);
     assert!(metrics.contains("coca_job_state{state=\"completed\"} 1"), "{metrics}");
     assert!(page.contains("<canvas id=\"losses\""));
+    // Four warm-up steps: the fourth step runs at the peak rate (the manifest's ten would give 4e-4).
+    let steps = std::fs::read_to_string(dir.path().join("runs/demo/metrics.jsonl")).unwrap();
+    let fourth: serde_json::Value = serde_json::from_str(steps.lines().nth(3).unwrap()).unwrap();
+    assert_eq!(
+        (fourth["step"].as_u64(), fourth["learning_rate"].as_f64()),
+        (Some(4), Some(1e-3)),
+        "{fourth}"
+    );
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
     assert!(journal.contains("\"state\":\"completed\""), "{journal}");
     // The demo data was written on first launch.

@@ -30,9 +30,9 @@ pub enum EvalCommand {
         /// Prompt templates: clip80, simple, or a file (one per line, with {}).
         #[arg(long, default_value = "clip80")]
         templates: String,
-        /// Where to draw the confusion matrix.
-        #[arg(long, default_value = "confusion.png")]
-        confusion: PathBuf,
+        /// Draw the confusion matrix (class names, counts, title) into this PNG.
+        #[arg(long, value_name = "FILE.png")]
+        confusion: Option<PathBuf>,
         #[command(flatten)]
         options: EvalOptions,
     },
@@ -206,7 +206,15 @@ impl EvalCommand {
                     bar.set_position(n)
                 })?;
                 bar.finish_and_clear();
-                draw_confusion(&report.confusion, &confusion)?;
+                if let Some(path) = &confusion {
+                    let names: Vec<String> = report.per_class.iter().map(|c| c.class.clone()).collect();
+                    let title = format!(
+                        "zero-shot top-1 {:.1}% | {data} | step {}",
+                        100.0 * report.top1,
+                        loaded.step
+                    );
+                    super::confusion::save(&super::confusion::draw(&report.confusion, &names, &title), path)?;
+                }
                 if options.json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
@@ -224,7 +232,9 @@ impl EvalCommand {
                             class.total
                         );
                     }
-                    println!("confusion matrix: {}", confusion.display());
+                    if let Some(path) = &confusion {
+                        println!("confusion matrix: {}", path.display());
+                    }
                 }
             }
             EvalCommand::Retrieval { model, data, options } => {
@@ -304,27 +314,4 @@ pub fn caption(
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
     Ok(0)
-}
-
-/// The confusion matrix as a grey-level PNG: row = true class, column =
-/// predicted, darker = a larger share of the row.
-fn draw_confusion(confusion: &[Vec<u64>], path: &std::path::Path) -> anyhow::Result<()> {
-    const CELL: u32 = 12;
-    let n = confusion.len() as u32;
-    let mut picture = image::GrayImage::from_pixel((n * CELL).max(1), (n * CELL).max(1), image::Luma([255]));
-    for (row, counts) in confusion.iter().enumerate() {
-        let total: u64 = counts.iter().sum();
-        for (column, &count) in counts.iter().enumerate() {
-            let share = count as f64 / total.max(1) as f64;
-            let level = (255.0 * (1.0 - share)).round() as u8;
-            for y in 0..CELL {
-                for x in 0..CELL {
-                    picture.put_pixel(column as u32 * CELL + x, row as u32 * CELL + y, image::Luma([level]));
-                }
-            }
-        }
-    }
-    picture
-        .save(path)
-        .with_context(|| format!("cannot write the confusion matrix to {}", path.display()))
 }

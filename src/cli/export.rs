@@ -2,7 +2,7 @@
 //! file, the model configuration and tokenizer in its metadata; no
 //! optimizer state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context;
 use proto::checkpoint::{self as layout};
@@ -42,7 +42,7 @@ pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs)
         ("model".to_string(), meta.resume.model.clone()),
         ("software".to_string(), meta.software.clone()),
     ]);
-    let file = safetensors::serialize(views, Some(metadata))?;
+    let file = with_sorted_metadata(safetensors::serialize(views, Some(metadata))?)?;
     let (target, name) = store.open_object(out)?;
     let size = file.len();
     target
@@ -56,4 +56,26 @@ pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs)
         meta.section_len
     );
     Ok(0)
+}
+
+/// safetensors writes its metadata map in hash order, which changes from
+/// run to run; the same model must export to the same bytes. Rewrites the
+/// header with its keys in a fixed order; the tensors' offsets stay.
+fn with_sorted_metadata(file: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    const LEN: usize = size_of::<u64>();
+    let header_len = u64::from_le_bytes(file[..LEN].try_into()?) as usize;
+    let (header, data) = file[LEN..].split_at(header_len);
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
+    if let Some(serde_json::Value::Object(metadata)) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = std::mem::take(metadata).into_iter().collect();
+        metadata.extend(sorted);
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // safetensors aligns the data to 8 bytes with spaces after the header.
+    header.resize(header.len().next_multiple_of(LEN), b' ');
+    let mut sorted = Vec::with_capacity(LEN + header.len() + data.len());
+    sorted.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    sorted.extend_from_slice(&header);
+    sorted.extend_from_slice(data);
+    Ok(sorted)
 }

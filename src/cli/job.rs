@@ -20,7 +20,26 @@ use worker::data::demo::{self, DemoSpec};
 use worker::job::{WorkerOptions, WorkerOutcome};
 
 /// Reads and validates a manifest, with `--workers`/`--steps` overrides applied to its text.
-pub fn read_manifest(path: &Path, workers: Option<usize>, steps: Option<u64>) -> anyhow::Result<Manifest> {
+/// Manifest fields a command line may set for one run.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct ManifestOverrides {
+    /// Override cluster.workers (e.g. with Slurm's $SLURM_NTASKS).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Override job.steps (the job's length in steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Override train.warmup_steps (a short trial of a long job needs a shorter warm-up).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+}
+
+pub fn read_manifest(path: &Path, overrides: &ManifestOverrides) -> anyhow::Result<Manifest> {
+    let ManifestOverrides {
+        workers,
+        steps,
+        warmup_steps,
+    } = *overrides;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the manifest {}", path.display()))?;
     let mut table: toml::Table = text.parse().with_context(|| format!("{}: not TOML", path.display()))?;
     let mut set = |section: &str, key: &str, value: toml::Value| {
@@ -40,12 +59,24 @@ pub fn read_manifest(path: &Path, workers: Option<usize>, steps: Option<u64>) ->
     if let Some(steps) = steps {
         set("job", "steps", toml::Value::Integer(steps as i64));
     }
-    let text = if workers.is_some() || steps.is_some() {
+    if let Some(warmup_steps) = warmup_steps {
+        set("train", "warmup_steps", toml::Value::Integer(warmup_steps as i64));
+    }
+    let text = if workers.is_some() || steps.is_some() || warmup_steps.is_some() {
         toml::to_string(&table)?
     } else {
         text
     };
-    Ok(Manifest::parse(&text, &path.display().to_string())?)
+    Manifest::parse(&text, &path.display().to_string()).map_err(|error| {
+        // A trial run shortened with --steps is the usual way to meet this rule.
+        if error.field == "train.warmup_steps" && steps.is_some() && warmup_steps.is_none() {
+            anyhow::anyhow!(
+                "{error} (set by --steps); add --warmup-steps N with N below it to shorten the warm-up for this run"
+            )
+        } else {
+            error.into()
+        }
+    })
 }
 
 /// The job token: from `auth.token_file`, else the `auth.token_env` variable.
@@ -100,12 +131,11 @@ fn exit_code(state: JobState) -> u8 {
 
 pub fn launch(
     path: &Path,
-    workers: Option<usize>,
-    steps: Option<u64>,
+    overrides: &ManifestOverrides,
     linger: u64,
     resume: coordinator::Resume,
 ) -> anyhow::Result<u8> {
-    let manifest = read_manifest(path, workers, steps)?;
+    let manifest = read_manifest(path, overrides)?;
     ensure_demo_data(&manifest)?;
     let token = job_token(&manifest, true)?;
     let runtime = runtime()?;
@@ -222,13 +252,8 @@ fn progress_line(report: &StatusReport) -> String {
     line
 }
 
-pub fn coordinator(
-    path: &Path,
-    workers: Option<usize>,
-    steps: Option<u64>,
-    resume: coordinator::Resume,
-) -> anyhow::Result<u8> {
-    let manifest = read_manifest(path, workers, steps)?;
+pub fn coordinator(path: &Path, overrides: &ManifestOverrides, resume: coordinator::Resume) -> anyhow::Result<u8> {
+    let manifest = read_manifest(path, overrides)?;
     let token = job_token(&manifest, false)?;
     ensure_demo_data(&manifest)?;
     let runtime = runtime()?;

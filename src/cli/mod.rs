@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch.
 
 mod bench;
+mod confusion;
 mod data;
 mod eval;
 mod export;
@@ -68,12 +69,8 @@ enum Command {
     Launch {
         /// The job manifest (TOML).
         manifest: std::path::PathBuf,
-        /// Override cluster.workers.
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Override job.steps.
-        #[arg(long)]
-        steps: Option<u64>,
+        #[command(flatten)]
+        overrides: job::ManifestOverrides,
         /// Keep the status endpoint up this many seconds after the job ends.
         #[arg(long, default_value_t = 0)]
         linger: u64,
@@ -83,12 +80,8 @@ enum Command {
     /// Run a job's coordinator alone (clusters start workers separately).
     Coordinator {
         manifest: std::path::PathBuf,
-        /// Override cluster.workers (e.g. with Slurm's $SLURM_NTASKS).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Override the job's length in steps.
-        #[arg(long)]
-        steps: Option<u64>,
+        #[command(flatten)]
+        overrides: job::ManifestOverrides,
         #[command(flatten)]
         resume: ResumeArgs,
     },
@@ -147,17 +140,15 @@ impl Cli {
             } => export::export(&checkpoint, step, &out, &store),
             Command::Launch {
                 manifest,
-                workers,
-                steps,
+                overrides,
                 linger,
                 resume,
-            } => job::launch(&manifest, workers, steps, linger, resume.resume()),
+            } => job::launch(&manifest, &overrides, linger, resume.resume()),
             Command::Coordinator {
                 manifest,
-                workers,
-                steps,
+                overrides,
                 resume,
-            } => job::coordinator(&manifest, workers, steps, resume.resume()),
+            } => job::coordinator(&manifest, &overrides, resume.resume()),
             Command::Worker {
                 coordinator,
                 listen,

@@ -43,7 +43,11 @@ fn settled(kernels: &Kernels) -> u64 {
 
 fn lavapipe_is_installed() -> bool {
     std::fs::read_dir("/usr/share/vulkan/icd.d")
-        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd")))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd"))
+        })
         .unwrap_or(false)
 }
 
@@ -76,12 +80,19 @@ fn kernels_are_compiled_in_the_first_steps_and_never_again() {
         let learning_rate = 1e-4 * (1.0 + step as f64 / 3.0);
         let (next, report) = trainer.step(model, &data, learning_rate, &mut Solo).unwrap();
         model = next;
-        assert!(report.losses.total.is_finite(), "step {step}: loss {}", report.losses.total);
+        assert!(
+            report.losses.total.is_finite(),
+            "step {step}: loss {}",
+            report.losses.total
+        );
         let now = settled(&kernels);
         compiled.push(now - before);
         before = now;
     }
-    assert!(compiled[0] > 0, "the first step compiles the model's kernels: {compiled:?}");
+    assert!(
+        compiled[0] > 0,
+        "the first step compiles the model's kernels: {compiled:?}"
+    );
     assert_eq!(compiled[2..], [0, 0], "kernels compiled per step: {compiled:?}");
 
     // What was tuned is shared for the next worker or restart, under the device model's folder.
