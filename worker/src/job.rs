@@ -178,8 +178,10 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             .map(|reply| reply.into_inner().committed)
             .map_err(|status| status.message().to_string())
     };
+    let store_options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let job = TrainJob {
         manifest: &manifest,
+        store_options: &store_options,
         assignment: &assignment,
         device: options.device,
         progress: &progress,
@@ -190,7 +192,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let result = match manifest.cluster.backend {
         Backend::Cpu => train::<CpuTrain>(&job, listener, None),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => prepare_kernels(&manifest, options.device).and_then(|mut kernels| {
+        Backend::Cuda => prepare_kernels(&manifest, &store_options, options.device).and_then(|mut kernels| {
             let result = train::<crate::backend::CudaTrain>(&job, listener, Some(&mut kernels));
             // What the whole run compiled, evaluation included, for the next start.
             if assignment.rank == 0 {
@@ -315,11 +317,10 @@ fn send_heartbeat(
 
 /// Points cubecl at the job's kernel cache and settings for CUDA device `device`.
 #[cfg(feature = "cuda")]
-fn prepare_kernels(manifest: &Manifest, device: usize) -> Result<Kernels, WorkerError> {
+fn prepare_kernels(manifest: &Manifest, options: &StoreOptions, device: usize) -> Result<Kernels, WorkerError> {
     let name = crate::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
-    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let kernels =
-        Kernels::prepare(&manifest.gpu, &options, device, &name).map_err(|e| WorkerError::Setup(e.to_string()))?;
+        Kernels::prepare(&manifest.gpu, options, device, &name).map_err(|e| WorkerError::Setup(e.to_string()))?;
     eprintln!(
         "worker: {name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
         manifest.gpu.autotune,
@@ -333,6 +334,7 @@ fn prepare_kernels(manifest: &Manifest, device: usize) -> Result<Kernels, Worker
 /// What the training loop works from and reports to.
 struct TrainJob<'a> {
     manifest: &'a Manifest,
+    store_options: &'a StoreOptions,
     assignment: &'a Assignment,
     device: usize,
     progress: &'a Mutex<Progress>,
@@ -364,6 +366,7 @@ where
 {
     let TrainJob {
         manifest,
+        store_options: options,
         assignment,
         device,
         progress,
@@ -373,14 +376,13 @@ where
     } = *job;
     let setup = WorkerError::Setup;
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
-    let options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
     let mut sources = Vec::new();
     let mut sizes = Vec::new();
     let mut indexes = Vec::new();
     for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
         let index =
             DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
-        let store = Store::open(&source.url, &options).map_err(|e| setup(e.to_string()))?;
+        let store = Store::open(&source.url, options).map_err(|e| setup(e.to_string()))?;
         sizes.push(SourceSize {
             samples: index.rows(),
             weight: source.weight,
@@ -388,12 +390,12 @@ where
         indexes.push(index.clone());
         sources.push(LoaderSource {
             dataset: Dataset::with_index(store, index),
-            templates: PromptTemplates::open(&source.templates, &options)
+            templates: PromptTemplates::open(&source.templates, options)
                 .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
         });
     }
     let (store, name) =
-        Store::open_object(&manifest.data.tokenizer, &options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+        Store::open_object(&manifest.data.tokenizer, options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
     let json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
     let tokenizer = TextTokenizer::from_json(&String::from_utf8_lossy(&json), &manifest.data.tokenizer)
         .map_err(|e| setup(e.to_string()))?;
@@ -426,7 +428,7 @@ where
     let mut periodic_eval = match (&manifest.eval, rank) {
         (Some(eval), 0) => {
             let open = |field: &str, url: &str| {
-                Store::open(url, &options)
+                Store::open(url, options)
                     .map_err(|e| e.to_string())
                     .and_then(|store| Dataset::open(store).map_err(|e| e.to_string()))
                     .map_err(|e| setup(format!("{field}: {e}")))
@@ -434,7 +436,7 @@ where
             let zeroshot = match &eval.zeroshot {
                 Some(url) => Some((
                     open("eval.zeroshot", url)?,
-                    PromptTemplates::open(&eval.templates, &options)
+                    PromptTemplates::open(&eval.templates, options)
                         .map_err(|e| setup(format!("eval.templates: {e}")))?,
                 )),
                 None => None,
@@ -494,7 +496,7 @@ where
     };
     let mut trainer = TrainStep::<B>::new(&optimizer, weights, mode);
     if !assignment.resume_from.is_empty() {
-        let dir = Store::open(&assignment.resume_from, &options).map_err(|e| setup(e.to_string()))?;
+        let dir = Store::open(&assignment.resume_from, options).map_err(|e| setup(e.to_string()))?;
         let (loaded, record, meta) = checkpoint::load(&dir, model).map_err(|e| setup(e.to_string()))?;
         if meta.step != assignment.start_step {
             return Err(setup(format!(
@@ -513,7 +515,7 @@ where
     }
     let checkpointing = match &manifest.checkpoint {
         Some(checkpoint) => Some(Checkpointing {
-            root: Store::open(&checkpoint.url, &options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
+            root: Store::open(&checkpoint.url, options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
             every: checkpoint.every,
             resume: ResumeFields::of(manifest, &indexes),
             tokenizer_sha256: store::sha256_hex(&json),
@@ -559,7 +561,6 @@ where
         Some(_) => WorkerPhase::Compiling,
         None => WorkerPhase::Training,
     };
-    let mut compiled = kernels.as_ref().and_then(|k| k.compiled()).unwrap_or(0);
     while step < total {
         // Every rank stops at the same step: a stop anyone heard is summed in.
         let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
@@ -595,22 +596,10 @@ where
         let elapsed = step_started.elapsed().as_secs_f64();
         if let Some(kernels) = kernels.as_deref_mut() {
             let first = step == assignment.start_step + 1;
-            let now = kernels.compiled();
-            let count = now.map_or("not counted".to_string(), |now| format!("{} compiled", now - compiled));
+            kernels.after_step(rank, step, first, elapsed);
             if first {
-                eprintln!(
-                    "worker rank {rank}: first step in {elapsed:.1} s, {:.1} s after the kernel set-up (kernels: {count})",
-                    kernels.prepared_at.elapsed().as_secs_f64()
-                );
                 progress.lock().expect("progress").phase = WorkerPhase::Training;
-                if rank == 0 {
-                    kernels.publish();
-                }
-            } else if now.is_some_and(|now| now > compiled) {
-                // Steady steps compile nothing; a kernel specialised on a changing value shows here.
-                eprintln!("worker rank {rank}: step {step}: kernels {count} in {elapsed:.1} s");
             }
-            compiled = now.unwrap_or(0);
         }
         let bad = loader.bad_records();
         let mut metrics = StepMetrics {

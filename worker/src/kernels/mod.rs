@@ -34,6 +34,8 @@ pub struct Kernels {
     pub fetched: usize,
     /// When the set-up began: the worker's start, as far as its GPU goes.
     pub prepared_at: std::time::Instant,
+    /// Compilations counted when the last step ended.
+    compiled_before: u64,
 }
 
 impl Kernels {
@@ -71,7 +73,31 @@ impl Kernels {
             _local: local,
             fetched,
             prepared_at,
+            compiled_before: 0,
         })
+    }
+
+    /// Logs what the step just done compiled: always after the run's first
+    /// step, then only when a step compiles (steady steps compile nothing; a
+    /// kernel specialised on a value that changes every step shows here).
+    /// Rank 0 shares the cache after the first step.
+    pub fn after_step(&mut self, rank: usize, step: u64, first: bool, seconds: f64) {
+        let now = self.compiled();
+        let count = now.map_or("not counted".to_string(), |now| {
+            format!("{} compiled", now - self.compiled_before)
+        });
+        if first {
+            eprintln!(
+                "worker rank {rank}: first step in {seconds:.1} s, {:.1} s after the kernel set-up (kernels: {count})",
+                self.prepared_at.elapsed().as_secs_f64()
+            );
+            if rank == 0 {
+                self.publish();
+            }
+        } else if now.is_some_and(|now| now > self.compiled_before) {
+            eprintln!("worker rank {rank}: step {step}: kernels {count} in {seconds:.1} s");
+        }
+        self.compiled_before = now.unwrap_or(0);
     }
 
     /// Kernels compiled so far, when counted.
