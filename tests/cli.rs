@@ -17,6 +17,22 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The number after `label` at the start of a line of `text`.
+fn figure(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
+}
+
+/// `coca ARGS` fails, saying `message`.
+fn refused(args: &[&str], message: &str) {
+    let output = coca(args);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+}
+
 #[test]
 fn model_info_reports_every_part_and_the_total() {
     let output = coca(&["model", "info", "--preset", "base"]);
@@ -80,9 +96,7 @@ fn bad_model_input_fails_with_a_message_naming_it() {
     for (extra, message) in cases {
         let mut args = vec!["model", "info"];
         args.extend_from_slice(extra);
-        let output = coca(&args);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+        refused(&args, message);
     }
 }
 
@@ -93,17 +107,11 @@ fn bench_step_prints_a_median_on_the_tiny_model() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    let figure = |label: &str| -> f64 {
-        text.lines()
-            .find_map(|line| line.trim().strip_prefix(label))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|number| number.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
-    };
+    let figure = |label: &str| figure(&text, label);
     let median_ms = figure("median step");
     assert!(median_ms > 0.0);
     // The first step includes building the model, so it is no shorter than a step (printed in s to 0.1).
-    assert!(figure("first step") >= 0.0);
+    assert!(figure("first step") * 1e3 + 50.0 >= median_ms, "{text}");
     // Throughput and FLOP/s are the batch and the model's FLOPs over the
     // median, which is printed rounded to 0.1 ms.
     let per_median = |value: f64, amount: f64| {
@@ -117,20 +125,14 @@ fn bench_step_prints_a_median_on_the_tiny_model() {
 
 #[test]
 fn bench_step_on_cuda_says_what_it_needs() {
-    let output = coca(&["bench", "step", "--preset", "tiny", "--backend", "cuda", "--world", "2"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("--backend cuda runs one process: leave out --world"),
-        "{}",
-        stderr(&output)
+    refused(
+        &["bench", "step", "--preset", "tiny", "--backend", "cuda", "--world", "2"],
+        "--backend cuda runs one process: leave out --world",
     );
     if !cfg!(feature = "cuda") {
-        let output = coca(&["bench", "step", "--preset", "tiny", "--backend", "cuda"]);
-        assert!(!output.status.success());
-        assert!(
-            stderr(&output).contains("this coca was built without CUDA (cargo build --release --features cuda)"),
-            "{}",
-            stderr(&output)
+        refused(
+            &["bench", "step", "--preset", "tiny", "--backend", "cuda"],
+            "this coca was built without CUDA (cargo build --release --features cuda)",
         );
     }
 }
@@ -151,13 +153,7 @@ fn bench_allreduce_runs_separate_processes_and_prints_bandwidths() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    let figure = |label: &str| -> f64 {
-        text.lines()
-            .find_map(|line| line.trim().strip_prefix(label))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|number| number.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
-    };
+    let figure = |label: &str| figure(&text, label);
     let (algorithm, bus) = (figure("algorithm bw"), figure("bus bw"));
     assert!(algorithm > 0.0 && figure("memcpy bw") > 0.0);
     // Bus bandwidth is algorithm bandwidth x 2(n-1)/n = 4/3 for 3 ranks (printed to 2 decimals).
@@ -166,13 +162,7 @@ fn bench_allreduce_runs_separate_processes_and_prints_bandwidths() {
 
 #[test]
 fn bench_allreduce_refuses_a_world_of_one() {
-    let output = coca(&["bench", "allreduce", "--world", "1"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("--world must be at least 2"),
-        "{}",
-        stderr(&output)
-    );
+    refused(&["bench", "allreduce", "--world", "1"], "--world must be at least 2");
 }
 
 /// A fresh directory under the system temp dir for one test.
@@ -244,11 +234,8 @@ fn separate_processes_train_what_one_process_trains_on_the_whole_batch() {
 
 #[test]
 fn bench_step_refuses_a_batch_that_does_not_split() {
-    let output = coca(&["bench", "step", "--preset", "tiny", "--batch", "5", "--world", "2"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("--batch 5 does not split evenly between --world 2 ranks"),
-        "{}",
-        stderr(&output)
+    refused(
+        &["bench", "step", "--preset", "tiny", "--batch", "5", "--world", "2"],
+        "--batch 5 does not split evenly between --world 2 ranks",
     );
 }
