@@ -110,6 +110,9 @@ impl CoordinatorRpc for Service {
         let worker = registered(&mut job, &request.worker_id)?;
         worker.last_heartbeat = Instant::now();
         worker.phase = WorkerPhase::try_from(request.phase).unwrap_or(WorkerPhase::Starting);
+        if !request.device.is_empty() {
+            worker.device = request.device;
+        }
         let before = worker.step;
         worker.step = worker.step.max(request.step);
         let rank = worker.rank;

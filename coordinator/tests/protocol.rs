@@ -219,16 +219,23 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
             step: 0,
             metrics: Vec::new(),
             phase: WorkerPhase::Compiling as i32,
+            device: "cuda:0 NVIDIA H200".into(),
         })
         .await
         .unwrap();
-    let phases: Vec<(String, &str)> = coordinator::status::report(&coordinator.shared)
+    let phases: Vec<(String, &str, String)> = coordinator::status::report(&coordinator.shared)
         .workers
         .iter()
-        .map(|w| (w.id.clone(), w.phase))
+        .map(|w| (w.id.clone(), w.phase, w.device.clone()))
         .collect();
-    assert!(phases.contains(&(first.clone(), "compiling")), "{phases:?}");
-    assert!(phases.contains(&(second.clone(), "starting")), "{phases:?}");
+    assert!(
+        phases.contains(&(first.clone(), "compiling", "cuda:0 NVIDIA H200".into())),
+        "{phases:?}"
+    );
+    assert!(
+        phases.contains(&(second.clone(), "starting", "cpu".into())),
+        "{phases:?}"
+    );
     assert!(
         coordinator::status::prometheus_text(&coordinator::status::report(&coordinator.shared))
             .contains("coca_workers_compiling 1")
@@ -240,6 +247,7 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
                 step: 5,
                 metrics: Vec::new(),
                 phase: WorkerPhase::Training as i32,
+                device: String::new(),
             })
             .await
             .unwrap()
@@ -289,6 +297,7 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
                 step: 1,
                 metrics: Vec::new(),
                 phase: WorkerPhase::Training as i32,
+                device: String::new(),
             })
             .await
             .unwrap()

@@ -163,6 +163,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                         step,
                         metrics: vec![metrics],
                         phase: WorkerPhase::Training as i32,
+                        device: String::new(),
                     })
                     .await;
                 if reply.is_ok() {

@@ -107,6 +107,8 @@ struct Progress {
     /// Steps completed since the last heartbeat.
     metrics: Vec<StepMetrics>,
     phase: WorkerPhase,
+    /// Empty until the backend is known to be other than the registered `cpu`.
+    device: String,
 }
 
 pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
@@ -192,14 +194,16 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let result = match manifest.cluster.backend {
         Backend::Cpu => train::<CpuTrain>(&job, listener, None),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => prepare_kernels(&manifest, &store_options, options.device).and_then(|mut kernels| {
-            let result = train::<crate::backend::CudaTrain>(&job, listener, Some(&mut kernels));
-            // What the whole run compiled, evaluation included, for the next start.
-            if assignment.rank == 0 {
-                kernels.publish();
-            }
-            result
-        }),
+        Backend::Cuda => {
+            prepare_kernels(&manifest, &store_options, options.device, &progress).and_then(|mut kernels| {
+                let result = train::<crate::backend::CudaTrain>(&job, listener, Some(&mut kernels));
+                // What the whole run compiled, evaluation included, for the next start.
+                if assignment.rank == 0 {
+                    kernels.publish();
+                }
+                result
+            })
+        }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
             "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
@@ -298,16 +302,17 @@ fn send_heartbeat(
     id: &str,
     progress: &Mutex<Progress>,
 ) -> Result<Command, String> {
-    let (step, metrics, phase) = {
+    let request = {
         let mut progress = progress.lock().expect("progress");
-        (progress.step, std::mem::take(&mut progress.metrics), progress.phase)
+        HeartbeatRequest {
+            worker_id: id.to_string(),
+            step: progress.step,
+            metrics: std::mem::take(&mut progress.metrics),
+            phase: progress.phase as i32,
+            device: progress.device.clone(),
+        }
     };
-    let reply = runtime.block_on(client.heartbeat(HeartbeatRequest {
-        worker_id: id.to_string(),
-        step,
-        metrics,
-        phase: phase as i32,
-    }));
+    let reply = runtime.block_on(client.heartbeat(request));
     match reply {
         Ok(reply) if reply.get_ref().command == Command::Stop as i32 => Ok(Command::Stop),
         Ok(_) => Ok(Command::Continue),
@@ -315,10 +320,17 @@ fn send_heartbeat(
     }
 }
 
-/// Points cubecl at the job's kernel cache and settings for CUDA device `device`.
+/// Points cubecl at the job's kernel cache and settings for CUDA device
+/// `device`; tells the status page which GPU this worker runs on.
 #[cfg(feature = "cuda")]
-fn prepare_kernels(manifest: &Manifest, options: &StoreOptions, device: usize) -> Result<Kernels, WorkerError> {
+fn prepare_kernels(
+    manifest: &Manifest,
+    options: &StoreOptions,
+    device: usize,
+    progress: &Mutex<Progress>,
+) -> Result<Kernels, WorkerError> {
     let name = crate::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
+    progress.lock().expect("progress").device = format!("cuda:{device} {name}");
     let kernels =
         Kernels::prepare(&manifest.gpu, options, device, &name).map_err(|e| WorkerError::Setup(e.to_string()))?;
     eprintln!(
