@@ -456,7 +456,7 @@ fn cuda_step(
     let name = worker::backend::cuda_device_name(ordinal).map_err(|e| anyhow!(e))?;
     let mut kernels = worker::kernels::Kernels::prepare(gpu, &store::StoreOptions::default(), ordinal, &name)?;
     println!("{name}: kernel cache {} ({} files)", gpu.kernel_cache, kernels.fetched);
-    let device = worker::backend::cuda_device(ordinal);
+    let device = worker::backend::device::<worker::backend::CudaTrain>(ordinal).map_err(|e| anyhow!(e))?;
     let report = bench_step::<worker::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
     kernels.publish();
     let compiled = kernels

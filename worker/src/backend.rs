@@ -13,9 +13,12 @@ pub type Cuda = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type CudaTrain = Autodiff<Cuda>;
 
-#[cfg(feature = "cuda")]
-pub fn cuda_device(ordinal: usize) -> burn::backend::cuda::CudaDevice {
-    burn::backend::cuda::CudaDevice::new(ordinal)
+/// Device `ordinal` of backend `B` (a GPU's index; the CPU backend has one).
+pub fn device<B: burn::tensor::backend::Backend>(ordinal: usize) -> Result<B::Device, String> {
+    use burn::tensor::backend::Device as _;
+    let mut id = B::Device::default().to_id();
+    id.index_id = u16::try_from(ordinal).map_err(|_| format!("device {ordinal} does not exist"))?;
+    Ok(B::Device::from_id(id))
 }
 
 /// The name of CUDA device `ordinal` (`NVIDIA H200`), as the driver gives it.

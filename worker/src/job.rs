@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
-use burn::tensor::backend::{AutodiffBackend, Device as _};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use proto::checkpoint::{self as checkpoint_layout, ResumeFields};
 use proto::dataset::DatasetIndex;
@@ -486,11 +486,7 @@ where
         .connect(rank, &peers, Duration::from_secs(60))
         .map_err(|e| setup(e.to_string()))?;
 
-    let device = {
-        let mut id = B::Device::default().to_id();
-        id.index_id = u16::try_from(device).map_err(|_| setup(format!("device {device} does not exist")))?;
-        B::Device::from_id(id)
-    };
+    let device = crate::backend::device::<B>(device).map_err(setup)?;
     let mut model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, &device);
     let train = &manifest.train;
     let optimizer = AdamWConfig::new()
