@@ -119,7 +119,7 @@ fn bench_step_prints_a_median_on_the_tiny_model() {
         value >= 0.999 * amount / slowest - 0.05 && value <= 1.001 * amount / fastest + 0.05
     };
     assert!(per_median(figure("samples/s"), 4.0), "{text}");
-    let flops = proto::Preset::Tiny.config().training_flops(4);
+    let flops = contract::Preset::Tiny.config().training_flops(4);
     assert!(per_median(figure("model FLOP/s"), flops), "{text}");
 }
 

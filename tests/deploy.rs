@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use proto::manifest::Manifest;
+use contract::manifest::Manifest;
 
 const KUBERNETES: &str = "1.33.0";
 

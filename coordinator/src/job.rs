@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proto::rpc::{StepMetrics, WorkerPhase};
+use contract::rpc::{StepMetrics, WorkerPhase};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,7 +122,7 @@ pub struct CheckpointProgress {
     pub committed: u64,
     /// Shards reported per step not yet committed: rank -> (shard, seconds).
     #[serde(skip)]
-    pub reports: BTreeMap<u64, BTreeMap<usize, (proto::checkpoint::ShardRecord, f64)>>,
+    pub reports: BTreeMap<u64, BTreeMap<usize, (checkpoint::layout::ShardRecord, f64)>>,
 }
 
 pub fn unix_now() -> f64 {

@@ -2,7 +2,7 @@
 //! the journal and the status endpoint. Never links the tensor library.
 
 pub mod auth;
-pub mod checkpoints;
+
 pub mod job;
 pub mod journal;
 mod service;
@@ -13,18 +13,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
-use proto::manifest::Manifest;
-use proto::rpc::coordinator_server::CoordinatorServer;
-use proto::sample_order::{SampleOrder, SourceSize};
+use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
+use contract::manifest::Manifest;
+use contract::rpc::coordinator_server::CoordinatorServer;
+use contract::sample_order::{SampleOrder, SourceSize};
 use store::{Store, StoreOptions};
 use tokio::sync::watch;
 
 use auth::{Guard, Token};
-pub use checkpoints::Resume;
+use checkpoint::layout::ResumeFields;
+pub use checkpoint::Resume;
 use job::{Job, JobState};
 use journal::{Event, Journal};
-use proto::checkpoint::ResumeFields;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -45,7 +45,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error("resume: {0}")]
-    Checkpoint(#[from] checkpoints::CheckpointError),
+    Checkpoint(#[from] checkpoint::CheckpointError),
     /// Not a failure: the checkpoint is the job's last step.
     #[error(
         "the job is complete: its newest checkpoint, {url}, is step {step} of {total}. Raise job.steps \
@@ -92,7 +92,7 @@ impl Shared {
     }
 
     /// Appends rank 0's step metrics (the job's) to metrics.jsonl.
-    fn log_metrics(&self, metrics: &[proto::rpc::StepMetrics]) {
+    fn log_metrics(&self, metrics: &[contract::rpc::StepMetrics]) {
         use std::io::Write;
         let mut log = self.metrics_log.lock().expect("metrics log");
         let Some(file) = log.as_mut() else { return };
@@ -418,23 +418,23 @@ fn choose_start(
     manifest: &Manifest,
     indexes: &[DatasetIndex],
     resume: &Resume,
-) -> Result<Option<checkpoints::Chosen>, CoordinatorError> {
-    let options = store_options(manifest);
+) -> Result<Option<checkpoint::Chosen>, CoordinatorError> {
+    let options = manifest.data.store_options();
     let root = match (&manifest.checkpoint, resume) {
-        (Some(checkpoint), _) => Store::open(&checkpoint.url, &options).map_err(checkpoints::CheckpointError::from)?,
+        (Some(checkpoint), _) => Store::open(&checkpoint.url, &options).map_err(checkpoint::CheckpointError::from)?,
         // --from reads a step wherever it is; without a location there is nothing else to resume.
-        (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoints::CheckpointError::from)?,
+        (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoint::CheckpointError::from)?,
         (None, _) => return Ok(None),
     };
     let fields = ResumeFields::of(manifest, indexes);
-    let Some(chosen) = checkpoints::choose(&root, &options, resume, &fields)? else {
+    let Some(chosen) = checkpoint::choose(&root, &options, resume, &fields)? else {
         return Ok(None);
     };
     let (store, name) =
-        Store::open_object(&manifest.data.tokenizer, &options).map_err(checkpoints::CheckpointError::from)?;
-    let tokenizer = store::sha256_hex(&store.get(&name).map_err(checkpoints::CheckpointError::from)?);
+        Store::open_object(&manifest.data.tokenizer, &options).map_err(checkpoint::CheckpointError::from)?;
+    let tokenizer = store::sha256_hex(&store.get(&name).map_err(checkpoint::CheckpointError::from)?);
     if tokenizer != chosen.meta.tokenizer_sha256 {
-        return Err(checkpoints::CheckpointError::Changed {
+        return Err(checkpoint::CheckpointError::Changed {
             url: chosen.url,
             field: "data.tokenizer".into(),
             was: format!("a tokenizer with SHA-256 {}", chosen.meta.tokenizer_sha256),
@@ -445,12 +445,8 @@ fn choose_start(
     Ok(Some(chosen))
 }
 
-pub fn store_options(manifest: &Manifest) -> StoreOptions {
-    StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone())
-}
-
 fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
-    let options = store_options(manifest);
+    let options = manifest.data.store_options();
     let mut indexes = Vec::new();
     for (index, source) in manifest.data.sources.iter().enumerate() {
         let failed = |message: String| CoordinatorError::Dataset {

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::checkpoint::ShardRecord;
-use proto::rpc::coordinator_server::Coordinator as CoordinatorRpc;
-use proto::rpc::{
+use checkpoint::layout::ShardRecord;
+use contract::rpc::coordinator_server::Coordinator as CoordinatorRpc;
+use contract::rpc::{
     Assignment, CheckpointReply, CheckpointShard, Command, FinishReply, FinishRequest, HeartbeatReply,
     HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
@@ -169,10 +169,10 @@ impl CoordinatorRpc for Service {
         let step = shard.step;
         let seconds = reports.values().map(|(_, s)| *s).fold(0.0, f64::max);
         let shards: Vec<ShardRecord> = reports.into_values().map(|(record, _)| record).collect();
-        let options = crate::store_options(&self.shared.manifest);
+        let options = self.shared.manifest.data.store_options();
         let committed = tokio::task::spawn_blocking(move || {
             let root = store::Store::open(&checkpoint.url, &options)?;
-            crate::checkpoints::commit(&root, step, shards, checkpoint.keep)
+            checkpoint::commit(&root, step, shards, checkpoint.keep, crate::job::unix_now())
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -9,11 +9,11 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use axum::Router;
+use contract::rpc::WorkerPhase;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::rpc::WorkerPhase;
 use serde::Serialize;
 use std::sync::atomic::AtomicU64;
 

@@ -5,14 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use contract::manifest::Manifest;
+use contract::rpc::coordinator_client::CoordinatorClient;
+use contract::rpc::{
+    Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
+};
 use coordinator::auth::Token;
 use coordinator::job::JobState;
 use coordinator::{Coordinator, Resume};
-use proto::manifest::Manifest;
-use proto::rpc::coordinator_client::CoordinatorClient;
-use proto::rpc::{
-    Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
-};
 use tonic::transport::Channel;
 
 /// A manifest over two hand-written dataset indexes (the coordinator reads

@@ -9,18 +9,18 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::Subcommand;
-use proto::ModelConfig;
-use worker::backend::CpuTrain;
+use collective::tcp::{RingListener, TcpRing};
+use collective::{Collective, Solo};
+use contract::ModelConfig;
+use data::corpus;
+use data::dataset::Dataset;
+use data::prompt::PromptTemplates;
+use data::tokenizer::TextTokenizer;
+use model::backend::CpuTrain;
+use model::train::contrastive::ContrastiveMode;
 use worker::bench::{
     all_reduce_bandwidth, bench_all_reduce, bench_data, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
 };
-use worker::collective::tcp::{RingListener, TcpRing};
-use worker::collective::{Collective, Solo};
-use worker::data::corpus;
-use worker::data::dataset::Dataset;
-use worker::data::prompt::PromptTemplates;
-use worker::data::tokenizer::TextTokenizer;
-use worker::train::contrastive::ContrastiveMode;
 
 use super::ModelArgs;
 
@@ -170,7 +170,7 @@ impl BenchCommand {
                 ensure!(beam >= 1 && max_len >= 1, "--beam and --max-len must be at least 1");
                 let config = model.resolve()?;
                 let max_len = max_len.min(config.context_length - 1);
-                let (cached, uncached) = worker::bench::bench_caption::<worker::backend::Cpu>(&config, beam, max_len);
+                let (cached, uncached) = worker::bench::bench_caption::<model::backend::Cpu>(&config, beam, max_len);
                 let rate = |seconds: f64| max_len as f64 / seconds;
                 println!("caption: {max_len} tokens, beam {beam}, preset weights at random");
                 println!("with the key/value cache: {cached:.3} s = {:.1} tokens/s", rate(cached));
@@ -304,7 +304,7 @@ impl BenchCommand {
                     mode: negatives.into(),
                 };
                 if backend == BenchBackend::Cuda {
-                    let gpu = proto::manifest::Gpu {
+                    let gpu = contract::manifest::Gpu {
                         autotune: autotune.into(),
                         kernel_cache,
                         log_compilations: true,
@@ -449,15 +449,15 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
 fn cuda_step(
     config: &ModelConfig,
     plan: StepBenchmarkPlan,
-    gpu: &proto::manifest::Gpu,
+    gpu: &contract::manifest::Gpu,
     ordinal: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
     use anyhow::anyhow;
-    let name = worker::backend::cuda_device_name(ordinal).map_err(|e| anyhow!(e))?;
+    let name = model::backend::cuda_device_name(ordinal).map_err(|e| anyhow!(e))?;
     let mut kernels = worker::kernels::Kernels::prepare(gpu, &store::StoreOptions::default(), ordinal, &name)?;
     println!("{name}: kernel cache {} ({} files)", gpu.kernel_cache, kernels.fetched);
-    let device = worker::backend::device::<worker::backend::CudaTrain>(ordinal).map_err(|e| anyhow!(e))?;
-    let report = bench_step::<worker::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
+    let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(|e| anyhow!(e))?;
+    let report = bench_step::<model::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
     kernels.publish();
     let compiled = kernels
         .compiled()
@@ -469,7 +469,7 @@ fn cuda_step(
 fn cuda_step(
     _: &ModelConfig,
     _: StepBenchmarkPlan,
-    _: &proto::manifest::Gpu,
+    _: &contract::manifest::Gpu,
     _: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
     bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
@@ -489,7 +489,7 @@ pub enum Autotune {
     Full,
 }
 
-impl From<Autotune> for proto::manifest::AutotuneLevel {
+impl From<Autotune> for contract::manifest::AutotuneLevel {
     fn from(level: Autotune) -> Self {
         match level {
             Autotune::Minimal => Self::Minimal,

@@ -5,18 +5,18 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
+use contract::dataset::DatasetKind;
+use data::dataset::Dataset;
+use data::demo::{self, DemoSpec};
+use data::import::{self, ImportFormat, ImportOptions};
+use data::prompt::PromptTemplates;
+use data::shard::Compression;
+use data::tokenizer::TextTokenizer;
+use data::writer::DatasetWriter;
+use data::{corpus, image as pixels};
 use image::{imageops, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::dataset::DatasetKind;
 use store::{Store, StoreOptions};
-use worker::data::dataset::Dataset;
-use worker::data::demo::{self, DemoSpec};
-use worker::data::import::{self, ImportFormat, ImportOptions};
-use worker::data::prompt::PromptTemplates;
-use worker::data::shard::Compression;
-use worker::data::tokenizer::TextTokenizer;
-use worker::data::writer::DatasetWriter;
-use worker::data::{corpus, image as pixels};
 
 use super::StoreArgs;
 
@@ -245,7 +245,7 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         index.shards.len(),
         bytes as f64 / (1 << 20) as f64
     );
-    let schema = worker::data::shard::schema(index.kind);
+    let schema = data::shard::schema(index.kind);
     let columns: Vec<String> = schema
         .fields()
         .iter()

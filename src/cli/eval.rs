@@ -5,15 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use proto::checkpoint as layout;
-use store::Store;
-use worker::backend::Cpu;
-use worker::checkpoint::CheckpointError;
-use worker::data::dataset::Dataset;
-use worker::data::prompt::PromptTemplates;
-use worker::eval::tasks;
-use worker::generate::{generate, Generation, Strategy};
-use worker::inference::{self, Loaded};
+use data::dataset::Dataset;
+use data::prompt::PromptTemplates;
+use model::backend::Cpu;
+use model::eval::tasks;
+use model::generate::{generate, Generation, Strategy};
+use model::inference::{self, Loaded};
 
 use super::StoreArgs;
 
@@ -136,29 +133,12 @@ impl GenerationArgs {
 /// The state of the committed step a checkpoint URL names: a step
 /// directory, `step` under a location, or the location's newest step whose
 /// shards are all whole (damaged ones are skipped, by name). Read once.
-pub fn read_step(
-    checkpoint: &str,
-    step: Option<u64>,
-    store: &StoreArgs,
-) -> anyhow::Result<(Store, proto::checkpoint::Meta, Vec<f32>)> {
-    let root = store.open(checkpoint)?;
-    let last = checkpoint.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-    let read = |dir: Store| worker::checkpoint::read_state(&dir).map(|(meta, values)| (dir, meta, values));
-    match (layout::parse_step_dir(last), step) {
-        (Some(_), None) => Ok(read(root)?),
-        (_, Some(step)) => Ok(read(root.at(&layout::step_dir(step)))?),
-        (None, None) => {
-            let (committed, _) = coordinator::checkpoints::steps(&root)?;
-            for step in committed {
-                match read(root.at(&layout::step_dir(step))) {
-                    Ok(state) => return Ok(state),
-                    Err(damaged @ CheckpointError::Damaged { .. }) => eprintln!("skipping {damaged}"),
-                    Err(other) => return Err(other.into()),
-                }
-            }
-            bail!("{checkpoint}: no committed checkpoint here")
-        }
+pub fn read_step(checkpoint: &str, step: Option<u64>, store: &StoreArgs) -> anyhow::Result<checkpoint::NamedState> {
+    let named = checkpoint::read_named(checkpoint, store.open(checkpoint)?, step)?;
+    for skipped in &named.skipped {
+        eprintln!("skipping {skipped}");
     }
+    Ok(named)
 }
 
 pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
@@ -168,8 +148,8 @@ pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
         let bytes = store.get(&name)?;
         inference::from_export::<Cpu>(&bytes, &source.checkpoint, &device)?
     } else {
-        let (dir, meta, values) = read_step(&source.checkpoint, None, &source.store)?;
-        inference::from_state::<Cpu>(&dir, meta, &values, &device)?
+        let named = read_step(&source.checkpoint, None, &source.store)?;
+        inference::from_state::<Cpu>(&named.dir, named.meta, &named.values, &device)?
     };
     eprintln!("model: step {} of {}", loaded.step, loaded.origin);
     Ok(loaded)
@@ -299,7 +279,7 @@ pub fn caption(
     let mut results = Vec::new();
     for path in images {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let picture = worker::data::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        let picture = data::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
         let batch = inference::image_batch::<Cpu>(&[picture], loaded.config.image_size as u32, &device);
         let tokens = loaded.model.caption_image_tokens(batch);
         let ids = generate(&loaded.model, tokens, &generation);

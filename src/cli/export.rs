@@ -5,14 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context;
-use proto::checkpoint::{self as layout};
+use checkpoint::layout;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::StoreArgs;
 
 pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    let (dir, meta, values) = super::eval::read_step(checkpoint, step, store)?;
+    let checkpoint::NamedState { dir, meta, values, .. } = super::eval::read_step(checkpoint, step, store)?;
     let bytes: Vec<&[u8]> = meta
         .tensors
         .iter()

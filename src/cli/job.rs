@@ -9,14 +9,14 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
+use contract::manifest::Manifest;
 use coordinator::auth::Token;
 use coordinator::job::JobState;
 use coordinator::status::StatusReport;
 use coordinator::Coordinator;
+use data::demo::{self, DemoSpec};
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::manifest::Manifest;
 use store::{Store, StoreOptions};
-use worker::data::demo::{self, DemoSpec};
 use worker::job::{WorkerOptions, WorkerOutcome};
 
 /// Reads and validates a manifest, with `--workers`/`--steps` overrides applied to its text.
@@ -104,7 +104,7 @@ fn job_token(manifest: &Manifest, generate: bool) -> anyhow::Result<String> {
 /// Writes the demo datasets where `[data] demo` points, unless they are there.
 fn ensure_demo_data(manifest: &Manifest) -> anyhow::Result<()> {
     let Some(url) = &manifest.data.demo else { return Ok(()) };
-    let root = Store::open(url, &StoreOptions::default())?;
+    let root = Store::open(url, &manifest.data.store_options())?;
     if root.exists(demo::TOKENIZER)? {
         return Ok(());
     }

@@ -11,7 +11,7 @@ mod swarm;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use proto::{ModelConfig, Preset};
+use contract::{ModelConfig, Preset};
 
 #[derive(Debug, Parser)]
 #[command(

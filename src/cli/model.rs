@@ -1,7 +1,7 @@
 //! `coca model info`: parameter counts per part.
 
 use clap::Subcommand;
-use proto::PoolerLayout;
+use contract::PoolerLayout;
 
 use super::ModelArgs;
 

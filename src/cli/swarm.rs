@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use proto::rpc::coordinator_client::CoordinatorClient;
-use proto::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
+use contract::rpc::coordinator_client::CoordinatorClient;
+use contract::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
 use tonic::transport::Channel;
 use worker::job::Bearer;
 
@@ -39,9 +39,9 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Result<SwarmReport> {
     let data = dir.join("data");
-    worker::data::demo::write(
+    data::demo::write(
         &store::Store::open(&data.display().to_string(), &Default::default())?,
-        &worker::data::demo::DemoSpec {
+        &data::demo::DemoSpec {
             align_rows: 64,
             jft_rows: 64,
             heldout_rows: 8,

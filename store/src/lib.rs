@@ -12,13 +12,15 @@ mod cache;
 mod error;
 mod location;
 mod options;
+pub mod retry;
 mod store;
 
 pub use bytes::Bytes;
 pub use cache::LocalCache;
 pub use error::StoreError;
 pub use location::{Location, Scheme};
-pub use options::{RetryPolicy, S3Options, StoreOptions};
+pub use options::{S3Options, StoreOptions};
+pub use retry::{retry, retry_blocking, GaveUp, RetryPolicy};
 pub use store::{ObjectInfo, Store};
 
 /// Hex SHA-256 of `bytes`: the checksum an index records for every object.

@@ -1,8 +1,10 @@
-use std::time::Duration;
+use crate::RetryPolicy;
 
 /// How a store is reached: what the manifest (or a command's flags) says
-/// about credentials and retries. Anything left unset comes from the
-/// usual environment of each cloud (AWS_*, GOOGLE_*, AZURE_*).
+/// about credentials and retries. Anything left unset comes from the usual
+/// environment of each cloud (AWS_*, GOOGLE_*, AZURE_*). Transient errors
+/// (connection failures, timeouts, server errors) are retried; missing
+/// objects and denied access are not.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoreOptions {
     pub s3: S3Options,
@@ -42,36 +44,5 @@ impl std::fmt::Debug for S3Options {
             .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
             .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<set>"))
             .finish()
-    }
-}
-
-/// Transient errors (connection failures, timeouts, server errors) are
-/// retried with exponential backoff; missing objects and denied access are not.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub attempts: u32,
-    pub first_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 5,
-            first_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before attempt `attempt` (1-based; attempt 1 does not wait).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        if attempt <= 1 {
-            return Duration::ZERO;
-        }
-        let factor = 1u32 << (attempt - 2).min(16);
-        (self.first_delay * factor).min(self.max_delay)
     }
 }

@@ -299,44 +299,49 @@ impl Store {
         Fut: Future<Output = object_store::Result<T>>,
     {
         let url = || self.object_url(name);
-        self.runtime.block_on(async {
-            let mut attempt = 1;
-            loop {
-                tokio::time::sleep(self.retry.delay(attempt)).await;
-                let error = match operation().await {
-                    Ok(value) => return Ok(value),
-                    Err(error) => error,
-                };
-                let detail = error_detail(&error);
-                match error {
-                    object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
-                        return Err(StoreError::NoBucket {
-                            bucket: self.location.authority.clone(),
-                            url: url(),
-                        })
-                    }
-                    object_store::Error::NotFound { .. } => return Err(StoreError::NotFound { url: url() }),
-                    object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-                        return Err(StoreError::Denied {
-                            url: url(),
-                            detail: server_error(&detail),
-                        })
-                    }
-                    object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
-                        if attempt >= self.retry.attempts {
-                            return Err(StoreError::Exhausted {
-                                url: url(),
-                                attempts: attempt,
-                                detail,
-                            });
-                        }
-                        attempt += 1;
-                    }
-                    _ => return Err(StoreError::Failed { url: url(), detail }),
+        let classify = |error: object_store::Error| {
+            let detail = error_detail(&error);
+            match error {
+                object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
+                    Failure::Final(StoreError::NoBucket {
+                        bucket: self.location.authority.clone(),
+                        url: url(),
+                    })
                 }
+                object_store::Error::NotFound { .. } => Failure::Final(StoreError::NotFound { url: url() }),
+                object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                    Failure::Final(StoreError::Denied {
+                        url: url(),
+                        detail: server_error(&detail),
+                    })
+                }
+                object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
+                    Failure::Transient(detail)
+                }
+                _ => Failure::Final(StoreError::Failed { url: url(), detail }),
             }
+        };
+        let attempts = crate::retry(
+            &self.retry,
+            None,
+            |failure| matches!(failure, Failure::Transient(_)),
+            || async { operation().await.map_err(classify) },
+        );
+        self.runtime.block_on(attempts).map_err(|gave_up| match gave_up.error {
+            Failure::Final(error) => error,
+            Failure::Transient(detail) => StoreError::Exhausted {
+                url: url(),
+                attempts: gave_up.attempts,
+                detail,
+            },
         })
     }
+}
+
+/// An object store error, as the retry loop sees it.
+enum Failure {
+    Transient(String),
+    Final(StoreError),
 }
 
 /// The whole chain of causes, on one line.

@@ -5,15 +5,15 @@ use std::time::{Duration, Instant};
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
-use proto::ModelConfig;
+use contract::ModelConfig;
 
-use crate::collective::{Collective, CollectiveError};
-use crate::model::loss::LossWeights;
-use crate::model::parameters::parameter_values;
-use crate::model::CocaModel;
-use crate::train::contrastive::ContrastiveMode;
-use crate::train::step::{StepTimings, TrainStep};
-use crate::train::synthetic::synthetic_batch;
+use collective::{Collective, CollectiveError};
+use model::loss::LossWeights;
+use model::parameters::parameter_values;
+use model::train::contrastive::ContrastiveMode;
+use model::train::step::{StepTimings, TrainStep};
+use model::train::synthetic::synthetic_batch;
+use model::CocaModel;
 
 #[derive(Debug, Clone)]
 pub struct StepBenchmark {
@@ -197,15 +197,15 @@ impl DataBenchmark {
 /// (decode, random resized crop, normalise, tokenize) on `threads` threads,
 /// after one unmeasured batch that brings the shards into memory.
 pub fn bench_data(
-    dataset: crate::data::dataset::Dataset,
-    tokenizer: crate::data::tokenizer::TextTokenizer,
+    dataset: data::dataset::Dataset,
+    tokenizer: data::tokenizer::TextTokenizer,
     image_size: u32,
     threads: usize,
     batch: usize,
     batches: usize,
-) -> Result<DataBenchmark, crate::data::loader::LoaderError> {
-    use crate::data::loader::{BatchAssembler, LoaderConfig, LoaderSource};
-    use proto::sample_order::{SampleOrder, SourceSize};
+) -> Result<DataBenchmark, data::loader::LoaderError> {
+    use contract::sample_order::{SampleOrder, SourceSize};
+    use data::loader::{BatchAssembler, LoaderConfig, LoaderSource};
 
     let order = SampleOrder::new(
         0,
@@ -221,7 +221,7 @@ pub fn bench_data(
     };
     let source = LoaderSource {
         dataset,
-        templates: crate::data::prompt::PromptTemplates::clip80(),
+        templates: data::prompt::PromptTemplates::clip80(),
     };
     let mut assembler = BatchAssembler::new(vec![source], order, tokenizer, config, 0, 0, 1)?;
     assembler.assemble(0)?;
@@ -257,11 +257,11 @@ pub fn bench_checkpoint<B: AutodiffBackend>(
     config: &ModelConfig,
     world: usize,
     dir: &std::path::Path,
-) -> Result<CheckpointBenchmark, crate::checkpoint::CheckpointError>
+) -> Result<CheckpointBenchmark, checkpoint::CheckpointError>
 where
     CocaModel<B>: AutodiffModule<B>,
 {
-    use crate::checkpoint::{self, state, StateLayout};
+    use model::state::{self, StateLayout};
     let device = Default::default();
     let model = CocaModel::<B>::new(config, 0, &device);
     let (mut tensors, section_len) = state::tensor_index(&model, &state::OptimizerRecord::new());
@@ -290,7 +290,7 @@ where
         .iter()
         .enumerate()
         .map(|(rank, &size)| {
-            let mut random = crate::rng::SplitMix64::new(rank as u64);
+            let mut random = contract::rng::SplitMix64::new(rank as u64);
             (0..size.div_ceil(8))
                 .flat_map(|_| random.next_u64().to_le_bytes())
                 .take(size as usize)
@@ -321,7 +321,7 @@ where
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 let (root, model, record) = (&root, &model, &record);
-                scope.spawn(move || checkpoint::save_shard(root, 1, rank, world, model, record))
+                scope.spawn(move || state::save_shard(root, 1, rank, world, model, record))
             })
             .collect();
         handles
@@ -330,16 +330,16 @@ where
             .collect::<Result<Vec<_>, _>>()
     })?;
     let save_seconds = started.elapsed().as_secs_f64();
-    let meta = StateLayout::of(&model, &record).meta(1, world, checkpoint::JobFacts::default());
+    let meta = StateLayout::of(&model, &record).meta(1, world, state::JobFacts::default());
     checkpoint::write_meta(&root, &meta)?;
-    let committed = proto::checkpoint::Committed {
+    let committed = checkpoint::layout::Committed {
         step: 1,
         committed_at: 0.0,
         shards: saves.iter().map(|s| s.record.clone()).collect(),
     };
-    let step = root.at(&proto::checkpoint::step_dir(1));
+    let step = root.at(&checkpoint::layout::step_dir(1));
     step.put(
-        proto::checkpoint::COMMITTED,
+        checkpoint::layout::COMMITTED,
         serde_json::to_vec(&committed).expect("serializes").into(),
     )?;
     drop((model, record));
@@ -365,7 +365,7 @@ pub fn bench_caption<B: burn::tensor::backend::Backend>(
     beams: usize,
     max_len: usize,
 ) -> (f64, f64) {
-    use crate::generate::{generate, Generation, Strategy};
+    use model::generate::{generate, Generation, Strategy};
     let device = Default::default();
     let model = CocaModel::<B>::new(config, 0, &device);
     let images = synthetic_batch::<B>(config, 1, 0, &device).images;

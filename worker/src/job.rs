@@ -11,33 +11,33 @@ use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use proto::checkpoint::{self as checkpoint_layout, ResumeFields};
-use proto::dataset::DatasetIndex;
-use proto::manifest::{Backend, Contrastive, Manifest};
-use proto::rpc::coordinator_client::CoordinatorClient;
-use proto::rpc::{
+use checkpoint::layout::{self as checkpoint_layout, ResumeFields};
+use contract::dataset::DatasetIndex;
+use contract::manifest::{Backend, Contrastive, Manifest};
+use contract::rpc::coordinator_client::CoordinatorClient;
+use contract::rpc::{
     Assignment, BadRecordCount, CheckpointShard, Command, EvalMetric, FinishRequest, HeartbeatRequest, RegisterRequest,
     RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };
-use proto::sample_order::{SampleOrder, SourceSize};
-use store::{Store, StoreOptions};
+use contract::sample_order::{SampleOrder, SourceSize};
+use store::{RetryPolicy, Store, StoreOptions};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::backend::CpuTrain;
-use crate::checkpoint::{self, JobFacts, SavedShard, StateLayout};
-use crate::collective::tcp::RingListener;
-use crate::collective::Collective;
-use crate::data::dataset::Dataset;
-use crate::data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
-use crate::data::prompt::PromptTemplates;
-use crate::data::tokenizer::TextTokenizer;
-use crate::eval::periodic::PeriodicEval;
 use crate::kernels::Kernels;
-use crate::model::loss::LossWeights;
-use crate::model::CocaModel;
-use crate::train::contrastive::ContrastiveMode;
-use crate::train::step::TrainStep;
+use collective::tcp::RingListener;
+use collective::Collective;
+use data::dataset::Dataset;
+use data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
+use data::prompt::PromptTemplates;
+use data::tokenizer::TextTokenizer;
+use model::backend::CpuTrain;
+use model::eval::periodic::PeriodicEval;
+use model::loss::LossWeights;
+use model::state::{self, JobFacts, SavedShard, StateLayout};
+use model::train::contrastive::ContrastiveMode;
+use model::train::step::TrainStep;
+use model::CocaModel;
 
 /// What a worker is told on its command line.
 #[derive(Debug, Clone)]
@@ -180,7 +180,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             .map(|reply| reply.into_inner().committed)
             .map_err(|status| status.message().to_string())
     };
-    let store_options = StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
+    let store_options = manifest.data.store_options();
     let job = TrainJob {
         manifest: &manifest,
         store_options: &store_options,
@@ -196,7 +196,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             prepare_kernels(&manifest, &store_options, options.device, &progress).and_then(|mut kernels| {
-                let result = train::<crate::backend::CudaTrain>(&job, listener, Some(&mut kernels));
+                let result = train::<model::backend::CudaTrain>(&job, listener, Some(&mut kernels));
                 // What the whole run compiled, evaluation included, for the next start.
                 if assignment.rank == 0 {
                     kernels.publish();
@@ -241,22 +241,14 @@ async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
         message: e.to_string(),
     })?;
     let deadline = Instant::now() + options.connect_timeout;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(CoordinatorClient::with_interceptor(channel, bearer)),
-            Err(error) if Instant::now() + delay > deadline => {
-                return Err(WorkerError::Unreachable {
-                    url: options.coordinator.clone(),
-                    seconds: options.connect_timeout.as_secs(),
-                    message: std::error::Error::source(&error).map_or(error.to_string(), |s| s.to_string()),
-                })
-            }
-            Err(_) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
+    let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(2));
+    match store::retry(&patience, Some(deadline), |_| true, || endpoint.connect()).await {
+        Ok(channel) => Ok(CoordinatorClient::with_interceptor(channel, bearer)),
+        Err(gave_up) => Err(WorkerError::Unreachable {
+            url: options.coordinator.clone(),
+            seconds: options.connect_timeout.as_secs(),
+            message: std::error::Error::source(&gave_up.error).map_or(gave_up.error.to_string(), |s| s.to_string()),
+        }),
     }
 }
 
@@ -329,7 +321,7 @@ fn prepare_kernels(
     device: usize,
     progress: &Mutex<Progress>,
 ) -> Result<Kernels, WorkerError> {
-    let name = crate::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
+    let name = model::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
     progress.lock().expect("progress").device = format!("cuda:{device} {name}");
     let kernels =
         Kernels::prepare(&manifest.gpu, options, device, &name).map_err(|e| WorkerError::Setup(e.to_string()))?;
@@ -486,7 +478,7 @@ where
         .connect(rank, &peers, Duration::from_secs(60))
         .map_err(|e| setup(e.to_string()))?;
 
-    let device = crate::backend::device::<B>(device).map_err(setup)?;
+    let device = model::backend::device::<B>(device).map_err(setup)?;
     let mut model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, &device);
     let train = &manifest.train;
     let optimizer = AdamWConfig::new()
@@ -505,7 +497,7 @@ where
     let mut trainer = TrainStep::<B>::new(&optimizer, weights, mode);
     if !assignment.resume_from.is_empty() {
         let dir = Store::open(&assignment.resume_from, options).map_err(|e| setup(e.to_string()))?;
-        let (loaded, record, meta) = checkpoint::load(&dir, model).map_err(|e| setup(e.to_string()))?;
+        let (loaded, record, meta) = state::load(&dir, model).map_err(|e| setup(e.to_string()))?;
         if meta.step != assignment.start_step {
             return Err(setup(format!(
                 "{} holds step {}, the coordinator said step {}",
@@ -540,7 +532,7 @@ where
             message: format!("checkpoint: {message}"),
         };
         let record = trainer.optimizer_record();
-        let saved = checkpoint::save_shard(&checkpointing.root, step, rank, world, model, &record)
+        let saved = state::save_shard(&checkpointing.root, step, rank, world, model, &record)
             .map_err(|e| failed(e.to_string()))?;
         if rank == 0 {
             let facts = JobFacts {

@@ -1,16 +1,9 @@
-//! coca's data plane: the CoCa model on burn, and the training step.
+//! coca's worker process: where the coordinator is ([`discovery`]), the
+//! GPU kernel set-up ([`kernels`]), the job loop that registers, trains,
+//! reports and checkpoints ([`job`]), and the benchmarks that time its
+//! parts ([`bench`]).
 
-pub mod backend;
 pub mod bench;
-pub mod checkpoint;
-pub mod collective;
-pub mod data;
 pub mod discovery;
-pub mod eval;
-pub mod generate;
-pub mod inference;
 pub mod job;
 pub mod kernels;
-pub mod model;
-pub mod rng;
-pub mod train;

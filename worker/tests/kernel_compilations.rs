@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, Wgpu};
 use burn::optim::AdamWConfig;
-use proto::manifest::{AutotuneLevel, Gpu};
-use proto::Preset;
+use collective::Solo;
+use contract::manifest::{AutotuneLevel, Gpu};
+use contract::Preset;
+use model::loss::LossWeights;
+use model::train::contrastive::ContrastiveMode;
+use model::train::step::TrainStep;
+use model::train::synthetic::synthetic_batch;
+use model::CocaModel;
 use store::StoreOptions;
-use worker::collective::Solo;
 use worker::kernels::Kernels;
-use worker::model::loss::LossWeights;
-use worker::model::CocaModel;
-use worker::train::contrastive::ContrastiveMode;
-use worker::train::step::TrainStep;
-use worker::train::synthetic::synthetic_batch;
 
 type B = Autodiff<Wgpu>;
 

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
+use contract::manifest::{AutotuneLevel, Gpu};
 use cubecl_runtime::config::autotune::AutotuneLevel as CubeclAutotune;
 use cubecl_runtime::config::cache::CacheConfig;
 use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
-use proto::manifest::{AutotuneLevel, Gpu};
 use store::{Store, StoreOptions};
 use worker::kernels::cache::KernelCache;
 use worker::kernels::{KernelError, Kernels};

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use contract::manifest::{AutotuneLevel, Gpu};
 use cubecl_common::config::logger::LogCrateLevel;
 use cubecl_runtime::config::autotune::AutotuneLevel as CubeclAutotune;
 use cubecl_runtime::config::cache::CacheConfig;
 use cubecl_runtime::config::compilation::CompilationLogLevel;
 use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
-use proto::manifest::{AutotuneLevel, Gpu};
 
 use super::KernelError;
 

@@ -7,7 +7,7 @@ pub mod cache;
 pub mod compilations;
 pub mod config;
 
-use proto::manifest::Gpu;
+use contract::manifest::Gpu;
 use store::{Store, StoreOptions};
 
 use self::cache::KernelCache;

@@ -1,0 +1,67 @@
+//! Collective operations between the ranks of a data-parallel job: what
+//! training needs and nothing more.
+
+pub mod error;
+pub mod loopback;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod tcp;
+
+pub use error::CollectiveError;
+
+/// The world of one rank: every operation is the identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
+        Ok(local.to_vec())
+    }
+
+    fn broadcast(&mut self, _buffer: &mut [f32], _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// All ranks call the same operations in the same order with buffers of the
+/// same length; every call returns within the implementation's timeout,
+/// with an error naming the peer when one is lost.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+
+    /// Element-wise sum over all ranks, in place. Every rank ends with the
+    /// bit-identical result.
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError>;
+
+    /// Element-wise mean over all ranks, in place.
+    fn all_reduce_mean(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(buffer)?;
+        let scale = 1.0 / self.world_size() as f32;
+        buffer.iter_mut().for_each(|value| *value *= scale);
+        Ok(())
+    }
+
+    /// Every rank's `local` buffer, concatenated in rank order.
+    fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError>;
+
+    /// `root`'s buffer, copied into every rank's.
+    fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(&mut [0.0]).map(|_| ())
+    }
+}

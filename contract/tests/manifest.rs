@@ -1,0 +1,143 @@
+//! Every manifest rule, table-driven: a change to the demo manifest and the
+//! exact error it must give.
+
+use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Schedule};
+
+const DEMO: &str = include_str!("../../deploy/local/demo.toml");
+
+fn with(from: &str, to: &str) -> String {
+    assert!(DEMO.contains(from), "the demo manifest has `{from}`");
+    DEMO.replacen(from, to, 1)
+}
+
+#[test]
+fn the_demo_manifest_reads_with_its_values_and_defaults() {
+    let manifest = Manifest::parse(DEMO, "demo.toml").unwrap();
+    assert_eq!(manifest.job.name, "demo");
+    assert_eq!(manifest.job.length, Length::Steps(300));
+    assert_eq!(manifest.model.context_length, 16);
+    assert_eq!(manifest.data.sources.len(), 2);
+    assert_eq!(manifest.data.sources[1].templates, "clip80");
+    assert_eq!(manifest.train.global_batch, 32);
+    assert_eq!(manifest.train.schedule, Schedule::Cosine);
+    assert_eq!(manifest.train.beta2, 0.999);
+    assert_eq!(
+        (manifest.cluster.backend, manifest.cluster.collective),
+        (Backend::Cpu, CollectiveKind::Tcp)
+    );
+    assert_eq!(manifest.cluster.coordinator.to_string(), "127.0.0.1:7070");
+    assert_eq!(manifest.checkpoint.as_ref().unwrap().keep, 2);
+    assert_eq!(manifest.auth.token_env, "COCA_JOB_TOKEN");
+    // The GPU settings default to a fast start and a kernel cache beside the checkpoints.
+    assert_eq!(manifest.gpu.autotune, AutotuneLevel::Minimal);
+    assert_eq!(manifest.gpu.kernel_cache, "runs/demo/checkpoints/kernel-cache");
+    assert!(manifest.gpu.log_compilations);
+}
+
+#[test]
+fn a_cuda_manifest_without_a_collective_runs_on_tcp() {
+    let cuda = Manifest::parse(
+        &with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"cuda\""),
+        "m",
+    )
+    .unwrap();
+    assert_eq!(
+        (cuda.cluster.backend, cuda.cluster.collective),
+        (Backend::Cuda, CollectiveKind::Tcp)
+    );
+}
+
+#[test]
+fn the_gpu_section_is_read_and_its_cache_defaults_to_the_job_directory() {
+    let gpu = Manifest::parse(
+        &(DEMO.to_string()
+            + "\n[gpu]\nautotune = \"balanced\"\nkernel_cache = \"s3://b/k\"\nlog_compilations = false\n"),
+        "m",
+    )
+    .unwrap()
+    .gpu;
+    assert_eq!(
+        (gpu.autotune, gpu.kernel_cache.as_str(), gpu.log_compilations),
+        (AutotuneLevel::Balanced, "s3://b/k", false)
+    );
+    let start = DEMO.find("[checkpoint]").expect("the demo checkpoints");
+    let end = DEMO[start..].find("\n\n").map_or(DEMO.len(), |i| start + i);
+    let without_checkpoints = format!("{}{}", &DEMO[..start], &DEMO[end..]);
+    let manifest = Manifest::parse(&without_checkpoints, "m").unwrap();
+    assert!(manifest.checkpoint.is_none());
+    assert_eq!(manifest.gpu.kernel_cache, "runs/demo/kernel-cache");
+}
+
+#[test]
+fn the_schedule_warms_up_then_decays_to_its_end() {
+    let train = Manifest::parse(DEMO, "m").unwrap().train;
+    let lr = |step| train.learning_rate_at(step, 300);
+    assert!((lr(0) - 1e-3 / 10.0).abs() < 1e-12);
+    assert!((lr(9) - 1e-3).abs() < 1e-12);
+    assert!((lr(10) - 1e-3).abs() < 1e-12);
+    assert!((lr(155) - (1e-4 + 0.9e-3 * 0.5)).abs() < 1e-9, "{}", lr(155));
+    assert!((lr(300) - 1e-4).abs() < 1e-12);
+    assert!(lr(100) > lr(200));
+}
+
+#[test]
+fn every_rule_names_its_field() {
+    let cases: Vec<(String, &str)> = vec![
+        (with("[job]", "[jobs]"), "jobs: unknown section; did you mean `[job]`?"),
+        (with("seed = 0", "sede = 0"), "job.sede: unknown key; did you mean `seed`?"),
+        (with("name = \"demo\"", "name = \"my demo\""), "job.name: `my demo` must be letters, digits, `-` or `_`"),
+        (with("name = \"demo\"\n", ""), "job.name: missing"),
+        (with("steps = 300", "steps = 300\nepochs = 2"), "job.steps: give job.steps or job.epochs, not both"),
+        (with("steps = 300", "steps = \"300\""), "job.steps: expected an integer, found the string \"300\""),
+        (with("steps = 300", "steps = 0"), "job.steps: must be at least 1"),
+        (with("steps = 300", "epochs = -1.0"), "job.epochs: -1 must be a positive number"),
+        (with("seed = 0", "seed = -4"), "job.seed: -4 is negative"),
+        (with("preset = \"tiny\"", "preset = \"huge\""), "model.preset: unknown model preset `huge` (known: tiny, bench, base, large, giant)"),
+        (with("preset = \"tiny\"", "preset = \"tiny\"\nvocab_sise = 9"), "model.vocab_sise: unknown field; did you mean `vocab_size`?"),
+        (with("preset = \"tiny\"", "preset = \"tiny\"\npatch_size = 7"), "model.patch_size: 7 does not divide image_size = 32"),
+        (with("tokenizer = \"data/demo/tokenizer.json\"\n", ""), "data.tokenizer: missing (the URL of a tokenizer.json)"),
+        (with("kind = \"align\"", "kind = \"captions\""), "data.source[0].kind: `captions` is not one of align, jft"),
+        (with("weight = 0.5", "weight = 0.0"), "data.source[0].weight: 0 must be a positive number"),
+        (with("kind = \"align\"", "kind = \"align\"\ntemplates = \"simple\""), "data.source[0].templates: only jft sources use prompt templates"),
+        (with("url = \"data/demo/jft\"", "uri = \"data/demo/jft\""), "data.source[1].uri: unknown key; did you mean `url`?"),
+        (with("weight = 0.5", "weight = 0.001"), "data.source: data source 0: weight 0.001 gives it no sample of a global batch of 32; raise its weight or the batch"),
+        (with("loader_threads = 1", "loader_threads = 0"), "data.loader_threads: must be at least 1"),
+        (with("global_batch = 32", "global_batch = 33"), "train.global_batch: 33 is not divisible by cluster.workers = 2"),
+        (with("learning_rate = 1e-3", "learning_rate = 0"), "train.learning_rate: 0 must be positive"),
+        (with("end_learning_rate = 1e-4", "end_learning_rate = 1e-2"), "train.end_learning_rate: 0.01 must be between 0 and train.learning_rate = 0.001"),
+        (with("warmup_steps = 10", "warmup_steps = 300"), "train.warmup_steps: 300 must be less than job.steps = 300"),
+        (with("schedule = \"cosine\"", "schedule = \"step\""), "train.schedule: `step` is not one of cosine, linear, constant"),
+        (with("weight_decay = 0.01", "beta1 = 1.0"), "train.beta1: 1 must be in [0, 1)"),
+        (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),
+        (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
+        (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
+        (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
+        (
+            with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"cuda\"\ncollective = \"nccl\""),
+            "cluster.collective: nccl is not available yet (the workers exchange no NCCL id); use \"tcp\"",
+        ),
+        (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: `max` is not one of minimal, balanced, extensive, full"),
+        (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: expected true or false, found the integer 1"),
+        (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),
+        (DEMO.to_string() + "\n[gpu]\nkernel_cahce = \"x\"\n", "gpu.kernel_cahce: unknown key; did you mean `kernel_cache`?"),
+        (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda"),
+        (with("coordinator = \"127.0.0.1:7070\"", "coordinator = \"localhost\""), "cluster.coordinator: `localhost` is not an address (host:port, e.g. 127.0.0.1:7070)"),
+        (with("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 600"), "cluster.heartbeat_timeout_ms: 600 must be at least twice cluster.heartbeat_ms = 500"),
+        (with("every = 100", "every = 0"), "checkpoint.every: must be at least 1"),
+        (with("keep = 2", "keep = 0"), "checkpoint.keep: must be at least 1"),
+        (with("url = \"runs/demo/checkpoints\"\n", ""), "checkpoint.url: missing"),
+        (with("limit = 256", "limit = 0"), "eval.limit: must be at least 1"),
+        (with("zeroshot = \"data/demo/jft-heldout\"\n", ""), "eval: names no dataset: set zeroshot (a jft dataset) and/or retrieval (an align dataset)"),
+        (with("limit = 256", "limit = 256\nzero_shot = \"x\""), "eval.zero_shot: unknown key; did you mean `zeroshot`?"),
+        (with("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:7070\""), "status.bind: 127.0.0.1:7070 is also cluster.coordinator"),
+        (DEMO.to_string() + "\n[auth]\ntoken = \"x\"\n", "auth.token: unknown key; did you mean `token_env`?"),
+    ];
+    for (text, expected) in cases {
+        let error = Manifest::parse(&text, "m.toml").expect_err(expected);
+        assert_eq!(error.to_string(), expected);
+    }
+    let syntax = Manifest::parse("[job\nname = 1", "deploy/x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(syntax.starts_with("deploy/x.toml: "), "{syntax}");
+}

@@ -1,0 +1,18 @@
+//! coca's data, from stored samples to what the model reads: datasets as
+//! Arrow shards with their index ([`dataset`], [`shard`], [`writer`]),
+//! importers from common layouts ([`import`]), the demo datasets
+//! ([`demo`], [`corpus`]), the tokenizer, prompt templates, image decoding
+//! and augmentation, and the loader that turns a rank's share of the
+//! global sample order into micro-batches ([`loader`], [`batch`]).
+
+pub mod batch;
+pub mod corpus;
+pub mod dataset;
+pub mod demo;
+pub mod image;
+pub mod import;
+pub mod loader;
+pub mod prompt;
+pub mod shard;
+pub mod tokenizer;
+pub mod writer;

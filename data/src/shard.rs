@@ -1,0 +1,304 @@
+//! One shard: an Arrow IPC file of records. Columns: `key` (utf8),
+//! `image` (binary: encoded JPEG/PNG/WebP), then `text` (utf8, align) or
+//! `labels` (list<int32>, jft).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use arrow_array::builder::{BinaryBuilder, Int32Builder, ListBuilder, StringBuilder};
+use arrow_array::{Array, BinaryArray, ListArray, RecordBatch, StringArray};
+use arrow_ipc::reader::FileReader;
+use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
+use arrow_schema::{ArrowError, DataType, Field, Schema};
+use bytes::Bytes;
+use contract::dataset::DatasetKind;
+
+/// Rows per Arrow record batch inside a shard.
+const BATCH_ROWS: usize = 256;
+
+/// One sample as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub key: String,
+    /// Encoded image bytes.
+    pub image: Vec<u8>,
+    pub content: Content,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    Text(String),
+    Labels(Vec<i32>),
+}
+
+impl Content {
+    pub fn kind(&self) -> DatasetKind {
+        match self {
+            Content::Text(_) => DatasetKind::Align,
+            Content::Labels(_) => DatasetKind::Jft,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    /// LZ4 frames: cheap to decode; images are compressed already, so
+    /// this mostly helps text-heavy shards.
+    Lz4,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("{origin}: not an Arrow IPC file: {message}")]
+    Format { origin: String, message: String },
+    #[error("{origin}: column `{column}`: {message}")]
+    Schema {
+        origin: String,
+        column: String,
+        message: String,
+    },
+    #[error("cannot encode a shard: {0}")]
+    Encode(#[from] ArrowError),
+}
+
+pub fn schema(kind: DatasetKind) -> Schema {
+    let content = match kind {
+        DatasetKind::Align => Field::new("text", DataType::Utf8, false),
+        DatasetKind::Jft => Field::new(
+            "labels",
+            DataType::List(Arc::new(Field::new("item", DataType::Int32, true))),
+            false,
+        ),
+    };
+    Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("image", DataType::Binary, false),
+        content,
+    ])
+}
+
+/// Encodes `records` (all of `kind`) as one Arrow IPC file.
+pub fn encode(kind: DatasetKind, records: &[Record], compression: Compression) -> Result<Vec<u8>, ShardError> {
+    let schema = Arc::new(schema(kind));
+    let options = IpcWriteOptions::default().try_with_compression(match compression {
+        Compression::None => None,
+        Compression::Lz4 => Some(arrow_ipc::CompressionType::LZ4_FRAME),
+    })?;
+    let mut writer = FileWriter::try_new_with_options(Vec::new(), &schema, options)?;
+    for chunk in records.chunks(BATCH_ROWS) {
+        let mut keys = StringBuilder::new();
+        let mut images = BinaryBuilder::new();
+        let mut texts = StringBuilder::new();
+        let mut labels = ListBuilder::new(Int32Builder::new());
+        for record in chunk {
+            keys.append_value(&record.key);
+            images.append_value(&record.image);
+            match &record.content {
+                Content::Text(text) => texts.append_value(text),
+                Content::Labels(values) => labels.append_value(values.iter().map(|&v| Some(v))),
+            }
+            assert_eq!(
+                record.content.kind(),
+                kind,
+                "record {} is not of the shard's kind",
+                record.key
+            );
+        }
+        let content: Arc<dyn Array> = match kind {
+            DatasetKind::Align => Arc::new(texts.finish()),
+            DatasetKind::Jft => Arc::new(labels.finish()),
+        };
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(keys.finish()), Arc::new(images.finish()), content],
+        )?;
+        writer.write(&batch)?;
+    }
+    writer.finish()?;
+    Ok(writer.into_inner()?)
+}
+
+/// A decoded shard, its records addressable by row.
+#[derive(Debug)]
+pub struct Shard {
+    batches: Vec<Columns>,
+    /// First row of every batch.
+    starts: Vec<usize>,
+    rows: usize,
+}
+
+#[derive(Debug)]
+struct Columns {
+    keys: StringArray,
+    images: BinaryArray,
+    content: ContentColumn,
+}
+
+#[derive(Debug)]
+enum ContentColumn {
+    Text(StringArray),
+    Labels(ListArray),
+}
+
+/// A record of a decoded shard, borrowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordRef<'a> {
+    pub key: &'a str,
+    pub image: &'a [u8],
+    pub text: Option<&'a str>,
+    pub labels: Option<Vec<i32>>,
+}
+
+impl Shard {
+    /// Decodes `bytes` and checks the columns `kind` needs; `origin` names
+    /// the shard in errors.
+    pub fn decode(bytes: Bytes, kind: DatasetKind, origin: &str) -> Result<Self, ShardError> {
+        let format = |error: ArrowError| ShardError::Format {
+            origin: origin.to_string(),
+            message: error.to_string(),
+        };
+        let reader = FileReader::try_new(Cursor::new(bytes), None).map_err(format)?;
+        let mut batches = Vec::new();
+        let mut starts = Vec::new();
+        let mut rows = 0;
+        for batch in reader {
+            let batch = batch.map_err(format)?;
+            starts.push(rows);
+            rows += batch.num_rows();
+            batches.push(Columns::of(&batch, kind, origin)?);
+        }
+        Ok(Self { batches, starts, rows })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn record(&self, row: usize) -> RecordRef<'_> {
+        assert!(row < self.rows, "row {row} is outside a shard of {} rows", self.rows);
+        let batch = self.starts.partition_point(|&start| start <= row) - 1;
+        let columns = &self.batches[batch];
+        let i = row - self.starts[batch];
+        let (text, labels) = match &columns.content {
+            ContentColumn::Text(texts) => (Some(texts.value(i)), None),
+            ContentColumn::Labels(lists) => {
+                let values = lists.value(i);
+                let values = values
+                    .as_any()
+                    .downcast_ref::<arrow_array::Int32Array>()
+                    .expect("the schema check made labels int32");
+                (None, Some(values.iter().flatten().collect()))
+            }
+        };
+        RecordRef {
+            key: columns.keys.value(i),
+            image: columns.images.value(i),
+            text,
+            labels,
+        }
+    }
+}
+
+impl Columns {
+    fn of(batch: &RecordBatch, kind: DatasetKind, origin: &str) -> Result<Self, ShardError> {
+        let column = |name: &str| {
+            batch.column_by_name(name).ok_or_else(|| ShardError::Schema {
+                origin: origin.to_string(),
+                column: name.to_string(),
+                message: format!(
+                    "missing ({kind} shards have the columns key, image and {})",
+                    content_column(kind)
+                ),
+            })
+        };
+        let wrong_type = |name: &str, expected: &str, found: &DataType| ShardError::Schema {
+            origin: origin.to_string(),
+            column: name.to_string(),
+            message: format!("is {found}, expected {expected}"),
+        };
+        let strings = |name: &str| -> Result<StringArray, ShardError> {
+            let array = column(name)?;
+            array
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| wrong_type(name, "Utf8", array.data_type()))
+        };
+        let image = column("image")?;
+        let images = image
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .cloned()
+            .ok_or_else(|| wrong_type("image", "Binary", image.data_type()))?;
+        let content = match kind {
+            DatasetKind::Align => ContentColumn::Text(strings("text")?),
+            DatasetKind::Jft => {
+                let array = column("labels")?;
+                let lists = array
+                    .as_any()
+                    .downcast_ref::<ListArray>()
+                    .filter(|lists| lists.value_type() == DataType::Int32)
+                    .cloned()
+                    .ok_or_else(|| wrong_type("labels", "List(Int32)", array.data_type()))?;
+                ContentColumn::Labels(lists)
+            }
+        };
+        Ok(Self {
+            keys: strings("key")?,
+            images,
+            content,
+        })
+    }
+}
+
+fn content_column(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Align => "text",
+        DatasetKind::Jft => "labels",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(count: usize) -> Vec<Record> {
+        (0..count)
+            .map(|i| Record {
+                key: format!("k{i}"),
+                image: vec![i as u8; i % 7],
+                content: Content::Labels(vec![i as i32, 100 + i as i32]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shards_round_trip_across_batches_with_and_without_compression() {
+        let records = records(600);
+        for compression in [Compression::None, Compression::Lz4] {
+            let bytes = encode(DatasetKind::Jft, &records, compression).unwrap();
+            let shard = Shard::decode(Bytes::from(bytes), DatasetKind::Jft, "s").unwrap();
+            assert_eq!(shard.rows(), 600);
+            for row in [0, 255, 256, 599] {
+                let record = shard.record(row);
+                assert_eq!(record.key, records[row].key);
+                assert_eq!(record.image, records[row].image.as_slice());
+                assert_eq!(Content::Labels(record.labels.unwrap()), records[row].content);
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_of_the_wrong_kind_or_not_arrow_is_refused_by_name() {
+        let bytes = Bytes::from(encode(DatasetKind::Jft, &records(3), Compression::None).unwrap());
+        let error = Shard::decode(bytes, DatasetKind::Align, "s3://b/shard-0.arrow").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "s3://b/shard-0.arrow: column `text`: missing (align shards have the columns key, image and text)"
+        );
+        let error = Shard::decode(Bytes::from_static(b"not arrow at all"), DatasetKind::Jft, "f").unwrap_err();
+        assert!(error.to_string().starts_with("f: not an Arrow IPC file:"), "{error}");
+    }
+}

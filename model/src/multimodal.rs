@@ -1,0 +1,97 @@
+//! The multimodal text decoder: causal self-attention, cross-attention to the
+//! captioning pooler's outputs, MLP; then LayerNorm and vocabulary logits.
+
+use burn::module::Module;
+use burn::nn::LayerNorm;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use contract::ModelConfig;
+
+use super::attention::{causal_bias, Attention};
+use super::block::{residual_std_scale, Mlp};
+use super::dense::Dense;
+use super::init::Init;
+
+#[derive(Module, Debug)]
+pub struct MultimodalBlock<B: Backend> {
+    pub ln_self: LayerNorm<B>,
+    pub self_attn: Attention<B>,
+    pub ln_cross: LayerNorm<B>,
+    pub cross_attn: Attention<B>,
+    pub ln_mlp: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> MultimodalBlock<B> {
+    fn new(init: &Init<B>, config: &ModelConfig) -> Self {
+        let (width, eps) = (config.text_width, config.layer_norm_eps);
+        let scale = residual_std_scale(config.multimodal_layers);
+        Self {
+            ln_self: init.layer_norm(width, eps),
+            self_attn: Attention::new(&init.child("self_attn"), width, width, config.text_heads, scale),
+            ln_cross: init.layer_norm(width, eps),
+            cross_attn: Attention::new(
+                &init.child("cross_attn"),
+                width,
+                config.vision_width,
+                config.text_heads,
+                scale,
+            ),
+            ln_mlp: init.layer_norm(width, eps),
+            mlp: Mlp::new(&init.child("mlp"), width, config.text_mlp, scale),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, image_tokens: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
+        let normed = self.ln_self.forward(x.clone());
+        let x = x + self.self_attn.forward(normed.clone(), normed, Some(causal));
+        let x = x.clone() + self.cross_attn.forward(self.ln_cross.forward(x), image_tokens, None);
+        x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct MultimodalDecoder<B: Backend> {
+    pub blocks: Vec<MultimodalBlock<B>>,
+    pub ln_final: LayerNorm<B>,
+}
+
+impl<B: Backend> MultimodalDecoder<B> {
+    pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
+        Self {
+            blocks: (0..config.multimodal_layers)
+                .map(|i| MultimodalBlock::new(&init.child("blocks").child(i), config))
+                .collect(),
+            ln_final: init.layer_norm(config.text_width, config.layer_norm_eps),
+        }
+    }
+
+    /// `states`: [batch, len, text_width] from the unimodal decoder;
+    /// `image_tokens`: [batch, queries, vision_width]. Returns normalised
+    /// states; the caller projects them to the vocabulary.
+    pub fn forward(&self, states: Tensor<B, 3>, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [_, len, _] = states.dims();
+        let causal = causal_bias::<B>(len, &states.device());
+        let mut x = states;
+        for block in &self.blocks {
+            x = block.forward(x, image_tokens.clone(), causal.clone());
+        }
+        self.ln_final.forward(x)
+    }
+}
+
+/// The vocabulary projection, separate or tied to the token embedding.
+#[derive(Module, Debug)]
+pub struct VocabProjection<B: Backend> {
+    pub untied: Option<Dense<B>>,
+}
+
+impl<B: Backend> VocabProjection<B> {
+    /// `token_table`: [vocab, width], used when tied.
+    pub fn forward(&self, x: Tensor<B, 3>, token_table: Tensor<B, 2>) -> Tensor<B, 3> {
+        match &self.untied {
+            Some(linear) => linear.forward(x),
+            None => x.matmul(token_table.transpose().unsqueeze::<3>()),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The model and optimizer as a sharded checkpoint (the `checkpoint`
+//! crate): each rank saves its range of the flattened state, rank 0 the
+//! meta.json, and the coordinator commits the step once every shard is
+//! reported; loading reads every shard of a committed step, whatever world
+//! size wrote it.
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use checkpoint::layout::{self, Meta, ResumeFields, RngState, ShardRecord, TensorEntry};
+use checkpoint::{shard, CheckpointError};
+use store::Store;
+
+use super::OptimizerRecord;
+use crate::state;
+use crate::CocaModel;
+
+/// What one rank's save wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedShard {
+    pub record: ShardRecord,
+    pub seconds: f64,
+}
+
+/// The parts of meta.json the flattened state determines.
+pub struct StateLayout {
+    pub tensors: Vec<TensorEntry>,
+    pub section_len: u64,
+    pub optimizer_steps: u64,
+}
+
+impl StateLayout {
+    pub fn of<B: AutodiffBackend>(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> Self {
+        let (tensors, section_len) = state::tensor_index(model, record);
+        Self {
+            tensors,
+            section_len,
+            optimizer_steps: state::optimizer_steps(model, record),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.section_len * layout::SECTIONS.len() as u64
+    }
+
+    pub fn shards(&self, world: usize) -> Vec<layout::ShardRange> {
+        (0..world)
+            .map(|rank| {
+                let (start, end) = layout::shard_range(self.total(), rank, world);
+                layout::ShardRange {
+                    file: layout::shard_file(rank, world),
+                    start,
+                    end,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What meta.json says about the job, beyond the state itself.
+#[derive(Debug, Clone, Default)]
+pub struct JobFacts {
+    pub source_samples: Vec<u64>,
+    pub source_epochs: Vec<f64>,
+    pub seed: u64,
+    pub resume: ResumeFields,
+    pub tokenizer_sha256: String,
+}
+
+impl StateLayout {
+    /// meta.json of step `step` saved by `world` ranks.
+    pub fn meta(self, step: u64, world: usize, facts: JobFacts) -> Meta {
+        Meta {
+            format: layout::FORMAT.into(),
+            version: layout::VERSION,
+            step,
+            world_size: world,
+            optimizer_steps: self.optimizer_steps,
+            source_samples: facts.source_samples,
+            source_epochs: facts.source_epochs,
+            rng: RngState {
+                seed: facts.seed,
+                scheme: "counter-based: every draw is SplitMix64 keyed by (seed, step or sample)".into(),
+            },
+            resume: facts.resume,
+            tokenizer_sha256: facts.tokenizer_sha256,
+            software: format!("coca {}", env!("CARGO_PKG_VERSION")),
+            section_len: self.section_len,
+            shards: self.shards(world),
+            tensors: self.tensors,
+        }
+    }
+}
+
+/// Writes this rank's shard of step `step` under `root` (the checkpoint URL).
+pub fn save_shard<B: AutodiffBackend>(
+    root: &Store,
+    step: u64,
+    rank: usize,
+    world: usize,
+    model: &CocaModel<B>,
+    record: &OptimizerRecord<B>,
+) -> Result<SavedShard, CheckpointError> {
+    let started = Instant::now();
+    let layout = StateLayout::of(model, record);
+    let range = layout::shard_range(layout.total(), rank, world);
+    let bytes = shard::encode(&layout.tensors, layout.section_len, range, step, |data| {
+        state::fill_range(model, record, layout.section_len, range, data)
+    });
+    let record = checkpoint::write_shard(root, step, rank, world, bytes.into())?;
+    Ok(SavedShard {
+        record,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loads a committed step into `model`; returns the model and AdamW's state.
+pub fn load<B: AutodiffBackend>(
+    dir: &Store,
+    model: CocaModel<B>,
+) -> Result<(CocaModel<B>, OptimizerRecord<B>, Meta), CheckpointError>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    let (meta, values) = checkpoint::read_state(dir)?;
+    let (tensors, section_len) = state::tensor_index(&model, &OptimizerRecord::new());
+    let mismatch = |message: String| CheckpointError::Mismatch {
+        url: dir.object_url(layout::META),
+        message,
+    };
+    if tensors.len() != meta.tensors.len() || section_len != meta.section_len {
+        return Err(mismatch(format!(
+            "it holds {} tensors of {} values, the model has {} of {}",
+            meta.tensors.len(),
+            meta.section_len,
+            tensors.len(),
+            section_len
+        )));
+    }
+    for (saved, now) in meta.tensors.iter().zip(&tensors) {
+        if saved.path != now.path || saved.shape != now.shape {
+            return Err(mismatch(format!(
+                "tensor {} {:?} where the model has {} {:?}",
+                saved.path, saved.shape, now.path, now.shape
+            )));
+        }
+    }
+    let (model, record) = state::apply(model, &meta.tensors, meta.section_len, &values, meta.optimizer_steps);
+    Ok((model, record, meta))
+}

@@ -1,0 +1,101 @@
+//! The unimodal text decoder: token and position embeddings, causal
+//! self-attention blocks, and a learned CLS token appended at the end whose
+//! output is the text embedding.
+
+use burn::module::{Module, Param};
+use burn::nn::LayerNorm;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::embedding;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use contract::ModelConfig;
+
+use super::attention::causal_padding_bias;
+use super::block::Block;
+use super::dense::Dense;
+use super::init::{fan_in_std, Init};
+
+/// Token and position embeddings; the token table doubles as the
+/// vocabulary projection when embeddings are tied.
+#[derive(Module, Debug)]
+pub struct TextEmbedding<B: Backend> {
+    pub token: Param<Tensor<B, 2>>,
+    pub position: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> TextEmbedding<B> {
+    pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
+        Self {
+            token: init.normal("token", [config.vocab_size, config.text_width], 0.02),
+            position: init.normal("position", [config.context_length, config.text_width], 0.01),
+        }
+    }
+
+    /// [batch, len] ids -> [batch, len, width].
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, len] = tokens.dims();
+        let positions = self.position.val().narrow(0, 0, len).unsqueeze::<3>();
+        embedding(self.token.val(), tokens) + positions
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct UnimodalDecoder<B: Backend> {
+    pub cls: Param<Tensor<B, 1>>,
+    pub blocks: Vec<Block<B>>,
+    pub ln_final: LayerNorm<B>,
+    pub projection: Dense<B>,
+}
+
+/// What the unimodal decoder hands on.
+pub struct UnimodalOutput<B: Backend> {
+    /// Per-token states for the multimodal decoder: [batch, len, width].
+    pub states: Tensor<B, 3>,
+    /// The CLS output, projected (not yet normalised): [batch, embed_dim].
+    pub cls: Tensor<B, 2>,
+}
+
+impl<B: Backend> UnimodalDecoder<B> {
+    pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
+        let width = config.text_width;
+        Self {
+            cls: init.normal("cls", [width], 0.02),
+            blocks: (0..config.unimodal_layers)
+                .map(|i| {
+                    let init = init.child("blocks").child(i);
+                    Block::new(
+                        &init,
+                        width,
+                        config.text_heads,
+                        config.text_mlp,
+                        config.unimodal_layers,
+                        config.layer_norm_eps,
+                    )
+                })
+                .collect(),
+            ln_final: init.layer_norm(width, config.layer_norm_eps),
+            projection: init.linear("projection", width, config.embed_dim, fan_in_std(width), false),
+        }
+    }
+
+    /// `embedded`: [batch, len, width]; `padding`: [batch, len], true at pad
+    /// tokens. The CLS token carries no position embedding and pad keys are
+    /// masked, so neither the content nor the amount of padding reaches it.
+    pub fn forward(&self, embedded: Tensor<B, 3>, padding: Tensor<B, 2, Bool>) -> UnimodalOutput<B> {
+        let [batch, len, width] = embedded.dims();
+        let device = embedded.device();
+        let cls = self.cls.val().reshape([1, 1, width]).expand([batch, 1, width]);
+        let mut x = Tensor::cat(vec![embedded, cls], 1);
+        let cls_visible = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
+        let bias = causal_padding_bias(Tensor::cat(vec![padding, cls_visible], 1));
+        for block in &self.blocks {
+            x = block.forward(x, Some(bias.clone()));
+        }
+        let x = self.ln_final.forward(x);
+        let states = x.clone().narrow(1, 0, len);
+        let cls = x.narrow(1, len, 1).reshape([batch, width]);
+        UnimodalOutput {
+            states,
+            cls: self.projection.forward(cls),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The ViT image encoder: patches -> linear embedding + learned positions ->
+//! pre-LN transformer blocks -> final LayerNorm.
+
+use burn::module::{Module, Param};
+use burn::nn::LayerNorm;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use contract::ModelConfig;
+
+use super::block::Block;
+use super::dense::Dense;
+use super::init::{fan_in_std, Init};
+
+#[derive(Module, Debug)]
+pub struct VisionTransformer<B: Backend> {
+    pub patch_embedding: Dense<B>,
+    pub position_embedding: Param<Tensor<B, 2>>,
+    pub blocks: Vec<Block<B>>,
+    pub ln_final: LayerNorm<B>,
+    pub patch_size: usize,
+}
+
+impl<B: Backend> VisionTransformer<B> {
+    pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
+        let patch_dim = config.channels * config.patch_size * config.patch_size;
+        let width = config.vision_width;
+        Self {
+            patch_embedding: init.linear("patch_embedding", patch_dim, width, fan_in_std(patch_dim), true),
+            position_embedding: init.normal("position_embedding", [config.image_tokens(), width], 0.02),
+            blocks: (0..config.vision_layers)
+                .map(|i| {
+                    let init = init.child("blocks").child(i);
+                    Block::new(
+                        &init,
+                        width,
+                        config.vision_heads,
+                        config.vision_mlp,
+                        config.vision_layers,
+                        config.layer_norm_eps,
+                    )
+                })
+                .collect(),
+            ln_final: init.layer_norm(width, config.layer_norm_eps),
+            patch_size: config.patch_size,
+        }
+    }
+
+    /// `images`: [batch, channels, height, width] -> tokens [batch, patches, vision_width].
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        let x = self.patch_embedding.forward(patchify(images, self.patch_size));
+        let mut x = x + self.position_embedding.val().unsqueeze::<3>();
+        for block in &self.blocks {
+            x = block.forward(x, None);
+        }
+        self.ln_final.forward(x)
+    }
+}
+
+/// Non-overlapping p x p patches flattened channel-major, the same values a
+/// stride-p convolution would see: [b, c, h, w] -> [b, (h/p)(w/p), c*p*p].
+fn patchify<B: Backend>(images: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
+    let [batch, channels, height, width] = images.dims();
+    let (rows, cols) = (height / p, width / p);
+    images
+        .reshape([batch, channels, rows, p, cols, p])
+        .permute([0, 2, 4, 1, 3, 5])
+        .reshape([batch, rows * cols, channels * p * p])
+}
