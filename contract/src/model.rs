@@ -115,7 +115,7 @@ impl FromStr for Preset {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelConfigError {
-    #[error("unknown model preset `{0}` (known: tiny, bench, base, large, giant)")]
+    #[error("unknown model preset `{0}` (known: {known})", known = Preset::ALL.map(Preset::name).join(", "))]
     UnknownPreset(String),
     #[error("model.{field}: {message}")]
     Invalid { field: &'static str, message: String },

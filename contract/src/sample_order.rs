@@ -19,6 +19,9 @@
 
 use std::fmt;
 
+use crate::dataset::DatasetIndex;
+use crate::manifest::Manifest;
+
 /// One sample: a row of a source, and the source's epoch it is drawn in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleRef {
@@ -100,6 +103,34 @@ impl SampleOrder {
             counts,
             batch,
         })
+    }
+
+    /// The order of a job: its seed, mix and global batch over the pinned
+    /// indexes of its sources (one per `data.source`, in order).
+    pub fn for_job(manifest: &Manifest, indexes: &[DatasetIndex]) -> Result<Self, SampleOrderError> {
+        let sizes: Vec<SourceSize> = indexes
+            .iter()
+            .zip(&manifest.data.sources)
+            .map(|(index, source)| SourceSize {
+                samples: index.rows(),
+                weight: source.weight,
+            })
+            .collect();
+        Self::new(manifest.job.seed, &sizes, manifest.train.global_batch)
+    }
+
+    /// Samples drawn from each source in the first `step` steps.
+    pub fn samples_after(&self, step: u64) -> Vec<u64> {
+        self.counts.iter().map(|&count| step * count as u64).collect()
+    }
+
+    /// Epochs of each source completed in the first `step` steps (fractional).
+    pub fn epochs_after(&self, step: u64) -> Vec<f64> {
+        self.samples_after(step)
+            .iter()
+            .zip(&self.sources)
+            .map(|(&samples, size)| samples as f64 / size.samples as f64)
+            .collect()
     }
 
     /// Samples of each source in every global batch.

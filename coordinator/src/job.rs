@@ -6,45 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use contract::rpc::{StepMetrics, WorkerPhase};
+use contract::status::{CheckpointStatus, EvalPoint, JobState, Point, Recovered, Transition};
 use serde::Serialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Pending,
-    Rendezvous,
-    Running,
-    Stopping,
-    Completed,
-    Stopped,
-    Failed,
-}
-
-impl JobState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Stopped | JobState::Failed)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Rendezvous => "rendezvous",
-            JobState::Running => "running",
-            JobState::Stopping => "stopping",
-            JobState::Completed => "completed",
-            JobState::Stopped => "stopped",
-            JobState::Failed => "failed",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Transition {
-    pub state: JobState,
-    /// Seconds since the Unix epoch.
-    pub at: f64,
-    pub reason: Option<String>,
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Worker {
@@ -62,16 +25,6 @@ pub struct Worker {
     pub last_heartbeat: Instant,
     /// Set by Finish: whether it ended well, and its message.
     pub finished: Option<(bool, String)>,
-}
-
-/// One point of the charts.
-#[derive(Debug, Clone, Serialize)]
-pub struct Point {
-    pub step: u64,
-    pub loss: f64,
-    pub contrastive: f64,
-    pub captioning: f64,
-    pub samples_per_second: f64,
 }
 
 const HISTORY: usize = 2000;
@@ -92,37 +45,16 @@ pub struct Job {
     /// Each worker's latest cumulative bad-record counts, by (worker, source, reason).
     bad_records: BTreeMap<(String, u32, String), u64>,
     pub refused_calls: u64,
-    pub checkpoint: CheckpointProgress,
+    pub checkpoint: CheckpointStatus,
+    /// Shards reported per step not yet committed: rank -> (shard, seconds).
+    pub checkpoint_reports: BTreeMap<u64, BTreeMap<usize, (checkpoint::layout::ShardRecord, f64)>>,
     /// A worker's reported failure, held while the watchdog looks for a
     /// silent peer behind it (a dead worker breaks its peers' collectives first).
     pub pending_failure: Option<(String, Instant)>,
     /// What the journal said when this coordinator started.
-    pub previous: Option<crate::journal::Recovered>,
+    pub previous: Option<Recovered>,
     started: Instant,
     running_since: Option<(Instant, u64)>,
-}
-
-/// One evaluation: `{"step": 100, "zeroshot_top1": 0.31, ...}`.
-#[derive(Debug, Clone, Serialize)]
-pub struct EvalPoint {
-    pub step: u64,
-    #[serde(flatten)]
-    pub values: BTreeMap<String, f64>,
-}
-
-/// Saves and commits, as the status endpoint shows them.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CheckpointProgress {
-    /// The step this job resumed from (its URL), if any.
-    pub resumed_from: Option<String>,
-    pub last_committed_step: Option<u64>,
-    /// The slowest rank's save of the last committed step.
-    pub last_save_seconds: Option<f64>,
-    pub last_bytes: Option<u64>,
-    pub committed: u64,
-    /// Shards reported per step not yet committed: rank -> (shard, seconds).
-    #[serde(skip)]
-    pub reports: BTreeMap<u64, BTreeMap<usize, (checkpoint::layout::ShardRecord, f64)>>,
 }
 
 pub fn unix_now() -> f64 {
@@ -150,7 +82,8 @@ impl Job {
             evals: Vec::new(),
             bad_records: BTreeMap::new(),
             refused_calls: 0,
-            checkpoint: CheckpointProgress::default(),
+            checkpoint: CheckpointStatus::default(),
+            checkpoint_reports: BTreeMap::new(),
             pending_failure: None,
             previous: None,
             started: Instant::now(),

@@ -2,6 +2,7 @@
 //! reached, checkpoints committed) in the job directory, so a restarted
 //! coordinator knows where the job stood.
 
+use contract::status::Recovered;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -26,16 +27,6 @@ pub enum Event {
         step: u64,
         at: f64,
     },
-}
-
-/// Where the job stood, as the journal tells it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Recovered {
-    pub state: Option<String>,
-    pub reason: Option<String>,
-    pub step: u64,
-    pub last_checkpoint: Option<u64>,
-    pub events: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,6 @@
 //! coca's control plane: the job state machine, rendezvous, heartbeats,
 //! the journal and the status endpoint. Never links the tensor library.
 
-pub mod auth;
-
 pub mod job;
 pub mod journal;
 mod service;
@@ -16,14 +14,15 @@ use std::time::Duration;
 use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use contract::manifest::Manifest;
 use contract::rpc::coordinator_server::CoordinatorServer;
-use contract::sample_order::{SampleOrder, SourceSize};
+use contract::sample_order::SampleOrder;
 use store::{Store, StoreOptions};
 use tokio::sync::watch;
 
-use auth::{Guard, Token};
 use checkpoint::layout::ResumeFields;
 pub use checkpoint::Resume;
-use job::{Job, JobState};
+use contract::auth::{Guard, Token};
+use contract::status::JobState;
+use job::Job;
 use journal::{Event, Journal};
 
 #[derive(Debug, thiserror::Error)]
@@ -232,17 +231,8 @@ impl Coordinator {
             .iter()
             .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
             .collect();
-        let sizes: Vec<SourceSize> = parsed
-            .iter()
-            .zip(&manifest.data.sources)
-            .map(|(index, source)| SourceSize {
-                samples: index.rows(),
-                weight: source.weight,
-            })
-            .collect();
-        let order = SampleOrder::new(manifest.job.seed, &sizes, manifest.train.global_batch)
-            .expect("the manifest's mix was validated");
-        let total_steps = manifest.total_steps(sizes[0].samples, order.counts_per_batch()[0]);
+        let order = SampleOrder::for_job(&manifest, &parsed).expect("the manifest's mix was validated");
+        let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
         let choosing = manifest.clone();
         let chosen = tokio::task::spawn_blocking(move || choose_start(&choosing, &parsed, &resume))
             .await

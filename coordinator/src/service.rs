@@ -12,7 +12,9 @@ use contract::rpc::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::job::{Job, JobState, Worker};
+use contract::status::JobState;
+
+use crate::job::{Job, Worker};
 use crate::journal::Event;
 use crate::Shared;
 
@@ -149,7 +151,7 @@ impl CoordinatorRpc for Service {
                 .rank
                 .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
             let world = job.world_size;
-            let reports = job.checkpoint.reports.entry(shard.step).or_default();
+            let reports = job.checkpoint_reports.entry(shard.step).or_default();
             reports.insert(
                 rank,
                 (
@@ -161,7 +163,7 @@ impl CoordinatorRpc for Service {
                     shard.seconds,
                 ),
             );
-            (reports.len() == world).then(|| job.checkpoint.reports.remove(&shard.step).unwrap_or_default())
+            (reports.len() == world).then(|| job.checkpoint_reports.remove(&shard.step).unwrap_or_default())
         };
         let Some(reports) = complete else {
             return Ok(Response::new(CheckpointReply { committed: false }));

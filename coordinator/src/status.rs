@@ -9,73 +9,16 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use axum::Router;
-use contract::rpc::WorkerPhase;
+use contract::status::{phase_name, BadRecords, JobState, Losses, StatusReport, WorkerReport};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use std::sync::atomic::AtomicU64;
 
-use crate::job::{JobState, Point, Transition};
-use crate::journal::Recovered;
 use crate::Shared;
 
 const PAGE: &str = include_str!("status.html");
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusReport {
-    pub job: String,
-    pub state: JobState,
-    pub reason: Option<String>,
-    pub transitions: Vec<Transition>,
-    pub step: u64,
-    pub total_steps: u64,
-    pub loss: Option<Losses>,
-    pub learning_rate: Option<f64>,
-    pub logit_scale: Option<f64>,
-    pub samples_per_second: Option<f64>,
-    pub data_wait_share: Option<f64>,
-    /// Epochs of each source completed (fractional).
-    pub source_epochs: Vec<f64>,
-    pub bad_records: Vec<BadRecords>,
-    pub workers: Vec<WorkerReport>,
-    pub checkpoint: crate::job::CheckpointProgress,
-    pub eta_seconds: Option<f64>,
-    pub uptime_seconds: f64,
-    pub refused_calls: u64,
-    pub previous: Option<Recovered>,
-    pub history: Vec<Point>,
-    pub evals: Vec<crate::job::EvalPoint>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Losses {
-    pub total: f64,
-    pub contrastive: f64,
-    pub captioning: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BadRecords {
-    pub source: u32,
-    pub reason: String,
-    pub count: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct WorkerReport {
-    pub id: String,
-    pub rank: Option<usize>,
-    pub host: String,
-    pub device: String,
-    pub step: u64,
-    /// starting, compiling (a GPU worker's first step) or training.
-    pub phase: &'static str,
-    pub last_heartbeat_seconds_ago: f64,
-    pub finished: Option<bool>,
-    pub message: Option<String>,
-}
 
 pub fn report(shared: &Shared) -> StatusReport {
     let job = shared.job.lock().expect("job state");
@@ -111,7 +54,7 @@ pub fn report(shared: &Shared) -> StatusReport {
                 host: w.host.clone(),
                 device: w.device.clone(),
                 step: w.step,
-                phase: phase_name(w.phase),
+                phase: phase_name(w.phase).to_string(),
                 last_heartbeat_seconds_ago: w.last_heartbeat.elapsed().as_secs_f64(),
                 finished: w.finished.as_ref().map(|(ok, _)| *ok),
                 message: w
@@ -128,14 +71,6 @@ pub fn report(shared: &Shared) -> StatusReport {
         previous: job.previous.clone(),
         history: job.history.clone(),
         evals: job.evals.clone(),
-    }
-}
-
-pub fn phase_name(phase: WorkerPhase) -> &'static str {
-    match phase {
-        WorkerPhase::Starting => "starting",
-        WorkerPhase::Compiling => "compiling",
-        WorkerPhase::Training => "training",
     }
 }
 
@@ -282,17 +217,11 @@ pub fn prometheus_text(status: &StatusReport) -> String {
         status.refused_calls as f64,
     );
     let states = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-    for state in [
-        "pending",
-        "rendezvous",
-        "running",
-        "stopping",
-        "completed",
-        "stopped",
-        "failed",
-    ] {
-        let value = f64::from(u8::from(status.state.name() == state));
-        states.get_or_create(&vec![("state".into(), state.into())]).set(value);
+    for state in JobState::ALL {
+        let value = f64::from(u8::from(status.state == state));
+        states
+            .get_or_create(&vec![("state".into(), state.name().into())])
+            .set(value);
     }
     registry.register("job_state", "1 for the job's current state", states);
     let mut text = String::new();

@@ -5,13 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
+use contract::auth::Token;
 use contract::manifest::Manifest;
 use contract::rpc::coordinator_client::CoordinatorClient;
 use contract::rpc::{
     Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
-use coordinator::auth::Token;
-use coordinator::job::JobState;
+use contract::status::JobState;
 use coordinator::{Coordinator, Resume};
 use tonic::transport::Channel;
 
@@ -223,17 +223,17 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
         })
         .await
         .unwrap();
-    let phases: Vec<(String, &str, String)> = coordinator::status::report(&coordinator.shared)
+    let phases: Vec<(String, String, String)> = coordinator::status::report(&coordinator.shared)
         .workers
         .iter()
-        .map(|w| (w.id.clone(), w.phase, w.device.clone()))
+        .map(|w| (w.id.clone(), w.phase.clone(), w.device.clone()))
         .collect();
     assert!(
-        phases.contains(&(first.clone(), "compiling", "cuda:0 NVIDIA H200".into())),
+        phases.contains(&(first.clone(), "compiling".into(), "cuda:0 NVIDIA H200".into())),
         "{phases:?}"
     );
     assert!(
-        phases.contains(&(second.clone(), "starting", "cpu".into())),
+        phases.contains(&(second.clone(), "starting".into(), "cpu".into())),
         "{phases:?}"
     );
     assert!(

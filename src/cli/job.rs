@@ -9,14 +9,13 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
+use contract::auth::Token;
 use contract::manifest::Manifest;
-use coordinator::auth::Token;
-use coordinator::job::JobState;
-use coordinator::status::StatusReport;
+use contract::status::{JobState, StatusReport};
 use coordinator::Coordinator;
 use data::demo::{self, DemoSpec};
 use indicatif::{ProgressBar, ProgressStyle};
-use store::{Store, StoreOptions};
+use store::Store;
 use worker::job::{WorkerOptions, WorkerOutcome};
 
 /// Reads and validates a manifest, with `--workers`/`--steps` overrides applied to its text.
@@ -331,7 +330,7 @@ pub fn worker(
         .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
     let options = WorkerOptions {
         coordinator: found.coordinator.clone(),
-        token,
+        token: Token::new(&token),
         listen,
         host,
         connect_timeout: Duration::from_secs(connect_timeout),
@@ -372,65 +371,46 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
 pub fn status(url: &str, json: bool, watch: bool) -> anyhow::Result<u8> {
     loop {
         let body = http_get(url, "/status")?;
+        let report: StatusReport =
+            serde_json::from_str(&body).with_context(|| format!("{url}/status: not a coca status document"))?;
         if json {
             println!("{body}");
         } else {
-            let report: serde_json::Value = serde_json::from_str(&body).context("the status endpoint sent bad JSON")?;
             print_status(&report);
         }
-        let state = report_state(&body);
-        if !watch || matches!(state.as_deref(), Some("completed" | "stopped" | "failed")) {
+        if !watch || report.state.is_terminal() {
             return Ok(0);
         }
         std::thread::sleep(Duration::from_secs(2));
     }
 }
 
-fn report_state(body: &str) -> Option<String> {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()?
-        .get("state")?
-        .as_str()
-        .map(str::to_string)
-}
-
-fn print_status(report: &serde_json::Value) {
-    let get = |key: &str| report.get(key).cloned().unwrap_or(serde_json::Value::Null);
-    println!(
-        "job    {}  {}",
-        get("job").as_str().unwrap_or("?"),
-        get("state").as_str().unwrap_or("?")
-    );
-    if let Some(reason) = get("reason").as_str() {
+fn print_status(report: &StatusReport) {
+    println!("job    {}  {}", report.job, report.state.name());
+    if let Some(reason) = &report.reason {
         println!("why    {reason}");
     }
-    println!("step   {} / {}", get("step"), get("total_steps"));
-    if let Some(loss) = report.get("loss").filter(|l| !l.is_null()) {
+    println!("step   {} / {}", report.step, report.total_steps);
+    if let Some(loss) = &report.loss {
         println!(
             "loss   {:.4} (contrastive {:.4}, captioning {:.4})",
-            loss["total"].as_f64().unwrap_or(f64::NAN),
-            loss["contrastive"].as_f64().unwrap_or(f64::NAN),
-            loss["captioning"].as_f64().unwrap_or(f64::NAN)
+            loss.total, loss.contrastive, loss.captioning
         );
     }
-    if let Some(rate) = get("samples_per_second").as_f64() {
+    if let Some(rate) = report.samples_per_second {
         println!(
             "speed  {rate:.1} samples/s, data wait {:.1}%",
-            100.0 * get("data_wait_share").as_f64().unwrap_or(0.0)
+            100.0 * report.data_wait_share.unwrap_or(0.0)
         );
     }
-    if let Some(eta) = get("eta_seconds").as_f64() {
+    if let Some(eta) = report.eta_seconds {
         println!("eta    {eta:.0} s");
     }
-    for worker in get("workers").as_array().into_iter().flatten() {
+    for worker in &report.workers {
+        let rank = worker.rank.map_or_else(|| "-".to_string(), |rank| rank.to_string());
         println!(
-            "worker {} rank {} on {}: step {} ({}), heartbeat {:.1} s ago",
-            worker["id"].as_str().unwrap_or("?"),
-            worker["rank"],
-            worker["host"].as_str().unwrap_or("?"),
-            worker["step"],
-            worker["phase"].as_str().unwrap_or("?"),
-            worker["last_heartbeat_seconds_ago"].as_f64().unwrap_or(f64::NAN)
+            "worker {} rank {rank} on {}: step {} ({}), heartbeat {:.1} s ago",
+            worker.id, worker.host, worker.step, worker.phase, worker.last_heartbeat_seconds_ago
         );
     }
 }

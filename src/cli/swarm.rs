@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use contract::auth::{Bearer, Token};
 use contract::rpc::coordinator_client::CoordinatorClient;
 use contract::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
 use tonic::transport::Channel;
-use worker::job::Bearer;
 
 pub struct SwarmReport {
     pub registered_in: Duration,
@@ -93,7 +93,7 @@ pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyho
 
 async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
     // Real workers each hold one HTTP/2 connection; 16 simulated workers share one here.
-    let bearer = Bearer::new("swarm")?;
+    let bearer = Bearer::new(&Token::new("swarm"))?;
     let mut channels = Vec::new();
     for _ in 0..workers.div_ceil(16) {
         let channel = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;

@@ -1,6 +1,7 @@
-//! The job token on every worker call: `authorization: Bearer <token>`.
-//! Calls without it, or with another job's, are refused and counted. The
-//! token itself is never logged or shown.
+//! The job token on every worker call, both sides of it: the worker's
+//! [`Bearer`] adds `authorization: Bearer <token>`, the coordinator's
+//! [`Guard`] refuses and counts calls without it or with another job's.
+//! The token itself is never logged or shown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +28,33 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// The server-side check, as a tonic interceptor.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the job token holds characters that cannot travel in a header")]
+    NotAHeader,
+}
+
+/// The client side: adds the job token to every call, as a tonic interceptor.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    pub fn new(token: &Token) -> Result<Self, AuthError> {
+        format!("Bearer {}", token.secret())
+            .parse()
+            .map(Self)
+            .map_err(|_| AuthError::NotAHeader)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// The server side: checks the job token, as a tonic interceptor.
 #[derive(Clone)]
 pub struct Guard {
     token: Token,

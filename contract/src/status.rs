@@ -1,0 +1,158 @@
+//! The status document: what `GET /status` serves and `coca status` reads,
+//! typed on both sides.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rpc::WorkerPhase;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Rendezvous,
+    Running,
+    Stopping,
+    Completed,
+    Stopped,
+    Failed,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Pending,
+        JobState::Rendezvous,
+        JobState::Running,
+        JobState::Stopping,
+        JobState::Completed,
+        JobState::Stopped,
+        JobState::Failed,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Stopped | JobState::Failed)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Rendezvous => "rendezvous",
+            JobState::Running => "running",
+            JobState::Stopping => "stopping",
+            JobState::Completed => "completed",
+            JobState::Stopped => "stopped",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Transition {
+    pub state: JobState,
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub reason: Option<String>,
+}
+
+/// One point of the charts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    pub step: u64,
+    pub loss: f64,
+    pub contrastive: f64,
+    pub captioning: f64,
+    pub samples_per_second: f64,
+}
+
+/// One evaluation: `{"step": 100, "zeroshot_top1": 0.31, ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    #[serde(flatten)]
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Saves and commits, as the status endpoint shows them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckpointStatus {
+    /// The step this job resumed from (its URL), if any.
+    pub resumed_from: Option<String>,
+    pub last_committed_step: Option<u64>,
+    /// The slowest rank's save of the last committed step.
+    pub last_save_seconds: Option<f64>,
+    pub last_bytes: Option<u64>,
+    pub committed: u64,
+}
+
+/// Where the job stood, as the journal tells it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recovered {
+    pub state: Option<String>,
+    pub reason: Option<String>,
+    pub step: u64,
+    pub last_checkpoint: Option<u64>,
+    pub events: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub job: String,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub transitions: Vec<Transition>,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: Option<Losses>,
+    pub learning_rate: Option<f64>,
+    pub logit_scale: Option<f64>,
+    pub samples_per_second: Option<f64>,
+    pub data_wait_share: Option<f64>,
+    /// Epochs of each source completed (fractional).
+    pub source_epochs: Vec<f64>,
+    pub bad_records: Vec<BadRecords>,
+    pub workers: Vec<WorkerReport>,
+    pub checkpoint: CheckpointStatus,
+    pub eta_seconds: Option<f64>,
+    pub uptime_seconds: f64,
+    pub refused_calls: u64,
+    pub previous: Option<Recovered>,
+    pub history: Vec<Point>,
+    pub evals: Vec<EvalPoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Losses {
+    pub total: f64,
+    pub contrastive: f64,
+    pub captioning: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadRecords {
+    pub source: u32,
+    pub reason: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub id: String,
+    pub rank: Option<usize>,
+    pub host: String,
+    pub device: String,
+    pub step: u64,
+    /// starting, compiling (a GPU worker's first step) or training.
+    pub phase: String,
+    pub last_heartbeat_seconds_ago: f64,
+    pub finished: Option<bool>,
+    pub message: Option<String>,
+}
+
+pub fn phase_name(phase: WorkerPhase) -> &'static str {
+    match phase {
+        WorkerPhase::Starting => "starting",
+        WorkerPhase::Compiling => "compiling",
+        WorkerPhase::Training => "training",
+    }
+}

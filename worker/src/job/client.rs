@@ -1,0 +1,107 @@
+//! The worker's line to the coordinator: connecting with backoff, the
+//! heartbeat thread, and the progress it reports.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use contract::auth::Bearer;
+use contract::rpc::coordinator_client::CoordinatorClient;
+use contract::rpc::{Command, HeartbeatRequest, StepMetrics, WorkerPhase};
+use store::RetryPolicy;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::{WorkerError, WorkerOptions};
+
+pub(super) type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// Latest progress, shared between the training loop and the heartbeat thread.
+#[derive(Default)]
+pub(super) struct Progress {
+    pub step: u64,
+    /// Steps completed since the last heartbeat.
+    pub metrics: Vec<StepMetrics>,
+    pub phase: WorkerPhase,
+    /// Empty until the backend is known to be other than the registered `cpu`.
+    pub device: String,
+}
+
+pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
+    let bearer = Bearer::new(&options.token).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let endpoint = Channel::from_shared(options.coordinator.clone()).map_err(|e| WorkerError::Unreachable {
+        url: options.coordinator.clone(),
+        seconds: 0,
+        message: e.to_string(),
+    })?;
+    let deadline = Instant::now() + options.connect_timeout;
+    let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(2));
+    match store::retry(&patience, Some(deadline), |_| true, || endpoint.connect()).await {
+        Ok(channel) => Ok(CoordinatorClient::with_interceptor(channel, bearer)),
+        Err(gave_up) => Err(WorkerError::Unreachable {
+            url: options.coordinator.clone(),
+            seconds: options.connect_timeout.as_secs(),
+            message: std::error::Error::source(&gave_up.error).map_or(gave_up.error.to_string(), |s| s.to_string()),
+        }),
+    }
+}
+
+pub(super) fn spawn_heartbeat(
+    runtime: tokio::runtime::Handle,
+    mut client: Client,
+    id: String,
+    every: Duration,
+    progress: Arc<Mutex<Progress>>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    lost: Arc<Mutex<Option<String>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut failures = 0;
+        loop {
+            match send_heartbeat(&runtime, &mut client, &id, &progress) {
+                Ok(Command::Stop) => stop.store(true, Ordering::SeqCst),
+                Ok(Command::Continue) => failures = 0,
+                Err(message) => {
+                    failures += 1;
+                    if failures >= 5 {
+                        *lost.lock().expect("lost") = Some(message);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            let wake = Instant::now() + every;
+            while Instant::now() < wake {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    })
+}
+
+/// One heartbeat with the latest progress; returns the coordinator's command.
+pub(super) fn send_heartbeat(
+    runtime: &tokio::runtime::Handle,
+    client: &mut Client,
+    id: &str,
+    progress: &Mutex<Progress>,
+) -> Result<Command, String> {
+    let request = {
+        let mut progress = progress.lock().expect("progress");
+        HeartbeatRequest {
+            worker_id: id.to_string(),
+            step: progress.step,
+            metrics: std::mem::take(&mut progress.metrics),
+            phase: progress.phase as i32,
+            device: progress.device.clone(),
+        }
+    };
+    let reply = runtime.block_on(client.heartbeat(request));
+    match reply {
+        Ok(reply) if reply.get_ref().command == Command::Stop as i32 => Ok(Command::Stop),
+        Ok(_) => Ok(Command::Continue),
+        Err(status) => Err(status.message().to_string()),
+    }
+}

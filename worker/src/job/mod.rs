@@ -1,0 +1,211 @@
+//! The worker's side of a job: register with the coordinator, rendezvous,
+//! join the collective ring, then train on the job's data until the last
+//! step or until told to stop, heartbeating all along.
+
+mod client;
+mod setup;
+mod train;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use collective::tcp::RingListener;
+use contract::auth::Token;
+use contract::manifest::{Backend, Manifest};
+use contract::rpc::{CheckpointShard, FinishRequest, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION};
+use model::backend::CpuTrain;
+use model::state::SavedShard;
+
+use client::{connect, send_heartbeat, spawn_heartbeat, Progress};
+use setup::JobSetup;
+use train::{train, Reporting};
+
+/// What a worker is told on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    pub token: Token,
+    /// The address peers reach this worker's collective listener on.
+    pub listen: IpAddr,
+    /// How this worker names its host on the status page.
+    pub host: String,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+    /// The accelerator's ordinal (CUDA); the CPU backend has one device.
+    pub device: usize,
+    /// The engine's index for this worker, asked for as its rank.
+    pub preferred_rank: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the coordinator at {url} within {seconds} s: {message}")]
+    Unreachable { url: String, seconds: u64, message: String },
+    #[error("the coordinator refused {call}: {message}")]
+    Refused { call: &'static str, message: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("step {step}: {message}")]
+    Step { step: u64, message: String },
+    #[error("lost the coordinator: {0}")]
+    CoordinatorLost(String),
+}
+
+/// How the worker's part ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    Completed { step: u64 },
+    Stopped { step: u64 },
+}
+
+pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Setup(format!("cannot start the RPC runtime: {e}")))?;
+    let mut client = runtime.block_on(connect(options))?;
+    let listener =
+        RingListener::bind(SocketAddr::new(options.listen, 0)).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let registered = runtime
+        .block_on(client.register(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host: options.host.clone(),
+            device: "cpu".into(),
+            collective_address: listener.local_addr().to_string(),
+            preferred_rank: options.preferred_rank,
+        }))
+        .map_err(|status| WorkerError::Refused {
+            call: "registration",
+            message: status.message().to_string(),
+        })?
+        .into_inner();
+    let id = registered.worker_id;
+    let assignment = runtime
+        .block_on(client.rendezvous(RendezvousRequest { worker_id: id.clone() }))
+        .map_err(|status| WorkerError::Refused {
+            call: "rendezvous",
+            message: status.message().to_string(),
+        })?
+        .into_inner();
+    eprintln!(
+        "worker {id}: rank {} of {}, steps {}..{}",
+        assignment.rank, assignment.world_size, assignment.start_step, assignment.total_steps
+    );
+
+    let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let progress = Arc::new(Mutex::new(Progress {
+        step: assignment.start_step,
+        ..Progress::default()
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let coordinator_lost = Arc::new(Mutex::new(None::<String>));
+    let heartbeat = spawn_heartbeat(
+        runtime.handle().clone(),
+        client.clone(),
+        id.clone(),
+        Duration::from_millis(manifest.cluster.heartbeat_ms),
+        progress.clone(),
+        stop.clone(),
+        done.clone(),
+        coordinator_lost.clone(),
+    );
+
+    let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
+        let shard = CheckpointShard {
+            worker_id: id.clone(),
+            step,
+            file: saved.record.file.clone(),
+            bytes: saved.record.bytes,
+            sha256: saved.record.sha256.clone(),
+            seconds: saved.seconds,
+        };
+        runtime
+            .block_on(client.clone().report_checkpoint(shard))
+            .map(|reply| reply.into_inner().committed)
+            .map_err(|status| status.message().to_string())
+    };
+    let reporting = Reporting {
+        progress: &progress,
+        stop: &stop,
+        coordinator_lost: &coordinator_lost,
+        report: &report,
+    };
+    let store_options = manifest.data.store_options();
+    let result = match manifest.cluster.backend {
+        Backend::Cpu => JobSetup::<CpuTrain>::build(&manifest, &assignment, &store_options, options.device, listener)
+            .and_then(|job| train(job, &manifest, &reporting, None)),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            prepare_kernels(&manifest, &store_options, options.device, &progress).and_then(|mut kernels| {
+                let result = JobSetup::<model::backend::CudaTrain>::build(
+                    &manifest,
+                    &assignment,
+                    &store_options,
+                    options.device,
+                    listener,
+                )
+                .and_then(|job| train(job, &manifest, &reporting, Some(&mut kernels)));
+                // What the whole run compiled, evaluation included, for the next start.
+                if assignment.rank == 0 {
+                    kernels.publish();
+                }
+                result
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => Err(WorkerError::Setup(
+            "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
+        )),
+    };
+    done.store(true, Ordering::SeqCst);
+    let _ = heartbeat.join();
+    // The last step's metrics, before saying goodbye.
+    let _ = send_heartbeat(runtime.handle(), &mut client, &id, &progress);
+    let step = progress.lock().expect("progress").step;
+    let (ok, message) = match &result {
+        Ok(_) => (true, String::new()),
+        Err(error) => (false, error.to_string()),
+    };
+    let finished = runtime.block_on(client.finish(FinishRequest {
+        worker_id: id,
+        step,
+        ok,
+        message,
+    }));
+    if let (Err(status), Ok(_)) = (&finished, &result) {
+        eprintln!(
+            "worker: could not report the end to the coordinator: {}",
+            status.message()
+        );
+    }
+    result
+}
+
+/// Points cubecl at the job's kernel cache and settings for CUDA device
+/// `device`; tells the status page which GPU this worker runs on.
+#[cfg(feature = "cuda")]
+fn prepare_kernels(
+    manifest: &Manifest,
+    options: &store::StoreOptions,
+    device: usize,
+    progress: &Mutex<Progress>,
+) -> Result<crate::kernels::Kernels, WorkerError> {
+    let name = model::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
+    progress.lock().expect("progress").device = format!("cuda:{device} {name}");
+    let kernels = crate::kernels::Kernels::prepare(&manifest.gpu, options, device, &name)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    eprintln!(
+        "worker: {name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
+        manifest.gpu.autotune,
+        manifest.gpu.kernel_cache,
+        kernels.fetched,
+        kernels.prepared_at.elapsed().as_secs_f64()
+    );
+    Ok(kernels)
+}

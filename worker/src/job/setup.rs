@@ -1,0 +1,320 @@
+//! Everything a rank trains with, built once from the coordinator's
+//! assignment: its share of the data, the ring to its peers, the model
+//! (fresh or resumed), the optimizer, periodic evaluation and checkpointing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use burn::module::AutodiffModule;
+use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
+use checkpoint::layout::{self, ResumeFields};
+use collective::tcp::{RingListener, TcpRing};
+use contract::dataset::DatasetIndex;
+use contract::manifest::{Contrastive, Eval, Manifest};
+use contract::rpc::Assignment;
+use contract::sample_order::SampleOrder;
+use data::dataset::Dataset;
+use data::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
+use data::prompt::PromptTemplates;
+use data::tokenizer::TextTokenizer;
+use model::eval::periodic::PeriodicEval;
+use model::loss::LossWeights;
+use model::state::{self, JobFacts, SavedShard, StateLayout};
+use model::train::contrastive::ContrastiveMode;
+use model::train::step::TrainStep;
+use model::CocaModel;
+use store::{Store, StoreOptions};
+
+use super::WorkerError;
+
+fn setup(message: impl Into<String>) -> WorkerError {
+    WorkerError::Setup(message.into())
+}
+
+/// A rank's training job, ready to run.
+pub(super) struct JobSetup<B: AutodiffBackend> {
+    pub rank: usize,
+    pub start_step: u64,
+    pub total_steps: u64,
+    pub order: SampleOrder,
+    pub loader: Loader,
+    pub ring: TcpRing,
+    pub device: B::Device,
+    pub model: CocaModel<B>,
+    pub trainer: TrainStep<B>,
+    /// Rank 0's held-out evaluation, when the manifest asks for one.
+    pub eval: Option<PeriodicEval>,
+    pub checkpointing: Option<Checkpointing>,
+}
+
+/// What the job's data sources resolve to.
+struct JobData {
+    sources: Vec<LoaderSource>,
+    indexes: Vec<DatasetIndex>,
+    order: SampleOrder,
+    /// tokenizer.json as stored, and parsed.
+    tokenizer_json: store::Bytes,
+    tokenizer: TextTokenizer,
+}
+
+impl<B: AutodiffBackend> JobSetup<B>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    pub fn build(
+        manifest: &Manifest,
+        assignment: &Assignment,
+        options: &StoreOptions,
+        device: usize,
+        listener: RingListener,
+    ) -> Result<Self, WorkerError> {
+        let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
+        let data = open_data(manifest, assignment, options)?;
+        let eval = match (&manifest.eval, rank) {
+            (Some(eval), 0) => Some(periodic_eval(manifest, eval, &data.tokenizer_json, options)?),
+            _ => None,
+        };
+        let checkpointing = match &manifest.checkpoint {
+            Some(checkpoint) => Some(Checkpointing {
+                root: Store::open(&checkpoint.url, options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
+                every: checkpoint.every,
+                resume: ResumeFields::of(manifest, &data.indexes),
+                seed: manifest.job.seed,
+                tokenizer_sha256: store::sha256_hex(&data.tokenizer_json),
+                tokenizer: data.tokenizer_json.clone(),
+                rank,
+                world,
+            }),
+            None => None,
+        };
+        let config = LoaderConfig {
+            threads: manifest.data.loader_threads,
+            prefetch_batches: manifest.data.prefetch_batches,
+            max_bad_fraction: manifest.data.max_bad_fraction,
+            ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
+        };
+        let order = data.order.clone();
+        let assembler = BatchAssembler::new(
+            data.sources,
+            data.order,
+            data.tokenizer,
+            config,
+            manifest.job.seed,
+            rank,
+            world,
+        )
+        .map_err(|e| setup(e.to_string()))?;
+        let loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
+        let ring = join_ring(assignment, listener)?;
+        let device = model::backend::device::<B>(device).map_err(setup)?;
+        let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
+        Ok(Self {
+            rank,
+            start_step: assignment.start_step,
+            total_steps: assignment.total_steps,
+            order,
+            loader,
+            ring,
+            device,
+            model,
+            trainer,
+            eval,
+            checkpointing,
+        })
+    }
+}
+
+/// The sources at their pinned indexes, their sample order and the tokenizer.
+fn open_data(manifest: &Manifest, assignment: &Assignment, options: &StoreOptions) -> Result<JobData, WorkerError> {
+    let mut sources = Vec::new();
+    let mut indexes = Vec::new();
+    for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
+        let index =
+            DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
+        let store = Store::open(&source.url, options).map_err(|e| setup(e.to_string()))?;
+        indexes.push(index.clone());
+        sources.push(LoaderSource {
+            dataset: Dataset::with_index(store, index),
+            templates: PromptTemplates::open(&source.templates, options)
+                .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
+        });
+    }
+    let order = SampleOrder::for_job(manifest, &indexes).map_err(|e| setup(e.to_string()))?;
+    let (store, name) =
+        Store::open_object(&manifest.data.tokenizer, options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+    let tokenizer_json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+    let tokenizer = parse_tokenizer(manifest, &tokenizer_json)?;
+    if tokenizer.vocab_size() > manifest.model.vocab_size {
+        return Err(setup(format!(
+            "data.tokenizer: {} has {} tokens, more than model.vocab_size = {}",
+            manifest.data.tokenizer,
+            tokenizer.vocab_size(),
+            manifest.model.vocab_size
+        )));
+    }
+    Ok(JobData {
+        sources,
+        indexes,
+        order,
+        tokenizer_json,
+        tokenizer,
+    })
+}
+
+fn parse_tokenizer(manifest: &Manifest, json: &[u8]) -> Result<TextTokenizer, WorkerError> {
+    TextTokenizer::from_json(&String::from_utf8_lossy(json), &manifest.data.tokenizer).map_err(|e| setup(e.to_string()))
+}
+
+/// Rank 0's evaluation on held-out data, with a tokenizer of its own.
+fn periodic_eval(
+    manifest: &Manifest,
+    eval: &Eval,
+    tokenizer_json: &[u8],
+    options: &StoreOptions,
+) -> Result<PeriodicEval, WorkerError> {
+    let open = |field: &str, url: &str| {
+        Store::open(url, options)
+            .map_err(|e| e.to_string())
+            .and_then(|store| Dataset::open(store).map_err(|e| e.to_string()))
+            .map_err(|e| setup(format!("{field}: {e}")))
+    };
+    let zeroshot = match &eval.zeroshot {
+        Some(url) => Some((
+            open("eval.zeroshot", url)?,
+            PromptTemplates::open(&eval.templates, options).map_err(|e| setup(format!("eval.templates: {e}")))?,
+        )),
+        None => None,
+    };
+    let retrieval = eval
+        .retrieval
+        .as_deref()
+        .map(|url| open("eval.retrieval", url))
+        .transpose()?;
+    let tokenizer = parse_tokenizer(manifest, tokenizer_json)?;
+    Ok(PeriodicEval::new(
+        eval,
+        zeroshot,
+        retrieval,
+        manifest.model.clone(),
+        tokenizer,
+    ))
+}
+
+/// Joins the TCP ring of the assignment's peers.
+fn join_ring(assignment: &Assignment, listener: RingListener) -> Result<TcpRing, WorkerError> {
+    let peers: Vec<SocketAddr> = assignment
+        .peers
+        .iter()
+        .map(|peer| {
+            peer.parse()
+                .map_err(|_| setup(format!("peer address `{peer}` is not an address")))
+        })
+        .collect::<Result<_, _>>()?;
+    listener
+        .connect(assignment.rank as usize, &peers, Duration::from_secs(60))
+        .map_err(|e| setup(e.to_string()))
+}
+
+/// The model and its training step, from the job's seed or from the
+/// checkpoint the coordinator chose.
+fn model_and_trainer<B: AutodiffBackend>(
+    manifest: &Manifest,
+    assignment: &Assignment,
+    options: &StoreOptions,
+    device: &B::Device,
+) -> Result<(CocaModel<B>, TrainStep<B>), WorkerError>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    let model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, device);
+    let train = &manifest.train;
+    let optimizer = AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32);
+    let weights = LossWeights {
+        contrastive: train.lambda_con as f32,
+        captioning: train.lambda_cap as f32,
+    };
+    let mode = match train.contrastive {
+        Contrastive::Local => ContrastiveMode::Local,
+        Contrastive::Full => ContrastiveMode::Full,
+    };
+    let trainer = TrainStep::<B>::new(&optimizer, weights, mode);
+    if assignment.resume_from.is_empty() {
+        return Ok((model, trainer));
+    }
+    let dir = Store::open(&assignment.resume_from, options).map_err(|e| setup(e.to_string()))?;
+    let (model, record, meta) = state::load(&dir, model).map_err(|e| setup(e.to_string()))?;
+    if meta.step != assignment.start_step {
+        return Err(setup(format!(
+            "{} holds step {}, the coordinator said step {}",
+            assignment.resume_from, meta.step, assignment.start_step
+        )));
+    }
+    if assignment.rank == 0 {
+        eprintln!(
+            "worker: resumed from {} (step {}, saved by {} workers)",
+            assignment.resume_from, meta.step, meta.world_size
+        );
+    }
+    Ok((model, trainer.with_optimizer_record(record)))
+}
+
+/// Saving this job's checkpoints.
+pub(super) struct Checkpointing {
+    root: Store,
+    every: u64,
+    resume: ResumeFields,
+    seed: u64,
+    tokenizer_sha256: String,
+    /// tokenizer.json, copied into every step.
+    tokenizer: store::Bytes,
+    rank: usize,
+    world: usize,
+}
+
+impl Checkpointing {
+    /// Whether the step just trained is saved: every `checkpoint.every` steps and the last.
+    pub fn due(&self, step: u64, total: u64) -> bool {
+        step % self.every == 0 || step == total
+    }
+
+    /// Writes this rank's shard of `step` (rank 0 also meta.json and the
+    /// tokenizer) and reports it to the coordinator through `report`.
+    pub fn save<B: AutodiffBackend>(
+        &self,
+        step: u64,
+        model: &CocaModel<B>,
+        trainer: &TrainStep<B>,
+        order: &SampleOrder,
+        report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>,
+    ) -> Result<(), WorkerError> {
+        let failed = |message: String| WorkerError::Step {
+            step,
+            message: format!("checkpoint: {message}"),
+        };
+        let record = trainer.optimizer_record();
+        let saved = state::save_shard(&self.root, step, self.rank, self.world, model, &record)
+            .map_err(|e| failed(e.to_string()))?;
+        if self.rank == 0 {
+            let facts = JobFacts {
+                source_samples: order.samples_after(step),
+                source_epochs: order.epochs_after(step),
+                seed: self.seed,
+                resume: self.resume.clone(),
+                tokenizer_sha256: self.tokenizer_sha256.clone(),
+            };
+            let meta = StateLayout::of(model, &record).meta(step, self.world, facts);
+            checkpoint::write_meta(&self.root, &meta).map_err(|e| failed(e.to_string()))?;
+            self.root
+                .at(&layout::step_dir(step))
+                .put(layout::TOKENIZER, self.tokenizer.clone())
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        report(step, &saved).map_err(failed)?;
+        Ok(())
+    }
+}
