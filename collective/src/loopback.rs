@@ -47,3 +47,14 @@ pub fn on_every_rank<T: Send>(rings: Vec<TcpRing>, work: impl Fn(&mut TcpRing) -
             .collect()
     })
 }
+
+/// `count` loopback addresses with ports free a moment ago, for ranks that
+/// are separate processes: each binds its own, all connect to the others.
+pub fn free_addresses(count: usize) -> Result<Vec<SocketAddr>, CollectiveError> {
+    let loopback: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+    // Held together until all are chosen, so no port is picked twice.
+    let listeners = (0..count)
+        .map(|_| RingListener::bind(loopback))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners.iter().map(RingListener::local_addr).collect())
+}

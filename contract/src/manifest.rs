@@ -340,12 +340,62 @@ fn table<'a>(root: &'a toml::Table, key: &str, path: &str) -> Result<Option<&'a 
     }
 }
 
+/// Fields a command line may set for one run, applied before validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Overrides {
+    pub workers: Option<usize>,
+    /// job.steps; it replaces job.epochs.
+    pub steps: Option<u64>,
+    pub warmup_steps: Option<u64>,
+}
+
+impl Overrides {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn apply(&self, root: &mut toml::Table) {
+        let mut set = |section: &str, key: &str, value: u64| {
+            let entry = root
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let toml::Value::Table(section) = entry {
+                if key == "steps" {
+                    section.remove("epochs");
+                }
+                section.insert(key.to_string(), toml::Value::Integer(value as i64));
+            }
+        };
+        if let Some(workers) = self.workers {
+            set("cluster", "workers", workers as u64);
+        }
+        if let Some(steps) = self.steps {
+            set("job", "steps", steps);
+        }
+        if let Some(warmup_steps) = self.warmup_steps {
+            set("train", "warmup_steps", warmup_steps);
+        }
+    }
+}
+
 impl Manifest {
     /// Parses and validates a manifest; `origin` (its path) starts syntax errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ManifestError> {
-        let root: toml::Table = text
+        Self::parse_with(text, origin, &Overrides::default())
+    }
+
+    /// [`Manifest::parse`] with a command line's overrides applied; the
+    /// manifest's text (what workers receive) then has them too.
+    pub fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Self, ManifestError> {
+        let mut root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| error(origin, e.to_string().trim().to_string()))?;
+        let text = if overrides.is_empty() {
+            text.to_string()
+        } else {
+            overrides.apply(&mut root);
+            toml::to_string(&root).expect("a TOML table serializes")
+        };
         const SECTIONS: [&str; 10] = [
             "job",
             "model",
@@ -368,7 +418,37 @@ impl Manifest {
             }
         }
 
-        let mut section = Section::new("job", table(&root, "job", "job")?);
+        let job = Self::job(&root)?;
+        let (preset, model) = Self::model(table(&root, "model", "model")?)?;
+        let data = Self::data(table(&root, "data", "data")?)?;
+        let train = Self::train(&root)?;
+        let cluster = Self::cluster(&root)?;
+        let checkpoint = Self::checkpoint(&root)?;
+        let eval = Self::eval(&root)?;
+        let gpu = Self::gpu(&root, &job, checkpoint.as_ref())?;
+        let status = Self::status(&root)?;
+        let auth = Self::auth(&root)?;
+
+        let manifest = Self {
+            job,
+            preset,
+            model,
+            data,
+            train,
+            cluster,
+            checkpoint,
+            eval,
+            gpu,
+            status,
+            auth,
+            source: text,
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn job(root: &toml::Table) -> Result<Job, ManifestError> {
+        let mut section = Section::new("job", table(root, "job", "job")?);
         let name = section.string("name")?;
         let seed = section.int("seed")?.unwrap_or(0);
         let steps = section.int("steps")?;
@@ -393,18 +473,16 @@ impl Manifest {
             (None, Some(epochs)) => Length::Epochs(epochs),
         };
         let dir = dir.unwrap_or_else(|| format!("runs/{name}"));
-        let job = Job {
+        Ok(Job {
             name,
             seed,
             length,
             dir,
-        };
+        })
+    }
 
-        let (preset, model) = Self::model(table(&root, "model", "model")?)?;
-
-        let data = Self::data(table(&root, "data", "data")?)?;
-
-        let mut section = Section::new("train", table(&root, "train", "train")?);
+    fn train(root: &toml::Table) -> Result<Train, ManifestError> {
+        let mut section = Section::new("train", table(root, "train", "train")?);
         let global_batch = section.int("global_batch")?;
         let train = Train {
             global_batch: global_batch.unwrap_or(0) as usize,
@@ -436,8 +514,11 @@ impl Manifest {
         if global_batch.is_none() {
             return Err(error("train.global_batch", "missing"));
         }
+        Ok(train)
+    }
 
-        let mut section = Section::new("cluster", table(&root, "cluster", "cluster")?);
+    fn cluster(root: &toml::Table) -> Result<Cluster, ManifestError> {
+        let mut section = Section::new("cluster", table(root, "cluster", "cluster")?);
         let workers = section.int("workers")?.unwrap_or(1) as usize;
         let backend = section.choice(
             "backend",
@@ -468,8 +549,11 @@ impl Manifest {
             heartbeat_timeout_ms: section.int("heartbeat_timeout_ms")?.unwrap_or(10_000),
         };
         section.finish()?;
+        Ok(cluster)
+    }
 
-        let checkpoint = match table(&root, "checkpoint", "checkpoint")? {
+    fn checkpoint(root: &toml::Table) -> Result<Option<Checkpoint>, ManifestError> {
+        Ok(match table(root, "checkpoint", "checkpoint")? {
             None => None,
             Some(checkpoint) => {
                 let mut section = Section::new("checkpoint", Some(checkpoint));
@@ -480,9 +564,11 @@ impl Manifest {
                 let url = url.ok_or_else(|| error("checkpoint.url", "missing"))?;
                 Some(Checkpoint { url, every, keep })
             }
-        };
+        })
+    }
 
-        let eval = match table(&root, "eval", "eval")? {
+    fn eval(root: &toml::Table) -> Result<Option<Eval>, ManifestError> {
+        Ok(match table(root, "eval", "eval")? {
             None => None,
             Some(eval) => {
                 let mut section = Section::new("eval", Some(eval));
@@ -500,9 +586,12 @@ impl Manifest {
                     limit,
                 })
             }
-        };
+        })
+    }
 
-        let mut section = Section::new("gpu", table(&root, "gpu", "gpu")?);
+    /// `kernel_cache` defaults to a folder beside the checkpoints, else in the job's directory.
+    fn gpu(root: &toml::Table, job: &Job, checkpoint: Option<&Checkpoint>) -> Result<Gpu, ManifestError> {
+        let mut section = Section::new("gpu", table(root, "gpu", "gpu")?);
         let gpu = Gpu {
             autotune: section.choice(
                 "autotune",
@@ -517,7 +606,7 @@ impl Manifest {
             kernel_cache: match section.string("kernel_cache")? {
                 Some(url) => url,
                 None => {
-                    let beside = checkpoint.as_ref().map_or(job.dir.as_str(), |c| c.url.as_str());
+                    let beside = checkpoint.map_or(job.dir.as_str(), |c| c.url.as_str());
                     format!("{}/kernel-cache", beside.trim_end_matches('/'))
                 }
             },
@@ -527,36 +616,26 @@ impl Manifest {
         if gpu.kernel_cache.is_empty() {
             return Err(error("gpu.kernel_cache", "is empty (the URL of a directory)"));
         }
+        Ok(gpu)
+    }
 
-        let mut section = Section::new("status", table(&root, "status", "status")?);
+    fn status(root: &toml::Table) -> Result<Status, ManifestError> {
+        let mut section = Section::new("status", table(root, "status", "status")?);
         let status = Status {
             bind: section.address("bind", "127.0.0.1:7071")?,
         };
         section.finish()?;
+        Ok(status)
+    }
 
-        let mut section = Section::new("auth", table(&root, "auth", "auth")?);
+    fn auth(root: &toml::Table) -> Result<Auth, ManifestError> {
+        let mut section = Section::new("auth", table(root, "auth", "auth")?);
         let auth = Auth {
             token_env: section.string("token_env")?.unwrap_or_else(|| "COCA_JOB_TOKEN".into()),
             token_file: section.string("token_file")?,
         };
         section.finish()?;
-
-        let manifest = Self {
-            job,
-            preset,
-            model,
-            data,
-            train,
-            cluster,
-            checkpoint,
-            eval,
-            gpu,
-            status,
-            auth,
-            source: text.to_string(),
-        };
-        manifest.validate()?;
-        Ok(manifest)
+        Ok(auth)
     }
 
     fn model(model: Option<&toml::Table>) -> Result<(Preset, ModelConfig), ManifestError> {

@@ -3,6 +3,7 @@
 
 pub mod job;
 pub mod journal;
+pub mod local_workers;
 mod service;
 pub mod status;
 
@@ -341,6 +342,28 @@ impl Coordinator {
             status,
             grpc_shutdown: Mutex::new(Some((stop, serving))),
         })
+    }
+
+    /// Stops the job after the current step on Ctrl-C, and on SIGTERM (what
+    /// Slurm's scancel and Kubernetes' pod deletion send). Needs the tokio runtime.
+    pub fn stop_on_signals(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("coordinator: Ctrl-C: stopping after the current step");
+                shared.request_stop("interrupted (Ctrl-C)");
+            }
+        });
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+                if terminate.recv().await.is_some() {
+                    eprintln!("coordinator: SIGTERM: stopping after the current step");
+                    shared.request_stop("terminated (SIGTERM)");
+                }
+            }
+        });
     }
 
     pub fn grpc_address(&self) -> SocketAddr {

@@ -1,13 +1,12 @@
 //! `coca bench step` (a training step), `coca bench allreduce` (the
 //! gradient all-reduce between local processes) and `coca bench data` (the loader).
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use clap::Subcommand;
 use collective::tcp::{RingListener, TcpRing};
 use collective::{Collective, Solo};
@@ -28,49 +27,7 @@ use super::ModelArgs;
 pub enum BenchCommand {
     /// Median ms per training step (forward, both losses, backward, AdamW)
     /// on synthetic data: time to the first step, samples/s and FLOP/s.
-    Step {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// `cpu`, or `cuda` (a build with `--features cuda`, one process).
-        #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
-        backend: BenchBackend,
-        /// The GPU ordinal (cuda).
-        #[arg(long, default_value_t = 0)]
-        device: usize,
-        /// cuda: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
-        #[arg(long, value_enum, default_value_t = Autotune::Minimal)]
-        autotune: Autotune,
-        /// cuda: where compiled kernels and autotune results are kept between
-        /// runs (a directory or object-store URL; as gpu.kernel_cache).
-        #[arg(long, default_value = "coca-kernel-cache")]
-        kernel_cache: String,
-        /// Samples per step (the global batch when --world > 1).
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Measured steps (the median is over these).
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Unmeasured steps first.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Data-parallel ranks, each a local process on the TCP ring,
-        /// splitting the batch between them.
-        #[arg(long, default_value_t = 1)]
-        world: usize,
-        /// How contrastive negatives span the ranks: `local` (each rank's
-        /// rows against all columns) or `full` (the whole matrix on every rank).
-        #[arg(long, value_enum, default_value_t = Negatives::Local)]
-        negatives: Negatives,
-        /// Write the final parameters here (f32 little-endian, in module
-        /// visiting order), to compare runs.
-        #[arg(long, value_name = "FILE")]
-        parameters_out: Option<PathBuf>,
-        /// Internal: run as this rank of a benchmark started by `--world`.
-        #[arg(long, hide = true)]
-        child_rank: Option<usize>,
-    },
+    Step(StepArgs),
     /// All-reduce bus bandwidth (as nccl-tests defines it) between local
     /// processes over the TCP ring, beside this machine's memcpy bandwidth.
     Allreduce {
@@ -86,9 +43,8 @@ pub enum BenchCommand {
         /// Unmeasured all-reduces first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Internal: run as this rank of a benchmark started by `--world`.
-        #[arg(long, hide = true)]
-        child_rank: Option<usize>,
+        #[command(flatten)]
+        local_rank: LocalRank,
     },
     /// RPC latency and coordinator CPU with many simulated workers
     /// registering, heartbeating and reporting metrics over loopback.
@@ -144,6 +100,72 @@ pub enum BenchCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `cpu`, or `cuda` (a build with `--features cuda`, one process).
+    #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
+    pub backend: BenchBackend,
+    /// The GPU ordinal (cuda).
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// cuda: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
+    #[arg(long, value_enum, default_value_t = Autotune::Minimal)]
+    pub autotune: Autotune,
+    /// cuda: where compiled kernels and autotune results are kept between
+    /// runs (a directory or object-store URL; as gpu.kernel_cache).
+    #[arg(long, default_value = "coca-kernel-cache")]
+    pub kernel_cache: String,
+    /// Samples per step (the global batch when --world > 1).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Measured steps (the median is over these).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Unmeasured steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Data-parallel ranks, each a local process on the TCP ring,
+    /// splitting the batch between them.
+    #[arg(long, default_value_t = 1)]
+    pub world: usize,
+    /// How contrastive negatives span the ranks: `local` (each rank's
+    /// rows against all columns) or `full` (the whole matrix on every rank).
+    #[arg(long, value_enum, default_value_t = Negatives::Local)]
+    pub negatives: Negatives,
+    /// Write the final parameters here (f32 little-endian, in module
+    /// visiting order), to compare runs.
+    #[arg(long, value_name = "FILE")]
+    pub parameters_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub local_rank: LocalRank,
+}
+
+/// Internal: how `--world N` starts its ranks, each a process of this
+/// binary joined into a TCP ring at loopback addresses the parent chose.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalRank {
+    /// This process's rank.
+    #[arg(long, hide = true, requires = "peers")]
+    child_rank: Option<usize>,
+    /// Every rank's ring address, in rank order.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
+}
+
+impl LocalRank {
+    /// This process's place in the ring, when it is a child rank.
+    fn join(&self) -> anyhow::Result<Option<TcpRing>> {
+        let Some(rank) = self.child_rank else { return Ok(None) };
+        let address = *self.peers.get(rank).context("--child-rank outside --peers")?;
+        let ring = RingListener::bind(address)?.connect(rank, &self.peers, Duration::from_secs(60))?;
+        Ok(Some(ring))
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Negatives {
     Local,
@@ -166,86 +188,13 @@ fn ms(duration: Duration) -> f64 {
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            BenchCommand::Caption { model, beam, max_len } => {
-                ensure!(beam >= 1 && max_len >= 1, "--beam and --max-len must be at least 1");
-                let config = model.resolve()?;
-                let max_len = max_len.min(config.context_length - 1);
-                let (cached, uncached) = worker::bench::bench_caption::<model::backend::Cpu>(&config, beam, max_len);
-                let rate = |seconds: f64| max_len as f64 / seconds;
-                println!("caption: {max_len} tokens, beam {beam}, preset weights at random");
-                println!("with the key/value cache: {cached:.3} s = {:.1} tokens/s", rate(cached));
-                println!(
-                    "recomputing the prefix:   {uncached:.3} s = {:.1} tokens/s",
-                    rate(uncached)
-                );
-                println!("the cache is {:.1}x faster", uncached / cached);
-                Ok(())
-            }
-            BenchCommand::Checkpoint { model, world, dir } => {
-                ensure!(world >= 1, "--world must be at least 1");
-                let config = model.resolve()?;
-                let scratch = match &dir {
-                    Some(dir) => tempfile::tempdir_in(dir)?,
-                    None => tempfile::tempdir()?,
-                };
-                let report = worker::bench::bench_checkpoint::<CpuTrain>(&config, world, scratch.path())?;
-                let gb = |bytes: u64, seconds: f64| bytes as f64 / seconds.max(1e-9) / 1e9;
-                let total = report.total_bytes;
-                println!(
-                    "checkpoint: {:.2} GB of parameters and AdamW moments, {world} ranks, in {}",
-                    total as f64 / 1e9,
-                    scratch.path().display()
-                );
-                for (rank, (bytes, seconds)) in report.saves.iter().enumerate() {
-                    println!(
-                        "  rank {rank}: saved {:.3} GB in {seconds:.2} s = {:.2} GB/s",
-                        *bytes as f64 / 1e9,
-                        gb(*bytes, *seconds)
-                    );
-                }
-                println!(
-                    "save: {:.2} s for all ranks, {:.2} GB/s per rank",
-                    report.save_seconds,
-                    gb(total / world as u64, report.save_seconds)
-                );
-                println!(
-                    "load (one rank reads every shard, checks SHA-256): {:.2} s = {:.2} GB/s",
-                    report.load_seconds,
-                    gb(total, report.load_seconds)
-                );
-                println!(
-                    "ceiling (plain writes of the same sizes, {world} at once, synced): {:.2} s = {:.2} GB/s per rank; save reaches {:.0}% of it",
-                    report.baseline_seconds,
-                    gb(total / world as u64, report.baseline_seconds),
-                    100.0 * report.baseline_seconds / report.save_seconds
-                );
-                Ok(())
-            }
+            BenchCommand::Caption { model, beam, max_len } => caption(model, beam, max_len),
+            BenchCommand::Checkpoint { model, world, dir } => checkpoint(model, world, dir),
             BenchCommand::Coordinator {
                 workers,
                 heartbeat_ms,
                 seconds,
-            } => {
-                ensure!(
-                    workers >= 1 && heartbeat_ms >= 1 && seconds >= 1,
-                    "--workers, --heartbeat-ms and --seconds must be at least 1"
-                );
-                let dir = tempfile::tempdir()?;
-                let report = super::swarm::run(dir.path(), workers, heartbeat_ms, seconds)?;
-                println!(
-                    "coordinator: {workers} simulated workers registered and met in {:.2} s",
-                    report.registered_in.as_secs_f64()
-                );
-                println!(
-                    "heartbeats: {} in {seconds} s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                    report.heartbeats,
-                    ms(report.p50),
-                    ms(report.p99),
-                    ms(report.max)
-                );
-                println!("coordinator CPU: {:.2} cores", report.coordinator_cores);
-                Ok(())
-            }
+            } => coordinator(workers, heartbeat_ms, seconds),
             BenchCommand::Data {
                 url,
                 image_size,
@@ -253,165 +202,258 @@ impl BenchCommand {
                 batch,
                 batches,
                 store,
-            } => {
-                ensure!(batch >= 1 && batches >= 1, "--batch and --batches must be at least 1");
-                let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-                let dataset = Dataset::open(store.open(&url)?)?;
-                // Tokenizing is part of the work measured; any trained tokenizer does.
-                let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
-                let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
-                let report = bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
-                println!(
-                    "data: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {:.1} per core ({threads} threads)",
-                    report.samples,
-                    report.seconds,
-                    report.samples_per_second(),
-                    report.per_core()
-                );
-                Ok(())
-            }
-            BenchCommand::Step {
-                model,
-                backend,
-                device: ordinal,
-                autotune,
-                kernel_cache,
-                batch,
-                steps,
-                warmup,
-                seed,
-                world,
-                negatives,
-                parameters_out,
-                child_rank,
-            } => {
-                ensure!(steps >= 1, "--steps must be at least 1");
-                ensure!(world >= 1, "--world must be at least 1");
-                ensure!(
-                    batch >= world && batch % world == 0,
-                    "--batch {batch} does not split evenly between --world {world} ranks"
-                );
-                ensure!(
-                    backend == BenchBackend::Cpu || (world == 1 && child_rank.is_none()),
-                    "--backend cuda runs one process: leave out --world"
-                );
-                let config = model.resolve()?;
-                let plan = StepBenchmarkPlan {
-                    batch,
-                    warmup,
-                    steps,
-                    seed,
-                    mode: negatives.into(),
-                };
-                if backend == BenchBackend::Cuda {
-                    let gpu = contract::manifest::Gpu {
-                        autotune: autotune.into(),
-                        kernel_cache,
-                        log_compilations: true,
-                    };
-                    let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
-                    print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
-                    println!("  kernels       {kernels}");
-                    return Ok(());
-                }
-                let device = Default::default();
-                let run = |collective: &mut dyn Collective| -> anyhow::Result<StepBenchmark> {
-                    let report = bench_step::<CpuTrain>(&config, plan, collective, &device)?;
-                    if let (Some(path), 0) = (&parameters_out, collective.rank()) {
-                        let bytes: Vec<u8> = report.parameters.iter().flat_map(|value| value.to_le_bytes()).collect();
-                        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
-                    }
-                    Ok(report)
-                };
-                if let Some(rank) = child_rank {
-                    let report = run(&mut join_local_ring(rank, world)?)?;
-                    println!("result {}", report.median(|t| t.total()).as_nanos());
-                    return Ok(());
-                }
-                if world > 1 {
-                    let mut args: Vec<String> = ["bench", "step", "--preset", model.preset.name()]
-                        .into_iter()
-                        .map(String::from)
-                        .collect();
-                    for assignment in &model.overrides {
-                        args.extend(["--set".to_string(), assignment.clone()]);
-                    }
-                    for (flag, value) in [("--batch", batch), ("--steps", steps), ("--warmup", warmup)] {
-                        args.extend([flag.to_string(), value.to_string()]);
-                    }
-                    args.extend(["--seed".to_string(), seed.to_string()]);
-                    let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
-                    args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
-                    if let Some(path) = &parameters_out {
-                        args.extend(["--parameters-out".to_string(), path.display().to_string()]);
-                    }
-                    let median = run_local_ranks(&args, world)?;
-                    println!(
-                        "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
-                         {steps} steps after {warmup} warm-up",
-                        model.preset
-                    );
-                    println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
-                    return Ok(());
-                }
-                let report = run(&mut Solo)?;
-                print_step(
-                    &model,
-                    plan,
-                    &config,
-                    &report,
-                    &format!("{} threads (cpu)", report.threads),
-                );
-                Ok(())
-            }
+            } => data(url, image_size, threads, batch, batches, store),
+            BenchCommand::Step(args) => step(args),
             BenchCommand::Allreduce {
                 world,
                 mib,
                 iterations,
                 warmup,
-                child_rank,
-            } => {
-                ensure!(world >= 2, "--world must be at least 2");
-                ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
-                let bytes = mib << 20;
-                if let Some(rank) = child_rank {
-                    let report = bench_all_reduce(&mut join_local_ring(rank, world)?, bytes, warmup, iterations)?;
-                    println!("result {}", report.median().as_nanos());
-                    return Ok(());
-                }
-                let args: Vec<String> = [
-                    "bench",
-                    "allreduce",
-                    "--mib",
-                    &mib.to_string(),
-                    "--warmup",
-                    &warmup.to_string(),
-                ]
-                .into_iter()
-                .map(String::from)
-                .chain(["--iterations".to_string(), iterations.to_string()])
-                .collect();
-                let median = run_local_ranks(&args, world)?;
-                let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
-                let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
-                println!(
-                    "bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, \
-                     {iterations} iterations after {warmup} warm-up"
-                );
-                println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
-                println!("  algorithm bw  {:8.2} GB/s", gb(algorithm));
-                println!(
-                    "  bus bw        {:8.2} GB/s  (algorithm bw x 2(n-1)/n, as nccl-tests)",
-                    gb(bus)
-                );
-                println!(
-                    "  memcpy bw     {:8.2} GB/s  (one thread, same buffer: the ceiling)",
-                    gb(memcpy_bandwidth(bytes, 10))
-                );
-                Ok(())
-            }
+                local_rank,
+            } => allreduce(world, mib, iterations, warmup, local_rank),
         }
     }
+}
+
+fn caption(model: ModelArgs, beam: usize, max_len: usize) -> anyhow::Result<()> {
+    ensure!(beam >= 1 && max_len >= 1, "--beam and --max-len must be at least 1");
+    let config = model.resolve()?;
+    let max_len = max_len.min(config.context_length - 1);
+    let (cached, uncached) = worker::bench::bench_caption::<model::backend::Cpu>(&config, beam, max_len);
+    let rate = |seconds: f64| max_len as f64 / seconds;
+    println!("caption: {max_len} tokens, beam {beam}, preset weights at random");
+    println!("with the key/value cache: {cached:.3} s = {:.1} tokens/s", rate(cached));
+    println!(
+        "recomputing the prefix:   {uncached:.3} s = {:.1} tokens/s",
+        rate(uncached)
+    );
+    println!("the cache is {:.1}x faster", uncached / cached);
+    Ok(())
+}
+
+fn checkpoint(model: ModelArgs, world: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    ensure!(world >= 1, "--world must be at least 1");
+    let config = model.resolve()?;
+    let scratch = match &dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let report = worker::bench::bench_checkpoint::<CpuTrain>(&config, world, scratch.path())?;
+    let gb = |bytes: u64, seconds: f64| bytes as f64 / seconds.max(1e-9) / 1e9;
+    let total = report.total_bytes;
+    println!(
+        "checkpoint: {:.2} GB of parameters and AdamW moments, {world} ranks, in {}",
+        total as f64 / 1e9,
+        scratch.path().display()
+    );
+    for (rank, (bytes, seconds)) in report.saves.iter().enumerate() {
+        println!(
+            "  rank {rank}: saved {:.3} GB in {seconds:.2} s = {:.2} GB/s",
+            *bytes as f64 / 1e9,
+            gb(*bytes, *seconds)
+        );
+    }
+    println!(
+        "save: {:.2} s for all ranks, {:.2} GB/s per rank",
+        report.save_seconds,
+        gb(total / world as u64, report.save_seconds)
+    );
+    println!(
+        "load (one rank reads every shard, checks SHA-256): {:.2} s = {:.2} GB/s",
+        report.load_seconds,
+        gb(total, report.load_seconds)
+    );
+    println!(
+            "ceiling (plain writes of the same sizes, {world} at once, synced): {:.2} s = {:.2} GB/s per rank; save reaches {:.0}% of it",
+            report.baseline_seconds,
+            gb(total / world as u64, report.baseline_seconds),
+            100.0 * report.baseline_seconds / report.save_seconds
+        );
+    Ok(())
+}
+
+fn coordinator(workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Result<()> {
+    ensure!(
+        workers >= 1 && heartbeat_ms >= 1 && seconds >= 1,
+        "--workers, --heartbeat-ms and --seconds must be at least 1"
+    );
+    let dir = tempfile::tempdir()?;
+    let report = super::swarm::run(dir.path(), workers, heartbeat_ms, seconds)?;
+    println!(
+        "coordinator: {workers} simulated workers registered and met in {:.2} s",
+        report.registered_in.as_secs_f64()
+    );
+    println!(
+        "heartbeats: {} in {seconds} s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        report.heartbeats,
+        ms(report.p50),
+        ms(report.p99),
+        ms(report.max)
+    );
+    println!("coordinator CPU: {:.2} cores", report.coordinator_cores);
+    Ok(())
+}
+
+fn data(
+    url: String,
+    image_size: u32,
+    threads: Option<usize>,
+    batch: usize,
+    batches: usize,
+    store: super::StoreArgs,
+) -> anyhow::Result<()> {
+    ensure!(batch >= 1 && batches >= 1, "--batch and --batches must be at least 1");
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let dataset = Dataset::open(store.open(&url)?)?;
+    // Tokenizing is part of the work measured; any trained tokenizer does.
+    let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
+    let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
+    let report = bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
+    println!(
+        "data: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {:.1} per core ({threads} threads)",
+        report.samples,
+        report.seconds,
+        report.samples_per_second(),
+        report.per_core()
+    );
+    Ok(())
+}
+
+fn step(args: StepArgs) -> anyhow::Result<()> {
+    let StepArgs {
+        model,
+        backend,
+        device: ordinal,
+        autotune,
+        kernel_cache,
+        batch,
+        steps,
+        warmup,
+        seed,
+        world,
+        negatives,
+        parameters_out,
+        local_rank,
+    } = args;
+    ensure!(steps >= 1, "--steps must be at least 1");
+    ensure!(world >= 1, "--world must be at least 1");
+    ensure!(
+        batch >= world && batch % world == 0,
+        "--batch {batch} does not split evenly between --world {world} ranks"
+    );
+    ensure!(
+        backend == BenchBackend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
+        "--backend cuda runs one process: leave out --world"
+    );
+    let config = model.resolve()?;
+    let plan = StepBenchmarkPlan {
+        batch,
+        warmup,
+        steps,
+        seed,
+        mode: negatives.into(),
+    };
+    if backend == BenchBackend::Cuda {
+        let gpu = contract::manifest::Gpu {
+            autotune: autotune.into(),
+            kernel_cache,
+            log_compilations: true,
+        };
+        let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
+        print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
+        println!("  kernels       {kernels}");
+        return Ok(());
+    }
+    let device = Default::default();
+    let run = |collective: &mut dyn Collective| -> anyhow::Result<StepBenchmark> {
+        let report = bench_step::<CpuTrain>(&config, plan, collective, &device)?;
+        if let (Some(path), 0) = (&parameters_out, collective.rank()) {
+            let bytes: Vec<u8> = report.parameters.iter().flat_map(|value| value.to_le_bytes()).collect();
+            std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(report)
+    };
+    if let Some(mut ring) = local_rank.join()? {
+        let report = run(&mut ring)?;
+        println!("result {}", report.median(|t| t.total()).as_nanos());
+        return Ok(());
+    }
+    if world > 1 {
+        let mut args: Vec<String> = ["bench", "step", "--preset", model.preset.name()]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for assignment in &model.overrides {
+            args.extend(["--set".to_string(), assignment.clone()]);
+        }
+        for (flag, value) in [("--batch", batch), ("--steps", steps), ("--warmup", warmup)] {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+        args.extend(["--seed".to_string(), seed.to_string()]);
+        let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
+        args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
+        if let Some(path) = &parameters_out {
+            args.extend(["--parameters-out".to_string(), path.display().to_string()]);
+        }
+        let median = run_local_ranks(&args, world)?;
+        println!(
+            "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
+                 {steps} steps after {warmup} warm-up",
+            model.preset
+        );
+        println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
+        return Ok(());
+    }
+    let report = run(&mut Solo)?;
+    print_step(
+        &model,
+        plan,
+        &config,
+        &report,
+        &format!("{} threads (cpu)", report.threads),
+    );
+    Ok(())
+}
+
+fn allreduce(world: usize, mib: usize, iterations: usize, warmup: usize, local_rank: LocalRank) -> anyhow::Result<()> {
+    ensure!(world >= 2, "--world must be at least 2");
+    ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
+    let bytes = mib << 20;
+    if let Some(mut ring) = local_rank.join()? {
+        let report = bench_all_reduce(&mut ring, bytes, warmup, iterations)?;
+        println!("result {}", report.median().as_nanos());
+        return Ok(());
+    }
+    let args: Vec<String> = [
+        "bench",
+        "allreduce",
+        "--mib",
+        &mib.to_string(),
+        "--warmup",
+        &warmup.to_string(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--iterations".to_string(), iterations.to_string()])
+    .collect();
+    let median = run_local_ranks(&args, world)?;
+    let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
+    let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
+    println!(
+        "bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, \
+             {iterations} iterations after {warmup} warm-up"
+    );
+    println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
+    println!("  algorithm bw  {:8.2} GB/s", gb(algorithm));
+    println!(
+        "  bus bw        {:8.2} GB/s  (algorithm bw x 2(n-1)/n, as nccl-tests)",
+        gb(bus)
+    );
+    println!(
+        "  memcpy bw     {:8.2} GB/s  (one thread, same buffer: the ceiling)",
+        gb(memcpy_bandwidth(bytes, 10))
+    );
+    Ok(())
 }
 
 /// One process's step benchmark, printed.
@@ -472,7 +514,7 @@ fn cuda_step(
     _: &contract::manifest::Gpu,
     _: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
-    bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
+    anyhow::bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -500,91 +542,39 @@ impl From<Autotune> for contract::manifest::AutotuneLevel {
     }
 }
 
-/// Starts `world` copies of this binary (`args` plus `--world` and
-/// `--child-rank`), introduces them to each other, and returns the slowest
-/// rank's reported median time. Each child announces `listening ADDR`,
-/// reads the comma-separated roster, and ends with `result NANOS`.
+/// Starts `world` copies of this binary (`args` plus `--world`,
+/// `--child-rank` and `--peers`, loopback addresses free a moment ago), and
+/// returns the slowest rank's median time: each ends with `result NANOS`.
 fn run_local_ranks(args: &[String], world: usize) -> anyhow::Result<Duration> {
     let program = std::env::current_exe().context("cannot find the running coca binary")?;
+    let peers = collective::loopback::free_addresses(world)?;
+    let peers = peers.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
     let mut ranks: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
         let child = Command::new(&program)
             .args(args)
             .args(["--world", &world.to_string(), "--child-rank", &rank.to_string()])
-            .stdin(Stdio::piped())
+            .args(["--peers", &peers])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start rank {rank}"))?;
         ranks.push(child);
     }
-    let result = introduce_and_collect(&mut ranks);
-    if result.is_err() {
-        for child in &mut ranks {
-            let _ = child.kill();
-        }
-    }
-    for (rank, child) in ranks.iter_mut().enumerate() {
-        let status = child.wait()?;
-        if result.is_ok() {
-            ensure!(status.success(), "rank {rank} failed ({status})");
-        }
-    }
-    result
-}
-
-fn introduce_and_collect(ranks: &mut [Child]) -> anyhow::Result<Duration> {
-    let mut readers = Vec::with_capacity(ranks.len());
-    let mut peers = Vec::with_capacity(ranks.len());
-    for (rank, child) in ranks.iter_mut().enumerate() {
-        let mut reader = BufReader::new(child.stdout.take().context("child stdout")?);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let Some(address) = line.trim().strip_prefix("listening ") else {
-            bail!("rank {rank} did not start listening (said {line:?})");
-        };
-        peers.push(address.to_string());
-        readers.push(reader);
-    }
-    let roster = peers.join(",") + "\n";
-    for child in ranks.iter_mut() {
-        child
-            .stdin
-            .take()
-            .context("child stdin")?
-            .write_all(roster.as_bytes())?;
-    }
     // Every rank reports; the slowest rank's time is the collective's time.
-    let mut slowest = Duration::ZERO;
-    for (rank, reader) in readers.iter_mut().enumerate() {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let nanos: u64 = line
-            .trim()
-            .strip_prefix("result ")
-            .and_then(|value| value.parse().ok())
-            .with_context(|| format!("rank {rank} reported no result (said {line:?})"))?;
-        slowest = slowest.max(Duration::from_nanos(nanos));
+    let mut slowest = Ok(Duration::ZERO);
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let output = child.wait_with_output()?;
+        let said = String::from_utf8_lossy(&output.stdout);
+        let reported = said
+            .lines()
+            .find_map(|line| line.strip_prefix("result "))
+            .and_then(|nanos| nanos.trim().parse().ok())
+            .map(Duration::from_nanos);
+        slowest = match (slowest, reported) {
+            (Ok(slowest), Some(time)) if output.status.success() => Ok(slowest.max(time)),
+            (Ok(_), _) => Err(anyhow::anyhow!("rank {rank} failed ({}), said {said:?}", output.status)),
+            (failed, _) => failed,
+        };
     }
-    Ok(slowest)
-}
-
-/// A child rank's side of `run_local_ranks`: announce the listening
-/// address, read every rank's, join the ring.
-fn join_local_ring(rank: usize, world: usize) -> anyhow::Result<TcpRing> {
-    let listener = RingListener::bind("127.0.0.1:0".parse::<SocketAddr>()?)?;
-    println!("listening {}", listener.local_addr());
-    std::io::stdout().flush()?;
-    let mut roster = String::new();
-    std::io::stdin().read_line(&mut roster)?;
-    let peers = roster
-        .trim()
-        .split(',')
-        .map(|address| {
-            address
-                .parse::<SocketAddr>()
-                .with_context(|| format!("bad peer address {address:?}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    ensure!(peers.len() == world, "expected {world} peers, got {}", peers.len());
-    Ok(listener.connect(rank, &peers, Duration::from_secs(60))?)
+    slowest
 }

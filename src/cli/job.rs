@@ -5,20 +5,19 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use contract::auth::Token;
-use contract::manifest::Manifest;
+use contract::manifest::{Manifest, Overrides};
 use contract::status::{JobState, StatusReport};
+use coordinator::local_workers::LocalWorkers;
 use coordinator::Coordinator;
 use data::demo::{self, DemoSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use store::Store;
 use worker::job::{WorkerOptions, WorkerOutcome};
 
-/// Reads and validates a manifest, with `--workers`/`--steps` overrides applied to its text.
 /// Manifest fields a command line may set for one run.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct ManifestOverrides {
@@ -40,33 +39,12 @@ pub fn read_manifest(path: &Path, overrides: &ManifestOverrides) -> anyhow::Resu
         warmup_steps,
     } = *overrides;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the manifest {}", path.display()))?;
-    let mut table: toml::Table = text.parse().with_context(|| format!("{}: not TOML", path.display()))?;
-    let mut set = |section: &str, key: &str, value: toml::Value| {
-        let entry = table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        if let toml::Value::Table(section) = entry {
-            if key == "steps" {
-                section.remove("epochs");
-            }
-            section.insert(key.to_string(), value);
-        }
+    let overrides = Overrides {
+        workers,
+        steps,
+        warmup_steps,
     };
-    if let Some(workers) = workers {
-        set("cluster", "workers", toml::Value::Integer(workers as i64));
-    }
-    if let Some(steps) = steps {
-        set("job", "steps", toml::Value::Integer(steps as i64));
-    }
-    if let Some(warmup_steps) = warmup_steps {
-        set("train", "warmup_steps", toml::Value::Integer(warmup_steps as i64));
-    }
-    let text = if workers.is_some() || steps.is_some() || warmup_steps.is_some() {
-        toml::to_string(&table)?
-    } else {
-        text
-    };
-    Manifest::parse(&text, &path.display().to_string()).map_err(|error| {
+    Manifest::parse_with(&text, &path.display().to_string(), &overrides).map_err(|error| {
         // A trial run shortened with --steps is the usual way to meet this rule.
         if error.field == "train.warmup_steps" && steps.is_some() && warmup_steps.is_none() {
             anyhow::anyhow!(
@@ -128,53 +106,74 @@ fn exit_code(state: JobState) -> u8 {
     }
 }
 
+/// A coordinator running in this process, on its own runtime.
+struct Started {
+    manifest: Manifest,
+    token: Token,
+    runtime: tokio::runtime::Runtime,
+    coordinator: Coordinator,
+}
+
+/// What `launch` and `coordinator` share: read the manifest, get the token
+/// (`launch` draws one when none is set), write the demo data if asked,
+/// start the coordinator and stop it on Ctrl-C and SIGTERM. `Err(code)`
+/// when there is nothing to run.
+fn start(
+    path: &Path,
+    overrides: &ManifestOverrides,
+    resume: coordinator::Resume,
+    draw_token: bool,
+) -> anyhow::Result<Result<Started, u8>> {
+    let manifest = read_manifest(path, overrides)?;
+    let token = Token::new(&job_token(&manifest, draw_token)?);
+    ensure_demo_data(&manifest)?;
+    let runtime = runtime()?;
+    let coordinator = match runtime.block_on(Coordinator::start(manifest.clone(), token.clone(), resume)) {
+        Err(done @ coordinator::CoordinatorError::Complete { .. }) => {
+            println!("job {}: {done}", manifest.job.name);
+            return Ok(Err(0));
+        }
+        started => started?,
+    };
+    runtime.block_on(async { coordinator.stop_on_signals() });
+    Ok(Ok(Started {
+        manifest,
+        token,
+        runtime,
+        coordinator,
+    }))
+}
+
 pub fn launch(
     path: &Path,
     overrides: &ManifestOverrides,
     linger: u64,
     resume: coordinator::Resume,
 ) -> anyhow::Result<u8> {
-    let manifest = read_manifest(path, overrides)?;
-    ensure_demo_data(&manifest)?;
-    let token = job_token(&manifest, true)?;
-    let runtime = runtime()?;
-    let coordinator = match runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume)) {
-        Err(done @ coordinator::CoordinatorError::Complete { .. }) => return nothing_to_do(&manifest, &done),
-        started => started?,
+    let Started {
+        manifest,
+        token,
+        runtime,
+        coordinator,
+    } = match start(path, overrides, resume, true)? {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
     };
-    let url = format!("http://{}", coordinator.grpc_address());
     println!(
         "job {}: status on http://{}/",
         manifest.job.name,
         coordinator.status_address()
     );
-
-    let mut children: Vec<Child> = Vec::new();
-    for _ in 0..manifest.cluster.workers {
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args([
-                "worker",
-                "--coordinator",
-                &url,
-                "--listen",
-                &manifest.cluster.worker_host.to_string(),
-            ])
-            .env(&manifest.auth.token_env, &token)
-            .env("COCA_TOKEN_ENV", &manifest.auth.token_env);
-        // Their own process group: Ctrl-C reaches the launcher, which stops them cleanly.
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        children.push(command.spawn().context("cannot start a worker process")?);
-    }
-
+    let mut workers = LocalWorkers::spawn(
+        &std::env::current_exe()?,
+        manifest.cluster.workers,
+        &format!("http://{}", coordinator.grpc_address()),
+        manifest.cluster.worker_host,
+        &manifest.auth.token_env,
+        &token,
+    )
+    .context("cannot start a worker process")?;
     let shared = coordinator.shared.clone();
-    let interrupted = shared.clone();
-    runtime.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("launch: Ctrl-C: stopping after the current step");
-            interrupted.request_stop("interrupted (Ctrl-C)");
-        }
-    });
     let bar = ProgressBar::new(1)
         .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"));
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -192,38 +191,17 @@ pub fn launch(
                     bar.set_position(report.step);
                     bar.set_message(progress_line(&report));
                     // A worker process that died before reporting is a failure.
-                    for (i, child) in children.iter_mut().enumerate() {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            if !status.success() && !report.state.is_terminal() {
-                                shared.request_stop(&format!("worker process {i} exited with {status}"));
-                            }
-                        }
+                    if let Some((i, status)) = workers.failed().filter(|_| !report.state.is_terminal()) {
+                        shared.request_stop(&format!("worker process {i} exited with {status}"));
                     }
                 }
             }
         }
     });
     bar.finish_and_clear();
-    for child in &mut children {
-        // Workers end by themselves once the job has; give them a moment.
-        for _ in 0..100 {
-            if child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    workers.reap(Duration::from_secs(5));
     let report = coordinator::status::report(&shared);
-    println!(
-        "job {}: {} at step {}/{}{}",
-        report.job,
-        report.state.name(),
-        report.step,
-        report.total_steps,
-        report.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
-    );
+    print_outcome(&report);
     if let Some(loss) = &report.loss {
         println!(
             "loss {:.4} (contrastive {:.4}, captioning {:.4})",
@@ -232,6 +210,18 @@ pub fn launch(
     }
     std::thread::sleep(Duration::from_secs(linger));
     Ok(exit_code(state))
+}
+
+/// `job NAME: STATE at step S/T (why)`.
+fn print_outcome(report: &StatusReport) {
+    println!(
+        "job {}: {} at step {}/{}{}",
+        report.job,
+        report.state.name(),
+        report.step,
+        report.total_steps,
+        report.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
 }
 
 fn progress_line(report: &StatusReport) -> String {
@@ -252,13 +242,14 @@ fn progress_line(report: &StatusReport) -> String {
 }
 
 pub fn coordinator(path: &Path, overrides: &ManifestOverrides, resume: coordinator::Resume) -> anyhow::Result<u8> {
-    let manifest = read_manifest(path, overrides)?;
-    let token = job_token(&manifest, false)?;
-    ensure_demo_data(&manifest)?;
-    let runtime = runtime()?;
-    let coordinator = match runtime.block_on(Coordinator::start(manifest.clone(), Token::new(&token), resume)) {
-        Err(done @ coordinator::CoordinatorError::Complete { .. }) => return nothing_to_do(&manifest, &done),
-        started => started?,
+    let Started {
+        manifest,
+        runtime,
+        coordinator,
+        ..
+    } = match start(path, overrides, resume, false)? {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
     };
     println!(
         "job {}: gRPC on {}, status on http://{}/",
@@ -266,39 +257,9 @@ pub fn coordinator(path: &Path, overrides: &ManifestOverrides, resume: coordinat
         coordinator.grpc_address(),
         coordinator.status_address()
     );
-    let shared = coordinator.shared.clone();
-    runtime.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            shared.request_stop("interrupted (Ctrl-C)");
-        }
-    });
-    // Slurm's scancel and Kubernetes' pod deletion send SIGTERM.
-    let shared = coordinator.shared.clone();
-    runtime.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-            if terminate.recv().await.is_some() {
-                shared.request_stop("terminated (SIGTERM)");
-            }
-        }
-    });
     let state = runtime.block_on(coordinator.finished(Duration::from_secs(30)));
-    let report = coordinator::status::report(&coordinator.shared);
-    let reason = report.reason.map(|r| format!(" ({r})")).unwrap_or_default();
-    println!(
-        "job {}: {} at step {}/{}{reason}",
-        manifest.job.name,
-        state.name(),
-        report.step,
-        report.total_steps
-    );
+    print_outcome(&coordinator::status::report(&coordinator.shared));
     Ok(exit_code(state))
-}
-
-/// A job whose checkpoint is already its last step: said, and exit 0.
-fn nothing_to_do(manifest: &Manifest, done: &coordinator::CoordinatorError) -> anyhow::Result<u8> {
-    println!("job {}: {done}", manifest.job.name);
-    Ok(0)
 }
 
 pub fn worker(

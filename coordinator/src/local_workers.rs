@@ -1,0 +1,63 @@
+//! Worker processes on this machine, as `coca launch` runs them: started in
+//! their own process group (a Ctrl-C reaches the launcher, which stops the
+//! job cleanly), watched for an early death, reaped at the end.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use contract::auth::Token;
+
+pub struct LocalWorkers {
+    children: Vec<Child>,
+}
+
+impl LocalWorkers {
+    /// Starts `count` `<program> worker` processes against the coordinator
+    /// at `coordinator` (its gRPC URL), the token in `token_env`.
+    pub fn spawn(
+        program: &Path,
+        count: usize,
+        coordinator: &str,
+        listen: IpAddr,
+        token_env: &str,
+        token: &Token,
+    ) -> std::io::Result<Self> {
+        let mut children = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut command = Command::new(program);
+            command
+                .args(["worker", "--coordinator", coordinator, "--listen", &listen.to_string()])
+                .env(token_env, token.secret())
+                .env("COCA_TOKEN_ENV", token_env);
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            children.push(command.spawn()?);
+        }
+        Ok(Self { children })
+    }
+
+    /// The first worker process that has exited unsuccessfully: its index and status.
+    pub fn failed(&mut self) -> Option<(usize, ExitStatus)> {
+        self.children
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, child)| match child.try_wait() {
+                Ok(Some(status)) if !status.success() => Some((i, status)),
+                _ => None,
+            })
+    }
+
+    /// Waits up to `grace` for the workers to end by themselves (they do
+    /// once the job has), then kills what is left.
+    pub fn reap(mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for child in &mut self.children {
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
