@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use checkpoint::layout::ShardRecord;
 use contract::rpc::{StepMetrics, WorkerPhase};
 use contract::status::{CheckpointStatus, EvalPoint, JobState, Point, Recovered, Transition};
 use serde::Serialize;
@@ -47,7 +48,7 @@ pub struct Job {
     pub refused_calls: u64,
     pub checkpoint: CheckpointStatus,
     /// Shards reported per step not yet committed: rank -> (shard, seconds).
-    pub checkpoint_reports: BTreeMap<u64, BTreeMap<usize, (checkpoint::layout::ShardRecord, f64)>>,
+    checkpoint_reports: BTreeMap<u64, BTreeMap<usize, (ShardRecord, f64)>>,
     /// A worker's reported failure, held while the watchdog looks for a
     /// silent peer behind it (a dead worker breaks its peers' collectives first).
     pub pending_failure: Option<(String, Instant)>,
@@ -106,6 +107,79 @@ impl Job {
             reason,
         });
         true
+    }
+
+    /// Gives every registered worker its rank, once the world is complete:
+    /// the engine's indexes when they name every rank once (log files then
+    /// match ranks), otherwise a stable order by (host, collective address),
+    /// so the same world gets the same ranks. Heartbeats count from `now`.
+    pub fn assign_ranks(&mut self, now: Instant) {
+        let world = self.world_size;
+        let mut preferred: Vec<usize> = self.workers.values().filter_map(|w| w.preferred_rank).collect();
+        preferred.sort_unstable();
+        let use_preferred = preferred.len() == world && preferred.iter().copied().eq(0..world);
+        let mut order: Vec<(String, String, String)> = self
+            .workers
+            .values()
+            .map(|w| (w.host.clone(), w.collective_address.clone(), w.id.clone()))
+            .collect();
+        order.sort();
+        for (fallback_rank, (_, _, id)) in order.into_iter().enumerate() {
+            if let Some(worker) = self.workers.get_mut(&id) {
+                worker.rank = Some(match (use_preferred, worker.preferred_rank) {
+                    (true, Some(rank)) => rank,
+                    _ => fallback_rank,
+                });
+                worker.last_heartbeat = now;
+            }
+        }
+    }
+
+    /// Why the job has failed at `now`, if it has: a worker silent for longer
+    /// than `timeout` (with the failure a peer reported before, which a dead
+    /// worker usually causes), or a reported failure with no silent peer
+    /// behind it once `timeout` has passed.
+    pub fn failure(&self, now: Instant, timeout: Duration) -> Option<String> {
+        if !matches!(self.state, JobState::Running | JobState::Stopping) {
+            return None;
+        }
+        let silent = |w: &&Worker| w.finished.is_none() && now.saturating_duration_since(w.last_heartbeat) > timeout;
+        let lost = self.workers.values().find(silent).map(|w| {
+            format!(
+                "worker {} (rank {}, {}) lost: no heartbeat for {:.1} s (timeout {:.1} s), last at step {}",
+                w.id,
+                w.rank.map_or("-".into(), |r| r.to_string()),
+                w.host,
+                now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
+                timeout.as_secs_f64(),
+                w.step
+            )
+        });
+        match (lost, &self.pending_failure) {
+            (Some(lost), Some((failure, _))) => Some(format!("{lost}; then {failure}")),
+            (Some(lost), None) => Some(lost),
+            (None, Some((failure, since))) if now.saturating_duration_since(*since) > timeout => Some(failure.clone()),
+            (None, _) => None,
+        }
+    }
+
+    /// Records rank `rank`'s shard of `step`; returns every rank's shard
+    /// (and save seconds) once the last one is in: the step can be committed.
+    pub fn record_shard(
+        &mut self,
+        step: u64,
+        rank: usize,
+        shard: ShardRecord,
+        seconds: f64,
+    ) -> Option<Vec<(ShardRecord, f64)>> {
+        let reports = self.checkpoint_reports.entry(step).or_default();
+        reports.insert(rank, (shard, seconds));
+        if reports.len() < self.world_size {
+            return None;
+        }
+        self.checkpoint_reports
+            .remove(&step)
+            .map(|reports| reports.into_values().collect())
     }
 
     /// Steps completed by the whole job (the slowest rank).
@@ -168,5 +242,89 @@ impl Job {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_of(workers: &[(&str, &str, Option<usize>)]) -> Job {
+        let mut job = Job::new("test", workers.len(), 100);
+        for (i, (host, address, preferred)) in workers.iter().enumerate() {
+            let id = format!("w-{i}");
+            job.workers.insert(
+                id.clone(),
+                Worker {
+                    id,
+                    rank: None,
+                    host: host.to_string(),
+                    device: "cpu".into(),
+                    collective_address: address.to_string(),
+                    preferred_rank: *preferred,
+                    step: 0,
+                    phase: WorkerPhase::Starting,
+                    last_heartbeat: Instant::now(),
+                    finished: None,
+                },
+            );
+        }
+        job
+    }
+
+    fn ranks(job: &Job) -> Vec<Option<usize>> {
+        job.workers.values().map(|w| w.rank).collect()
+    }
+
+    #[test]
+    fn ranks_follow_the_engines_indexes_only_when_they_name_every_rank_once() {
+        let mut job = job_of(&[("b", "1", Some(0)), ("a", "2", Some(1))]);
+        job.assign_ranks(Instant::now());
+        assert_eq!(ranks(&job), [Some(0), Some(1)]);
+        // Two workers asking for rank 0: the (host, address) order decides.
+        let mut job = job_of(&[("b", "1", Some(0)), ("a", "2", Some(0))]);
+        job.assign_ranks(Instant::now());
+        assert_eq!(ranks(&job), [Some(1), Some(0)]);
+    }
+
+    #[test]
+    fn a_silent_worker_is_lost_only_after_the_timeout() {
+        let mut job = job_of(&[("a", "1", None), ("b", "2", None)]);
+        let start = Instant::now();
+        job.assign_ranks(start);
+        job.transition(JobState::Running, None);
+        let timeout = Duration::from_secs(10);
+        job.workers.get_mut("w-0").unwrap().last_heartbeat = start + Duration::from_secs(8);
+        assert_eq!(job.failure(start + Duration::from_secs(9), timeout), None);
+        let failure = job.failure(start + Duration::from_secs(11), timeout).unwrap();
+        assert!(
+            failure.starts_with("worker w-1 (rank 1, b) lost: no heartbeat for 11.0 s"),
+            "{failure}"
+        );
+        // A peer's reported failure waits for the silent worker behind it.
+        job.workers.get_mut("w-1").unwrap().last_heartbeat = start + Duration::from_secs(8);
+        job.pending_failure = Some(("rank 0: ring broken".into(), start + Duration::from_secs(9)));
+        assert_eq!(job.failure(start + Duration::from_secs(12), timeout), None);
+        let failure = job.failure(start + Duration::from_secs(20), timeout).unwrap();
+        assert!(
+            failure.contains("lost") && failure.ends_with("; then rank 0: ring broken"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_step_is_complete_when_every_rank_reported_its_shard() {
+        let mut job = job_of(&[("a", "1", None), ("b", "2", None)]);
+        let shard = |rank: usize| ShardRecord {
+            file: checkpoint::layout::shard_file(rank, 2),
+            bytes: 10,
+            sha256: "00".into(),
+        };
+        assert_eq!(job.record_shard(5, 1, shard(1), 0.5), None);
+        assert_eq!(job.record_shard(6, 0, shard(0), 0.1), None);
+        let complete = job.record_shard(5, 0, shard(0), 0.2).unwrap();
+        assert_eq!(complete, vec![(shard(0), 0.2), (shard(1), 0.5)]);
+        // Step 6 still waits for rank 1.
+        assert_eq!(job.record_shard(6, 0, shard(0), 0.1), None);
     }
 }

@@ -150,27 +150,19 @@ impl CoordinatorRpc for Service {
             let rank = registered(&mut job, &shard.worker_id)?
                 .rank
                 .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
-            let world = job.world_size;
-            let reports = job.checkpoint_reports.entry(shard.step).or_default();
-            reports.insert(
-                rank,
-                (
-                    ShardRecord {
-                        file: shard.file,
-                        bytes: shard.bytes,
-                        sha256: shard.sha256,
-                    },
-                    shard.seconds,
-                ),
-            );
-            (reports.len() == world).then(|| job.checkpoint_reports.remove(&shard.step).unwrap_or_default())
+            let record = ShardRecord {
+                file: shard.file,
+                bytes: shard.bytes,
+                sha256: shard.sha256,
+            };
+            job.record_shard(shard.step, rank, record, shard.seconds)
         };
         let Some(reports) = complete else {
             return Ok(Response::new(CheckpointReply { committed: false }));
         };
         let step = shard.step;
-        let seconds = reports.values().map(|(_, s)| *s).fold(0.0, f64::max);
-        let shards: Vec<ShardRecord> = reports.into_values().map(|(record, _)| record).collect();
+        let seconds = reports.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+        let shards: Vec<ShardRecord> = reports.into_iter().map(|(record, _)| record).collect();
         let options = self.shared.manifest.data.store_options();
         let committed = tokio::task::spawn_blocking(move || {
             let root = store::Store::open(&checkpoint.url, &options)?;

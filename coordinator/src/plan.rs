@@ -1,0 +1,137 @@
+//! Where a job starts: every dataset's index read once, checked and pinned,
+//! the job's length in steps, and the checkpoint it resumes from.
+//! Blocking (object store calls): run off the async runtime.
+
+use checkpoint::layout::ResumeFields;
+use checkpoint::Resume;
+use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
+use contract::manifest::Manifest;
+use contract::sample_order::SampleOrder;
+use store::{Store, StoreOptions};
+
+use crate::CoordinatorError;
+
+/// What the coordinator starts a job from.
+pub struct JobPlan {
+    /// The pinned dataset indexes (JSON), one per source.
+    pub indexes: Vec<String>,
+    pub total_steps: u64,
+    /// The committed step it resumes from; `None` starts at step 0.
+    pub chosen: Option<checkpoint::Chosen>,
+}
+
+impl JobPlan {
+    pub fn read(manifest: &Manifest, resume: &Resume) -> Result<Self, CoordinatorError> {
+        let indexes = read_indexes(manifest)?;
+        let parsed: Vec<DatasetIndex> = indexes
+            .iter()
+            .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
+            .collect();
+        let order = SampleOrder::for_job(manifest, &parsed).expect("the manifest's mix was validated");
+        let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
+        let chosen = choose_start(manifest, &parsed, resume)?;
+        if let Some(chosen) = &chosen {
+            if chosen.step >= total_steps {
+                return Err(CoordinatorError::Complete {
+                    url: chosen.url.clone(),
+                    step: chosen.step,
+                    total: total_steps,
+                });
+            }
+        }
+        Ok(Self {
+            indexes,
+            total_steps,
+            chosen,
+        })
+    }
+}
+
+/// The checkpoint the job starts from, after checking that the manifest
+/// and the tokenizer still match what wrote it.
+fn choose_start(
+    manifest: &Manifest,
+    indexes: &[DatasetIndex],
+    resume: &Resume,
+) -> Result<Option<checkpoint::Chosen>, CoordinatorError> {
+    let options = manifest.data.store_options();
+    let root = match (&manifest.checkpoint, resume) {
+        (Some(checkpoint), _) => Store::open(&checkpoint.url, &options).map_err(checkpoint::CheckpointError::from)?,
+        // --from reads a step wherever it is; without a location there is nothing else to resume.
+        (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoint::CheckpointError::from)?,
+        (None, _) => return Ok(None),
+    };
+    let fields = ResumeFields::of(manifest, indexes);
+    let Some(chosen) = checkpoint::choose(&root, &options, resume, &fields)? else {
+        return Ok(None);
+    };
+    let (store, name) =
+        Store::open_object(&manifest.data.tokenizer, &options).map_err(checkpoint::CheckpointError::from)?;
+    let tokenizer = store::sha256_hex(&store.get(&name).map_err(checkpoint::CheckpointError::from)?);
+    if tokenizer != chosen.meta.tokenizer_sha256 {
+        return Err(checkpoint::CheckpointError::Changed {
+            url: chosen.url,
+            field: "data.tokenizer".into(),
+            was: format!("a tokenizer with SHA-256 {}", chosen.meta.tokenizer_sha256),
+            is: format!("{} with SHA-256 {tokenizer}", manifest.data.tokenizer),
+        }
+        .into());
+    }
+    Ok(Some(chosen))
+}
+
+/// Every source's index, read once and checked against the manifest.
+fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
+    let options = manifest.data.store_options();
+    let mut indexes = Vec::new();
+    for (index, source) in manifest.data.sources.iter().enumerate() {
+        let failed = |message: String| CoordinatorError::Dataset {
+            index,
+            url: source.url.clone(),
+            message,
+        };
+        let (json, parsed) = read_index(&source.url, &options).map_err(failed)?;
+        if parsed.kind != source.kind {
+            return Err(failed(format!(
+                "the dataset is {}, but the manifest says kind = \"{}\"",
+                parsed.kind, source.kind
+            )));
+        }
+        indexes.push(json);
+    }
+    // The [eval] datasets: rank 0 reads them mid-job, so check them now.
+    let evals = manifest.eval.iter().flat_map(|eval| {
+        [
+            ("eval.zeroshot", eval.zeroshot.as_deref(), DatasetKind::Jft),
+            ("eval.retrieval", eval.retrieval.as_deref(), DatasetKind::Align),
+        ]
+    });
+    for (field, url, kind) in evals {
+        let Some(url) = url else { continue };
+        let failed = |message: String| CoordinatorError::Eval {
+            field,
+            url: url.to_string(),
+            message,
+        };
+        let (_, parsed) = read_index(url, &options).map_err(failed)?;
+        if parsed.kind != kind {
+            return Err(failed(format!(
+                "the dataset is {}; {field} needs a {kind} dataset",
+                parsed.kind
+            )));
+        }
+    }
+    Ok(indexes)
+}
+
+/// A dataset's index.json: its text (to pin) and what it says.
+fn read_index(url: &str, options: &StoreOptions) -> Result<(String, DatasetIndex), String> {
+    let store = Store::open(url, options).map_err(|e| e.to_string())?;
+    let bytes = store.get(INDEX_FILE).map_err(|e| match e {
+        store::StoreError::NotFound { .. } => format!("no dataset here (no {INDEX_FILE})"),
+        other => other.to_string(),
+    })?;
+    let json = String::from_utf8(bytes.to_vec()).map_err(|_| format!("{INDEX_FILE} is not UTF-8"))?;
+    let parsed = DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| e.to_string())?;
+    Ok((json, parsed))
+}

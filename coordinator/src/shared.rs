@@ -1,0 +1,124 @@
+//! The coordinator's state, shared by the gRPC service, the status
+//! endpoint, the watchdog and the launcher: the job behind a mutex, the
+//! journal, the metrics log, and what happens on every state change.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use contract::auth::Guard;
+use contract::manifest::Manifest;
+use contract::status::JobState;
+use tokio::sync::watch;
+
+use crate::job::{self, Job};
+use crate::journal::{Event, Journal};
+use crate::METRICS_FILE;
+
+/// State shared by the gRPC service, the status endpoint and the watchdog.
+pub struct Shared {
+    pub job: Mutex<Job>,
+    pub manifest: Manifest,
+    /// The pinned dataset indexes (JSON), one per source.
+    pub indexes: Vec<String>,
+    pub(crate) journal: Mutex<Journal>,
+    /// `<job.dir>/metrics.jsonl`: every step's metrics, appended across resumes.
+    pub(crate) metrics_log: Mutex<Option<std::fs::File>>,
+    /// Bumped when ranks are assigned and when the job ends.
+    pub(crate) ready: watch::Sender<bool>,
+    pub(crate) guard: Guard,
+}
+
+impl Shared {
+    /// Moves the job to `state`, logs and journals it.
+    pub fn transition(&self, state: JobState, reason: Option<String>) {
+        let moved = self.job.lock().expect("job state").transition(state, reason.clone());
+        if moved {
+            match &reason {
+                Some(reason) => eprintln!("coordinator: job {} ({reason})", state.name()),
+                None => eprintln!("coordinator: job {}", state.name()),
+            }
+            self.journal(Event::State {
+                state: state.name().to_string(),
+                at: job::unix_now(),
+                reason,
+            });
+            if state.is_terminal() {
+                let _ = self.ready.send(true);
+            }
+        }
+    }
+
+    /// Appends rank 0's step metrics (the job's) to metrics.jsonl.
+    pub(crate) fn log_metrics(&self, metrics: &[contract::rpc::StepMetrics]) {
+        use std::io::Write;
+        let mut log = self.metrics_log.lock().expect("metrics log");
+        let Some(file) = log.as_mut() else { return };
+        let mut lines = String::new();
+        for m in metrics {
+            let mut line = serde_json::json!({
+                "step": m.step,
+                "loss": m.loss,
+                "contrastive": m.contrastive,
+                "captioning": m.captioning,
+                "learning_rate": m.learning_rate,
+                "logit_scale": m.logit_scale,
+                "samples_per_second": m.samples_per_second,
+                "data_wait_share": m.data_wait_share,
+            });
+            if !m.evals.is_empty() {
+                line["evals"] = m
+                    .evals
+                    .iter()
+                    .map(|e| (e.name.clone(), serde_json::json!(e.value)))
+                    .collect();
+            }
+            lines.push_str(&format!("{line}\n"));
+        }
+        if let Err(error) = file.write_all(lines.as_bytes()) {
+            eprintln!("coordinator: cannot append to {METRICS_FILE}: {error}");
+            *log = None;
+        }
+    }
+
+    pub(crate) fn journal(&self, event: Event) {
+        if let Err(error) = self.journal.lock().expect("journal").append(&event) {
+            eprintln!("coordinator: {error}");
+        }
+    }
+
+    /// Ranks for the complete world, then the job runs.
+    pub(crate) fn assign_ranks(&self) {
+        let mut job = self.job.lock().expect("job state");
+        job.assign_ranks(std::time::Instant::now());
+        let world = job.world_size;
+        drop(job);
+        self.transition(JobState::Running, Some(format!("{world} workers, ranks assigned")));
+        let _ = self.ready.send(true);
+    }
+
+    /// Asks the workers to stop after their current step.
+    pub fn request_stop(&self, reason: &str) {
+        let state = self.job.lock().expect("job state").state;
+        match state {
+            JobState::Running | JobState::Rendezvous => self.transition(JobState::Stopping, Some(reason.to_string())),
+            JobState::Pending => self.transition(JobState::Stopped, Some(reason.to_string())),
+            _ => {}
+        }
+    }
+
+    pub fn refused_calls(&self) -> u64 {
+        self.guard.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fails the job when a worker is lost or a reported failure stands.
+    pub(crate) fn check_heartbeats(&self, timeout: Duration) {
+        let failure = self
+            .job
+            .lock()
+            .expect("job state")
+            .failure(std::time::Instant::now(), timeout);
+        if let Some(reason) = failure {
+            self.transition(JobState::Failed, Some(reason));
+        }
+    }
+}
