@@ -5,6 +5,7 @@
 //! and augmentation, and the loader that turns a rank's share of the
 //! global sample order into micro-batches ([`loader`], [`batch`]).
 
+pub mod bad_record;
 pub mod batch;
 pub mod corpus;
 pub mod dataset;

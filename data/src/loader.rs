@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use contract::dataset::DatasetKind;
 use contract::sample_order::{SampleOrder, SampleOrderError, SampleRef};
 use rayon::prelude::*;
 
@@ -29,6 +28,7 @@ use super::image::{self, Crop};
 use super::prompt::PromptTemplates;
 use super::shard::Shard;
 use super::tokenizer::{TextTokenizer, TokenizerError};
+use crate::bad_record::{self, BadRecord, Caption};
 use crate::batch::CocaBatch;
 use contract::rng::SplitMix64;
 
@@ -193,7 +193,7 @@ struct ShardMemory {
 
 enum Outcome {
     Ready { tokens: Vec<u32>, text: String },
-    Bad { reason: &'static str, detail: String },
+    Bad { reason: BadRecord, detail: String },
 }
 
 impl BatchAssembler {
@@ -361,12 +361,12 @@ impl BatchAssembler {
         self.check_fraction(source)
     }
 
-    fn count_bad(&self, sample: SampleRef, reason: &'static str, detail: String) -> Result<(), LoaderError> {
+    fn count_bad(&self, sample: SampleRef, reason: BadRecord, detail: String) -> Result<(), LoaderError> {
         let mut bad = self.bad.lock().expect("bad-record state");
         let state = &mut *bad;
         *state.report.sources[sample.source]
             .by_reason
-            .entry(reason.to_string())
+            .entry(reason.name().to_string())
             .or_default() += 1;
         let (shard, _) = self.sources[sample.source].dataset.locate(sample.row);
         let in_failed_shard = state.failed.contains_key(&(sample.source, shard));
@@ -404,54 +404,27 @@ impl BatchAssembler {
         let (shard, row) = dataset.locate(sample.row);
         let Some(decoded) = self.shards.get(&(sample.source, shard)) else {
             return Outcome::Bad {
-                reason: "row in a failed shard",
+                reason: BadRecord::FailedShard,
                 detail: format!("{} is unusable", dataset.shard_url(shard)),
             };
         };
         let record = decoded.record(row);
         let at = || format!("{} row {row} (key `{}`)", dataset.shard_url(shard), record.key);
-        let text = match dataset.index().kind {
-            DatasetKind::Align => {
-                let text = record.text.unwrap_or_default().trim();
-                if text.is_empty() {
-                    return Outcome::Bad {
-                        reason: "empty text",
-                        detail: format!("{}: empty text", at()),
-                    };
+        let text = match bad_record::caption(&record, dataset.index()) {
+            Ok(Caption::Text(text)) => text.to_string(),
+            Ok(Caption::Classes(names)) => source.templates.caption(&names, self.seed, sample_key(0x7e3a, sample)),
+            Err((reason, detail)) => {
+                return Outcome::Bad {
+                    reason,
+                    detail: format!("{}: {detail}", at()),
                 }
-                text.to_string()
-            }
-            DatasetKind::Jft => {
-                let labels = record.labels.unwrap_or_default();
-                let mut names: Vec<&str> = Vec::new();
-                for &label in &labels {
-                    let Some(class) = usize::try_from(label).ok().and_then(|l| dataset.index().class_names(l)) else {
-                        return Outcome::Bad {
-                            reason: "bad label",
-                            detail: format!("{}: label {label} is not a class", at()),
-                        };
-                    };
-                    for name in class {
-                        if !names.contains(&name) {
-                            names.push(name);
-                        }
-                    }
-                }
-                if names.is_empty() {
-                    return Outcome::Bad {
-                        reason: "no labels",
-                        detail: format!("{}: no labels", at()),
-                    };
-                }
-                let draw = sample_key(0x7e3a, sample);
-                source.templates.caption(&names, self.seed, draw)
             }
         };
         let decoded_image = match image::decode(record.image) {
             Ok(decoded_image) => decoded_image,
             Err(error) => {
                 return Outcome::Bad {
-                    reason: "undecodable image",
+                    reason: BadRecord::UndecodableImage,
                     detail: format!("{}: {error}", at()),
                 }
             }
@@ -467,7 +440,7 @@ impl BatchAssembler {
         match self.tokenizer.encode(&text, self.config.context) {
             Ok(tokens) => Outcome::Ready { tokens, text },
             Err(error) => Outcome::Bad {
-                reason: "untokenizable text",
+                reason: BadRecord::UntokenizableText,
                 detail: format!("{}: {error}", at()),
             },
         }

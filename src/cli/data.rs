@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
 use contract::dataset::DatasetKind;
+use data::bad_record::{self, BadRecord, Caption};
 use data::dataset::Dataset;
 use data::demo::{self, DemoSpec};
 use data::import::{self, ImportFormat, ImportOptions};
@@ -273,60 +274,7 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         println!("skipped at import: {count} {reason}");
     }
 
-    // Verify every shard and decode every record.
-    let bar = progress(Some(index.rows()));
-    let mut bad: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut failed_shards = Vec::new();
-    let mut shown = Vec::new();
-    let mut seen = 0;
-    for shard in 0..index.shards.len() {
-        let decoded = match dataset.shard(shard) {
-            Ok(decoded) => decoded,
-            Err(error) => {
-                failed_shards.push(error.to_string());
-                seen += index.shards[shard].rows;
-                bar.set_position(seen);
-                continue;
-            }
-        };
-        for row in 0..decoded.rows() {
-            let record = decoded.record(row);
-            let text = match (record.text, &record.labels) {
-                (Some(text), _) => text.trim().to_string(),
-                (None, Some(labels)) => {
-                    let names: Option<Vec<String>> = labels
-                        .iter()
-                        .map(|&label| {
-                            usize::try_from(label)
-                                .ok()
-                                .and_then(|l| index.class_names(l))
-                                .map(|n| n.join(", "))
-                        })
-                        .collect();
-                    match names {
-                        Some(names) if !names.is_empty() => names.join("; "),
-                        _ => {
-                            *bad.entry("bad labels".into()).or_default() += 1;
-                            continue;
-                        }
-                    }
-                }
-                (None, None) => unreachable!("shards hold text or labels"),
-            };
-            if text.is_empty() {
-                *bad.entry("empty text".into()).or_default() += 1;
-                continue;
-            }
-            match pixels::decode(record.image) {
-                Ok(image) if shown.len() < samples => shown.push((image, text)),
-                Ok(_) => {}
-                Err(_) => *bad.entry("undecodable image".into()).or_default() += 1,
-            }
-        }
-        seen += decoded.rows() as u64;
-        bar.set_position(seen);
-    }
-    bar.finish_and_clear();
+    let Verified { bad, failed_shards, shown } = verify(&dataset, samples);
     let bad_total: u64 = bad.values().sum();
     println!(
         "bad       {bad_total} records{}",
@@ -354,6 +302,59 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// What reading every record of a dataset found.
+struct Verified {
+    bad: std::collections::BTreeMap<&'static str, u64>,
+    failed_shards: Vec<String>,
+    /// The first `samples` good records, decoded, with their captions.
+    shown: Vec<(RgbImage, String)>,
+}
+
+/// Reads every shard and checks every record as the loader would.
+fn verify(dataset: &Dataset, samples: usize) -> Verified {
+    let index = dataset.index();
+    let bar = progress(Some(index.rows()));
+    let mut bad: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut failed_shards = Vec::new();
+    let mut shown = Vec::new();
+    let mut seen = 0;
+    for shard in 0..index.shards.len() {
+        let decoded = match dataset.shard(shard) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                failed_shards.push(error.to_string());
+                seen += index.shards[shard].rows;
+                bar.set_position(seen);
+                continue;
+            }
+        };
+        for row in 0..decoded.rows() {
+            let record = decoded.record(row);
+            let text = match bad_record::caption(&record, &index) {
+                Ok(Caption::Text(text)) => text.to_string(),
+                Ok(Caption::Classes(names)) => names.join("; "),
+                Err((reason, _)) => {
+                    *bad.entry(reason.name()).or_default() += 1;
+                    continue;
+                }
+            };
+            match pixels::decode(record.image) {
+                Ok(image) if shown.len() < samples => shown.push((image, text)),
+                Ok(_) => {}
+                Err(_) => *bad.entry(BadRecord::UndecodableImage.name()).or_default() += 1,
+            }
+        }
+        seen += decoded.rows() as u64;
+        bar.set_position(seen);
+    }
+    bar.finish_and_clear();
+    Verified {
+        bad,
+        failed_shards,
+        shown,
+    }
 }
 
 /// A grid of thumbnails, numbered left to right, top to bottom.

@@ -4,9 +4,11 @@
 //! prefix in an object store, read and written by relative names, with
 //! transient errors retried and, for readers that ask, a local cache.
 //!
-//! The API is blocking: the store owns a small async runtime and drives
-//! object_store on it, so data loaders and command-line tools call it from
-//! plain threads. Do not call it from inside an async task.
+//! The API is blocking: one process-wide async runtime drives object_store,
+//! so data loaders and command-line tools call it from plain threads. Do
+//! not call it from inside an async task. [`retry`] is the one retry helper
+//! of the whole system: the store, the worker's connection to the
+//! coordinator and the collective ring all back off through it.
 
 mod cache;
 mod error;

@@ -1,6 +1,6 @@
 use std::future::Future;
 use std::path::Path as FsPath;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+
 use tokio::runtime::Runtime;
 
 use crate::{Location, RetryPolicy, Scheme, StoreError, StoreOptions};
@@ -29,11 +30,12 @@ pub struct ObjectInfo {
     pub bytes: u64,
 }
 
-/// A prefix in an object store. Clones share the connection and runtime.
+/// A prefix in an object store. Clones share the connection; every store
+/// shares one I/O runtime.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
-    runtime: Arc<Runtime>,
+    runtime: &'static Runtime,
     location: Location,
     retry: RetryPolicy,
 }
@@ -81,12 +83,7 @@ impl Store {
             url: location.url(),
             detail,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("coca-store")
-            .enable_all()
-            .build()
-            .map_err(|error| open_error(format!("cannot start the I/O runtime: {error}")))?;
+        let runtime = io_runtime().map_err(|error| open_error(format!("cannot start the I/O runtime: {error}")))?;
         let inner: Arc<dyn ObjectStore> = match location.scheme {
             // Durable on return, as remote stores are: a checkpoint shard
             // reported written survives a power cut. Deleting the last file
@@ -148,7 +145,7 @@ impl Store {
         };
         Ok(Self {
             inner,
-            runtime: Arc::new(runtime),
+            runtime,
             location,
             retry: options.retry,
         })
@@ -336,6 +333,23 @@ impl Store {
             },
         })
     }
+}
+
+/// The process's one I/O runtime: every store's calls run on it, behind
+/// the blocking API (two threads: object stores wait on the network, not the CPU).
+fn io_runtime() -> Result<&'static Runtime, String> {
+    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("coca-store")
+                .enable_all()
+                .build()
+                .map_err(|error| error.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// An object store error, as the retry loop sees it.
