@@ -743,7 +743,17 @@ impl Manifest {
     }
 
     /// The rules between fields.
+    /// The rules between fields, checked once every section is read.
     fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_batch()?;
+        self.validate_optimizer()?;
+        self.validate_data()?;
+        self.validate_cluster()?;
+        self.validate_checkpoint_and_eval()
+    }
+
+    /// The global batch splits between the workers and feeds every source.
+    fn validate_batch(&self) -> Result<(), ManifestError> {
         let train = &self.train;
         let cluster = &self.cluster;
         if cluster.workers == 0 {
@@ -773,6 +783,11 @@ impl Manifest {
         if let Err(e) = SampleOrder::new(self.job.seed, &sizes, train.global_batch) {
             return Err(error("data.source", e.to_string()));
         }
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<(), ManifestError> {
+        let train = &self.train;
         if !(train.learning_rate > 0.0) {
             return Err(error(
                 "train.learning_rate",
@@ -821,6 +836,10 @@ impl Manifest {
                 "train.lambda_con and train.lambda_cap are both 0: nothing to learn",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), ManifestError> {
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err(error(
                 "data.max_bad_fraction",
@@ -830,6 +849,11 @@ impl Manifest {
         if self.data.loader_threads == 0 {
             return Err(error("data.loader_threads", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ManifestError> {
+        let cluster = &self.cluster;
         if cluster.collective == CollectiveKind::Nccl {
             return Err(error(
                 "cluster.collective",
@@ -851,6 +875,16 @@ impl Manifest {
                 ),
             ));
         }
+        if self.status.bind == cluster.coordinator && self.status.bind.port() != 0 {
+            return Err(error(
+                "status.bind",
+                format!("{} is also cluster.coordinator", self.status.bind),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_checkpoint_and_eval(&self) -> Result<(), ManifestError> {
         if let Some(checkpoint) = &self.checkpoint {
             if checkpoint.every == 0 {
                 return Err(error("checkpoint.every", "must be at least 1"));
@@ -872,12 +906,6 @@ impl Manifest {
                     "names no dataset: set zeroshot (a jft dataset) and/or retrieval (an align dataset)",
                 ));
             }
-        }
-        if self.status.bind == cluster.coordinator && self.status.bind.port() != 0 {
-            return Err(error(
-                "status.bind",
-                format!("{} is also cluster.coordinator", self.status.bind),
-            ));
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use axum::Router;
+use contract::rpc::WorkerPhase;
 use contract::status::{phase_name, BadRecords, JobState, Losses, StatusReport, WorkerReport};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
@@ -100,37 +101,90 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 /// The report in Prometheus' text format, names in its style.
 pub fn prometheus_text(status: &StatusReport) -> String {
     let mut registry = Registry::with_prefix("coca");
-    let gauge = |registry: &mut Registry, name: &str, help: &str, value: f64| {
-        let metric = Gauge::<f64, AtomicU64>::default();
-        metric.set(value);
-        registry.register(name, help, metric);
-    };
-    gauge(
-        &mut registry,
-        "train_step",
-        "Steps completed by the whole job",
-        status.step as f64,
-    );
-    gauge(
-        &mut registry,
-        "train_total_steps",
-        "Steps the job runs",
-        status.total_steps as f64,
-    );
+    for (name, help, value) in scalars(status) {
+        if let Some(value) = value {
+            let metric = Gauge::<f64, AtomicU64>::default();
+            metric.set(value);
+            registry.register(name, help, metric);
+        }
+    }
+    let label =
+        |pairs: &[(&str, String)]| -> Labels { pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() };
     if let Some(loss) = &status.loss {
-        let family = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-        for (kind, value) in [
+        let kinds = [
             ("total", loss.total),
             ("contrastive", loss.contrastive),
             ("captioning", loss.captioning),
-        ] {
-            family
-                .get_or_create(&vec![("kind".to_string(), kind.to_string())])
-                .set(value);
-        }
-        registry.register("train_loss", "Loss of the latest step, by kind", family);
+        ];
+        let points = kinds.map(|(kind, value)| (label(&[("kind", kind.into())]), value));
+        family(&mut registry, "train_loss", "Loss of the latest step, by kind", points);
     }
-    for (name, help, value) in [
+    if let Some(latest) = status.evals.last() {
+        let points = latest
+            .values
+            .iter()
+            .map(|(metric, value)| (label(&[("metric", metric.clone())]), *value));
+        family(&mut registry, "eval", "The latest [eval] results, by metric", points);
+    }
+    let points = status.bad_records.iter().map(|record| {
+        let labels = label(&[("source", record.source.to_string()), ("reason", record.reason.clone())]);
+        (labels, record.count as f64)
+    });
+    family(
+        &mut registry,
+        "data_bad_records",
+        "Bad records met, by source and reason",
+        points,
+    );
+    let points = status.workers.iter().map(|worker| {
+        (
+            label(&[("worker", worker.id.clone())]),
+            worker.last_heartbeat_seconds_ago,
+        )
+    });
+    family(
+        &mut registry,
+        "worker_heartbeat_age_seconds",
+        "Seconds since each worker's last heartbeat",
+        points,
+    );
+    let points = JobState::ALL.map(|state| {
+        let current = f64::from(u8::from(status.state == state));
+        (label(&[("state", state.name().into())]), current)
+    });
+    family(&mut registry, "job_state", "1 for the job's current state", points);
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    let _ = writeln!(text);
+    text
+}
+
+type Labels = Vec<(String, String)>;
+
+/// A gauge with labels, one value per label set.
+fn family(registry: &mut Registry, name: &str, help: &str, points: impl IntoIterator<Item = (Labels, f64)>) {
+    let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    for (labels, value) in points {
+        family.get_or_create(&labels).set(value);
+    }
+    registry.register(name, help, family);
+}
+
+/// The unlabelled gauges: name, help, value (absent ones are left out).
+fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 13] {
+    let compiling = phase_name(WorkerPhase::Compiling);
+    let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
+    [
+        (
+            "train_step",
+            "Steps completed by the whole job",
+            Some(status.step as f64),
+        ),
+        (
+            "train_total_steps",
+            "Steps the job runs",
+            Some(status.total_steps as f64),
+        ),
         (
             "train_learning_rate",
             "Learning rate of the latest step",
@@ -163,69 +217,16 @@ pub fn prometheus_text(status: &StatusReport) -> String {
             "Bytes of the last committed checkpoint, all shards",
             status.checkpoint.last_bytes.map(|b| b as f64),
         ),
-    ] {
-        if let Some(value) = value {
-            gauge(&mut registry, name, help, value);
-        }
-    }
-    if let Some(latest) = status.evals.last() {
-        let evals = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-        for (metric, value) in &latest.values {
-            evals
-                .get_or_create(&vec![("metric".to_string(), metric.clone())])
-                .set(*value);
-        }
-        registry.register("eval", "The latest [eval] results, by metric", evals);
-    }
-    let bad = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-    for record in &status.bad_records {
-        bad.get_or_create(&vec![
-            ("source".into(), record.source.to_string()),
-            ("reason".into(), record.reason.clone()),
-        ])
-        .set(record.count as f64);
-    }
-    registry.register("data_bad_records", "Bad records met, by source and reason", bad);
-    let workers = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-    for worker in &status.workers {
-        workers
-            .get_or_create(&vec![("worker".into(), worker.id.clone())])
-            .set(worker.last_heartbeat_seconds_ago);
-    }
-    registry.register(
-        "worker_heartbeat_age_seconds",
-        "Seconds since each worker's last heartbeat",
-        workers,
-    );
-    let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
-    gauge(
-        &mut registry,
-        "workers_compiling",
-        "Workers in their first GPU step, compiling and tuning kernels",
-        status.workers.iter().filter(|w| w.phase == "compiling").count() as f64,
-    );
-    gauge(
-        &mut registry,
-        "workers_lost",
-        "Workers declared lost",
-        f64::from(u8::from(lost)),
-    );
-    gauge(
-        &mut registry,
-        "rpc_refused_calls",
-        "Worker calls refused for a missing or wrong token",
-        status.refused_calls as f64,
-    );
-    let states = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
-    for state in JobState::ALL {
-        let value = f64::from(u8::from(status.state == state));
-        states
-            .get_or_create(&vec![("state".into(), state.name().into())])
-            .set(value);
-    }
-    registry.register("job_state", "1 for the job's current state", states);
-    let mut text = String::new();
-    encode(&mut text, &registry).expect("writing to a String cannot fail");
-    let _ = writeln!(text);
-    text
+        (
+            "workers_compiling",
+            "Workers in their first GPU step, compiling and tuning kernels",
+            Some(status.workers.iter().filter(|w| w.phase == compiling).count() as f64),
+        ),
+        ("workers_lost", "Workers declared lost", Some(f64::from(u8::from(lost)))),
+        (
+            "rpc_refused_calls",
+            "Worker calls refused for a missing or wrong token",
+            Some(status.refused_calls as f64),
+        ),
+    ]
 }

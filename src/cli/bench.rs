@@ -379,30 +379,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if world > 1 {
-        let mut args: Vec<String> = ["bench", "step", "--preset", model.preset.name()]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        for assignment in &model.overrides {
-            args.extend(["--set".to_string(), assignment.clone()]);
-        }
-        for (flag, value) in [("--batch", batch), ("--steps", steps), ("--warmup", warmup)] {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-        args.extend(["--seed".to_string(), seed.to_string()]);
-        let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
-        args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
-        if let Some(path) = &parameters_out {
-            args.extend(["--parameters-out".to_string(), path.display().to_string()]);
-        }
-        let median = run_local_ranks(&args, world)?;
-        println!(
-            "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
-                 {steps} steps after {warmup} warm-up",
-            model.preset
-        );
-        println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
-        return Ok(());
+        return step_on_local_ranks(&model, plan, world, parameters_out.as_deref(), negatives);
     }
     let report = run(&mut Solo)?;
     print_step(
@@ -412,6 +389,47 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         &report,
         &format!("{} threads (cpu)", report.threads),
     );
+    Ok(())
+}
+
+/// `--world N`: the same benchmark in N processes on the TCP ring.
+fn step_on_local_ranks(
+    model: &ModelArgs,
+    plan: StepBenchmarkPlan,
+    world: usize,
+    parameters_out: Option<&std::path::Path>,
+    negatives: Negatives,
+) -> anyhow::Result<()> {
+    let StepBenchmarkPlan {
+        batch,
+        warmup,
+        steps,
+        seed,
+        ..
+    } = plan;
+    let mut args: Vec<String> = ["bench", "step", "--preset", model.preset.name()]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    for assignment in &model.overrides {
+        args.extend(["--set".to_string(), assignment.clone()]);
+    }
+    for (flag, value) in [("--batch", batch), ("--steps", steps), ("--warmup", warmup)] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(["--seed".to_string(), seed.to_string()]);
+    let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
+    args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
+    if let Some(path) = &parameters_out {
+        args.extend(["--parameters-out".to_string(), path.display().to_string()]);
+    }
+    let median = run_local_ranks(&args, world)?;
+    println!(
+        "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
+             {steps} steps after {warmup} warm-up",
+        model.preset
+    );
+    println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
     Ok(())
 }
 

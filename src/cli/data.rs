@@ -110,27 +110,7 @@ impl DataCommand {
                 align_rows,
                 jft_rows,
                 store,
-            } => {
-                let root = store.open(&out)?;
-                let spec = DemoSpec {
-                    seed,
-                    align_rows,
-                    jft_rows,
-                    ..DemoSpec::default()
-                };
-                demo::write(&root, &spec).with_context(|| format!("writing the demo datasets to {}", root.url()))?;
-                for name in [demo::ALIGN, demo::JFT, demo::HELDOUT] {
-                    let dataset = Dataset::open(root.at(name))?;
-                    println!(
-                        "{}  {} rows ({})",
-                        dataset.url(),
-                        dataset.index().rows(),
-                        dataset.index().kind
-                    );
-                }
-                println!("{}", root.object_url(demo::TOKENIZER));
-                Ok(())
-            }
+            } => demo(out, seed, align_rows, jft_rows, store),
             DataCommand::Import {
                 format,
                 src,
@@ -140,42 +120,7 @@ impl DataCommand {
                 limit,
                 compression,
                 store,
-            } => {
-                if shard_rows == 0 {
-                    bail!("--shard-rows must be at least 1");
-                }
-                let target = store.open(&out)?;
-                let options = ImportOptions { classes, limit };
-                let mut importer = import::open(format, &src, &options)?;
-                let compression = match compression {
-                    CompressionArg::None => Compression::None,
-                    CompressionArg::Lz4 => Compression::Lz4,
-                };
-                let source = format!("coca data import --format {format} --src {}", src.display());
-                let writer = DatasetWriter::create(
-                    target.clone(),
-                    importer.kind(),
-                    importer.classes(),
-                    shard_rows,
-                    compression,
-                    &source,
-                )?;
-                let bar = progress(importer.total());
-                let (index, summary) = import::import(importer.as_mut(), writer, limit, &mut |n| bar.set_position(n))?;
-                bar.finish_and_clear();
-                println!(
-                    "{}: {} rows in {} shards ({}), {} skipped",
-                    target.url(),
-                    summary.rows,
-                    index.shards.len(),
-                    index.kind,
-                    summary.skipped
-                );
-                for skip in &summary.first_skips {
-                    println!("  skipped {skip}");
-                }
-                Ok(())
-            }
+            } => import(format, src, out, shard_rows, classes, limit, compression, store),
             DataCommand::Inspect {
                 url,
                 sheet,
@@ -188,34 +133,109 @@ impl DataCommand {
                 out,
                 templates,
                 store,
-            } => {
-                let templates = match templates.as_str() {
-                    "clip80" => PromptTemplates::clip80(),
-                    "simple" => PromptTemplates::simple(),
-                    path => {
-                        let text =
-                            std::fs::read_to_string(path).with_context(|| format!("reading templates {path}"))?;
-                        PromptTemplates::parse(&text, path)?
-                    }
-                };
-                let mut texts = Vec::new();
-                for url in &data {
-                    let dataset = Dataset::open(store.open(url)?)?;
-                    texts.extend(corpus::texts(&dataset, &templates)?);
-                }
-                let tokenizer = TextTokenizer::train(texts.iter(), vocab_size)?;
-                let (target, name) = store.open_object(&out)?;
-                target.put(&name, Bytes::from(tokenizer.to_json()))?;
-                println!(
-                    "{}: {} tokens, trained on {} texts",
-                    target.object_url(&name),
-                    tokenizer.vocab_size(),
-                    texts.len()
-                );
-                Ok(())
-            }
+            } => tokenizer(data, vocab_size, out, templates, store),
         }
     }
+}
+
+fn demo(out: String, seed: u64, align_rows: u64, jft_rows: u64, store: StoreArgs) -> anyhow::Result<()> {
+    let root = store.open(&out)?;
+    let spec = DemoSpec {
+        seed,
+        align_rows,
+        jft_rows,
+        ..DemoSpec::default()
+    };
+    demo::write(&root, &spec).with_context(|| format!("writing the demo datasets to {}", root.url()))?;
+    for name in [demo::ALIGN, demo::JFT, demo::HELDOUT] {
+        let dataset = Dataset::open(root.at(name))?;
+        println!(
+            "{}  {} rows ({})",
+            dataset.url(),
+            dataset.index().rows(),
+            dataset.index().kind
+        );
+    }
+    println!("{}", root.object_url(demo::TOKENIZER));
+    Ok(())
+}
+
+fn import(
+    format: ImportFormat,
+    src: PathBuf,
+    out: String,
+    shard_rows: usize,
+    classes: Option<PathBuf>,
+    limit: Option<u64>,
+    compression: CompressionArg,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    if shard_rows == 0 {
+        bail!("--shard-rows must be at least 1");
+    }
+    let target = store.open(&out)?;
+    let options = ImportOptions { classes, limit };
+    let mut importer = import::open(format, &src, &options)?;
+    let compression = match compression {
+        CompressionArg::None => Compression::None,
+        CompressionArg::Lz4 => Compression::Lz4,
+    };
+    let source = format!("coca data import --format {format} --src {}", src.display());
+    let writer = DatasetWriter::create(
+        target.clone(),
+        importer.kind(),
+        importer.classes(),
+        shard_rows,
+        compression,
+        &source,
+    )?;
+    let bar = progress(importer.total());
+    let (index, summary) = import::import(importer.as_mut(), writer, limit, &mut |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    println!(
+        "{}: {} rows in {} shards ({}), {} skipped",
+        target.url(),
+        summary.rows,
+        index.shards.len(),
+        index.kind,
+        summary.skipped
+    );
+    for skip in &summary.first_skips {
+        println!("  skipped {skip}");
+    }
+    Ok(())
+}
+
+fn tokenizer(
+    data: Vec<String>,
+    vocab_size: usize,
+    out: String,
+    templates: String,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    let templates = match templates.as_str() {
+        "clip80" => PromptTemplates::clip80(),
+        "simple" => PromptTemplates::simple(),
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading templates {path}"))?;
+            PromptTemplates::parse(&text, path)?
+        }
+    };
+    let mut texts = Vec::new();
+    for url in &data {
+        let dataset = Dataset::open(store.open(url)?)?;
+        texts.extend(corpus::texts(&dataset, &templates)?);
+    }
+    let tokenizer = TextTokenizer::train(texts.iter(), vocab_size)?;
+    let (target, name) = store.open_object(&out)?;
+    target.put(&name, Bytes::from(tokenizer.to_json()))?;
+    println!(
+        "{}: {} tokens, trained on {} texts",
+        target.object_url(&name),
+        tokenizer.vocab_size(),
+        texts.len()
+    );
+    Ok(())
 }
 
 pub(super) fn progress(total: Option<u64>) -> ProgressBar {
@@ -274,7 +294,11 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         println!("skipped at import: {count} {reason}");
     }
 
-    let Verified { bad, failed_shards, shown } = verify(&dataset, samples);
+    let Verified {
+        bad,
+        failed_shards,
+        shown,
+    } = verify(&dataset, samples);
     let bad_total: u64 = bad.values().sum();
     println!(
         "bad       {bad_total} records{}",

@@ -177,93 +177,114 @@ impl EvalCommand {
                 templates: spec,
                 confusion,
                 options,
-            } => {
-                let loaded = load(&model)?;
-                let dataset = dataset(&data, &model.store)?;
-                let templates = templates(&spec, &model.store)?;
-                let bar = bar(&dataset, options.limit);
-                let report = tasks::zero_shot(&loaded, &dataset, &templates, options.batch, options.limit, &|n| {
-                    bar.set_position(n)
-                })?;
-                bar.finish_and_clear();
-                if let Some(path) = &confusion {
-                    let names: Vec<String> = report.per_class.iter().map(|c| c.class.clone()).collect();
-                    let title = format!(
-                        "zero-shot top-1 {:.1}% | {data} | step {}",
-                        100.0 * report.top1,
-                        loaded.step
-                    );
-                    super::confusion::save(&super::confusion::draw(&report.confusion, &names, &title), path)?;
-                }
-                if options.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    println!(
-                        "zero-shot on {data}: {} samples, {} classes, {} templates",
-                        report.samples, report.classes, report.templates
-                    );
-                    println!("top-1 {:.2}%  top-5 {:.2}%", 100.0 * report.top1, 100.0 * report.top5);
-                    for class in &report.per_class {
-                        println!(
-                            "  {:<24} {:>6.2}% ({}/{})",
-                            class.class,
-                            100.0 * class.correct as f64 / class.total.max(1) as f64,
-                            class.correct,
-                            class.total
-                        );
-                    }
-                    if let Some(path) = &confusion {
-                        println!("confusion matrix: {}", path.display());
-                    }
-                }
-            }
-            EvalCommand::Retrieval { model, data, options } => {
-                let loaded = load(&model)?;
-                let dataset = dataset(&data, &model.store)?;
-                let bar = bar(&dataset, options.limit);
-                let report = tasks::retrieval(&loaded, &dataset, options.batch, options.limit, &|n| {
-                    bar.set_position(n)
-                })?;
-                bar.finish_and_clear();
-                if options.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    let [i1, i5, i10] = report.image_to_text.map(|r| 100.0 * r);
-                    let [t1, t5, t10] = report.text_to_image.map(|r| 100.0 * r);
-                    println!("retrieval on {data}: {} image-text pairs", report.samples);
-                    println!("image -> text  R@1 {i1:.2}%  R@5 {i5:.2}%  R@10 {i10:.2}%");
-                    println!("text -> image  R@1 {t1:.2}%  R@5 {t5:.2}%  R@10 {t10:.2}%");
-                }
-            }
+            } => zeroshot(model, data, spec, confusion, options),
+            EvalCommand::Retrieval { model, data, options } => retrieval(model, data, options),
             EvalCommand::Caption {
                 model,
                 data,
                 templates: spec,
                 generation,
                 options,
-            } => {
-                let loaded = load(&model)?;
-                let dataset = dataset(&data, &model.store)?;
-                let templates = templates(&spec, &model.store)?;
-                let generation = generation.generation(&loaded)?;
-                let bar = bar(&dataset, options.limit);
-                let report = tasks::captioning(&loaded, &dataset, &generation, &templates, options.limit, &|n| {
-                    bar.set_position(n)
-                })?;
-                bar.finish_and_clear();
-                if options.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    println!("captioning on {data}: {} images", report.samples);
-                    println!("BLEU-4 {:.4}  CIDEr-D {:.4}", report.bleu4, report.cider_d);
-                    for sample in report.captions.iter().take(5) {
-                        println!("  {}: {}", sample.key, sample.caption);
-                    }
-                }
-            }
-        }
+            } => caption_dataset(model, data, spec, generation, options),
+        }?;
         Ok(0)
     }
+}
+
+fn zeroshot(
+    model: ModelSource,
+    data: String,
+    spec: String,
+    confusion: Option<PathBuf>,
+    options: EvalOptions,
+) -> anyhow::Result<()> {
+    let loaded = load(&model)?;
+    let dataset = dataset(&data, &model.store)?;
+    let templates = templates(&spec, &model.store)?;
+    let bar = bar(&dataset, options.limit);
+    let report = tasks::zero_shot(&loaded, &dataset, &templates, options.batch, options.limit, &|n| {
+        bar.set_position(n)
+    })?;
+    bar.finish_and_clear();
+    if let Some(path) = &confusion {
+        let names: Vec<String> = report.per_class.iter().map(|c| c.class.clone()).collect();
+        let title = format!(
+            "zero-shot top-1 {:.1}% | {data} | step {}",
+            100.0 * report.top1,
+            loaded.step
+        );
+        super::confusion::save(&super::confusion::draw(&report.confusion, &names, &title), path)?;
+    }
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "zero-shot on {data}: {} samples, {} classes, {} templates",
+            report.samples, report.classes, report.templates
+        );
+        println!("top-1 {:.2}%  top-5 {:.2}%", 100.0 * report.top1, 100.0 * report.top5);
+        for class in &report.per_class {
+            println!(
+                "  {:<24} {:>6.2}% ({}/{})",
+                class.class,
+                100.0 * class.correct as f64 / class.total.max(1) as f64,
+                class.correct,
+                class.total
+            );
+        }
+        if let Some(path) = &confusion {
+            println!("confusion matrix: {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn retrieval(model: ModelSource, data: String, options: EvalOptions) -> anyhow::Result<()> {
+    let loaded = load(&model)?;
+    let dataset = dataset(&data, &model.store)?;
+    let bar = bar(&dataset, options.limit);
+    let report = tasks::retrieval(&loaded, &dataset, options.batch, options.limit, &|n| {
+        bar.set_position(n)
+    })?;
+    bar.finish_and_clear();
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let [i1, i5, i10] = report.image_to_text.map(|r| 100.0 * r);
+        let [t1, t5, t10] = report.text_to_image.map(|r| 100.0 * r);
+        println!("retrieval on {data}: {} image-text pairs", report.samples);
+        println!("image -> text  R@1 {i1:.2}%  R@5 {i5:.2}%  R@10 {i10:.2}%");
+        println!("text -> image  R@1 {t1:.2}%  R@5 {t5:.2}%  R@10 {t10:.2}%");
+    }
+    Ok(())
+}
+
+fn caption_dataset(
+    model: ModelSource,
+    data: String,
+    spec: String,
+    generation: GenerationArgs,
+    options: EvalOptions,
+) -> anyhow::Result<()> {
+    let loaded = load(&model)?;
+    let dataset = dataset(&data, &model.store)?;
+    let templates = templates(&spec, &model.store)?;
+    let generation = generation.generation(&loaded)?;
+    let bar = bar(&dataset, options.limit);
+    let report = tasks::captioning(&loaded, &dataset, &generation, &templates, options.limit, &|n| {
+        bar.set_position(n)
+    })?;
+    bar.finish_and_clear();
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("captioning on {data}: {} images", report.samples);
+        println!("BLEU-4 {:.4}  CIDEr-D {:.4}", report.bleu4, report.cider_d);
+        for sample in report.captions.iter().take(5) {
+            println!("  {}: {}", sample.key, sample.caption);
+        }
+    }
+    Ok(())
 }
 
 /// `coca caption`: captions for image files.

@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use contract::auth::{Bearer, Token};
+use contract::manifest::Manifest;
 use contract::rpc::coordinator_client::CoordinatorClient;
 use contract::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 
 pub struct SwarmReport {
     pub registered_in: Duration,
@@ -50,18 +54,7 @@ pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyho
         },
     )?;
     let manifest = dir.join("swarm.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "[job]\nname = \"swarm\"\nsteps = 1000000000\ndir = \"{dir}/run\"\n[model]\npreset = \"tiny\"\n\
-             [data]\ntokenizer = \"{data}/tokenizer.json\"\n[[data.source]]\nurl = \"{data}/align\"\nkind = \"align\"\n\
-             [train]\nglobal_batch = {workers}\n[cluster]\nworkers = {workers}\ncoordinator = \"127.0.0.1:0\"\n\
-             heartbeat_ms = {heartbeat_ms}\nheartbeat_timeout_ms = {}\n[status]\nbind = \"127.0.0.1:0\"\n",
-            heartbeat_ms * 30,
-            dir = dir.display(),
-            data = data.display()
-        ),
-    )?;
+    std::fs::write(&manifest, swarm_manifest(dir, &data, workers, heartbeat_ms)?)?;
     let mut coordinator = Command::new(std::env::current_exe()?)
         .args(["coordinator", &manifest.display().to_string()])
         .env("COCA_JOB_TOKEN", "swarm")
@@ -91,15 +84,57 @@ pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyho
     result
 }
 
-async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
-    // Real workers each hold one HTTP/2 connection; 16 simulated workers share one here.
-    let bearer = Bearer::new(&Token::new("swarm"))?;
-    let mut channels = Vec::new();
-    for _ in 0..workers.div_ceil(16) {
-        let channel = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;
-        channels.push(CoordinatorClient::with_interceptor(channel, bearer.clone()));
-    }
-    let started = Instant::now();
+/// The swarm's manifest: the tiny model on a demo dataset, as many
+/// workers as simulated, a job too long to end during the measurement.
+fn swarm_manifest(dir: &Path, data: &Path, workers: usize, heartbeat_ms: u64) -> anyhow::Result<String> {
+    let table = |pairs: &[(&str, toml::Value)]| -> toml::Value {
+        toml::Value::Table(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+    };
+    let text = |value: String| toml::Value::String(value);
+    let int = |value: u64| toml::Value::Integer(value as i64);
+    let manifest = table(&[
+        (
+            "job",
+            table(&[
+                ("name", text("swarm".into())),
+                ("steps", int(1_000_000_000)),
+                ("dir", text(format!("{}/run", dir.display()))),
+            ]),
+        ),
+        ("model", table(&[("preset", text("tiny".into()))])),
+        (
+            "data",
+            table(&[
+                ("tokenizer", text(format!("{}/tokenizer.json", data.display()))),
+                (
+                    "source",
+                    toml::Value::Array(vec![table(&[
+                        ("url", text(format!("{}/align", data.display()))),
+                        ("kind", text("align".into())),
+                    ])]),
+                ),
+            ]),
+        ),
+        ("train", table(&[("global_batch", int(workers as u64))])),
+        (
+            "cluster",
+            table(&[
+                ("workers", int(workers as u64)),
+                ("coordinator", text("127.0.0.1:0".into())),
+                ("heartbeat_ms", int(heartbeat_ms)),
+                ("heartbeat_timeout_ms", int(heartbeat_ms * 30)),
+            ]),
+        ),
+        ("status", table(&[("bind", text("127.0.0.1:0".into()))])),
+    ]);
+    let text = toml::to_string(&manifest)?;
+    // Checked here, so a mistake shows as a manifest error, not a silent coordinator.
+    Manifest::parse(&text, "the swarm manifest")?;
+    Ok(text)
+}
+
+/// Registers every simulated worker and waits for the rendezvous: their ids.
+async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     for i in 0..workers {
         let mut client = channels[i % channels.len()].clone();
@@ -125,6 +160,19 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
     for wait in waits {
         wait.await??;
     }
+    Ok(ids)
+}
+
+async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
+    // Real workers each hold one HTTP/2 connection; 16 simulated workers share one here.
+    let bearer = Bearer::new(&Token::new("swarm"))?;
+    let mut channels = Vec::new();
+    for _ in 0..workers.div_ceil(16) {
+        let channel = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;
+        channels.push(CoordinatorClient::with_interceptor(channel, bearer.clone()));
+    }
+    let started = Instant::now();
+    let ids = meet(&channels, workers).await?;
     let registered_in = started.elapsed();
 
     let latencies = Arc::new(Mutex::new(Vec::new()));

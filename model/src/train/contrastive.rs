@@ -45,6 +45,9 @@ pub struct ContrastiveGradients<B: AutodiffBackend> {
 /// `image`, `text`: this rank's normalised embeddings [rows, dim]; every
 /// rank holds the same number of rows, ranks in sample order.
 /// `raw_logit_scale`: the logit scale parameter's value.
+///
+/// One function on purpose (about 90 lines): the forward and its
+/// hand-written backward share every intermediate and read best side by side.
 pub fn contrastive_gradients<B: AutodiffBackend>(
     image: Tensor<B, 2>,
     text: Tensor<B, 2>,

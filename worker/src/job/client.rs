@@ -1,13 +1,17 @@
 //! The worker's line to the coordinator: connecting with backoff, the
 //! heartbeat thread, and the progress it reports.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contract::auth::Bearer;
 use contract::rpc::coordinator_client::CoordinatorClient;
-use contract::rpc::{Command, HeartbeatRequest, StepMetrics, WorkerPhase};
+use contract::rpc::{
+    Assignment, Command, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase,
+    PROTOCOL_VERSION,
+};
 use store::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -44,6 +48,39 @@ pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerErr
             message: std::error::Error::source(&gave_up.error).map_or(gave_up.error.to_string(), |s| s.to_string()),
         }),
     }
+}
+
+/// Registers (as `cpu` until the backend is known; heartbeats correct it)
+/// and waits for the rendezvous: the worker's id and its assignment.
+pub(super) async fn join(
+    client: &mut Client,
+    options: &WorkerOptions,
+    collective_address: SocketAddr,
+) -> Result<(String, Assignment), WorkerError> {
+    let refused = |call: &'static str| {
+        move |status: tonic::Status| WorkerError::Refused {
+            call,
+            message: status.message().to_string(),
+        }
+    };
+    let registered = client
+        .register(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host: options.host.clone(),
+            device: "cpu".into(),
+            collective_address: collective_address.to_string(),
+            preferred_rank: options.preferred_rank,
+        })
+        .await
+        .map_err(refused("registration"))?
+        .into_inner();
+    let id = registered.worker_id;
+    let assignment = client
+        .rendezvous(RendezvousRequest { worker_id: id.clone() })
+        .await
+        .map_err(refused("rendezvous"))?
+        .into_inner();
+    Ok((id, assignment))
 }
 
 pub(super) fn spawn_heartbeat(

@@ -14,11 +14,11 @@ use std::time::Duration;
 use collective::tcp::RingListener;
 use contract::auth::Token;
 use contract::manifest::{Backend, Manifest};
-use contract::rpc::{CheckpointShard, FinishRequest, RegisterRequest, RendezvousRequest, PROTOCOL_VERSION};
+use contract::rpc::{Assignment, CheckpointShard, FinishRequest};
 use model::backend::CpuTrain;
 use model::state::SavedShard;
 
-use client::{connect, send_heartbeat, spawn_heartbeat, Progress};
+use client::{connect, join, send_heartbeat, spawn_heartbeat, Progress};
 use setup::JobSetup;
 use train::{train, Reporting};
 
@@ -61,6 +61,7 @@ pub enum WorkerOutcome {
     Stopped { step: u64 },
 }
 
+/// The worker's whole part in a job: connect, join, train, say goodbye.
 pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -70,32 +71,11 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let mut client = runtime.block_on(connect(options))?;
     let listener =
         RingListener::bind(SocketAddr::new(options.listen, 0)).map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let registered = runtime
-        .block_on(client.register(RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            host: options.host.clone(),
-            device: "cpu".into(),
-            collective_address: listener.local_addr().to_string(),
-            preferred_rank: options.preferred_rank,
-        }))
-        .map_err(|status| WorkerError::Refused {
-            call: "registration",
-            message: status.message().to_string(),
-        })?
-        .into_inner();
-    let id = registered.worker_id;
-    let assignment = runtime
-        .block_on(client.rendezvous(RendezvousRequest { worker_id: id.clone() }))
-        .map_err(|status| WorkerError::Refused {
-            call: "rendezvous",
-            message: status.message().to_string(),
-        })?
-        .into_inner();
+    let (id, assignment) = runtime.block_on(join(&mut client, options, listener.local_addr()))?;
     eprintln!(
         "worker {id}: rank {} of {}, steps {}..{}",
         assignment.rank, assignment.world_size, assignment.start_step, assignment.total_steps
     );
-
     let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let progress = Arc::new(Mutex::new(Progress {
@@ -115,7 +95,6 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         done.clone(),
         coordinator_lost.clone(),
     );
-
     let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
         let shard = CheckpointShard {
             worker_id: id.clone(),
@@ -136,33 +115,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         coordinator_lost: &coordinator_lost,
         report: &report,
     };
-    let store_options = manifest.data.store_options();
-    let result = match manifest.cluster.backend {
-        Backend::Cpu => JobSetup::<CpuTrain>::build(&manifest, &assignment, &store_options, options.device, listener)
-            .and_then(|job| train(job, &manifest, &reporting, None)),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => {
-            prepare_kernels(&manifest, &store_options, options.device, &progress).and_then(|mut kernels| {
-                let result = JobSetup::<model::backend::CudaTrain>::build(
-                    &manifest,
-                    &assignment,
-                    &store_options,
-                    options.device,
-                    listener,
-                )
-                .and_then(|job| train(job, &manifest, &reporting, Some(&mut kernels)));
-                // What the whole run compiled, evaluation included, for the next start.
-                if assignment.rank == 0 {
-                    kernels.publish();
-                }
-                result
-            })
-        }
-        #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => Err(WorkerError::Setup(
-            "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
-        )),
-    };
+    let result = train_on_backend(&manifest, &assignment, options.device, listener, &reporting);
     done.store(true, Ordering::SeqCst);
     let _ = heartbeat.join();
     // The last step's metrics, before saying goodbye.
@@ -185,6 +138,43 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         );
     }
     result
+}
+
+/// Builds the job on the manifest's backend and trains it.
+fn train_on_backend(
+    manifest: &Manifest,
+    assignment: &Assignment,
+    device: usize,
+    listener: RingListener,
+    reporting: &Reporting,
+) -> Result<WorkerOutcome, WorkerError> {
+    let store_options = manifest.data.store_options();
+    match manifest.cluster.backend {
+        Backend::Cpu => JobSetup::<CpuTrain>::build(manifest, assignment, &store_options, device, listener)
+            .and_then(|job| train(job, manifest, reporting, None)),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            prepare_kernels(manifest, &store_options, device, reporting.progress).and_then(|mut kernels| {
+                let result = JobSetup::<model::backend::CudaTrain>::build(
+                    manifest,
+                    assignment,
+                    &store_options,
+                    device,
+                    listener,
+                )
+                .and_then(|job| train(job, manifest, reporting, Some(&mut kernels)));
+                // What the whole run compiled, evaluation included, for the next start.
+                if assignment.rank == 0 {
+                    kernels.publish();
+                }
+                result
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => Err(WorkerError::Setup(
+            "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
+        )),
+    }
 }
 
 /// Points cubecl at the job's kernel cache and settings for CUDA device
