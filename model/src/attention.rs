@@ -21,11 +21,28 @@ pub struct Attention<B: Backend> {
     pub heads: usize,
 }
 
-impl<B: Backend> Attention<B> {
-    /// `residual_std_scale` shrinks the output projection of deep stacks so
-    /// the residual stream does not grow with depth.
-    pub fn new(init: &Init<B>, width: usize, context_width: usize, heads: usize, residual_std_scale: f64) -> Self {
-        Self {
+/// The shape of an [`Attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    /// Width of the queries and of the output.
+    pub width: usize,
+    /// Width of what is attended to (`width` for self-attention).
+    pub context_width: usize,
+    pub heads: usize,
+    /// Shrinks the output projection of deep stacks so the residual stream
+    /// does not grow with depth (1 for no shrinking).
+    pub residual_std_scale: f64,
+}
+
+impl AttentionConfig {
+    pub fn init<B: Backend>(&self, init: &Init<B>) -> Attention<B> {
+        let Self {
+            width,
+            context_width,
+            heads,
+            residual_std_scale,
+        } = *self;
+        Attention {
             q: init.linear("q", width, width, fan_in_std(width), true),
             // No key bias: it adds the same amount to every score of a query,
             // which softmax cancels, so its gradient is float noise.
@@ -35,7 +52,9 @@ impl<B: Backend> Attention<B> {
             heads,
         }
     }
+}
 
+impl<B: Backend> Attention<B> {
     /// `queries`: [batch, len_q, width], or [1, len_q, width] for queries
     /// shared by the whole batch (projected once). `context`: [batch, len_k,
     /// context_width]; the queries themselves for self-attention. `bias`:
@@ -175,7 +194,13 @@ mod tests {
         let device = Default::default();
         let init = Init::<Cpu>::new(3, &device);
         // Cross-attention with a different context width and a padding bias.
-        let cross = Attention::new(&init.child("cross"), 12, 20, 3, 1.0);
+        let cross = AttentionConfig {
+            width: 12,
+            context_width: 20,
+            heads: 3,
+            residual_std_scale: 1.0,
+        }
+        .init(&init.child("cross"));
         let queries = random([2, 5, 12], 1);
         let context = random([2, 7, 20], 2);
         let padding = Tensor::<Cpu, 2, Bool>::from_bool(
@@ -198,7 +223,13 @@ mod tests {
             .assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::absolute(1e-5));
 
         // Causal self-attention.
-        let own = Attention::new(&init.child("self"), 12, 12, 4, 1.0);
+        let own = AttentionConfig {
+            width: 12,
+            context_width: 12,
+            heads: 4,
+            residual_std_scale: 1.0,
+        }
+        .init(&init.child("self"));
         let x = random([2, 6, 12], 5);
         let ours = own.forward(x.clone(), x.clone(), Some(causal_bias(6, &device)));
         let expected = reference(&own, x.clone(), x, causal_bias::<Cpu>(6, &device).expand([2, 1, 6, 6]));

@@ -7,7 +7,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::attention::Attention;
+use super::attention::{Attention, AttentionConfig};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -17,14 +17,30 @@ pub struct Mlp<B: Backend> {
     pub proj: Dense<B>,
 }
 
-impl<B: Backend> Mlp<B> {
-    pub fn new(init: &Init<B>, width: usize, hidden: usize, residual_std_scale: f64) -> Self {
-        Self {
+/// The shape of an [`Mlp`]: width -> hidden -> width, GELU between.
+#[derive(Debug, Clone, Copy)]
+pub struct MlpConfig {
+    pub width: usize,
+    pub hidden: usize,
+    /// As [`AttentionConfig::residual_std_scale`], for the output projection.
+    pub residual_std_scale: f64,
+}
+
+impl MlpConfig {
+    pub fn init<B: Backend>(&self, init: &Init<B>) -> Mlp<B> {
+        let Self {
+            width,
+            hidden,
+            residual_std_scale,
+        } = *self;
+        Mlp {
             fc: init.linear("fc", width, hidden, fan_in_std(width), true),
             proj: init.linear("proj", hidden, width, fan_in_std(hidden) * residual_std_scale, true),
         }
     }
+}
 
+impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.proj.forward(gelu(self.fc.forward(x)))
     }
@@ -44,17 +60,50 @@ pub fn residual_std_scale(layers: usize) -> f64 {
     (2.0 * layers.max(1) as f64).powf(-0.5)
 }
 
-impl<B: Backend> Block<B> {
-    pub fn new(init: &Init<B>, width: usize, heads: usize, mlp: usize, layers: usize, eps: f64) -> Self {
-        let scale = residual_std_scale(layers);
-        Self {
+/// The shape of a [`Block`] in a stack of `layers`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockConfig {
+    pub width: usize,
+    pub heads: usize,
+    /// The MLP's hidden width.
+    pub mlp: usize,
+    /// Blocks in the stack: deeper stacks start with smaller output projections.
+    pub layers: usize,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+}
+
+impl BlockConfig {
+    pub fn init<B: Backend>(&self, init: &Init<B>) -> Block<B> {
+        let Self {
+            width,
+            heads,
+            mlp,
+            layers,
+            eps,
+        } = *self;
+        let residual_std_scale = residual_std_scale(layers);
+        let attn = AttentionConfig {
+            width,
+            context_width: width,
+            heads,
+            residual_std_scale,
+        };
+        let mlp = MlpConfig {
+            width,
+            hidden: mlp,
+            residual_std_scale,
+        };
+        Block {
             ln_attn: init.layer_norm(width, eps),
-            attn: Attention::new(&init.child("attn"), width, width, heads, scale),
+            attn: attn.init(&init.child("attn")),
             ln_mlp: init.layer_norm(width, eps),
-            mlp: Mlp::new(&init.child("mlp"), width, mlp, scale),
+            mlp: mlp.init(&init.child("mlp")),
         }
     }
+}
 
+impl<B: Backend> Block<B> {
     /// `bias`: the attention bias (causal, padding), or none for full attention.
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let normed = self.ln_attn.forward(x.clone());

@@ -36,7 +36,7 @@ use self::dense::Dense;
 use self::init::{fan_in_std, Init};
 use self::loss::{captioning_loss, contrastive_loss, Heads, LossWeights, Losses};
 use self::multimodal::{MultimodalDecoder, VocabProjection};
-use self::pooler::AttentionalPooler;
+use self::pooler::{AttentionalPooler, PoolerConfig};
 use self::unimodal::{TextEmbedding, UnimodalDecoder};
 use self::vision::VisionTransformer;
 
@@ -76,7 +76,13 @@ impl<B: Backend> CocaModel<B> {
         let init = Init::new(seed, device);
         let (width, eps) = (config.vision_width, config.layer_norm_eps);
         let pooler = |name: &str, queries: usize| {
-            AttentionalPooler::new(&init.child(name), queries, width, config.pooler_heads, eps)
+            PoolerConfig {
+                queries,
+                width,
+                heads: config.pooler_heads,
+                eps,
+            }
+            .init(&init.child(name))
         };
         let (contrastive_pooler, caption_pooler) = match config.pooler_layout {
             PoolerLayout::Parallel => (

@@ -7,8 +7,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use contract::ModelConfig;
 
-use super::attention::{causal_bias, Attention};
-use super::block::{residual_std_scale, Mlp};
+use super::attention::{causal_bias, Attention, AttentionConfig};
+use super::block::{residual_std_scale, Mlp, MlpConfig};
 use super::dense::Dense;
 use super::init::Init;
 
@@ -26,19 +26,24 @@ impl<B: Backend> MultimodalBlock<B> {
     fn new(init: &Init<B>, config: &ModelConfig) -> Self {
         let (width, eps) = (config.text_width, config.layer_norm_eps);
         let scale = residual_std_scale(config.multimodal_layers);
+        let attention = |context_width: usize| AttentionConfig {
+            width,
+            context_width,
+            heads: config.text_heads,
+            residual_std_scale: scale,
+        };
+        let mlp = MlpConfig {
+            width,
+            hidden: config.text_mlp,
+            residual_std_scale: scale,
+        };
         Self {
             ln_self: init.layer_norm(width, eps),
-            self_attn: Attention::new(&init.child("self_attn"), width, width, config.text_heads, scale),
+            self_attn: attention(width).init(&init.child("self_attn")),
             ln_cross: init.layer_norm(width, eps),
-            cross_attn: Attention::new(
-                &init.child("cross_attn"),
-                width,
-                config.vision_width,
-                config.text_heads,
-                scale,
-            ),
+            cross_attn: attention(config.vision_width).init(&init.child("cross_attn")),
             ln_mlp: init.layer_norm(width, eps),
-            mlp: Mlp::new(&init.child("mlp"), width, config.text_mlp, scale),
+            mlp: mlp.init(&init.child("mlp")),
         }
     }
 

@@ -6,7 +6,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::attention::Attention;
+use super::attention::{Attention, AttentionConfig};
 use super::init::Init;
 
 #[derive(Module, Debug)]
@@ -16,15 +16,34 @@ pub struct AttentionalPooler<B: Backend> {
     pub ln: LayerNorm<B>,
 }
 
-impl<B: Backend> AttentionalPooler<B> {
-    pub fn new(init: &Init<B>, queries: usize, width: usize, heads: usize, eps: f64) -> Self {
-        Self {
-            queries: init.normal("queries", [queries, width], 0.02),
-            attn: Attention::new(&init.child("attn"), width, width, heads, 1.0),
-            ln: init.layer_norm(width, eps),
+/// The shape of an [`AttentionalPooler`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolerConfig {
+    /// Learned queries: the pooler's outputs.
+    pub queries: usize,
+    pub width: usize,
+    pub heads: usize,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+}
+
+impl PoolerConfig {
+    pub fn init<B: Backend>(&self, init: &Init<B>) -> AttentionalPooler<B> {
+        let attn = AttentionConfig {
+            width: self.width,
+            context_width: self.width,
+            heads: self.heads,
+            residual_std_scale: 1.0,
+        };
+        AttentionalPooler {
+            queries: init.normal("queries", [self.queries, self.width], 0.02),
+            attn: attn.init(&init.child("attn")),
+            ln: init.layer_norm(self.width, self.eps),
         }
     }
+}
 
+impl<B: Backend> AttentionalPooler<B> {
     /// `image_tokens`: [batch, tokens, width] -> [batch, queries, width].
     pub fn forward(&self, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
         let queries = self.queries.val().unsqueeze::<3>();

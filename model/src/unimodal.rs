@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use contract::ModelConfig;
 
 use super::attention::causal_padding_bias;
-use super::block::Block;
+use super::block::{Block, BlockConfig};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -62,14 +62,14 @@ impl<B: Backend> UnimodalDecoder<B> {
             blocks: (0..config.unimodal_layers)
                 .map(|i| {
                     let init = init.child("blocks").child(i);
-                    Block::new(
-                        &init,
+                    BlockConfig {
                         width,
-                        config.text_heads,
-                        config.text_mlp,
-                        config.unimodal_layers,
-                        config.layer_norm_eps,
-                    )
+                        heads: config.text_heads,
+                        mlp: config.text_mlp,
+                        layers: config.unimodal_layers,
+                        eps: config.layer_norm_eps,
+                    }
+                    .init(&init)
                 })
                 .collect(),
             ln_final: init.layer_norm(width, config.layer_norm_eps),

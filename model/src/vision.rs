@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use contract::ModelConfig;
 
-use super::block::Block;
+use super::block::{Block, BlockConfig};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -30,14 +30,14 @@ impl<B: Backend> VisionTransformer<B> {
             blocks: (0..config.vision_layers)
                 .map(|i| {
                     let init = init.child("blocks").child(i);
-                    Block::new(
-                        &init,
+                    BlockConfig {
                         width,
-                        config.vision_heads,
-                        config.vision_mlp,
-                        config.vision_layers,
-                        config.layer_norm_eps,
-                    )
+                        heads: config.vision_heads,
+                        mlp: config.vision_mlp,
+                        layers: config.vision_layers,
+                        eps: config.layer_norm_eps,
+                    }
+                    .init(&init)
                 })
                 .collect(),
             ln_final: init.layer_norm(width, config.layer_norm_eps),
