@@ -1,5 +1,5 @@
 //! `coca`: pretrain CoCa across many machines. The binary is a thin CLI over
-//! the `proto`, `coordinator` and `worker` crates.
+//! the workspace's crates (README, "Architecture").
 
 mod cli;
 
@@ -13,6 +13,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    init_logging();
     match cli::Cli::parse().run() {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
@@ -21,4 +22,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr through `tracing`, `info` and above unless `RUST_LOG`
+/// says otherwise (e.g. `RUST_LOG=coordinator=debug,info`). Set as the
+/// global subscriber only: the `log` crate's logger stays free for the GPU
+/// worker's kernel-compilation counter.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
 }

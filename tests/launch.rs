@@ -282,16 +282,10 @@ fn a_wrong_token_is_refused_and_a_killed_worker_is_named() {
     assert_eq!(exit.code(), Some(1), "a failed job exits 1");
     // The victim said who it was when it started.
     let victim_said = workers[1].wait_with_output_lossy();
-    let introduction = victim_said
+    let victim = victim_said
         .lines()
-        .find(|line| line.starts_with("worker w-"))
-        .unwrap_or_default();
-    let victim = introduction
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_string();
+        .find_map(|line| Some(format!("w-{}", line.split_once("worker w-")?.1.split(':').next()?)))
+        .expect("the victim's introduction, `worker w-N: rank ...`");
     // Everything it printed: the reader ends at the closed pipe, after the last line.
     let last = said.iter().last().expect("the coordinator's last word");
     assert!(last.starts_with(&format!("job demo: failed at step ")), "{last}");

@@ -80,17 +80,17 @@ impl Coordinator {
             .expect("planning the job does not panic")?;
         if let Some(chosen) = &plan.chosen {
             for skipped in &chosen.skipped {
-                eprintln!("coordinator: skipping {skipped}");
+                tracing::info!("skipping {skipped}");
             }
-            eprintln!(
-                "coordinator: resuming from {} (step {}, saved by {} workers)",
+            tracing::info!(
+                "resuming from {} (step {}, saved by {} workers)",
                 chosen.url, chosen.step, chosen.meta.world_size
             );
         }
         let (journal, recovered) = Journal::open(Path::new(&manifest.job.dir))?;
         if recovered.events > 0 {
-            eprintln!(
-                "coordinator: the journal in {} says the job was {} at step {}",
+            tracing::info!(
+                "the journal in {} says the job was {} at step {}",
                 manifest.job.dir,
                 recovered.state.as_deref().unwrap_or("started"),
                 recovered.step
@@ -111,7 +111,7 @@ impl Coordinator {
             .create(true)
             .append(true)
             .open(Path::new(&manifest.job.dir).join(METRICS_FILE))
-            .map_err(|e| eprintln!("coordinator: no {METRICS_FILE} in {}: {e}", manifest.job.dir))
+            .map_err(|e| tracing::warn!("no {METRICS_FILE} in {}: {e}", manifest.job.dir))
             .ok();
         let shared = Arc::new(Shared {
             job: Mutex::new(job),
@@ -130,8 +130,8 @@ impl Coordinator {
         let grpc_shutdown = serve_grpc(&shared, grpc_listener);
         serve_status(&shared, status_listener);
         spawn_watchdog(&shared);
-        eprintln!(
-            "coordinator: job {} on {grpc} (gRPC), status on http://{status}/",
+        tracing::info!(
+            "job {} on {grpc} (gRPC), status on http://{status}/",
             shared.manifest.job.name
         );
         Ok(Self {
@@ -148,7 +148,7 @@ impl Coordinator {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("coordinator: Ctrl-C: stopping after the current step");
+                tracing::info!("Ctrl-C: stopping after the current step");
                 shared.request_stop("interrupted (Ctrl-C)");
             }
         });
@@ -157,7 +157,7 @@ impl Coordinator {
             use tokio::signal::unix::{signal, SignalKind};
             if let Ok(mut terminate) = signal(SignalKind::terminate()) {
                 if terminate.recv().await.is_some() {
-                    eprintln!("coordinator: SIGTERM: stopping after the current step");
+                    tracing::info!("SIGTERM: stopping after the current step");
                     shared.request_stop("terminated (SIGTERM)");
                 }
             }
@@ -226,7 +226,7 @@ async fn bind(address: SocketAddr, what: &'static str) -> Result<tokio::net::Tcp
 /// noticed, not left behind a coordinator that looks alive.
 fn supervise(shared: Arc<Shared>, what: &'static str, outcome: Result<(), String>) {
     if let Err(error) = outcome {
-        eprintln!("coordinator: the {what} stopped: {error}");
+        tracing::error!("the {what} stopped: {error}");
         if !shared.job.lock().expect("job state").state.is_terminal() {
             shared.transition(JobState::Failed, Some(format!("the {what} stopped: {error}")));
         }

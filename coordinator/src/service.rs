@@ -179,7 +179,7 @@ impl CoordinatorRpc for Service {
             progress.last_bytes = Some(bytes);
             progress.committed += 1;
         }
-        eprintln!("coordinator: committed step {step} ({bytes} bytes, slowest save {seconds:.2} s)");
+        tracing::info!("committed step {step} ({bytes} bytes, slowest save {seconds:.2} s)");
         self.shared.journal(Event::Checkpoint {
             step,
             at: crate::job::unix_now(),

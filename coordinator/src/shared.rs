@@ -34,8 +34,8 @@ impl Shared {
         let moved = self.job.lock().expect("job state").transition(state, reason.clone());
         if moved {
             match &reason {
-                Some(reason) => eprintln!("coordinator: job {} ({reason})", state.name()),
-                None => eprintln!("coordinator: job {}", state.name()),
+                Some(reason) => tracing::info!("job {} ({reason})", state.name()),
+                None => tracing::info!("job {}", state.name()),
             }
             self.journal(Event::State {
                 state: state.name().to_string(),
@@ -75,14 +75,14 @@ impl Shared {
             lines.push_str(&format!("{line}\n"));
         }
         if let Err(error) = file.write_all(lines.as_bytes()) {
-            eprintln!("coordinator: cannot append to {METRICS_FILE}: {error}");
+            tracing::warn!("cannot append to {METRICS_FILE}: {error}");
             *log = None;
         }
     }
 
     pub(crate) fn journal(&self, event: Event) {
         if let Err(error) = self.journal.lock().expect("journal").append(&event) {
-            eprintln!("coordinator: {error}");
+            tracing::error!("{error}");
         }
     }
 

@@ -136,7 +136,7 @@ impl GenerationArgs {
 pub fn read_step(checkpoint: &str, step: Option<u64>, store: &StoreArgs) -> anyhow::Result<checkpoint::NamedState> {
     let named = checkpoint::read_named(checkpoint, store.open(checkpoint)?, step)?;
     for skipped in &named.skipped {
-        eprintln!("skipping {skipped}");
+        tracing::info!("skipping {skipped}");
     }
     Ok(named)
 }
@@ -151,7 +151,7 @@ pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
         let named = read_step(&source.checkpoint, None, &source.store)?;
         inference::from_state::<Cpu>(&named.dir, named.meta, &named.values, &device)?
     };
-    eprintln!("model: step {} of {}", loaded.step, loaded.origin);
+    tracing::info!("model: step {} of {}", loaded.step, loaded.origin);
     Ok(loaded)
 }
 

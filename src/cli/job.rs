@@ -85,7 +85,7 @@ fn ensure_demo_data(manifest: &Manifest) -> anyhow::Result<()> {
     if root.exists(demo::TOKENIZER)? {
         return Ok(());
     }
-    eprintln!("launch: writing the demo datasets to {}", root.url());
+    tracing::info!("launch: writing the demo datasets to {}", root.url());
     demo::write(&root, &DemoSpec::default()).with_context(|| format!("writing the demo datasets to {}", root.url()))?;
     Ok(())
 }
@@ -273,16 +273,16 @@ pub fn worker(
     let found = worker::discovery::discover(coordinator, &environment)?;
     let (device, device_origin) = worker::discovery::pick_device(device, &environment)?;
     for origin in found.origins.iter().chain([&device_origin]) {
-        eprintln!("worker: {origin}");
+        tracing::info!("worker: {origin}");
     }
     let listen = match listen {
         Some(address) => {
-            eprintln!("worker: listening on {address} from --listen");
+            tracing::info!("worker: listening on {address} from --listen");
             address
         }
         None => {
             let address = worker::discovery::route_to(&found.coordinator)?;
-            eprintln!("worker: listening on {address}, the interface that reaches the coordinator");
+            tracing::info!("worker: listening on {address}, the interface that reaches the coordinator");
             address
         }
     };
@@ -299,8 +299,8 @@ pub fn worker(
         preferred_rank: found.index.and_then(|index| u32::try_from(index).ok()),
     };
     match worker::job::run(&options)? {
-        WorkerOutcome::Completed { step } => eprintln!("worker: done at step {step}"),
-        WorkerOutcome::Stopped { step } => eprintln!("worker: stopped at step {step}"),
+        WorkerOutcome::Completed { step } => tracing::info!("worker: done at step {step}"),
+        WorkerOutcome::Stopped { step } => tracing::info!("worker: stopped at step {step}"),
     }
     Ok(0)
 }

@@ -72,7 +72,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let listener =
         RingListener::bind(SocketAddr::new(options.listen, 0)).map_err(|e| WorkerError::Setup(e.to_string()))?;
     let (id, assignment) = runtime.block_on(join(&mut client, options, listener.local_addr()))?;
-    eprintln!(
+    tracing::info!(
         "worker {id}: rank {} of {}, steps {}..{}",
         assignment.rank, assignment.world_size, assignment.start_step, assignment.total_steps
     );
@@ -132,8 +132,8 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         message,
     }));
     if let (Err(status), Ok(_)) = (&finished, &result) {
-        eprintln!(
-            "worker: could not report the end to the coordinator: {}",
+        tracing::warn!(
+            "could not report the end to the coordinator: {}",
             status.message()
         );
     }
@@ -190,8 +190,8 @@ fn prepare_kernels(
     progress.lock().expect("progress").device = format!("cuda:{device} {name}");
     let kernels = crate::kernels::Kernels::prepare(&manifest.gpu, options, device, &name)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    eprintln!(
-        "worker: {name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
+    tracing::info!(
+        "{name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
         manifest.gpu.autotune,
         manifest.gpu.kernel_cache,
         kernels.fetched,

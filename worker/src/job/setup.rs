@@ -255,8 +255,8 @@ where
         )));
     }
     if assignment.rank == 0 {
-        eprintln!(
-            "worker: resumed from {} (step {}, saved by {} workers)",
+        tracing::info!(
+            "resumed from {} (step {}, saved by {} workers)",
             assignment.resume_from, meta.step, meta.world_size
         );
     }

@@ -42,7 +42,10 @@ impl log::Log for Compilations {
             self.count.fetch_add(1, Ordering::Relaxed);
         } else if record.level() <= log::Level::Warn {
             // cubecl's own warnings (a damaged cache file, say) stay visible.
-            eprintln!("{} {}: {}", record.level(), record.target(), record.args());
+            match record.level() {
+                log::Level::Error => tracing::error!("{}: {}", record.target(), record.args()),
+                _ => tracing::warn!("{}: {}", record.target(), record.args()),
+            }
         }
     }
 

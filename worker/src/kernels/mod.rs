@@ -61,7 +61,7 @@ impl Kernels {
         let (cache, fetched) = match KernelCache::fetch(shared, local.path(), device) {
             Ok((cache, fetched)) => (Some(cache), fetched),
             Err(error) => {
-                eprintln!("worker: {error}; compiling every kernel afresh");
+                tracing::warn!("{error}; compiling every kernel afresh");
                 (None, 0)
             }
         };
@@ -87,15 +87,15 @@ impl Kernels {
             format!("{} compiled", now - self.compiled_before)
         });
         if first {
-            eprintln!(
-                "worker rank {rank}: first step in {seconds:.1} s, {:.1} s after the kernel set-up (kernels: {count})",
+            tracing::info!(
+                "rank {rank}: first step in {seconds:.1} s, {:.1} s after the kernel set-up (kernels: {count})",
                 self.prepared_at.elapsed().as_secs_f64()
             );
             if rank == 0 {
                 self.publish();
             }
         } else if now.is_some_and(|now| now > self.compiled_before) {
-            eprintln!("worker rank {rank}: step {step}: kernels {count} in {seconds:.1} s");
+            tracing::info!("rank {rank}: step {step}: kernels {count} in {seconds:.1} s");
         }
         self.compiled_before = now.unwrap_or(0);
     }
@@ -110,8 +110,8 @@ impl Kernels {
         if let Some(cache) = &mut self.cache {
             match cache.publish() {
                 Ok(0) => {}
-                Ok(files) => eprintln!("worker: kernel cache: {files} files shared"),
-                Err(error) => eprintln!("worker: {error}"),
+                Ok(files) => tracing::info!("kernel cache: {files} files shared"),
+                Err(error) => tracing::warn!("{error}"),
             }
         }
     }
