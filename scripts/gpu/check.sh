@@ -23,7 +23,7 @@ reap() { for p in /proc/[0-9]*; do [[ $(readlink $p/exe 2>/dev/null) == "$BIN" ]
 bench() { # name timeout preset batch
   timeout "$2" "$BIN" bench step --backend cuda --preset "$3" --batch "$4" --steps 10 --warmup 3 \
     --kernel-cache "$W/bench-kernels" > "$OUT/$1.log" 2>&1; local rc=$?; reap
-  say "== $1: rc=$rc"; grep -E "first step|median step|samples/s|FLOP/s|kernels|error" "$OUT/$1.log" | tee -a "$S"
+  say "== $1: rc=$rc"; grep -E "kernel cache|first step|median step|samples/s|FLOP/s|kernels|error" "$OUT/$1.log" | tee -a "$S"
 }
 stage() { # name timeout manifest [args]
   local name=$1 t=$2 m=$3; shift 3

@@ -512,11 +512,8 @@ fn cuda_step(
     gpu: &contract::manifest::Gpu,
     ordinal: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
-    use anyhow::anyhow;
-    let name = model::backend::cuda_device_name(ordinal).map_err(|e| anyhow!(e))?;
-    let mut kernels = worker::kernels::Kernels::prepare(gpu, &store::StoreOptions::default(), ordinal, &name)?;
-    println!("{name}: kernel cache {} ({} files)", gpu.kernel_cache, kernels.fetched);
-    let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(|e| anyhow!(e))?;
+    let (mut kernels, _) = worker::kernels::Kernels::prepare_cuda(gpu, &store::StoreOptions::default(), ordinal)?;
+    let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(anyhow::Error::msg)?;
     let report = bench_step::<model::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
     kernels.publish();
     let compiled = kernels

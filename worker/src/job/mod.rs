@@ -186,16 +186,8 @@ fn prepare_kernels(
     device: usize,
     progress: &Mutex<Progress>,
 ) -> Result<crate::kernels::Kernels, WorkerError> {
-    let name = model::backend::cuda_device_name(device).map_err(WorkerError::Setup)?;
-    progress.lock().expect("progress").device = format!("cuda:{device} {name}");
-    let kernels = crate::kernels::Kernels::prepare(&manifest.gpu, options, device, &name)
+    let (kernels, name) = crate::kernels::Kernels::prepare_cuda(&manifest.gpu, options, device)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    tracing::info!(
-        "{name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
-        manifest.gpu.autotune,
-        manifest.gpu.kernel_cache,
-        kernels.fetched,
-        kernels.prepared_at.elapsed().as_secs_f64()
-    );
+    progress.lock().expect("progress").device = format!("cuda:{device} {name}");
     Ok(kernels)
 }

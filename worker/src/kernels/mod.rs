@@ -21,6 +21,8 @@ pub enum KernelError {
     LoggerTaken,
     #[error("gpu.kernel_cache {url}: {message}")]
     Cache { url: String, message: String },
+    #[error("{0}")]
+    Device(String),
 }
 
 /// A CUDA worker's kernel set-up, made before its first kernel.
@@ -39,6 +41,23 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// [`Kernels::prepare`] for CUDA device `device`, named as its driver
+    /// names it: what a CUDA worker and `coca bench step --backend cuda`
+    /// both do before their first kernel. Returns the device's name too.
+    #[cfg(feature = "cuda")]
+    pub fn prepare_cuda(gpu: &Gpu, options: &StoreOptions, device: usize) -> Result<(Self, String), KernelError> {
+        let name = model::backend::cuda_device_name(device).map_err(KernelError::Device)?;
+        let kernels = Self::prepare(gpu, options, device, &name)?;
+        tracing::info!(
+            "{name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
+            gpu.autotune,
+            gpu.kernel_cache,
+            kernels.fetched,
+            kernels.prepared_at.elapsed().as_secs_f64()
+        );
+        Ok((kernels, name))
+    }
+
     /// Fetches the job's kernel cache for GPU model `device_name`, points
     /// cubecl at it with the manifest's settings, and starts counting
     /// compilations if asked to.
