@@ -1,5 +1,7 @@
-//! Collective operations between the ranks of a data-parallel job: what
-//! training needs and nothing more.
+//! coca's collectives between the ranks of a data-parallel job, burn-free:
+//! the [`Collective`] trait (what training needs and nothing more), the TCP
+//! ring ([`tcp`]), NCCL on CUDA builds (`nccl`), and ranks as threads or
+//! processes on loopback ([`loopback`]) for tests and benchmarks.
 
 pub mod error;
 pub mod loopback;
