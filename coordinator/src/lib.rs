@@ -84,7 +84,9 @@ impl Coordinator {
             }
             tracing::info!(
                 "resuming from {} (step {}, saved by {} workers)",
-                chosen.url, chosen.step, chosen.meta.world_size
+                chosen.url,
+                chosen.step,
+                chosen.meta.world_size
             );
         }
         let (journal, recovered) = Journal::open(Path::new(&manifest.job.dir))?;

@@ -39,31 +39,7 @@ pub enum DataCommand {
         store: StoreArgs,
     },
     /// Import a dataset from another format into Arrow shards.
-    Import {
-        /// imagefolder, captions, webdataset, img2dataset or idx.
-        #[arg(long)]
-        format: ImportFormat,
-        /// The source: a folder, a captions file, a tar/parquet file or a
-        /// folder of them, or an IDX images file.
-        #[arg(long)]
-        src: PathBuf,
-        #[arg(long)]
-        out: String,
-        /// Rows per shard.
-        #[arg(long, default_value_t = 4096)]
-        shard_rows: usize,
-        /// Class names, one per line (`name<TAB>parent` for a parent name);
-        /// needed by idx, optional for imagefolder.
-        #[arg(long)]
-        classes: Option<PathBuf>,
-        /// Import only the first N records.
-        #[arg(long)]
-        limit: Option<u64>,
-        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
-        compression: CompressionArg,
-        #[command(flatten)]
-        store: StoreArgs,
-    },
+    Import(ImportArgs),
     /// Describe a dataset, verify every shard, count bad records, and write
     /// a contact sheet of a few samples.
     Inspect {
@@ -95,6 +71,33 @@ pub enum DataCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// imagefolder, captions, webdataset, img2dataset or idx.
+    #[arg(long)]
+    pub format: ImportFormat,
+    /// The source: a folder, a captions file, a tar/parquet file or a
+    /// folder of them, or an IDX images file.
+    #[arg(long)]
+    pub src: PathBuf,
+    #[arg(long)]
+    pub out: String,
+    /// Rows per shard.
+    #[arg(long, default_value_t = 4096)]
+    pub shard_rows: usize,
+    /// Class names, one per line (`name<TAB>parent` for a parent name);
+    /// needed by idx, optional for imagefolder.
+    #[arg(long)]
+    pub classes: Option<PathBuf>,
+    /// Import only the first N records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+    pub compression: CompressionArg,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum CompressionArg {
     None,
@@ -111,16 +114,7 @@ impl DataCommand {
                 jft_rows,
                 store,
             } => demo(out, seed, align_rows, jft_rows, store),
-            DataCommand::Import {
-                format,
-                src,
-                out,
-                shard_rows,
-                classes,
-                limit,
-                compression,
-                store,
-            } => import(format, src, out, shard_rows, classes, limit, compression, store),
+            DataCommand::Import(args) => import(args),
             DataCommand::Inspect {
                 url,
                 sheet,
@@ -160,16 +154,17 @@ fn demo(out: String, seed: u64, align_rows: u64, jft_rows: u64, store: StoreArgs
     Ok(())
 }
 
-fn import(
-    format: ImportFormat,
-    src: PathBuf,
-    out: String,
-    shard_rows: usize,
-    classes: Option<PathBuf>,
-    limit: Option<u64>,
-    compression: CompressionArg,
-    store: StoreArgs,
-) -> anyhow::Result<()> {
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    let ImportArgs {
+        format,
+        src,
+        out,
+        shard_rows,
+        classes,
+        limit,
+        compression,
+        store,
+    } = args;
     if shard_rows == 0 {
         bail!("--shard-rows must be at least 1");
     }
@@ -356,7 +351,7 @@ fn verify(dataset: &Dataset, samples: usize) -> Verified {
         };
         for row in 0..decoded.rows() {
             let record = decoded.record(row);
-            let text = match bad_record::caption(&record, &index) {
+            let text = match bad_record::caption(&record, index) {
                 Ok(Caption::Text(text)) => text.to_string(),
                 Ok(Caption::Classes(names)) => names.join("; "),
                 Err((reason, _)) => {

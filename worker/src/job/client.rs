@@ -20,6 +20,17 @@ use super::{WorkerError, WorkerOptions};
 
 pub(super) type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 
+/// What the heartbeat thread and the training loop tell each other.
+#[derive(Default)]
+pub(super) struct Signals {
+    /// The coordinator said stop, or is lost: every rank stops at the same step.
+    pub stop: AtomicBool,
+    /// The training loop has ended: the heartbeat thread ends too.
+    pub done: AtomicBool,
+    /// Why the coordinator counts as lost (five heartbeats in a row failed).
+    pub coordinator_lost: Mutex<Option<String>>,
+}
+
 /// Latest progress, shared between the training loop and the heartbeat thread.
 #[derive(Default)]
 pub(super) struct Progress {
@@ -89,27 +100,25 @@ pub(super) fn spawn_heartbeat(
     id: String,
     every: Duration,
     progress: Arc<Mutex<Progress>>,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicBool>,
-    lost: Arc<Mutex<Option<String>>>,
+    signals: Arc<Signals>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut failures = 0;
         loop {
             match send_heartbeat(&runtime, &mut client, &id, &progress) {
-                Ok(Command::Stop) => stop.store(true, Ordering::SeqCst),
+                Ok(Command::Stop) => signals.stop.store(true, Ordering::SeqCst),
                 Ok(Command::Continue) => failures = 0,
                 Err(message) => {
                     failures += 1;
                     if failures >= 5 {
-                        *lost.lock().expect("lost") = Some(message);
-                        stop.store(true, Ordering::SeqCst);
+                        *signals.coordinator_lost.lock().expect("lost") = Some(message);
+                        signals.stop.store(true, Ordering::SeqCst);
                     }
                 }
             }
             let wake = Instant::now() + every;
             while Instant::now() < wake {
-                if done.load(Ordering::SeqCst) {
+                if signals.done.load(Ordering::SeqCst) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -7,7 +7,7 @@ mod setup;
 mod train;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use contract::rpc::{Assignment, CheckpointShard, FinishRequest};
 use model::backend::CpuTrain;
 use model::state::SavedShard;
 
-use client::{connect, join, send_heartbeat, spawn_heartbeat, Progress};
+use client::{connect, join, send_heartbeat, spawn_heartbeat, Progress, Signals};
 use setup::JobSetup;
 use train::{train, Reporting};
 
@@ -74,7 +74,10 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let (id, assignment) = runtime.block_on(join(&mut client, options, listener.local_addr()))?;
     tracing::info!(
         "worker {id}: rank {} of {}, steps {}..{}",
-        assignment.rank, assignment.world_size, assignment.start_step, assignment.total_steps
+        assignment.rank,
+        assignment.world_size,
+        assignment.start_step,
+        assignment.total_steps
     );
     let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
@@ -82,18 +85,14 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         step: assignment.start_step,
         ..Progress::default()
     }));
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let coordinator_lost = Arc::new(Mutex::new(None::<String>));
+    let signals = Arc::new(Signals::default());
     let heartbeat = spawn_heartbeat(
         runtime.handle().clone(),
         client.clone(),
         id.clone(),
         Duration::from_millis(manifest.cluster.heartbeat_ms),
         progress.clone(),
-        stop.clone(),
-        done.clone(),
-        coordinator_lost.clone(),
+        signals.clone(),
     );
     let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
         let shard = CheckpointShard {
@@ -111,12 +110,11 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     };
     let reporting = Reporting {
         progress: &progress,
-        stop: &stop,
-        coordinator_lost: &coordinator_lost,
+        signals: &signals,
         report: &report,
     };
     let result = train_on_backend(&manifest, &assignment, options.device, listener, &reporting);
-    done.store(true, Ordering::SeqCst);
+    signals.done.store(true, Ordering::SeqCst);
     let _ = heartbeat.join();
     // The last step's metrics, before saying goodbye.
     let _ = send_heartbeat(runtime.handle(), &mut client, &id, &progress);
@@ -132,10 +130,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         message,
     }));
     if let (Err(status), Ok(_)) = (&finished, &result) {
-        tracing::warn!(
-            "could not report the end to the coordinator: {}",
-            status.message()
-        );
+        tracing::warn!("could not report the end to the coordinator: {}", status.message());
     }
     result
 }

@@ -257,7 +257,9 @@ where
     if assignment.rank == 0 {
         tracing::info!(
             "resumed from {} (step {}, saved by {} workers)",
-            assignment.resume_from, meta.step, meta.world_size
+            assignment.resume_from,
+            meta.step,
+            meta.world_size
         );
     }
     Ok((model, trainer.with_optimizer_record(record)))

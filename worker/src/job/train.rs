@@ -14,7 +14,7 @@ use data::loader::BadRecords;
 use model::state::SavedShard;
 use model::CocaModel;
 
-use super::client::Progress;
+use super::client::{Progress, Signals};
 use super::setup::JobSetup;
 use super::{WorkerError, WorkerOutcome};
 use crate::kernels::Kernels;
@@ -22,9 +22,8 @@ use crate::kernels::Kernels;
 /// How the loop hears from and speaks to the coordinator.
 pub(super) struct Reporting<'a> {
     pub progress: &'a Mutex<Progress>,
-    /// Set by the heartbeat thread when the coordinator says stop (or is lost).
-    pub stop: &'a AtomicBool,
-    pub coordinator_lost: &'a Mutex<Option<String>>,
+    /// From the heartbeat thread: stop, and whether the coordinator is lost.
+    pub signals: &'a Signals,
     /// Tells the coordinator a shard is written; true when that committed the step.
     pub report: &'a dyn Fn(u64, &SavedShard) -> Result<bool, String>,
 }
@@ -49,8 +48,8 @@ where
     };
     let failed = |step: u64, message: String| WorkerError::Step { step, message };
     while step < total {
-        if stop_agreed(&mut job.ring, reporting.stop).map_err(|e| failed(step, e.to_string()))? {
-            if let Some(message) = reporting.coordinator_lost.lock().expect("lost").clone() {
+        if stop_agreed(&mut job.ring, &reporting.signals.stop).map_err(|e| failed(step, e.to_string()))? {
+            if let Some(message) = reporting.signals.coordinator_lost.lock().expect("lost").clone() {
                 return Err(WorkerError::CoordinatorLost(message));
             }
             // Asked to stop: keep what was trained since the last save.
