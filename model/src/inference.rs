@@ -14,8 +14,8 @@ use store::Store;
 use crate::state::PathStack;
 use crate::CocaModel;
 use checkpoint::CheckpointError;
-use data::image::{self, Crop};
-use data::tokenizer::TextTokenizer;
+use datasets::image::{self, Crop};
+use datasets::tokenizer::TextTokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -30,7 +30,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use contract::{ModelConfig, ParamCounts, PoolerLayout};
-pub use data::batch::CocaBatch;
+pub use datasets::batch::CocaBatch;
 
 use self::dense::Dense;
 use self::init::{fan_in_std, Init};

@@ -11,10 +11,10 @@ use clap::Subcommand;
 use collective::tcp::{RingListener, TcpRing};
 use collective::{Collective, Solo};
 use contract::ModelConfig;
-use data::corpus;
-use data::dataset::Dataset;
-use data::prompt::PromptTemplates;
-use data::tokenizer::TextTokenizer;
+use datasets::corpus;
+use datasets::dataset::Dataset;
+use datasets::prompt::PromptTemplates;
+use datasets::tokenizer::TextTokenizer;
 use model::backend::CpuTrain;
 use model::train::contrastive::ContrastiveMode;
 use worker::bench::{

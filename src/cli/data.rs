@@ -6,15 +6,15 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
 use contract::dataset::DatasetKind;
-use data::bad_record::{self, BadRecord, Caption};
-use data::dataset::Dataset;
-use data::demo::{self, DemoSpec};
-use data::import::{self, ImportFormat, ImportOptions};
-use data::prompt::PromptTemplates;
-use data::shard::Compression;
-use data::tokenizer::TextTokenizer;
-use data::writer::DatasetWriter;
-use data::{corpus, image as pixels};
+use datasets::bad_record::{self, BadRecord, Caption};
+use datasets::dataset::Dataset;
+use datasets::demo::{self, DemoSpec};
+use datasets::import::{self, ImportFormat, ImportOptions};
+use datasets::prompt::PromptTemplates;
+use datasets::shard::Compression;
+use datasets::tokenizer::TextTokenizer;
+use datasets::writer::DatasetWriter;
+use datasets::{corpus, image as pixels};
 use image::{imageops, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use store::{Store, StoreOptions};
@@ -261,7 +261,7 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         index.shards.len(),
         bytes as f64 / (1 << 20) as f64
     );
-    let schema = data::shard::schema(index.kind);
+    let schema = datasets::shard::schema(index.kind);
     let columns: Vec<String> = schema
         .fields()
         .iter()

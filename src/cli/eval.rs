@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use data::dataset::Dataset;
-use data::prompt::PromptTemplates;
+use datasets::dataset::Dataset;
+use datasets::prompt::PromptTemplates;
 use model::backend::Cpu;
 use model::eval::tasks;
 use model::generate::{generate, Generation, Strategy};
@@ -300,7 +300,7 @@ pub fn caption(
     let mut results = Vec::new();
     for path in images {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let picture = data::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        let picture = datasets::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
         let batch = inference::image_batch::<Cpu>(&[picture], loaded.config.image_size as u32, &device);
         let tokens = loaded.model.caption_image_tokens(batch);
         let ids = generate(&loaded.model, tokens, &generation);

@@ -13,7 +13,7 @@ use contract::manifest::{Manifest, Overrides};
 use contract::status::{JobState, StatusReport};
 use coordinator::local_workers::LocalWorkers;
 use coordinator::Coordinator;
-use data::demo::{self, DemoSpec};
+use datasets::demo::{self, DemoSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use store::Store;
 use worker::job::{WorkerOptions, WorkerOutcome};

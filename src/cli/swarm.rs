@@ -43,9 +43,9 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Result<SwarmReport> {
     let data = dir.join("data");
-    data::demo::write(
+    datasets::demo::write(
         &store::Store::open(&data.display().to_string(), &Default::default())?,
-        &data::demo::DemoSpec {
+        &datasets::demo::DemoSpec {
             align_rows: 64,
             jft_rows: 64,
             heldout_rows: 8,

@@ -197,15 +197,15 @@ impl DataBenchmark {
 /// (decode, random resized crop, normalise, tokenize) on `threads` threads,
 /// after one unmeasured batch that brings the shards into memory.
 pub fn bench_data(
-    dataset: data::dataset::Dataset,
-    tokenizer: data::tokenizer::TextTokenizer,
+    dataset: datasets::dataset::Dataset,
+    tokenizer: datasets::tokenizer::TextTokenizer,
     image_size: u32,
     threads: usize,
     batch: usize,
     batches: usize,
-) -> Result<DataBenchmark, data::loader::LoaderError> {
+) -> Result<DataBenchmark, datasets::loader::LoaderError> {
     use contract::sample_order::{SampleOrder, SourceSize};
-    use data::loader::{BatchAssembler, LoaderConfig, LoaderSource};
+    use datasets::loader::{BatchAssembler, LoaderConfig, LoaderSource};
 
     let order = SampleOrder::new(
         0,
@@ -221,7 +221,7 @@ pub fn bench_data(
     };
     let source = LoaderSource {
         dataset,
-        templates: data::prompt::PromptTemplates::clip80(),
+        templates: datasets::prompt::PromptTemplates::clip80(),
     };
     let mut assembler = BatchAssembler::new(vec![source], order, tokenizer, config, 0, 0, 1)?;
     assembler.assemble(0)?;

@@ -9,9 +9,9 @@ use contract::ModelConfig;
 use super::tasks::{retrieval, zero_shot, EvalError};
 use crate::inference::Loaded;
 use crate::CocaModel;
-use data::dataset::Dataset;
-use data::prompt::PromptTemplates;
-use data::tokenizer::TextTokenizer;
+use datasets::dataset::Dataset;
+use datasets::prompt::PromptTemplates;
+use datasets::tokenizer::TextTokenizer;
 
 pub struct PeriodicEval {
     every: u64,

@@ -12,9 +12,9 @@ use super::cider::cider_d;
 use super::ranking::{rank, recall_at_k};
 use crate::generate::{generate, Generation};
 use crate::inference::{image_batch, text_batch, Loaded};
-use data::dataset::Dataset;
-use data::image::{self, RgbImage};
-use data::prompt::PromptTemplates;
+use datasets::dataset::Dataset;
+use datasets::image::{self, RgbImage};
+use datasets::prompt::PromptTemplates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use collective::Collective;
 use contract::rpc::{BadRecordCount, EvalMetric, StepMetrics, WorkerPhase};
-use data::loader::BadRecords;
+use datasets::loader::BadRecords;
 use model::state::SavedShard;
 use model::CocaModel;
 

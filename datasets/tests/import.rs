@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use contract::dataset::{DatasetIndex, DatasetKind};
-use data::dataset::Dataset;
-use data::demo;
-use data::import::{self, ImportFormat, ImportOptions, ImportSummary};
-use data::shard::Compression;
-use data::writer::DatasetWriter;
+use datasets::dataset::Dataset;
+use datasets::demo;
+use datasets::import::{self, ImportFormat, ImportOptions, ImportSummary};
+use datasets::shard::Compression;
+use datasets::writer::DatasetWriter;
 use store::Store;
 
 fn png(index: u64) -> Vec<u8> {
