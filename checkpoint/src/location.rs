@@ -247,4 +247,76 @@ mod tests {
         assert!(error.contains("holds no usable checkpoint"), "{error}");
         assert!(error.contains("step-00000003/COMMITTED: missing field"), "{error}");
     }
+
+    /// Writes committed step `step`: one tensor `w` of two values, `value`
+    /// everywhere, in one shard.
+    fn save(root: &Store, step: u64, value: f32) {
+        let tensors = vec![layout::TensorEntry {
+            path: "w".into(),
+            shape: vec![2],
+            dtype: "F32".into(),
+            offset: 0,
+            optimizer_state: true,
+        }];
+        let range = (0, 6);
+        let bytes = crate::shard::encode(&tensors, 2, range, step, |data| {
+            data.chunks_mut(4).for_each(|c| c.copy_from_slice(&value.to_le_bytes()))
+        });
+        let record = crate::write_shard(root, step, 0, 1, bytes.into()).unwrap();
+        let meta = Meta {
+            format: layout::FORMAT.into(),
+            version: layout::VERSION,
+            step,
+            world_size: 1,
+            optimizer_steps: step,
+            source_samples: vec![],
+            source_epochs: vec![],
+            rng: layout::RngState {
+                seed: 0,
+                scheme: "test".into(),
+            },
+            resume: fields(),
+            tokenizer_sha256: String::new(),
+            software: "test".into(),
+            section_len: 2,
+            tensors,
+            shards: vec![layout::ShardRange {
+                file: record.file.clone(),
+                start: range.0,
+                end: range.1,
+            }],
+        };
+        crate::write_meta(root, &meta).unwrap();
+        commit(root, step, vec![record], 10, 0.0).unwrap();
+    }
+
+    #[test]
+    fn a_named_location_reads_its_newest_whole_step_and_says_what_it_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().display().to_string();
+        let root = Store::open(&url, &store::StoreOptions::default()).unwrap();
+        let error = read_named(&url, root.clone(), None).unwrap_err().to_string();
+        assert!(error.ends_with("no committed checkpoint here"), "{error}");
+        save(&root, 10, 1.0);
+        save(&root, 20, 2.0);
+        let newest = read_named(&url, root.clone(), None).unwrap();
+        assert_eq!((newest.meta.step, newest.values[0], newest.skipped.len()), (20, 2.0, 0));
+        // Damage step 20's shard: step 10 is read, and the damage is named.
+        let shard = "step-00000020/rank-00000-of-00001.safetensors";
+        let mut bytes = root.get(shard).unwrap().to_vec();
+        *bytes.last_mut().unwrap() ^= 1;
+        root.put(shard, bytes.into()).unwrap();
+        let fallback = read_named(&url, root.clone(), None).unwrap();
+        assert_eq!((fallback.meta.step, fallback.values[5]), (10, 1.0));
+        assert_eq!(fallback.skipped.len(), 1);
+        assert!(fallback.skipped[0].contains(shard) && fallback.skipped[0].contains("checksum mismatch"));
+        // A step asked for by number is read as it is: damaged, it is an error.
+        assert!(matches!(
+            read_named(&url, root.clone(), Some(20)),
+            Err(CheckpointError::Damaged { .. })
+        ));
+        let step_url = format!("{url}/step-00000010");
+        let named = read_named(&step_url, root.at("step-00000010"), None).unwrap();
+        assert_eq!(named.meta.step, 10);
+    }
 }
