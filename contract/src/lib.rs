@@ -22,7 +22,8 @@ pub mod rpc {
     tonic::include_proto!("coca.v1");
 
     /// Bumped on every incompatible change; a worker speaking another is refused.
-    pub const PROTOCOL_VERSION: u32 = 1;
+    /// 2: NCCL jobs exchange unique ids through the rendezvous.
+    pub const PROTOCOL_VERSION: u32 = 2;
 }
 
 pub use model::{ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};

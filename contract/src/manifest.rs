@@ -525,7 +525,8 @@ impl Manifest {
             &[("cpu", Backend::Cpu), ("cuda", Backend::Cuda)],
             Backend::Cpu,
         )?;
-        // tcp on every backend until the worker exchanges an NCCL id.
+        // tcp on every backend until NCCL has passed its check on a GPU
+        // (scripts/gpu/check.sh); `nccl` is there for CUDA jobs that ask.
         let collective = section.choice(
             "collective",
             &[("tcp", CollectiveKind::Tcp), ("nccl", CollectiveKind::Nccl)],
@@ -854,14 +855,8 @@ impl Manifest {
 
     fn validate_cluster(&self) -> Result<(), ManifestError> {
         let cluster = &self.cluster;
-        if cluster.collective == CollectiveKind::Nccl {
-            return Err(error(
-                "cluster.collective",
-                match cluster.backend {
-                    Backend::Cpu => "nccl needs cluster.backend = \"cuda\"",
-                    Backend::Cuda => "nccl is not available yet (the workers exchange no NCCL id); use \"tcp\"",
-                },
-            ));
+        if cluster.collective == CollectiveKind::Nccl && cluster.backend == Backend::Cpu {
+            return Err(error("cluster.collective", "nccl needs cluster.backend = \"cuda\""));
         }
         if cluster.heartbeat_ms == 0 {
             return Err(error("cluster.heartbeat_ms", "must be at least 1"));

@@ -45,6 +45,15 @@ fn a_cuda_manifest_without_a_collective_runs_on_tcp() {
         (cuda.cluster.backend, cuda.cluster.collective),
         (Backend::Cuda, CollectiveKind::Tcp)
     );
+    let nccl = Manifest::parse(
+        &with(
+            "backend = \"cpu\"\ncollective = \"tcp\"",
+            "backend = \"cuda\"\ncollective = \"nccl\"",
+        ),
+        "m",
+    )
+    .unwrap();
+    assert_eq!(nccl.cluster.collective, CollectiveKind::Nccl);
 }
 
 #[test]
@@ -112,10 +121,6 @@ fn every_rule_names_its_field() {
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
-        (
-            with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"cuda\"\ncollective = \"nccl\""),
-            "cluster.collective: nccl is not available yet (the workers exchange no NCCL id); use \"tcp\"",
-        ),
         (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: `max` is not one of minimal, balanced, extensive, full"),
         (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: expected true or false, found the integer 1"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),

@@ -26,6 +26,9 @@ pub struct Worker {
     pub last_heartbeat: Instant,
     /// Set by Finish: whether it ended well, and its message.
     pub finished: Option<(bool, String)>,
+    /// NCCL jobs: the unique id it sent in its rendezvous request.
+    #[serde(skip)]
+    pub nccl_unique_id: Vec<u8>,
 }
 
 const HISTORY: usize = 2000;
@@ -163,6 +166,15 @@ impl Job {
         }
     }
 
+    /// NCCL jobs: the unique id every rank joins, rank 0's, once it sent one.
+    pub fn nccl_unique_id(&self) -> Option<&[u8]> {
+        self.workers
+            .values()
+            .find(|w| w.rank == Some(0))
+            .map(|w| w.nccl_unique_id.as_slice())
+            .filter(|id| !id.is_empty())
+    }
+
     /// Records rank `rank`'s shard of `step`; returns every rank's shard
     /// (and save seconds) once the last one is in: the step can be committed.
     pub fn record_shard(
@@ -266,6 +278,7 @@ mod tests {
                     phase: WorkerPhase::Starting,
                     last_heartbeat: Instant::now(),
                     finished: None,
+                    nccl_unique_id: Vec::new(),
                 },
             );
         }

@@ -7,8 +7,9 @@ use std::time::Instant;
 use checkpoint::layout::ShardRecord;
 use contract::rpc::coordinator_server::Coordinator as CoordinatorRpc;
 use contract::rpc::{
-    Assignment, CheckpointReply, CheckpointShard, Command, FinishReply, FinishRequest, HeartbeatReply,
-    HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
+    Assignment, CheckpointReply, CheckpointShard, CollectiveKind as RpcCollectiveKind, Command, FinishReply,
+    FinishRequest, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase,
+    PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
@@ -55,6 +56,7 @@ impl CoordinatorRpc for Service {
                 phase: WorkerPhase::Starting,
                 last_heartbeat: Instant::now(),
                 finished: None,
+                nccl_unique_id: Vec::new(),
             },
         );
         let registered = job.workers.len();
@@ -67,12 +69,31 @@ impl CoordinatorRpc for Service {
         if registered == world {
             self.shared.assign_ranks();
         }
-        Ok(Response::new(RegisterReply { worker_id: id }))
+        let collective = match self.shared.manifest.cluster.collective {
+            contract::manifest::CollectiveKind::Tcp => RpcCollectiveKind::Tcp,
+            contract::manifest::CollectiveKind::Nccl => RpcCollectiveKind::Nccl,
+        };
+        Ok(Response::new(RegisterReply {
+            worker_id: id,
+            collective: collective as i32,
+        }))
     }
 
     async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<Assignment>, Status> {
-        let id = request.into_inner().worker_id;
+        let RendezvousRequest {
+            worker_id: id,
+            nccl_unique_id,
+        } = request.into_inner();
+        let nccl = self.shared.manifest.cluster.collective == contract::manifest::CollectiveKind::Nccl;
+        if nccl && nccl_unique_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "this job's collective is nccl and this worker sent no NCCL unique id (a coca built without CUDA?)",
+            ));
+        }
         let mut ready = self.shared.ready.subscribe();
+        registered(&mut self.shared.job.lock().expect("job state"), &id)?.nccl_unique_id = nccl_unique_id;
+        // Ranks waiting for rank 0's id look again.
+        let _ = self.shared.ready.send(true);
         loop {
             {
                 let mut job = self.shared.job.lock().expect("job state");
@@ -80,7 +101,8 @@ impl CoordinatorRpc for Service {
                 if job.state.is_terminal() {
                     return Err(Status::aborted(format!("the job is {}", job.state.name())));
                 }
-                if let Some(rank) = rank {
+                let nccl_unique_id = job.nccl_unique_id().map(<[u8]>::to_vec);
+                if let Some(rank) = rank.filter(|_| !nccl || nccl_unique_id.is_some()) {
                     let mut peers: Vec<(usize, String)> = job
                         .workers
                         .values()
@@ -95,7 +117,7 @@ impl CoordinatorRpc for Service {
                         start_step: job.start_step,
                         total_steps: job.total_steps,
                         dataset_indexes: self.shared.indexes.clone(),
-                        nccl_unique_id: Vec::new(),
+                        nccl_unique_id: nccl_unique_id.unwrap_or_default(),
                         resume_from: job.checkpoint.resumed_from.clone().unwrap_or_default(),
                     }));
                 }

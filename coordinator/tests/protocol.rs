@@ -112,13 +112,67 @@ async fn ranks_for(preferred: [Option<u32>; 2]) -> [u32; 2] {
     let mut ranks = [0; 2];
     for (rank, id) in ranks.iter_mut().zip(ids) {
         *rank = client
-            .rendezvous(RendezvousRequest { worker_id: id })
+            .rendezvous(RendezvousRequest {
+                worker_id: id,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
             .rank;
     }
     ranks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nccl_job_hands_every_rank_the_unique_id_of_rank_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nccl = manifest(dir.path(), 5000);
+    nccl.cluster.backend = contract::manifest::Backend::Cuda;
+    nccl.cluster.collective = contract::manifest::CollectiveKind::Nccl;
+    let coordinator = Coordinator::start(nccl, Token::new("t"), Resume::Latest).await.unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    // Rank 0 by preference is the second to register and the last to meet.
+    let mut workers = Vec::new();
+    for (address, preferred_rank) in [("127.0.0.1:9001", 1), ("127.0.0.1:9002", 0)] {
+        let request = RegisterRequest {
+            preferred_rank: Some(preferred_rank),
+            ..register(address)
+        };
+        let reply = client.register(request).await.unwrap().into_inner();
+        assert_eq!(reply.collective(), contract::rpc::CollectiveKind::Nccl);
+        workers.push(reply.worker_id);
+    }
+    let rendezvous = |id: String, nccl_unique_id: &[u8]| {
+        let mut client = client.clone();
+        let request = RendezvousRequest {
+            worker_id: id,
+            nccl_unique_id: nccl_unique_id.to_vec(),
+        };
+        async move { client.rendezvous(request).await }
+    };
+    // A worker without an id (a build without CUDA) is refused, by name of the field.
+    let refused = rendezvous(workers[0].clone(), b"").await.unwrap_err();
+    assert!(
+        refused.message().contains("sent no NCCL unique id"),
+        "{}",
+        refused.message()
+    );
+    // Rank 1 waits until rank 0 has sent its id, then both get rank 0's.
+    let waiting = tokio::spawn(rendezvous(workers[0].clone(), b"id of rank 1"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "rank 1 got an assignment before rank 0's id was known"
+    );
+    let rank0 = rendezvous(workers[1].clone(), b"id of rank 0")
+        .await
+        .unwrap()
+        .into_inner();
+    let rank1 = waiting.await.unwrap().unwrap().into_inner();
+    assert_eq!((rank0.rank, rank1.rank), (0, 1));
+    assert_eq!(rank0.nccl_unique_id, b"id of rank 0");
+    assert_eq!(rank1.nccl_unique_id, b"id of rank 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +247,10 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
         let mut client = client.clone();
         tokio::spawn(async move {
             client
-                .rendezvous(RendezvousRequest { worker_id: id })
+                .rendezvous(RendezvousRequest {
+                    worker_id: id,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner()

@@ -154,7 +154,12 @@ async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<Vec<String>
         let mut client = channels[i % channels.len()].clone();
         let id = id.clone();
         waits.push(tokio::spawn(async move {
-            client.rendezvous(RendezvousRequest { worker_id: id }).await
+            client
+                .rendezvous(RendezvousRequest {
+                    worker_id: id,
+                    nccl_unique_id: Vec::new(),
+                })
+                .await
         }));
     }
     for wait in waits {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use contract::auth::Bearer;
 use contract::rpc::coordinator_client::CoordinatorClient;
 use contract::rpc::{
-    Assignment, Command, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase,
-    PROTOCOL_VERSION,
+    Assignment, CollectiveKind, Command, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics,
+    WorkerPhase, PROTOCOL_VERSION,
 };
 use store::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
@@ -62,7 +62,8 @@ pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerErr
 }
 
 /// Registers (as `cpu` until the backend is known; heartbeats correct it)
-/// and waits for the rendezvous: the worker's id and its assignment.
+/// and waits for the rendezvous: the worker's id and its assignment. In an
+/// NCCL job every worker sends a unique id; rank 0's reaches every rank.
 pub(super) async fn join(
     client: &mut Client,
     options: &WorkerOptions,
@@ -85,13 +86,34 @@ pub(super) async fn join(
         .await
         .map_err(refused("registration"))?
         .into_inner();
+    let nccl_unique_id = match registered.collective() {
+        CollectiveKind::Tcp => Vec::new(),
+        CollectiveKind::Nccl => nccl_unique_id()?,
+    };
     let id = registered.worker_id;
     let assignment = client
-        .rendezvous(RendezvousRequest { worker_id: id.clone() })
+        .rendezvous(RendezvousRequest {
+            worker_id: id.clone(),
+            nccl_unique_id,
+        })
         .await
         .map_err(refused("rendezvous"))?
         .into_inner();
     Ok((id, assignment))
+}
+
+/// A new NCCL unique id, as bytes.
+#[cfg(feature = "cuda")]
+fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
+    let id = collective::nccl::NcclCollective::unique_id().map_err(|e| WorkerError::Setup(e.to_string()))?;
+    Ok(id.iter().map(|&c| c as u8).collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
+    Err(WorkerError::Setup(
+        "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)".into(),
+    ))
 }
 
 pub(super) fn spawn_heartbeat(

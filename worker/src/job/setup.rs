@@ -10,8 +10,9 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use checkpoint::layout::{self, ResumeFields};
 use collective::tcp::{RingListener, TcpRing};
+use collective::Collective;
 use contract::dataset::DatasetIndex;
-use contract::manifest::{Contrastive, Eval, Manifest};
+use contract::manifest::{CollectiveKind, Contrastive, Eval, Manifest};
 use contract::rpc::Assignment;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
@@ -39,7 +40,8 @@ pub(super) struct JobSetup<B: AutodiffBackend> {
     pub total_steps: u64,
     pub order: SampleOrder,
     pub loader: Loader,
-    pub ring: TcpRing,
+    /// The ring to the other ranks (TCP, or NCCL on CUDA jobs that ask).
+    pub collective: Box<dyn Collective>,
     pub device: B::Device,
     pub model: CocaModel<B>,
     pub trainer: TrainStep<B>,
@@ -106,7 +108,7 @@ where
         )
         .map_err(|e| setup(e.to_string()))?;
         let loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
-        let ring = join_ring(assignment, listener)?;
+        let collective = join_collective(manifest, assignment, listener, device)?;
         let device = model::backend::device::<B>(device).map_err(setup)?;
         let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
         Ok(Self {
@@ -115,7 +117,7 @@ where
             total_steps: assignment.total_steps,
             order,
             loader,
-            ring,
+            collective,
             device,
             model,
             trainer,
@@ -198,6 +200,45 @@ fn periodic_eval(
         retrieval,
         manifest.model.clone(),
         tokenizer,
+    ))
+}
+
+/// Joins the job's collective: the TCP ring of the assignment's peers, or
+/// the NCCL communicator of rank 0's unique id on GPU `device`.
+fn join_collective(
+    manifest: &Manifest,
+    assignment: &Assignment,
+    listener: RingListener,
+    device: usize,
+) -> Result<Box<dyn Collective>, WorkerError> {
+    match manifest.cluster.collective {
+        CollectiveKind::Tcp => Ok(Box::new(join_ring(assignment, listener)?)),
+        CollectiveKind::Nccl => join_nccl(assignment, device),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn join_nccl(assignment: &Assignment, device: usize) -> Result<Box<dyn Collective>, WorkerError> {
+    use collective::nccl::{NcclCollective, UniqueId};
+    let bytes = &assignment.nccl_unique_id;
+    let mut id: UniqueId = [0; 128];
+    if bytes.len() != id.len() {
+        return Err(setup(format!(
+            "the coordinator's NCCL unique id has {} bytes, not {}",
+            bytes.len(),
+            id.len()
+        )));
+    }
+    id.iter_mut().zip(bytes).for_each(|(c, &b)| *c = b as std::ffi::c_char);
+    let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
+    let nccl = NcclCollective::new(device, rank, world, id).map_err(|e| setup(e.to_string()))?;
+    Ok(Box::new(nccl))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn join_nccl(_: &Assignment, _: usize) -> Result<Box<dyn Collective>, WorkerError> {
+    Err(setup(
+        "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)",
     ))
 }
 

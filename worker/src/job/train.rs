@@ -28,8 +28,9 @@ pub(super) struct Reporting<'a> {
     pub report: &'a dyn Fn(u64, &SavedShard) -> Result<bool, String>,
 }
 
-/// Trains `job` on backend `B`. Gradients and embeddings cross the TCP ring
-/// through host memory, so it serves CPU and CUDA workers alike.
+/// Trains `job` on backend `B`. Gradients and embeddings cross the
+/// collective through host buffers (NCCL stages them on the GPU), so one
+/// loop serves CPU and CUDA workers and every world size.
 pub(super) fn train<B: AutodiffBackend>(
     mut job: JobSetup<B>,
     manifest: &contract::manifest::Manifest,
@@ -48,7 +49,7 @@ where
     };
     let failed = |step: u64, message: String| WorkerError::Step { step, message };
     while step < total {
-        if stop_agreed(&mut job.ring, &reporting.signals.stop).map_err(|e| failed(step, e.to_string()))? {
+        if stop_agreed(job.collective.as_mut(), &reporting.signals.stop).map_err(|e| failed(step, e.to_string()))? {
             if let Some(message) = reporting.signals.coordinator_lost.lock().expect("lost").clone() {
                 return Err(WorkerError::CoordinatorLost(message));
             }
@@ -68,7 +69,7 @@ where
         let learning_rate = manifest.train.learning_rate_at(step, total);
         let (next, report) = job
             .trainer
-            .step(job.model, &batch, learning_rate, &mut job.ring)
+            .step(job.model, &batch, learning_rate, job.collective.as_mut())
             .map_err(|e| failed(step, e.to_string()))?;
         job.model = next;
         step += 1;
@@ -115,9 +116,9 @@ where
 }
 
 /// Every rank stops at the same step: a stop any rank heard is summed in.
-fn stop_agreed(ring: &mut impl Collective, stop: &AtomicBool) -> Result<bool, collective::CollectiveError> {
+fn stop_agreed(collective: &mut dyn Collective, stop: &AtomicBool) -> Result<bool, collective::CollectiveError> {
     let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
-    ring.all_reduce_sum(&mut flag)?;
+    collective.all_reduce_sum(&mut flag)?;
     Ok(flag[0] > 0.0)
 }
 
