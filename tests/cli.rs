@@ -163,6 +163,13 @@ fn bench_allreduce_runs_separate_processes_and_prints_bandwidths() {
 #[test]
 fn bench_allreduce_refuses_a_world_of_one() {
     refused(&["bench", "allreduce", "--world", "1"], "--world must be at least 2");
+    // NCCL's world of one is one GPU; a build without CUDA says what it lacks.
+    if !cfg!(feature = "cuda") {
+        refused(
+            &["bench", "allreduce", "--collective", "nccl", "--world", "1"],
+            "--collective nccl: this coca was built without CUDA",
+        );
+    }
 }
 
 /// A fresh directory under the system temp dir for one test.

@@ -244,6 +244,32 @@ fn wait_for(address: &str, what: &str, predicate: impl Fn(&serde_json::Value) ->
 }
 
 #[test]
+fn an_nccl_job_on_a_build_without_cuda_fails_saying_so() {
+    if cfg!(feature = "cuda") {
+        return; // a CUDA build makes the id; the GPU check runs that job.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), 200, 2000);
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "backend = \"cpu\"\ncollective = \"tcp\"",
+        "backend = \"cuda\"\ncollective = \"nccl\"",
+    );
+    assert!(text.contains("collective = \"nccl\""));
+    std::fs::write(&path, text).unwrap();
+    let output = coca()
+        .current_dir(dir.path())
+        .args(["launch", "job.toml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cluster.collective = \"nccl\": this coca was built without CUDA"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_wrong_token_is_refused_and_a_killed_worker_is_named() {
     let dir = tempfile::tempdir().unwrap();
     // Data first, as `coca launch` would.

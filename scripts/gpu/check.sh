@@ -5,8 +5,9 @@
 #   1. bench step tiny b32 cold, then warm (same kernel cache): time to first step, kernels compiled
 #   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s
 #   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache
-#   4. launch base b64 (1 worker)
-#   5. open_clip base b64, bf16 and TF32, on the same card (needs scripts/gpu/.whl)
+#   4. launch tiny on NCCL (world 1), then bench allreduce on NCCL (world 1)
+#   5. launch base b64 (1 worker)
+#   6. open_clip base b64, bf16 and TF32, on the same card (needs scripts/gpu/.whl)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 G=$PWD/scripts/gpu; BIN=/tmp/coca-cuda
@@ -42,6 +43,12 @@ bench bench-base-warm 60 base 64
 stage launch-tiny-cold 90 tiny.toml
 rm -rf runs/tiny   # a fresh job; its kernel cache stays
 stage launch-tiny-warm 60 tiny.toml
+# NCCL: world 1 on the one GPU (the id exchange, the communicator, a whole job), then its all-reduce.
+sed -e 's/^backend = "cuda"$/backend = "cuda"\ncollective = "nccl"/' -e 's#runs/tiny#runs/tiny-nccl#g' \
+  -e 's/"gpu-tiny"/"gpu-tiny-nccl"/' "$G/tiny.toml" > "$G/tiny-nccl.toml"
+stage launch-tiny-nccl 60 tiny-nccl.toml
+timeout 60 "$BIN" bench allreduce --collective nccl --world 1 --mib 256 > "$OUT/allreduce-nccl.log" 2>&1
+say "== bench allreduce nccl world 1: rc=$?"; tail -4 "$OUT/allreduce-nccl.log" | tee -a "$S"; reap
 stage launch-base 120 base.toml
 if ls $G/.whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $G/.whl/*.whl && export PYTHONPATH=/tmp/site

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use clap::Subcommand;
-use collective::tcp::{RingListener, TcpRing};
+use collective::tcp::RingListener;
 use collective::{Collective, Solo};
 use contract::ModelConfig;
 use datasets::corpus;
@@ -31,9 +31,13 @@ pub enum BenchCommand {
     /// All-reduce bus bandwidth (as nccl-tests defines it) between local
     /// processes over the TCP ring, beside this machine's memcpy bandwidth.
     Allreduce {
-        /// Processes (ranks).
+        /// Processes (ranks); with nccl, rank r uses GPU r.
         #[arg(long, default_value_t = 2)]
         world: usize,
+        /// `tcp` (the ring over loopback), or `nccl` (a build with
+        /// `--features cuda`; world 1 runs in this process).
+        #[arg(long, value_enum, default_value_t = BenchCollective::Tcp)]
+        collective: BenchCollective,
         /// Buffer size in MiB of f32.
         #[arg(long, default_value_t = 64)]
         mib: usize,
@@ -154,15 +158,23 @@ pub struct LocalRank {
     /// Every rank's ring address, in rank order.
     #[arg(long, hide = true, value_delimiter = ',')]
     peers: Vec<SocketAddr>,
+    /// NCCL: the unique id the parent made, in hex.
+    #[arg(long, hide = true)]
+    nccl_id: Option<String>,
 }
 
 impl LocalRank {
-    /// This process's place in the ring, when it is a child rank.
-    fn join(&self) -> anyhow::Result<Option<TcpRing>> {
+    /// This process's place in the ring (or the NCCL communicator, on GPU
+    /// `rank`), when it is a child rank.
+    fn join(&self, nccl: bool) -> anyhow::Result<Option<Box<dyn Collective>>> {
         let Some(rank) = self.child_rank else { return Ok(None) };
+        if nccl {
+            let id = self.nccl_id.as_deref().context("--collective nccl: no --nccl-id")?;
+            return Ok(Some(nccl_collective(rank, self.peers.len(), id)?));
+        }
         let address = *self.peers.get(rank).context("--child-rank outside --peers")?;
         let ring = RingListener::bind(address)?.connect(rank, &self.peers, Duration::from_secs(60))?;
-        Ok(Some(ring))
+        Ok(Some(Box::new(ring)))
     }
 }
 
@@ -206,11 +218,12 @@ impl BenchCommand {
             BenchCommand::Step(args) => step(args),
             BenchCommand::Allreduce {
                 world,
+                collective,
                 mib,
                 iterations,
                 warmup,
                 local_rank,
-            } => allreduce(world, mib, iterations, warmup, local_rank),
+            } => allreduce(world, collective, mib, iterations, warmup, local_rank),
         }
     }
 }
@@ -373,8 +386,8 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         }
         Ok(report)
     };
-    if let Some(mut ring) = local_rank.join()? {
-        let report = run(&mut ring)?;
+    if let Some(mut ring) = local_rank.join(false)? {
+        let report = run(ring.as_mut())?;
         println!("result {}", report.median(|t| t.total()).as_nanos());
         return Ok(());
     }
@@ -433,34 +446,56 @@ fn step_on_local_ranks(
     Ok(())
 }
 
-fn allreduce(world: usize, mib: usize, iterations: usize, warmup: usize, local_rank: LocalRank) -> anyhow::Result<()> {
-    ensure!(world >= 2, "--world must be at least 2");
+fn allreduce(
+    world: usize,
+    collective: BenchCollective,
+    mib: usize,
+    iterations: usize,
+    warmup: usize,
+    local_rank: LocalRank,
+) -> anyhow::Result<()> {
+    let nccl = collective == BenchCollective::Nccl;
+    ensure!(world >= 2 || nccl, "--world must be at least 2");
     ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
     let bytes = mib << 20;
-    if let Some(mut ring) = local_rank.join()? {
-        let report = bench_all_reduce(&mut ring, bytes, warmup, iterations)?;
+    if let Some(mut ring) = local_rank.join(nccl)? {
+        let report = bench_all_reduce(ring.as_mut(), bytes, warmup, iterations)?;
         println!("result {}", report.median().as_nanos());
         return Ok(());
     }
-    let args: Vec<String> = [
-        "bench",
-        "allreduce",
-        "--mib",
-        &mib.to_string(),
-        "--warmup",
-        &warmup.to_string(),
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(["--iterations".to_string(), iterations.to_string()])
-    .collect();
-    let median = run_local_ranks(&args, world)?;
+    let median = if nccl && world == 1 {
+        let mut communicator = nccl_collective(0, 1, &nccl_unique_id()?)?;
+        bench_all_reduce(communicator.as_mut(), bytes, warmup, iterations)?.median()
+    } else {
+        let mut args: Vec<String> = [
+            "bench",
+            "allreduce",
+            "--mib",
+            &mib.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(["--iterations".to_string(), iterations.to_string()])
+        .collect();
+        if nccl {
+            args.extend([
+                "--collective".into(),
+                "nccl".into(),
+                "--nccl-id".into(),
+                nccl_unique_id()?,
+            ]);
+        }
+        run_local_ranks(&args, world)?
+    };
     let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
     let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
-    println!(
-        "bench allreduce: {world} processes on loopback (TCP ring), {mib} MiB of f32, \
-             {iterations} iterations after {warmup} warm-up"
-    );
+    let over = match collective {
+        BenchCollective::Tcp => "processes on loopback (TCP ring)",
+        BenchCollective::Nccl => "ranks on NCCL, buffers staged through GPU memory",
+    };
+    println!("bench allreduce: {world} {over}, {mib} MiB of f32, {iterations} iterations after {warmup} warm-up");
     println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
     println!("  algorithm bw  {:8.2} GB/s", gb(algorithm));
     println!(
@@ -530,6 +565,53 @@ fn cuda_step(
     _: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
     anyhow::bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchCollective {
+    Tcp,
+    Nccl,
+}
+
+/// A new NCCL unique id, in hex (to pass to other processes).
+#[cfg(feature = "cuda")]
+fn nccl_unique_id() -> anyhow::Result<String> {
+    let id = collective::nccl::NcclCollective::unique_id()?;
+    Ok(id.iter().map(|&c| format!("{:02x}", c as u8)).collect())
+}
+
+/// Rank `rank` of `world` on GPU `rank`, joined to the communicator of `id` (hex).
+#[cfg(feature = "cuda")]
+fn nccl_collective(rank: usize, world: usize, id: &str) -> anyhow::Result<Box<dyn Collective>> {
+    let mut unique: collective::nccl::UniqueId = [0; 128];
+    ensure!(
+        id.len() == 2 * unique.len(),
+        "--nccl-id: {} hex digits, not {}",
+        id.len(),
+        2 * unique.len()
+    );
+    for (c, pair) in unique.iter_mut().zip(id.as_bytes().chunks(2)) {
+        let byte = u8::from_str_radix(std::str::from_utf8(pair)?, 16).context("--nccl-id: not hex")?;
+        *c = byte as std::ffi::c_char;
+    }
+    let world = world.max(1);
+    Ok(Box::new(collective::nccl::NcclCollective::new(
+        rank, rank, world, unique,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+const WITHOUT_CUDA: &str =
+    "--collective nccl: this coca was built without CUDA (cargo build --release --features cuda)";
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_unique_id() -> anyhow::Result<String> {
+    anyhow::bail!(WITHOUT_CUDA)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_collective(_: usize, _: usize, _: &str) -> anyhow::Result<Box<dyn Collective>> {
+    anyhow::bail!(WITHOUT_CUDA)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
