@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use contract::auth::Bearer;
 use contract::rpc::coordinator_client::CoordinatorClient;
 use contract::rpc::{
-    Assignment, CollectiveKind, Command, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics,
-    WorkerPhase, PROTOCOL_VERSION,
+    Assignment, CollectiveKind, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
+    StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };
 use store::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
@@ -86,11 +86,25 @@ pub(super) async fn join(
         .await
         .map_err(refused("registration"))?
         .into_inner();
-    let nccl_unique_id = match registered.collective() {
-        CollectiveKind::Tcp => Vec::new(),
-        CollectiveKind::Nccl => nccl_unique_id()?,
-    };
+    let collective = registered.collective();
     let id = registered.worker_id;
+    let nccl_unique_id = match collective {
+        CollectiveKind::Tcp => Vec::new(),
+        CollectiveKind::Nccl => match nccl_unique_id() {
+            Ok(nccl_unique_id) => nccl_unique_id,
+            Err(error) => {
+                // Said to the coordinator too, so the job fails with the cause, not a lost worker.
+                let finish = FinishRequest {
+                    worker_id: id,
+                    step: 0,
+                    ok: false,
+                    message: error.to_string(),
+                };
+                let _ = client.finish(finish).await;
+                return Err(error);
+            }
+        },
+    };
     let assignment = client
         .rendezvous(RendezvousRequest {
             worker_id: id.clone(),
