@@ -115,6 +115,18 @@ pub struct Train {
     pub lambda_con: f64,
     pub lambda_cap: f64,
     pub contrastive: Contrastive,
+    /// What the towers compute in. Checkpoints are f32 either way, so a
+    /// job may resume in the other precision.
+    pub precision: Precision,
+}
+
+/// `f32`, or `bf16`: mixed precision (matmuls and activations in bf16;
+/// parameters, gradients, their all-reduce, AdamW's moments, losses,
+/// softmaxes and the logit scale in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
 }
 
 impl Train {
@@ -508,6 +520,12 @@ impl Manifest {
                 "contrastive",
                 &[("local", Contrastive::Local), ("full", Contrastive::Full)],
                 Contrastive::Local,
+            )?,
+            // f32 until bf16 has passed its check on a GPU (scripts/gpu/check.sh).
+            precision: section.choice(
+                "precision",
+                &[("f32", Precision::F32), ("bf16", Precision::Bf16)],
+                Precision::F32,
             )?,
         };
         section.finish()?;

@@ -1,7 +1,7 @@
 //! Every manifest rule, table-driven: a change to the demo manifest and the
 //! exact error it must give.
 
-use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Schedule};
+use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Precision, Schedule};
 
 const DEMO: &str = include_str!("../../deploy/local/demo.toml");
 
@@ -54,6 +54,14 @@ fn a_cuda_manifest_without_a_collective_runs_on_tcp() {
     )
     .unwrap();
     assert_eq!(nccl.cluster.collective, CollectiveKind::Nccl);
+    // Mixed precision is asked for; f32 is the default on every backend until bf16 is checked on a GPU.
+    assert_eq!(cuda.train.precision, Precision::F32);
+    let bf16 = Manifest::parse(
+        &with("schedule = \"cosine\"", "schedule = \"cosine\"\nprecision = \"bf16\""),
+        "m",
+    )
+    .unwrap();
+    assert_eq!(bf16.train.precision, Precision::Bf16);
 }
 
 #[test]
@@ -116,6 +124,7 @@ fn every_rule_names_its_field() {
         (with("end_learning_rate = 1e-4", "end_learning_rate = 1e-2"), "train.end_learning_rate: 0.01 must be between 0 and train.learning_rate = 0.001"),
         (with("warmup_steps = 10", "warmup_steps = 300"), "train.warmup_steps: 300 must be less than job.steps = 300"),
         (with("schedule = \"cosine\"", "schedule = \"step\""), "train.schedule: `step` is not one of cosine, linear, constant"),
+        (with("schedule = \"cosine\"", "schedule = \"cosine\"\nprecision = \"fp16\""), "train.precision: `fp16` is not one of f32, bf16"),
         (with("weight_decay = 0.01", "beta1 = 1.0"), "train.beta1: 1 must be in [0, 1)"),
         (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),

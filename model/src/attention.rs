@@ -87,6 +87,7 @@ impl<B: Backend> Attention<B> {
         // Shared queries are projected once, then broadcast over the batch
         // as a view (after the head split, so no copy is ever made of it).
         let q = split_heads(self.q.forward(queries), self.heads).expand([batch, self.heads, len_q, width / self.heads]);
+        let bias = bias.map(|bias| bias.cast(q.dtype()));
         let context = attention(q, k, v, None, bias, AttentionModuleOptions::default());
         self.out.forward(merge_heads(context, width))
     }

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
 use super::dense::Dense;
@@ -44,6 +44,13 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.proj.forward(gelu(self.fc.forward(x)))
     }
+}
+
+/// LayerNorm computed in f32 whatever the activations' precision, its
+/// result in theirs (bf16 statistics over a wide row lose too much).
+pub fn layer_norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    ln.forward(x.cast(FloatDType::F32)).cast(dtype)
 }
 
 /// x + attn(ln(x)), then x + mlp(ln(x)).
@@ -106,8 +113,8 @@ impl BlockConfig {
 impl<B: Backend> Block<B> {
     /// `bias`: the attention bias (causal, padding), or none for full attention.
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-        let normed = self.ln_attn.forward(x.clone());
+        let normed = layer_norm(&self.ln_attn, x.clone());
         let x = x + self.attn.forward(normed.clone(), normed, bias);
-        x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
+        x.clone() + self.mlp.forward(layer_norm(&self.ln_mlp, x))
     }
 }

@@ -23,9 +23,11 @@ impl<B: Backend> Dense<B> {
         let mut dims = x.dims();
         let input = dims[D - 1];
         let rows = x.shape().num_elements() / input;
-        let y = x.reshape([rows, input]).matmul(self.weight.val());
+        // Parameters are kept in f32; they compute in the input's precision.
+        let dtype = x.dtype();
+        let y = x.reshape([rows, input]).matmul(self.weight.val().cast(dtype));
         let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            Some(bias) => y + bias.val().cast(dtype).unsqueeze::<2>(),
             None => y,
         };
         dims[D - 1] = self.weight.dims()[1];

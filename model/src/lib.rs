@@ -28,7 +28,7 @@ pub mod vision;
 use burn::module::{Module, Param};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, FloatDType, Int, Tensor};
 use contract::{ModelConfig, ParamCounts, PoolerLayout};
 pub use datasets::batch::CocaBatch;
 
@@ -151,23 +151,31 @@ impl<B: Backend> CocaModel<B> {
         }
     }
 
+    /// The batch's images set the precision the towers compute in (f32, or
+    /// bf16 for mixed precision: parameters stay f32); embeddings and
+    /// logits come back in f32, so the losses and softmaxes are f32.
     pub fn forward(&self, batch: &CocaBatch<B>, heads: Heads) -> CocaOutput<B> {
+        let compute = batch.images.dtype();
         let image_tokens = self.image_encoder.forward(batch.images.clone());
         let (contrastive_token, caption_tokens) = self.pool(image_tokens, heads);
         let image_embedding = contrastive_token.map(|token| {
             let [batch, _, width] = token.dims();
-            l2_normalize(self.image_projection.forward(token.reshape([batch, width])))
+            let projected = self.image_projection.forward(token.reshape([batch, width]));
+            l2_normalize(projected.cast(FloatDType::F32))
         });
 
-        let embedded = self.text_embedding.forward(batch.tokens.clone());
+        let embedded = self.text_embedding.forward(batch.tokens.clone()).cast(compute);
         let unimodal = self.unimodal.forward(embedded, batch.padding.clone());
-        let text_embedding = heads.contrastive.then(|| l2_normalize(unimodal.cls));
+        let text_embedding = heads
+            .contrastive
+            .then(|| l2_normalize(unimodal.cls.cast(FloatDType::F32)));
         let caption_logits = caption_tokens.map(|image_tokens| {
             // The last position has no next token to predict.
             let [_, len, _] = unimodal.states.dims();
             let states = unimodal.states.narrow(1, 0, len - 1);
             let hidden = self.multimodal.forward(states, image_tokens);
-            self.vocab_projection.forward(hidden, self.text_embedding.token.val())
+            let logits = self.vocab_projection.forward(hidden, self.text_embedding.token.val());
+            logits.cast(FloatDType::F32)
         });
         CocaOutput {
             image_embedding,

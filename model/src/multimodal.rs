@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use contract::ModelConfig;
 
 use super::attention::{causal_bias, Attention, AttentionConfig};
-use super::block::{residual_std_scale, Mlp, MlpConfig};
+use super::block::{layer_norm, residual_std_scale, Mlp, MlpConfig};
 use super::dense::Dense;
 use super::init::Init;
 
@@ -48,10 +48,13 @@ impl<B: Backend> MultimodalBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, image_tokens: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
-        let normed = self.ln_self.forward(x.clone());
+        let normed = layer_norm(&self.ln_self, x.clone());
         let x = x + self.self_attn.forward(normed.clone(), normed, Some(causal));
-        let x = x.clone() + self.cross_attn.forward(self.ln_cross.forward(x), image_tokens, None);
-        x.clone() + self.mlp.forward(self.ln_mlp.forward(x))
+        let x = x.clone()
+            + self
+                .cross_attn
+                .forward(layer_norm(&self.ln_cross, x), image_tokens, None);
+        x.clone() + self.mlp.forward(layer_norm(&self.ln_mlp, x))
     }
 }
 
@@ -81,7 +84,7 @@ impl<B: Backend> MultimodalDecoder<B> {
         for block in &self.blocks {
             x = block.forward(x, image_tokens.clone(), causal.clone());
         }
-        self.ln_final.forward(x)
+        layer_norm(&self.ln_final, x)
     }
 }
 
@@ -96,7 +99,10 @@ impl<B: Backend> VocabProjection<B> {
     pub fn forward(&self, x: Tensor<B, 3>, token_table: Tensor<B, 2>) -> Tensor<B, 3> {
         match &self.untied {
             Some(linear) => linear.forward(x),
-            None => x.matmul(token_table.transpose().unsqueeze::<3>()),
+            None => {
+                let dtype = x.dtype();
+                x.matmul(token_table.cast(dtype).transpose().unsqueeze::<3>())
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::attention::{Attention, AttentionConfig};
+use super::block::layer_norm;
 use super::init::Init;
 
 #[derive(Module, Debug)]
@@ -46,7 +47,7 @@ impl PoolerConfig {
 impl<B: Backend> AttentionalPooler<B> {
     /// `image_tokens`: [batch, tokens, width] -> [batch, queries, width].
     pub fn forward(&self, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
-        let queries = self.queries.val().unsqueeze::<3>();
-        self.ln.forward(self.attn.forward(queries, image_tokens, None))
+        let queries = self.queries.val().cast(image_tokens.dtype()).unsqueeze::<3>();
+        layer_norm(&self.ln, self.attn.forward(queries, image_tokens, None))
     }
 }

@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use contract::ModelConfig;
 
 use super::attention::causal_padding_bias;
-use super::block::{Block, BlockConfig};
+use super::block::{layer_norm, Block, BlockConfig};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -83,14 +83,19 @@ impl<B: Backend> UnimodalDecoder<B> {
     pub fn forward(&self, embedded: Tensor<B, 3>, padding: Tensor<B, 2, Bool>) -> UnimodalOutput<B> {
         let [batch, len, width] = embedded.dims();
         let device = embedded.device();
-        let cls = self.cls.val().reshape([1, 1, width]).expand([batch, 1, width]);
+        let cls = self
+            .cls
+            .val()
+            .cast(embedded.dtype())
+            .reshape([1, 1, width])
+            .expand([batch, 1, width]);
         let mut x = Tensor::cat(vec![embedded, cls], 1);
         let cls_visible = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
         let bias = causal_padding_bias(Tensor::cat(vec![padding, cls_visible], 1));
         for block in &self.blocks {
             x = block.forward(x, Some(bias.clone()));
         }
-        let x = self.ln_final.forward(x);
+        let x = layer_norm(&self.ln_final, x);
         let states = x.clone().narrow(1, 0, len);
         let cls = x.narrow(1, len, 1).reshape([batch, width]);
         UnimodalOutput {

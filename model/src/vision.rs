@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use contract::ModelConfig;
 
-use super::block::{Block, BlockConfig};
+use super::block::{layer_norm, Block, BlockConfig};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -48,11 +48,11 @@ impl<B: Backend> VisionTransformer<B> {
     /// `images`: [batch, channels, height, width] -> tokens [batch, patches, vision_width].
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
         let x = self.patch_embedding.forward(patchify(images, self.patch_size));
-        let mut x = x + self.position_embedding.val().unsqueeze::<3>();
+        let mut x = x.clone() + self.position_embedding.val().cast(x.dtype()).unsqueeze::<3>();
         for block in &self.blocks {
             x = block.forward(x, None);
         }
-        self.ln_final.forward(x)
+        layer_norm(&self.ln_final, x)
     }
 }
 

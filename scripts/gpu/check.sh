@@ -3,7 +3,7 @@
 # Run from the repository root on the device machine:  bash scripts/gpu/check.sh
 # Writes logs and summary.txt to $OUT. Stages, each with a timeout:
 #   1. bench step tiny b32 cold, then warm (same kernel cache): time to first step, kernels compiled
-#   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s
+#   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s; then in bf16
 #   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache
 #   4. launch tiny on NCCL (world 1), then bench allreduce on NCCL (world 1)
 #   5. launch base b64 (1 worker)
@@ -21,10 +21,11 @@ for c in /usr/local/cuda /usr/local/cuda-13.0; do [[ -d $c ]] && export CUDA_PAT
 export LD_LIBRARY_PATH="${CUDA_PATH:+$CUDA_PATH/lib64:}${LIBS}/usr/local/nvidia/lib64:/usr/local/nvidia/lib:${LD_LIBRARY_PATH:-}"
 W=/tmp/coca-gpu; rm -rf $W; mkdir -p $W; cd $W
 reap() { for p in /proc/[0-9]*; do [[ $(readlink $p/exe 2>/dev/null) == "$BIN" ]] && kill -9 ${p#/proc/} 2>/dev/null; done; }
-bench() { # name timeout preset batch
-  timeout "$2" "$BIN" bench step --backend cuda --preset "$3" --batch "$4" --steps 10 --warmup 3 \
-    --kernel-cache "$W/bench-kernels" > "$OUT/$1.log" 2>&1; local rc=$?; reap
-  say "== $1: rc=$rc"; grep -E "kernel cache|first step|median step|samples/s|FLOP/s|kernels|error" "$OUT/$1.log" | tee -a "$S"
+bench() { # name timeout preset batch [more bench step flags]
+  local name=$1 t=$2 preset=$3 batch=$4; shift 4
+  timeout "$t" "$BIN" bench step --backend cuda --preset "$preset" --batch "$batch" --steps 10 --warmup 3 \
+    --kernel-cache "$W/bench-kernels" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; reap
+  say "== $name: rc=$rc"; grep -E "kernel cache|first step|median step|samples/s|FLOP/s|kernels|error" "$OUT/$name.log" | tee -a "$S"
 }
 stage() { # name timeout manifest [args]
   local name=$1 t=$2 m=$3; shift 3
@@ -40,6 +41,7 @@ bench bench-tiny-cold 60 tiny 32
 bench bench-tiny-warm 30 tiny 32
 bench bench-base-cold 150 base 64
 bench bench-base-warm 60 base 64
+bench bench-base-bf16 120 base 64 --precision bf16
 stage launch-tiny-cold 90 tiny.toml
 rm -rf runs/tiny   # a fresh job; its kernel cache stays
 stage launch-tiny-warm 60 tiny.toml

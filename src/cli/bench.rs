@@ -140,6 +140,9 @@ pub struct StepArgs {
     /// rows against all columns) or `full` (the whole matrix on every rank).
     #[arg(long, value_enum, default_value_t = Negatives::Local)]
     pub negatives: Negatives,
+    /// `f32`, or `bf16` (mixed precision, as the manifest's train.precision).
+    #[arg(long, value_enum, default_value_t = BenchPrecision::F32)]
+    pub precision: BenchPrecision,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -345,6 +348,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         seed,
         world,
         negatives,
+        precision,
         parameters_out,
         local_rank,
     } = args;
@@ -365,6 +369,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         steps,
         seed,
         mode: negatives.into(),
+        precision: precision.into(),
     };
     if backend == BenchBackend::Cuda {
         let gpu = contract::manifest::Gpu {
@@ -433,6 +438,9 @@ fn step_on_local_ranks(
     args.extend(["--seed".to_string(), seed.to_string()]);
     let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
     args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
+    if plan.precision == contract::manifest::Precision::Bf16 {
+        args.extend(["--precision".to_string(), "bf16".to_string()]);
+    }
     if let Some(path) = &parameters_out {
         args.extend(["--parameters-out".to_string(), path.display().to_string()]);
     }
@@ -512,8 +520,12 @@ fn allreduce(
 /// One process's step benchmark, printed.
 fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, report: &StepBenchmark, on: &str) {
     let (batch, median) = (plan.batch, report.median(|t| t.total()));
+    let precision = match plan.precision {
+        contract::manifest::Precision::F32 => "f32",
+        contract::manifest::Precision::Bf16 => "bf16 mixed precision",
+    };
     println!(
-        "bench step: preset {} batch {batch}, {} steps after {} warm-up, {on}",
+        "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}, {on}",
         model.preset, plan.steps, plan.warmup
     );
     println!(
@@ -565,6 +577,21 @@ fn cuda_step(
     _: usize,
 ) -> anyhow::Result<(StepBenchmark, String)> {
     anyhow::bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPrecision {
+    F32,
+    Bf16,
+}
+
+impl From<BenchPrecision> for contract::manifest::Precision {
+    fn from(precision: BenchPrecision) -> Self {
+        match precision {
+            BenchPrecision::F32 => Self::F32,
+            BenchPrecision::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

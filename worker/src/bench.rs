@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
+use contract::manifest::Precision;
 use contract::ModelConfig;
 
 use collective::{Collective, CollectiveError};
 use model::loss::LossWeights;
 use model::parameters::parameter_values;
 use model::train::contrastive::ContrastiveMode;
-use model::train::step::{StepTimings, TrainStep};
+use model::train::step::{compute_dtype, StepTimings, TrainStep};
 use model::train::synthetic::synthetic_batch;
 use model::CocaModel;
 
@@ -48,6 +49,7 @@ pub struct StepBenchmarkPlan {
     pub steps: usize,
     pub seed: u64,
     pub mode: ContrastiveMode,
+    pub precision: Precision,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -68,6 +70,7 @@ where
         steps,
         seed,
         mode,
+        precision,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -80,7 +83,8 @@ where
         &AdamWConfig::new().with_weight_decay(0.01),
         LossWeights::default(),
         mode,
-    );
+    )
+    .with_compute(compute_dtype(precision));
     let mut measured = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for index in 0..warmup + steps {

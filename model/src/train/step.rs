@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, FloatDType, Tensor};
 
 use crate::loss::{captioning_loss_sum, LossWeights};
 use crate::state::{Optimizer as AdamWOptimizer, OptimizerRecord};
@@ -14,6 +14,7 @@ use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
 use crate::train::gradients::{all_reduce_mean, DEFAULT_BUCKET_BYTES};
 use crate::{CocaBatch, CocaModel};
 use collective::{Collective, CollectiveError};
+use contract::manifest::Precision;
 
 /// What one step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,11 +46,21 @@ pub struct StepLosses {
     pub captioning: Option<f32>,
 }
 
+/// The dtype the towers compute in for a manifest's `train.precision`.
+pub fn compute_dtype(precision: Precision) -> FloatDType {
+    match precision {
+        Precision::F32 => FloatDType::F32,
+        Precision::Bf16 => FloatDType::BF16,
+    }
+}
+
 pub struct TrainStep<B: AutodiffBackend> {
     optimizer: AdamWOptimizer<B>,
     weights: LossWeights,
     mode: ContrastiveMode,
     bucket_bytes: usize,
+    /// What the towers compute in: f32, or bf16 (mixed precision).
+    compute: FloatDType,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
@@ -62,7 +73,16 @@ where
             weights,
             mode,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            compute: FloatDType::F32,
         }
+    }
+
+    /// Mixed precision with `FloatDType::BF16`: matmuls and activations in
+    /// bf16; parameters, gradients, their all-reduce, AdamW's moments, the
+    /// losses and softmaxes, and the logit scale in f32.
+    pub fn with_compute(mut self, compute: FloatDType) -> Self {
+        self.compute = compute;
+        self
     }
 
     /// AdamW's state, keyed by the model's ParamIds (for checkpoints).
@@ -96,7 +116,11 @@ where
     ) -> Result<(CocaModel<B>, StepReport), CollectiveError> {
         let start = Instant::now();
         let world = collective.world_size() as f32;
-        let output = model.forward(batch, self.weights.heads());
+        let computed = CocaBatch {
+            images: batch.images.clone().cast(self.compute),
+            ..batch.clone()
+        };
+        let output = model.forward(&computed, self.weights.heads());
         let read = |loss: Tensor<B, 1>| loss.into_scalar().elem::<f32>();
 
         let mut objective: Option<Tensor<B, 1>> = None;

@@ -23,7 +23,7 @@ use model::eval::periodic::PeriodicEval;
 use model::loss::LossWeights;
 use model::state::{self, JobFacts, SavedShard, StateLayout};
 use model::train::contrastive::ContrastiveMode;
-use model::train::step::TrainStep;
+use model::train::step::{compute_dtype, TrainStep};
 use model::CocaModel;
 use store::{Store, StoreOptions};
 
@@ -283,7 +283,7 @@ where
         Contrastive::Local => ContrastiveMode::Local,
         Contrastive::Full => ContrastiveMode::Full,
     };
-    let trainer = TrainStep::<B>::new(&optimizer, weights, mode);
+    let trainer = TrainStep::<B>::new(&optimizer, weights, mode).with_compute(compute_dtype(train.precision));
     if assignment.resume_from.is_empty() {
         return Ok((model, trainer));
     }
