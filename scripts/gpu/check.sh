@@ -3,11 +3,13 @@
 # Run from the repository root on the device machine:  bash scripts/gpu/check.sh
 # Writes logs and summary.txt to $OUT. Stages, each with a timeout:
 #   1. bench step tiny b32 cold, then warm (same kernel cache): time to first step, kernels compiled
-#   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s; then in bf16
+#   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s
 #   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache
-#   4. launch tiny on NCCL (world 1), then bench allreduce on NCCL (world 1)
+#   4. bench step base b64 in bf16; launch tiny on NCCL (world 1), tiny with 2 workers on the one
+#      GPU (tcp); bench allreduce on NCCL (world 1)
 #   5. launch base b64 (1 worker)
 #   6. open_clip base b64, bf16 and TF32, on the same card (needs scripts/gpu/.whl)
+# Usage: bash scripts/gpu/check.sh [all|startup|speed]
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 G=$PWD/scripts/gpu; BIN=/tmp/coca-cuda
@@ -19,7 +21,9 @@ SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 LIBS=$(find "$SP/nvidia" -maxdepth 4 -type d -name lib 2>/dev/null | tr '\n' ':')
 for c in /usr/local/cuda /usr/local/cuda-13.0; do [[ -d $c ]] && export CUDA_PATH=$c CUDA_HOME=$c && break; done
 export LD_LIBRARY_PATH="${CUDA_PATH:+$CUDA_PATH/lib64:}${LIBS}/usr/local/nvidia/lib64:/usr/local/nvidia/lib:${LD_LIBRARY_PATH:-}"
-W=/tmp/coca-gpu; rm -rf $W; mkdir -p $W; cd $W
+# startup: stages 1-3; speed: stages 4-6, reusing startup's caches if the machine is still warm; all: both.
+PART=${1:-all}
+W=/tmp/coca-gpu; [ "$PART" = speed ] || rm -rf $W; mkdir -p $W; cd $W
 reap() { for p in /proc/[0-9]*; do [[ $(readlink $p/exe 2>/dev/null) == "$BIN" ]] && kill -9 ${p#/proc/} 2>/dev/null; done; }
 bench() { # name timeout preset batch [more bench step flags]
   local name=$1 t=$2 preset=$3 batch=$4; shift 4
@@ -37,18 +41,23 @@ stage() { # name timeout manifest [args]
   tail -2 "$OUT/$name.log" | tee -a "$S"
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader >> "$S"
 }
+if [ "$PART" != speed ]; then
 bench bench-tiny-cold 60 tiny 32
 bench bench-tiny-warm 30 tiny 32
 bench bench-base-cold 150 base 64
 bench bench-base-warm 60 base 64
-bench bench-base-bf16 120 base 64 --precision bf16
 stage launch-tiny-cold 90 tiny.toml
 rm -rf runs/tiny   # a fresh job; its kernel cache stays
 stage launch-tiny-warm 60 tiny.toml
+fi
+[ "$PART" = startup ] && { say "== end $(date -u +%FT%TZ)"; exit 0; }
+bench bench-base-bf16 120 base 64 --precision bf16
 # NCCL: world 1 on the one GPU (the id exchange, the communicator, a whole job), then its all-reduce.
 sed -e 's/^backend = "cuda"$/backend = "cuda"\ncollective = "nccl"/' -e 's#runs/tiny#runs/tiny-nccl#g' \
   -e 's/"gpu-tiny"/"gpu-tiny-nccl"/' "$G/tiny.toml" > "$G/tiny-nccl.toml"
 stage launch-tiny-nccl 60 tiny-nccl.toml
+rm -rf runs/tiny   # two workers on the one GPU over tcp: the cluster logic on one card
+stage launch-tiny-2workers 90 tiny.toml --workers 2
 timeout 60 "$BIN" bench allreduce --collective nccl --world 1 --mib 256 > "$OUT/allreduce-nccl.log" 2>&1
 say "== bench allreduce nccl world 1: rc=$?"; tail -4 "$OUT/allreduce-nccl.log" | tee -a "$S"; reap
 stage launch-base 120 base.toml
