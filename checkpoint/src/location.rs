@@ -103,22 +103,18 @@ pub fn choose(
                 .filter(|&&step| committed.first().is_none_or(|&newest| step > newest))
                 .map(|&step| format!("{}: no COMMITTED (a save that did not finish)", layout::step_dir(step)))
                 .collect();
-            for step in committed {
-                let name = layout::step_dir(step);
-                let dir = root.at(&name);
-                match verify(&dir) {
-                    Ok(meta) => {
-                        check(&dir.object_url(""), &meta)?;
-                        return Ok(Some(Chosen {
-                            step,
-                            url: dir.object_url("").trim_end_matches('/').to_string(),
-                            meta,
-                            skipped,
-                        }));
-                    }
-                    Err(CheckpointError::Damaged { url, message }) => skipped.push(format!("{url}: {message}")),
-                    Err(other) => return Err(other),
-                }
+            let found = newest_whole(root, &committed, &mut skipped, |step, dir| {
+                let meta = verify(&dir)?;
+                check(&dir.object_url(""), &meta)?;
+                Ok((step, dir, meta))
+            })?;
+            if let Some((step, dir, meta)) = found {
+                return Ok(Some(Chosen {
+                    step,
+                    url: dir.object_url("").trim_end_matches('/').to_string(),
+                    meta,
+                    skipped,
+                }));
             }
             // Nothing was ever committed (at most a first save that did not
             // finish): a fresh start loses nothing.
@@ -187,28 +183,44 @@ pub struct NamedState {
 /// the location's newest committed step whose shards are all whole.
 pub fn read_named(url: &str, root: Store, step: Option<u64>) -> Result<NamedState, CheckpointError> {
     let last = url.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-    let read = |dir: Store, skipped: Vec<String>| {
+    let read = |dir: Store| {
         read_state(&dir).map(|(meta, values)| NamedState {
             dir,
             meta,
             values,
-            skipped,
+            skipped: Vec::new(),
         })
     };
     match (layout::parse_step_dir(last), step) {
-        (Some(_), None) => read(root, Vec::new()),
-        (_, Some(step)) => read(root.at(&layout::step_dir(step)), Vec::new()),
+        (Some(_), None) => read(root),
+        (_, Some(step)) => read(root.at(&layout::step_dir(step))),
         (None, None) => {
             let mut skipped = Vec::new();
-            for step in steps(&root)?.0 {
-                match read(root.at(&layout::step_dir(step)), skipped.clone()) {
-                    Err(CheckpointError::Damaged { url, message }) => skipped.push(format!("{url}: {message}")),
-                    read => return read,
-                }
+            let committed = steps(&root)?.0;
+            match newest_whole(&root, &committed, &mut skipped, |_, dir| read(dir))? {
+                Some(state) => Ok(NamedState { skipped, ..state }),
+                None => Err(CheckpointError::Other(format!("{url}: no committed checkpoint here"))),
             }
-            Err(CheckpointError::Other(format!("{url}: no committed checkpoint here")))
         }
     }
+}
+
+/// The first of `committed` (newest first) that `read` accepts, passing
+/// over damaged steps, each named in `skipped`; `None` when all are damaged.
+/// Any other error ends the search.
+fn newest_whole<T>(
+    root: &Store,
+    committed: &[u64],
+    skipped: &mut Vec<String>,
+    read: impl Fn(u64, Store) -> Result<T, CheckpointError>,
+) -> Result<Option<T>, CheckpointError> {
+    for &step in committed {
+        match read(step, root.at(&layout::step_dir(step))) {
+            Err(CheckpointError::Damaged { url, message }) => skipped.push(format!("{url}: {message}")),
+            read => return read.map(Some),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

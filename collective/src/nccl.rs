@@ -14,8 +14,8 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::{Collective, CollectiveError};
 
-/// The NCCL unique id rank 0 creates and the rendezvous hands to every rank.
-pub type UniqueId = [std::ffi::c_char; 128];
+/// Bytes in an NCCL unique id; it travels between processes as bytes.
+const UNIQUE_ID_BYTES: usize = 128;
 
 pub struct NcclCollective {
     comm: Comm,
@@ -30,17 +30,29 @@ fn nccl_error(operation: &'static str, error: impl std::fmt::Debug) -> Collectiv
 }
 
 impl NcclCollective {
-    /// A new unique id; rank 0 calls this and shares the result.
-    pub fn unique_id() -> Result<UniqueId, CollectiveError> {
+    /// A new unique id, as bytes to hand to the other ranks.
+    pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
         let id = Id::new().map_err(|error| nccl_error("create the NCCL id", error))?;
-        Ok(*id.internal())
+        Ok(id.internal().iter().map(|&c| c as u8).collect())
     }
 
-    /// Joins the communicator `id` as `rank` of `world`, on GPU `device`.
-    pub fn new(device: usize, rank: usize, world: usize, id: UniqueId) -> Result<Self, CollectiveError> {
+    /// Joins the communicator of unique id `id` (bytes from [`Self::unique_id`])
+    /// as `rank` of `world`, on GPU `device`.
+    pub fn new(device: usize, rank: usize, world: usize, id: &[u8]) -> Result<Self, CollectiveError> {
+        if id.len() != UNIQUE_ID_BYTES {
+            return Err(CollectiveError::Setup(format!(
+                "an NCCL unique id has {UNIQUE_ID_BYTES} bytes, this one {}",
+                id.len()
+            )));
+        }
+        let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
+        internal
+            .iter_mut()
+            .zip(id)
+            .for_each(|(c, &b)| *c = b as std::ffi::c_char);
         let context = CudaContext::new(device).map_err(|error| nccl_error("open the GPU", error))?;
         let stream = context.default_stream();
-        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(id))
+        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
             .map_err(|error| nccl_error("join the NCCL communicator", error))?;
         Ok(Self { comm, stream })
     }

@@ -604,26 +604,20 @@ pub enum BenchCollective {
 #[cfg(feature = "cuda")]
 fn nccl_unique_id() -> anyhow::Result<String> {
     let id = collective::nccl::NcclCollective::unique_id()?;
-    Ok(id.iter().map(|&c| format!("{:02x}", c as u8)).collect())
+    Ok(id.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// Rank `rank` of `world` on GPU `rank`, joined to the communicator of `id` (hex).
 #[cfg(feature = "cuda")]
 fn nccl_collective(rank: usize, world: usize, id: &str) -> anyhow::Result<Box<dyn Collective>> {
-    let mut unique: collective::nccl::UniqueId = [0; 128];
-    ensure!(
-        id.len() == 2 * unique.len(),
-        "--nccl-id: {} hex digits, not {}",
-        id.len(),
-        2 * unique.len()
-    );
-    for (c, pair) in unique.iter_mut().zip(id.as_bytes().chunks(2)) {
-        let byte = u8::from_str_radix(std::str::from_utf8(pair)?, 16).context("--nccl-id: not hex")?;
-        *c = byte as std::ffi::c_char;
-    }
-    let world = world.max(1);
+    ensure!(id.len() % 2 == 0, "--nccl-id: an odd number of hex digits");
+    let bytes = id
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair)?, 16).context("--nccl-id: not hex"))
+        .collect::<anyhow::Result<Vec<u8>>>()?;
     Ok(Box::new(collective::nccl::NcclCollective::new(
-        rank, rank, world, unique,
+        rank, rank, world, &bytes,
     )?))
 }
 

@@ -119,15 +119,12 @@ pub(super) async fn join(
 /// A new NCCL unique id, as bytes.
 #[cfg(feature = "cuda")]
 fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
-    let id = collective::nccl::NcclCollective::unique_id().map_err(|e| WorkerError::Setup(e.to_string()))?;
-    Ok(id.iter().map(|&c| c as u8).collect())
+    collective::nccl::NcclCollective::unique_id().map_err(|e| WorkerError::Setup(e.to_string()))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
-    Err(WorkerError::Setup(
-        "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)".into(),
-    ))
+    Err(WorkerError::Setup(super::NCCL_WITHOUT_CUDA.into()))
 }
 
 pub(super) fn spawn_heartbeat(

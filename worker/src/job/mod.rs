@@ -22,6 +22,10 @@ use client::{connect, join, send_heartbeat, spawn_heartbeat, Progress, Signals};
 use setup::JobSetup;
 use train::{train, Reporting};
 
+#[cfg(not(feature = "cuda"))]
+const NCCL_WITHOUT_CUDA: &str =
+    "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)";
+
 /// What a worker is told on its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {

@@ -219,27 +219,15 @@ fn join_collective(
 
 #[cfg(feature = "cuda")]
 fn join_nccl(assignment: &Assignment, device: usize) -> Result<Box<dyn Collective>, WorkerError> {
-    use collective::nccl::{NcclCollective, UniqueId};
-    let bytes = &assignment.nccl_unique_id;
-    let mut id: UniqueId = [0; 128];
-    if bytes.len() != id.len() {
-        return Err(setup(format!(
-            "the coordinator's NCCL unique id has {} bytes, not {}",
-            bytes.len(),
-            id.len()
-        )));
-    }
-    id.iter_mut().zip(bytes).for_each(|(c, &b)| *c = b as std::ffi::c_char);
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
-    let nccl = NcclCollective::new(device, rank, world, id).map_err(|e| setup(e.to_string()))?;
+    let nccl = collective::nccl::NcclCollective::new(device, rank, world, &assignment.nccl_unique_id)
+        .map_err(|e| setup(e.to_string()))?;
     Ok(Box::new(nccl))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn join_nccl(_: &Assignment, _: usize) -> Result<Box<dyn Collective>, WorkerError> {
-    Err(setup(
-        "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)",
-    ))
+    Err(setup(super::NCCL_WITHOUT_CUDA))
 }
 
 /// Joins the TCP ring of the assignment's peers.
