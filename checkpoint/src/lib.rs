@@ -13,5 +13,5 @@ pub mod shard;
 pub mod step;
 
 pub use error::CheckpointError;
-pub use location::{choose, commit, read_named, steps, Chosen, NamedState, Resume};
+pub use location::{choose, commit, read_named, step_url, steps, Chosen, NamedState, Resume};
 pub use step::{read_state, read_step, verify, write_meta, write_shard};

@@ -108,10 +108,10 @@ pub fn choose(
                 check(&dir.object_url(""), &meta)?;
                 Ok((step, dir, meta))
             })?;
-            if let Some((step, dir, meta)) = found {
+            if let Some((step, _, meta)) = found {
                 return Ok(Some(Chosen {
                     step,
-                    url: dir.object_url("").trim_end_matches('/').to_string(),
+                    url: step_url(root, step),
                     meta,
                     skipped,
                 }));
@@ -136,6 +136,14 @@ pub fn choose(
 /// this one. Returns the bytes the step holds.
 ///
 /// `committed_at` (Unix seconds) is recorded in COMMITTED.
+/// The URL of step `step`'s directory under `root`, as assignments name it.
+pub fn step_url(root: &Store, step: u64) -> String {
+    root.at(&layout::step_dir(step))
+        .object_url("")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 pub fn commit(
     root: &Store,
     step: u64,

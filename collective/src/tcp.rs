@@ -68,6 +68,19 @@ impl RingListener {
     /// i's listening address. Waits up to `timeout` for the neighbours;
     /// every later operation also fails after `timeout` without progress.
     pub fn connect(self, rank: usize, peers: &[SocketAddr], timeout: Duration) -> Result<TcpRing, CollectiveError> {
+        self.connect_within(rank, peers, timeout, timeout)
+    }
+
+    /// [`RingListener::connect`], waiting only `patience` for the
+    /// neighbours: a job that heals gives up on a neighbour that died
+    /// before it connected about when the coordinator declares it lost.
+    pub fn connect_within(
+        self,
+        rank: usize,
+        peers: &[SocketAddr],
+        patience: Duration,
+        timeout: Duration,
+    ) -> Result<TcpRing, CollectiveError> {
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::Setup(format!(
@@ -84,7 +97,7 @@ impl RingListener {
         }
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience;
         let (next, prev) = thread::scope(|scope| {
             let accepting =
                 scope.spawn(|| accept(&self.listener, prev_rank, peers[prev_rank], world, deadline, timeout));

@@ -23,7 +23,7 @@ pub mod rpc {
 
     /// Bumped on every incompatible change; a worker speaking another is refused.
     /// 2: NCCL jobs exchange unique ids through the rendezvous.
-    pub const PROTOCOL_VERSION: u32 = 2;
+    pub const PROTOCOL_VERSION: u32 = 3;
 }
 
 pub use model::{ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};

@@ -36,6 +36,7 @@ pub struct Manifest {
     pub gpu: Gpu,
     pub status: Status,
     pub auth: Auth,
+    pub recovery: Recovery,
     /// The text the manifest was read from, handed to workers as is.
     pub source: String,
 }
@@ -219,6 +220,21 @@ pub struct Eval {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     pub bind: SocketAddr,
+}
+
+/// What the coordinator may do when a worker is lost: rewind to the newest
+/// committed checkpoint and go on, at most `max_restarts` times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovery {
+    /// Recoveries allowed over the job's life (coordinator restarts count);
+    /// 0 fails the job at the first loss, naming the lost worker.
+    pub max_restarts: u32,
+    /// The fewest workers the job may go on with when no replacement comes
+    /// (defaults to cluster.workers: wait for one).
+    pub min_workers: usize,
+    /// How long a recovery waits for replacements before it goes on with
+    /// fewer workers (at least `min_workers`).
+    pub replacement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -408,7 +424,7 @@ impl Manifest {
             overrides.apply(&mut root);
             toml::to_string(&root).expect("a TOML table serializes")
         };
-        const SECTIONS: [&str; 10] = [
+        const SECTIONS: [&str; 11] = [
             "job",
             "model",
             "data",
@@ -419,6 +435,7 @@ impl Manifest {
             "gpu",
             "status",
             "auth",
+            "recovery",
         ];
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -440,6 +457,7 @@ impl Manifest {
         let gpu = Self::gpu(&root, &job, checkpoint.as_ref())?;
         let status = Self::status(&root)?;
         let auth = Self::auth(&root)?;
+        let recovery = Self::recovery(&root, &cluster)?;
 
         let manifest = Self {
             job,
@@ -453,6 +471,7 @@ impl Manifest {
             gpu,
             status,
             auth,
+            recovery,
             source: text,
         };
         manifest.validate()?;
@@ -647,6 +666,17 @@ impl Manifest {
         Ok(status)
     }
 
+    fn recovery(root: &toml::Table, cluster: &Cluster) -> Result<Recovery, ManifestError> {
+        let mut section = Section::new("recovery", table(root, "recovery", "recovery")?);
+        let recovery = Recovery {
+            max_restarts: section.int("max_restarts")?.unwrap_or(10).min(u64::from(u32::MAX)) as u32,
+            min_workers: section.int("min_workers")?.map_or(cluster.workers, |n| n as usize),
+            replacement_timeout_ms: section.int("replacement_timeout_ms")?.unwrap_or(60_000),
+        };
+        section.finish()?;
+        Ok(recovery)
+    }
+
     fn auth(root: &toml::Table) -> Result<Auth, ManifestError> {
         let mut section = Section::new("auth", table(root, "auth", "auth")?);
         let auth = Auth {
@@ -781,12 +811,22 @@ impl Manifest {
         if train.global_batch == 0 {
             return Err(error("train.global_batch", "must be at least 1"));
         }
-        if train.global_batch % cluster.workers != 0 {
+        if !self.allows_world(cluster.workers) {
             return Err(error(
                 "train.global_batch",
                 format!(
                     "{} is not divisible by cluster.workers = {}",
                     train.global_batch, cluster.workers
+                ),
+            ));
+        }
+        let recovery = &self.recovery;
+        if recovery.min_workers == 0 || recovery.min_workers > cluster.workers {
+            return Err(error(
+                "recovery.min_workers",
+                format!(
+                    "{} must be between 1 and cluster.workers = {}",
+                    recovery.min_workers, cluster.workers
                 ),
             ));
         }
@@ -803,6 +843,12 @@ impl Manifest {
             return Err(error("data.source", e.to_string()));
         }
         Ok(())
+    }
+
+    /// Whether the job can run on `workers` ranks: the global batch, which
+    /// never changes, splits evenly between them.
+    pub fn allows_world(&self, workers: usize) -> bool {
+        workers > 0 && self.train.global_batch % workers == 0
     }
 
     fn validate_optimizer(&self) -> Result<(), ManifestError> {

@@ -13,6 +13,8 @@ pub enum JobState {
     Pending,
     Rendezvous,
     Running,
+    /// A worker was lost: the ring regroups and rewinds to the newest checkpoint.
+    Recovering,
     Stopping,
     Completed,
     Stopped,
@@ -20,10 +22,11 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 7] = [
+    pub const ALL: [JobState; 8] = [
         JobState::Pending,
         JobState::Rendezvous,
         JobState::Running,
+        JobState::Recovering,
         JobState::Stopping,
         JobState::Completed,
         JobState::Stopped,
@@ -39,6 +42,7 @@ impl JobState {
             JobState::Pending => "pending",
             JobState::Rendezvous => "rendezvous",
             JobState::Running => "running",
+            JobState::Recovering => "recovering",
             JobState::Stopping => "stopping",
             JobState::Completed => "completed",
             JobState::Stopped => "stopped",
@@ -85,6 +89,32 @@ pub struct CheckpointStatus {
     pub committed: u64,
 }
 
+/// One recovery: why the ring was lost and where it went on from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    /// The generation the recovery started.
+    pub generation: u64,
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub cause: String,
+    /// The job's step when the ring was lost.
+    pub lost_at_step: u64,
+    /// Where it resumed (the newest committed step), once ranks were assigned.
+    pub resumed_step: Option<u64>,
+    /// The world it resumed on.
+    pub world: Option<usize>,
+    /// From the loss to the new ranks.
+    pub seconds: Option<f64>,
+}
+
+impl Restart {
+    /// Steps trained again because of this recovery.
+    pub fn lost_steps(&self) -> u64 {
+        self.resumed_step
+            .map_or(0, |resumed| self.lost_at_step.saturating_sub(resumed))
+    }
+}
+
 /// Where the job stood, as the journal tells it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recovered {
@@ -93,6 +123,14 @@ pub struct Recovered {
     pub step: u64,
     pub last_checkpoint: Option<u64>,
     pub events: usize,
+    /// The newest generation a coordinator of this job started.
+    #[serde(default)]
+    pub generation: u64,
+    /// Workers registered over the job's life (new ids continue from here).
+    #[serde(default)]
+    pub workers: u64,
+    #[serde(default)]
+    pub restarts: Vec<Restart>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +150,14 @@ pub struct StatusReport {
     pub source_epochs: Vec<f64>,
     pub bad_records: Vec<BadRecords>,
     pub workers: Vec<WorkerReport>,
+    /// The ring's incarnation and its world (fewer than cluster.workers
+    /// after a recovery that found no replacement).
+    pub generation: u64,
+    pub world_size: usize,
+    /// Every recovery over the job's life, previous coordinators' included.
+    pub restarts: Vec<Restart>,
+    /// Recoveries left (recovery.max_restarts minus those used).
+    pub restarts_left: u32,
     pub checkpoint: CheckpointStatus,
     pub eta_seconds: Option<f64>,
     pub uptime_seconds: f64,

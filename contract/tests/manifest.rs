@@ -32,6 +32,10 @@ fn the_demo_manifest_reads_with_its_values_and_defaults() {
     assert_eq!(manifest.gpu.autotune, AutotuneLevel::Minimal);
     assert_eq!(manifest.gpu.kernel_cache, "runs/demo/checkpoints/kernel-cache");
     assert!(manifest.gpu.log_compilations);
+    // Healing is on, with a finite budget, waiting for replacements.
+    assert_eq!(manifest.recovery.max_restarts, 10);
+    assert_eq!(manifest.recovery.min_workers, 2);
+    assert_eq!(manifest.recovery.replacement_timeout_ms, 60_000);
 }
 
 #[test]
@@ -145,6 +149,9 @@ fn every_rule_names_its_field() {
         (with("limit = 256", "limit = 256\nzero_shot = \"x\""), "eval.zero_shot: unknown key; did you mean `zeroshot`?"),
         (with("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:7070\""), "status.bind: 127.0.0.1:7070 is also cluster.coordinator"),
         (DEMO.to_string() + "\n[auth]\ntoken = \"x\"\n", "auth.token: unknown key; did you mean `token_env`?"),
+        (DEMO.to_string() + "\n[recovery]\nmin_workers = 3\n", "recovery.min_workers: 3 must be between 1 and cluster.workers = 2"),
+        (DEMO.to_string() + "\n[recovery]\nmin_workers = 0\n", "recovery.min_workers: 0 must be between 1 and cluster.workers = 2"),
+        (DEMO.to_string() + "\n[recovery]\nmax_restart = 1\n", "recovery.max_restart: unknown key; did you mean `max_restarts`?"),
     ];
     for (text, expected) in cases {
         let error = Manifest::parse(&text, "m.toml").expect_err(expected);

@@ -3,11 +3,12 @@
 //! the status endpoint and the launcher.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use checkpoint::layout::ShardRecord;
-use contract::rpc::{StepMetrics, WorkerPhase};
-use contract::status::{CheckpointStatus, EvalPoint, JobState, Point, Recovered, Transition};
+use contract::rpc::{Command, StepMetrics, WorkerPhase};
+use contract::status::{CheckpointStatus, EvalPoint, JobState, Point, Recovered, Restart, Transition};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,15 +30,81 @@ pub struct Worker {
     /// NCCL jobs: the unique id it sent in its rendezvous request.
     #[serde(skip)]
     pub nccl_unique_id: Vec<u8>,
+    /// The generation it waits to join (its rendezvous request) or trains in.
+    pub joining: Option<u64>,
+}
+
+impl Worker {
+    fn describe(&self) -> String {
+        format!(
+            "worker {} (rank {}, {})",
+            self.id,
+            self.rank.map_or("-".into(), |r| r.to_string()),
+            self.host
+        )
+    }
 }
 
 const HISTORY: usize = 2000;
 
+/// What a recovery may do: the manifest's `[recovery]` with the facts of
+/// `[cluster]` and `[train]` it needs.
+#[derive(Debug, Clone)]
+pub struct RecoveryPolicy {
+    pub max_restarts: u32,
+    /// cluster.workers: the world every generation asks for.
+    pub target_world: usize,
+    pub min_workers: usize,
+    pub replacement_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    /// The global batch, which every world must split evenly.
+    pub global_batch: usize,
+}
+
+impl RecoveryPolicy {
+    pub fn of(manifest: &contract::manifest::Manifest) -> Self {
+        Self {
+            max_restarts: manifest.recovery.max_restarts,
+            target_world: manifest.cluster.workers,
+            min_workers: manifest.recovery.min_workers,
+            replacement_timeout: Duration::from_millis(manifest.recovery.replacement_timeout_ms),
+            heartbeat_timeout: Duration::from_millis(manifest.cluster.heartbeat_timeout_ms),
+            global_batch: manifest.train.global_batch,
+        }
+    }
+
+    /// The largest world of at most `ready` workers the job may go on with
+    /// before replacements come: at least `min_workers`, splitting the batch.
+    fn reduced_world(&self, ready: usize) -> Option<usize> {
+        (self.min_workers..=ready.min(self.target_world))
+            .rev()
+            .find(|&world| self.global_batch % world == 0)
+    }
+}
+
+/// What a decision changed besides the job's state (whose transitions
+/// the coordinator journals as they come), to log and journal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Recovering(Restart),
+    /// A generation got its ranks and starts at `step`.
+    Assigned {
+        generation: u64,
+        step: u64,
+        world: usize,
+    },
+    /// Workers that fell silent without a rank in the ring, dropped.
+    Dropped(Vec<String>),
+}
+
 #[derive(Debug)]
 pub struct Job {
     pub name: String,
+    /// The current generation's world (fewer than the policy's target after
+    /// a recovery that found no replacement).
     pub world_size: usize,
     pub total_steps: u64,
+    /// Where the current generation started (or the next one will).
     pub start_step: u64,
     pub state: JobState,
     pub transitions: Vec<Transition>,
@@ -57,6 +124,16 @@ pub struct Job {
     pub pending_failure: Option<(String, Instant)>,
     /// What the journal said when this coordinator started.
     pub previous: Option<Recovered>,
+    pub policy: RecoveryPolicy,
+    /// The ring's incarnation; calls from an older one are told apart.
+    pub generation: u64,
+    /// Every recovery over the job's life, earlier coordinators' included.
+    pub restarts: Vec<Restart>,
+    recovering_since: Option<Instant>,
+    /// The newest committed step (and its URL): where a recovery rewinds to.
+    pub newest_commit: Option<(u64, String)>,
+    /// Ids continue across coordinators, so a worker of an earlier one is never taken for a new one.
+    next_worker: u64,
     started: Instant,
     running_since: Option<(Instant, u64)>,
 }
@@ -68,10 +145,13 @@ pub fn unix_now() -> f64 {
 }
 
 impl Job {
-    pub fn new(name: &str, world_size: usize, total_steps: u64) -> Self {
+    /// A job whose first generation is `generation`, with what earlier
+    /// coordinators of the same job left in the journal.
+    pub fn new(name: &str, total_steps: u64, policy: RecoveryPolicy, previous: Option<Recovered>) -> Self {
+        let earlier = previous.clone().unwrap_or_default();
         Self {
             name: name.to_string(),
-            world_size,
+            world_size: policy.target_world,
             total_steps,
             start_step: 0,
             state: JobState::Pending,
@@ -89,10 +169,45 @@ impl Job {
             checkpoint: CheckpointStatus::default(),
             checkpoint_reports: BTreeMap::new(),
             pending_failure: None,
-            previous: None,
+            previous,
+            policy,
+            generation: earlier.generation + 1,
+            restarts: earlier.restarts,
+            recovering_since: None,
+            newest_commit: None,
+            next_worker: earlier.workers,
             started: Instant::now(),
             running_since: None,
         }
+    }
+
+    /// When the journal says an earlier coordinator of this job died while
+    /// it ran, this start is a recovery: returns its record, which counts
+    /// against the budget. A job that had ended (relaunched by a person)
+    /// starts with its whole budget.
+    pub fn coordinator_restarted(&mut self, now: Instant) -> Option<Restart> {
+        let previous = self.previous.as_ref()?;
+        let state = previous.state.as_deref().unwrap_or("pending");
+        let ended = JobState::ALL.iter().any(|s| s.name() == state && s.is_terminal());
+        if ended {
+            self.restarts.clear();
+            return None;
+        }
+        let restart = Restart {
+            generation: self.generation,
+            at: unix_now(),
+            cause: format!(
+                "the coordinator restarted (the journal says {state} at step {})",
+                previous.step
+            ),
+            lost_at_step: previous.step.max(self.start_step),
+            resumed_step: None,
+            world: None,
+            seconds: None,
+        };
+        self.restarts.push(restart.clone());
+        self.recovering_since = Some(now);
+        Some(restart)
     }
 
     /// Moves to `state` unless the job has ended; returns whether it moved.
@@ -112,21 +227,242 @@ impl Job {
         true
     }
 
-    /// Gives every registered worker its rank, once the world is complete:
-    /// the engine's indexes when they name every rank once (log files then
-    /// match ranks), otherwise a stable order by (host, collective address),
-    /// so the same world gets the same ranks. Heartbeats count from `now`.
-    pub fn assign_ranks(&mut self, now: Instant) {
-        let world = self.world_size;
-        let mut preferred: Vec<usize> = self.workers.values().filter_map(|w| w.preferred_rank).collect();
-        preferred.sort_unstable();
-        let use_preferred = preferred.len() == world && preferred.iter().copied().eq(0..world);
-        let mut order: Vec<(String, String, String)> = self
+    /// Recoveries left.
+    pub fn restarts_left(&self) -> u32 {
+        self.policy.max_restarts.saturating_sub(self.restarts.len() as u32)
+    }
+
+    /// Takes a new worker at any time before the end: it waits for the next
+    /// generation (a replacement) or the first. Returns its id.
+    pub fn register(&mut self, host: String, device: String, preferred_rank: Option<usize>, now: Instant) -> String {
+        let id = format!("w-{}", self.next_worker);
+        self.next_worker += 1;
+        let worker = Worker {
+            id: id.clone(),
+            rank: None,
+            host,
+            device,
+            collective_address: String::new(),
+            preferred_rank,
+            step: self.start_step,
+            phase: WorkerPhase::Starting,
+            last_heartbeat: now,
+            finished: None,
+            nccl_unique_id: Vec::new(),
+            joining: None,
+        };
+        self.workers.insert(id.clone(), worker);
+        id
+    }
+
+    /// Worker `id` asks to join the coming generation at `address`; when
+    /// it left the current one (its ring broke), that begins a recovery.
+    pub fn ask_to_join(
+        &mut self,
+        id: &str,
+        address: String,
+        nccl_unique_id: Vec<u8>,
+        left: Option<(u64, String)>,
+        now: Instant,
+    ) -> Vec<Change> {
+        let generation = self.generation;
+        let Some(worker) = self.workers.get_mut(id) else {
+            return Vec::new();
+        };
+        worker.collective_address = address;
+        worker.nccl_unique_id = nccl_unique_id;
+        worker.last_heartbeat = now;
+        let broke = match left {
+            Some((left, reason)) if left == generation && worker.rank.is_some() => {
+                Some(format!("{}: {reason}", worker.describe()))
+            }
+            _ => None,
+        };
+        let mut changes = Vec::new();
+        match broke {
+            Some(cause) if self.state == JobState::Running => {
+                if self.restarts_left() > 0 {
+                    changes.push(self.recover(now, cause));
+                } else {
+                    // As without healing: the watchdog names the silent peer behind it.
+                    self.pending_failure.get_or_insert((cause.clone(), now));
+                    self.transition(JobState::Stopping, Some(cause));
+                }
+            }
+            _ => {}
+        }
+        if let Some(worker) = self.workers.get_mut(id) {
+            worker.rank = None;
+            worker.joining = Some(self.generation);
+        }
+        changes.extend(self.tick(now));
+        changes
+    }
+
+    /// What the watchdog decides at `now`: silent workers are lost (a
+    /// recovery, or the job's failure when no restart is left), a recovery
+    /// gives up waiting for replacements, a complete world gets its ranks.
+    pub fn tick(&mut self, now: Instant) -> Vec<Change> {
+        let timeout = self.policy.heartbeat_timeout;
+        let mut changes = Vec::new();
+        if self.state.is_terminal() {
+            return changes;
+        }
+        let silent = |w: &Worker| w.finished.is_none() && now.saturating_duration_since(w.last_heartbeat) > timeout;
+        let lost: Vec<String> = self
             .workers
             .values()
+            .filter(|w| silent(w))
+            .map(|w| {
+                format!(
+                    "{} lost: no heartbeat for {:.1} s (timeout {:.1} s), last at step {}",
+                    w.describe(),
+                    now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
+                    timeout.as_secs_f64(),
+                    w.step
+                )
+            })
+            .collect();
+        let lost_ranked = self.workers.values().any(|w| w.rank.is_some() && silent(w));
+        match self.state {
+            JobState::Running | JobState::Stopping if lost_ranked => {
+                let mut cause = lost.join("; ");
+                if let Some((failure, _)) = &self.pending_failure {
+                    cause = format!("{cause}; then {failure}");
+                }
+                if self.state == JobState::Running && self.restarts_left() > 0 {
+                    changes.push(self.recover(now, cause));
+                } else {
+                    self.fail(cause);
+                    return changes;
+                }
+            }
+            JobState::Running | JobState::Stopping => {
+                if let Some((failure, since)) = &self.pending_failure {
+                    if now.saturating_duration_since(*since) > timeout {
+                        let failure = failure.clone();
+                        self.fail(failure);
+                    }
+                }
+                return changes;
+            }
+            _ => {}
+        }
+        // Pending, rendezvous or recovering: the silent leave, the ready may get ranks.
+        let dropped: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| silent(w))
+            .map(|w| w.id.clone())
+            .collect();
+        if !dropped.is_empty() {
+            self.workers.retain(|id, _| !dropped.contains(id));
+            changes.push(Change::Dropped(dropped));
+        }
+        if let Some(world) = self.ready_world(now) {
+            changes.push(self.assign_ranks(now, world));
+        }
+        changes
+    }
+
+    /// Fails the job; after recoveries, the reason lists every one.
+    fn fail(&mut self, cause: String) {
+        let reason = if self.restarts.is_empty() || self.policy.max_restarts == 0 {
+            cause
+        } else {
+            let mut reason = format!(
+                "{cause}; no restart left (recovery.max_restarts = {})",
+                self.policy.max_restarts
+            );
+            for (i, restart) in self.restarts.iter().enumerate() {
+                let _ = write!(
+                    reason,
+                    "; restart {} at step {}: {}",
+                    i + 1,
+                    restart.lost_at_step,
+                    restart.cause
+                );
+            }
+            reason
+        };
+        self.transition(JobState::Failed, Some(reason));
+    }
+
+    /// Begins a recovery: a new generation that every worker must join
+    /// again, from the newest committed step. Lost workers leave the table.
+    fn recover(&mut self, now: Instant, cause: String) -> Change {
+        let timeout = self.policy.heartbeat_timeout;
+        let lost_at_step = self.step();
+        self.workers
+            .retain(|_, w| w.finished.is_some() || now.saturating_duration_since(w.last_heartbeat) <= timeout);
+        self.generation += 1;
+        for worker in self.workers.values_mut() {
+            // Survivors ask again with a new listener; replacements already waiting move on.
+            let waiting = worker.rank.is_none() && worker.joining.is_some();
+            worker.joining = waiting.then_some(self.generation);
+            worker.rank = None;
+        }
+        self.pending_failure = None;
+        self.recovering_since = Some(now);
+        self.start_step = self.newest_commit.as_ref().map_or(self.start_step, |(step, _)| *step);
+        if let Some((_, url)) = &self.newest_commit {
+            self.checkpoint.resumed_from = Some(url.clone());
+        }
+        let restart = Restart {
+            generation: self.generation,
+            at: unix_now(),
+            cause: cause.clone(),
+            lost_at_step,
+            resumed_step: None,
+            world: None,
+            seconds: None,
+        };
+        self.restarts.push(restart.clone());
+        self.transition(JobState::Recovering, Some(cause));
+        Change::Recovering(restart)
+    }
+
+    /// The world the current generation can start with now, if any: the
+    /// whole target once that many workers asked, or fewer (at least
+    /// min_workers) once a recovery has waited replacement_timeout.
+    fn ready_world(&self, now: Instant) -> Option<usize> {
+        let ready = self.ready().count();
+        if ready >= self.policy.target_world {
+            return Some(self.policy.target_world);
+        }
+        let waited = self
+            .recovering_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.policy.replacement_timeout);
+        if self.state == JobState::Recovering && waited {
+            return self.policy.reduced_world(ready);
+        }
+        None
+    }
+
+    fn ready(&self) -> impl Iterator<Item = &Worker> {
+        self.workers
+            .values()
+            .filter(|w| w.joining == Some(self.generation) && w.finished.is_none())
+    }
+
+    /// Gives `world` of the workers waiting for this generation their
+    /// ranks: the engine's indexes when they name every rank once (log files
+    /// then match ranks), otherwise a stable order by (host, collective
+    /// address), so the same world gets the same ranks. Heartbeats count
+    /// from `now`; the generation starts at the newest committed step.
+    fn assign_ranks(&mut self, now: Instant, world: usize) -> Change {
+        let mut order: Vec<(String, String, String)> = self
+            .ready()
             .map(|w| (w.host.clone(), w.collective_address.clone(), w.id.clone()))
             .collect();
         order.sort();
+        order.truncate(world);
+        let mut preferred: Vec<usize> = order
+            .iter()
+            .filter_map(|(_, _, id)| self.workers[id].preferred_rank)
+            .collect();
+        preferred.sort_unstable();
+        let use_preferred = preferred.len() == world && preferred.iter().copied().eq(0..world);
         for (fallback_rank, (_, _, id)) in order.into_iter().enumerate() {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.rank = Some(match (use_preferred, worker.preferred_rank) {
@@ -134,36 +470,56 @@ impl Job {
                     _ => fallback_rank,
                 });
                 worker.last_heartbeat = now;
+                worker.step = self.start_step;
             }
+        }
+        self.world_size = world;
+        self.checkpoint_reports.clear();
+        let start = self.start_step;
+        // The chart shows each step once: what is trained again replaces it.
+        self.history.retain(|point| point.step <= start);
+        self.evals.retain(|point| point.step <= start);
+        if let Some(since) = self.recovering_since.take() {
+            if let Some(restart) = self.restarts.last_mut() {
+                restart.resumed_step = Some(start);
+                restart.world = Some(world);
+                restart.seconds = Some(now.saturating_duration_since(since).as_secs_f64());
+            }
+        }
+        let reason = match self.restarts.last().filter(|r| r.generation == self.generation) {
+            Some(restart) => format!(
+                "generation {}: {world} workers from step {start} ({} steps trained again)",
+                self.generation,
+                restart.lost_steps()
+            ),
+            None => format!("{world} workers, ranks assigned"),
+        };
+        self.transition(JobState::Running, Some(reason));
+        Change::Assigned {
+            generation: self.generation,
+            step: start,
+            world,
         }
     }
 
-    /// Why the job has failed at `now`, if it has: a worker silent for longer
-    /// than `timeout` (with the failure a peer reported before, which a dead
-    /// worker usually causes), or a reported failure with no silent peer
-    /// behind it once `timeout` has passed.
-    pub fn failure(&self, now: Instant, timeout: Duration) -> Option<String> {
-        if !matches!(self.state, JobState::Running | JobState::Stopping) {
-            return None;
+    /// What a heartbeat from worker `id`, training in `generation`, is told.
+    pub fn command_for(&self, id: &str, generation: u64) -> Command {
+        if matches!(self.state, JobState::Stopping | JobState::Stopped | JobState::Failed) {
+            return Command::Stop;
         }
-        let silent = |w: &&Worker| w.finished.is_none() && now.saturating_duration_since(w.last_heartbeat) > timeout;
-        let lost = self.workers.values().find(silent).map(|w| {
-            format!(
-                "worker {} (rank {}, {}) lost: no heartbeat for {:.1} s (timeout {:.1} s), last at step {}",
-                w.id,
-                w.rank.map_or("-".into(), |r| r.to_string()),
-                w.host,
-                now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
-                timeout.as_secs_f64(),
-                w.step
-            )
-        });
-        match (lost, &self.pending_failure) {
-            (Some(lost), Some((failure, _))) => Some(format!("{lost}; then {failure}")),
-            (Some(lost), None) => Some(lost),
-            (None, Some((failure, since))) if now.saturating_duration_since(*since) > timeout => Some(failure.clone()),
-            (None, _) => None,
+        let joining = self.workers.get(id).and_then(|w| w.joining);
+        // A ring older than the current one stops and asks to join again.
+        if generation != 0 && generation < self.generation && joining != Some(self.generation) {
+            return Command::Regroup;
         }
+        Command::Continue
+    }
+
+    /// Whether a checkpoint shard written by `generation` may still count:
+    /// the current generation's, and the previous one's until the next has
+    /// its ranks (the survivors' saves finish before they rejoin).
+    pub fn accepts_shard_of(&self, generation: u64) -> bool {
+        generation == self.generation || (self.state == JobState::Recovering && generation + 1 == self.generation)
     }
 
     /// NCCL jobs: the unique id every rank joins, rank 0's, once it sent one.
@@ -194,9 +550,58 @@ impl Job {
             .map(|reports| reports.into_values().collect())
     }
 
-    /// Steps completed by the whole job (the slowest rank).
+    /// Worker `id` is done: completed its steps, stopped, or failed (the
+    /// job then stops, and fails once every rank has said goodbye).
+    pub fn finish(&mut self, id: &str, step: u64, ok: bool, message: String, now: Instant) {
+        let Some(worker) = self.workers.get_mut(id) else { return };
+        worker.step = worker.step.max(step);
+        worker.finished = Some((ok, message.clone()));
+        let failure = (!ok).then(|| format!("{} failed at step {step}: {message}", worker.describe()));
+        if let Some(failure) = &failure {
+            self.pending_failure.get_or_insert((failure.clone(), now));
+        }
+        // The ring decides; a replacement still waiting for a rank does not.
+        let ring = || {
+            self.workers
+                .values()
+                .filter(|w| w.rank.is_some() || w.finished.is_some())
+        };
+        let all_finished = ring().all(|w| w.finished.is_some());
+        let all_ok = ring().all(|w| w.finished.as_ref().is_some_and(|(ok, _)| *ok));
+        let step = self.step();
+        let total = self.total_steps;
+        let pending = self.pending_failure.as_ref().map(|(reason, _)| reason.clone());
+        if let Some(failure) = failure {
+            // A failing worker often only saw a dead peer: the watchdog names it, if any.
+            let next = if all_finished {
+                JobState::Failed
+            } else {
+                JobState::Stopping
+            };
+            self.transition(next, Some(failure));
+        } else if let (true, Some(pending)) = (all_finished, pending) {
+            self.transition(JobState::Failed, Some(pending));
+        } else if all_finished {
+            let (state, reason) = match self.state {
+                JobState::Stopping => (JobState::Stopped, format!("stopped at step {step}")),
+                _ if all_ok && step >= total => (JobState::Completed, format!("{step} steps")),
+                _ => (
+                    JobState::Failed,
+                    format!("workers finished at step {step} of {total} without being told to stop"),
+                ),
+            };
+            self.transition(state, Some(reason));
+        }
+    }
+
+    /// Steps completed by the whole job (the slowest rank of the ring).
     pub fn step(&self) -> u64 {
-        self.workers.values().map(|w| w.step).min().unwrap_or(self.start_step)
+        self.workers
+            .values()
+            .filter(|w| w.rank.is_some())
+            .map(|w| w.step)
+            .min()
+            .unwrap_or(self.start_step)
     }
 
     pub fn reason(&self) -> Option<&str> {
@@ -261,26 +666,30 @@ impl Job {
 mod tests {
     use super::*;
 
-    fn job_of(workers: &[(&str, &str, Option<usize>)]) -> Job {
-        let mut job = Job::new("test", workers.len(), 100);
-        for (i, (host, address, preferred)) in workers.iter().enumerate() {
-            let id = format!("w-{i}");
-            job.workers.insert(
-                id.clone(),
-                Worker {
-                    id,
-                    rank: None,
-                    host: host.to_string(),
-                    device: "cpu".into(),
-                    collective_address: address.to_string(),
-                    preferred_rank: *preferred,
-                    step: 0,
-                    phase: WorkerPhase::Starting,
-                    last_heartbeat: Instant::now(),
-                    finished: None,
-                    nccl_unique_id: Vec::new(),
-                },
-            );
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn policy(max_restarts: u32, target_world: usize, min_workers: usize) -> RecoveryPolicy {
+        RecoveryPolicy {
+            max_restarts,
+            target_world,
+            min_workers,
+            replacement_timeout: Duration::from_secs(60),
+            heartbeat_timeout: TIMEOUT,
+            global_batch: 12,
+        }
+    }
+
+    fn secs(start: Instant, seconds: u64) -> Instant {
+        start + Duration::from_secs(seconds)
+    }
+
+    /// A job whose workers `w-0..` registered from `hosts` and asked to
+    /// join at `start`, with the engine's indexes `preferred`.
+    fn job_of(policy: RecoveryPolicy, hosts: &[(&str, Option<usize>)], start: Instant) -> Job {
+        let mut job = Job::new("test", 100, policy, None);
+        for (i, (host, preferred)) in hosts.iter().enumerate() {
+            let id = job.register(host.to_string(), "cpu".into(), *preferred, start);
+            job.ask_to_join(&id, format!("10.0.0.{i}:1"), Vec::new(), None, start);
         }
         job
     }
@@ -289,45 +698,255 @@ mod tests {
         job.workers.values().map(|w| w.rank).collect()
     }
 
+    /// Every worker but `silent` heartbeats at `at`.
+    fn heartbeats(job: &mut Job, silent: &[&str], at: Instant) {
+        for worker in job.workers.values_mut().filter(|w| !silent.contains(&w.id.as_str())) {
+            worker.last_heartbeat = at;
+        }
+    }
+
+    fn join(job: &mut Job, id: &str, left: Option<u64>, at: Instant) -> Vec<Change> {
+        let left = left.map(|generation| (generation, "ring broken".to_string()));
+        job.ask_to_join(id, format!("{id}:2"), Vec::new(), left, at)
+    }
+
     #[test]
     fn ranks_follow_the_engines_indexes_only_when_they_name_every_rank_once() {
-        let mut job = job_of(&[("b", "1", Some(0)), ("a", "2", Some(1))]);
-        job.assign_ranks(Instant::now());
+        let start = Instant::now();
+        let job = job_of(policy(0, 2, 2), &[("b", Some(0)), ("a", Some(1))], start);
         assert_eq!(ranks(&job), [Some(0), Some(1)]);
+        assert_eq!(job.state, JobState::Running);
         // Two workers asking for rank 0: the (host, address) order decides.
-        let mut job = job_of(&[("b", "1", Some(0)), ("a", "2", Some(0))]);
-        job.assign_ranks(Instant::now());
+        let job = job_of(policy(0, 2, 2), &[("b", Some(0)), ("a", Some(0))], start);
         assert_eq!(ranks(&job), [Some(1), Some(0)]);
     }
 
     #[test]
-    fn a_silent_worker_is_lost_only_after_the_timeout() {
-        let mut job = job_of(&[("a", "1", None), ("b", "2", None)]);
+    fn without_a_restart_budget_a_silent_worker_fails_the_job_after_the_timeout() {
         let start = Instant::now();
-        job.assign_ranks(start);
-        job.transition(JobState::Running, None);
-        let timeout = Duration::from_secs(10);
-        job.workers.get_mut("w-0").unwrap().last_heartbeat = start + Duration::from_secs(8);
-        assert_eq!(job.failure(start + Duration::from_secs(9), timeout), None);
-        let failure = job.failure(start + Duration::from_secs(11), timeout).unwrap();
+        let mut job = job_of(policy(0, 2, 2), &[("a", None), ("b", None)], start);
+        heartbeats(&mut job, &["w-1"], secs(start, 8));
+        assert_eq!(job.tick(secs(start, 9)), []);
+        job.tick(secs(start, 11));
+        assert_eq!(job.state, JobState::Failed);
+        let reason = job.reason().unwrap();
         assert!(
-            failure.starts_with("worker w-1 (rank 1, b) lost: no heartbeat for 11.0 s"),
-            "{failure}"
+            reason.starts_with("worker w-1 (rank 1, b) lost: no heartbeat for 11.0 s"),
+            "{reason}"
         );
-        // A peer's reported failure waits for the silent worker behind it.
-        job.workers.get_mut("w-1").unwrap().last_heartbeat = start + Duration::from_secs(8);
-        job.pending_failure = Some(("rank 0: ring broken".into(), start + Duration::from_secs(9)));
-        assert_eq!(job.failure(start + Duration::from_secs(12), timeout), None);
-        let failure = job.failure(start + Duration::from_secs(20), timeout).unwrap();
+        // A peer's broken ring waits for the silent worker behind it, then both are named.
+        let mut job = job_of(policy(0, 2, 2), &[("a", None), ("b", None)], start);
+        let generation = job.generation;
+        join(&mut job, "w-0", Some(generation), secs(start, 9));
+        assert_eq!(job.state, JobState::Stopping);
+        heartbeats(&mut job, &["w-1"], secs(start, 9));
+        job.tick(secs(start, 12));
+        let reason = job.reason().unwrap();
         assert!(
-            failure.contains("lost") && failure.ends_with("; then rank 0: ring broken"),
-            "{failure}"
+            reason.starts_with("worker w-1 (rank 1, b) lost")
+                && reason.ends_with("; then worker w-0 (rank 0, a): ring broken"),
+            "{reason}"
         );
     }
 
     #[test]
+    fn a_lost_worker_begins_a_recovery_that_resumes_from_the_newest_commit_once_a_replacement_joins() {
+        let start = Instant::now();
+        let mut job = job_of(policy(3, 2, 2), &[("a", None), ("b", None)], start);
+        let first = job.generation;
+        job.newest_commit = Some((40, "ckpt/step-00000040".into()));
+        for worker in job.workers.values_mut() {
+            worker.step = 47;
+        }
+        heartbeats(&mut job, &["w-1"], secs(start, 8));
+        let changes = job.tick(secs(start, 11));
+        let [Change::Recovering(restart)] = changes.as_slice() else {
+            panic!("{changes:?}")
+        };
+        assert_eq!((restart.generation, restart.lost_at_step), (first + 1, 47));
+        assert!(
+            restart.cause.starts_with("worker w-1 (rank 1, b) lost"),
+            "{}",
+            restart.cause
+        );
+        assert_eq!(job.state, JobState::Recovering);
+        assert_eq!(
+            job.workers.keys().collect::<Vec<_>>(),
+            ["w-0"],
+            "the lost worker leaves"
+        );
+        // The survivor's old ring is told to regroup; its new request is not.
+        assert_eq!(job.command_for("w-0", first), Command::Regroup);
+        assert_eq!(join(&mut job, "w-0", Some(first), secs(start, 12)), []);
+        assert_eq!(job.command_for("w-0", first), Command::Continue);
+        // A replacement arrives: the world is whole, from step 40.
+        let id = job.register("c".into(), "cpu".into(), None, secs(start, 15));
+        let changes = join(&mut job, &id, None, secs(start, 15));
+        assert_eq!(
+            changes,
+            [Change::Assigned {
+                generation: first + 1,
+                step: 40,
+                world: 2
+            }]
+        );
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!((job.start_step, job.step()), (40, 40));
+        assert_eq!(job.checkpoint.resumed_from.as_deref(), Some("ckpt/step-00000040"));
+        let restart = &job.restarts[0];
+        assert_eq!(
+            (restart.resumed_step, restart.world, restart.lost_steps()),
+            (Some(40), Some(2), 7)
+        );
+        assert_eq!(restart.seconds, Some(4.0));
+    }
+
+    #[test]
+    fn a_worker_lost_during_the_rendezvous_is_dropped_and_the_rest_wait_for_a_replacement() {
+        let start = Instant::now();
+        let mut job = job_of(policy(3, 2, 2), &[("a", None), ("b", None)], start);
+        let first = job.generation;
+        join(&mut job, "w-0", Some(first), secs(start, 1));
+        assert_eq!(job.state, JobState::Recovering);
+        // w-1 never rejoins and falls silent: dropped, not a second restart.
+        heartbeats(&mut job, &["w-1"], secs(start, 11));
+        assert_eq!(job.tick(secs(start, 12)), [Change::Dropped(vec!["w-1".into()])]);
+        assert_eq!((job.restarts.len(), job.state), (1, JobState::Recovering));
+        // Its replacement, too, dies before it asked to join; the next one completes the world.
+        let late = job.register("c".into(), "cpu".into(), None, secs(start, 12));
+        heartbeats(&mut job, &[&late], secs(start, 23));
+        assert_eq!(job.tick(secs(start, 23)), [Change::Dropped(vec![late])]);
+        let next = job.register("d".into(), "cpu".into(), None, secs(start, 24));
+        let changes = join(&mut job, &next, None, secs(start, 24));
+        assert!(
+            matches!(changes[..], [Change::Assigned { world: 2, .. }]),
+            "{changes:?}"
+        );
+        assert_eq!(job.restarts.len(), 1);
+    }
+
+    #[test]
+    fn two_losses_at_once_are_one_restart_naming_both() {
+        let start = Instant::now();
+        let mut job = job_of(policy(3, 3, 3), &[("a", None), ("b", None), ("c", None)], start);
+        heartbeats(&mut job, &["w-1", "w-2"], secs(start, 5));
+        let changes = job.tick(secs(start, 11));
+        let [Change::Recovering(restart)] = changes.as_slice() else {
+            panic!("{changes:?}")
+        };
+        assert!(
+            restart.cause.contains("worker w-1 (rank 1, b) lost")
+                && restart.cause.contains("worker w-2 (rank 2, c) lost"),
+            "{}",
+            restart.cause
+        );
+        assert_eq!(job.workers.len(), 1);
+    }
+
+    #[test]
+    fn with_no_replacement_the_job_goes_on_with_the_largest_world_that_splits_the_batch() {
+        let start = Instant::now();
+        let mut policy = policy(3, 4, 1);
+        policy.global_batch = 12;
+        let mut job = job_of(policy, &[("a", None), ("b", None), ("c", None), ("d", None)], start);
+        let first = job.generation;
+        join(&mut job, "w-0", Some(first), secs(start, 1));
+        join(&mut job, "w-1", Some(first), secs(start, 1));
+        join(&mut job, "w-2", Some(first), secs(start, 1));
+        heartbeats(&mut job, &["w-3"], secs(start, 30));
+        job.tick(secs(start, 30));
+        assert_eq!(job.state, JobState::Recovering, "waits for a replacement first");
+        heartbeats(&mut job, &[], secs(start, 61));
+        let changes = job.tick(secs(start, 61));
+        assert!(
+            matches!(changes[..], [Change::Assigned { world: 3, .. }]),
+            "{changes:?}"
+        );
+        assert_eq!(job.world_size, 3);
+        // A late replacement waits as a spare; it does not hold the ring up.
+        let spare = job.register("e".into(), "cpu".into(), None, secs(start, 62));
+        join(&mut job, &spare, None, secs(start, 62));
+        assert_eq!((job.state, job.workers[&spare].rank), (JobState::Running, None));
+        // 12 does not split over 5 or... a world of 4 would need all four back;
+        // below min_workers nothing starts.
+        assert_eq!(job.policy.reduced_world(2), Some(2));
+        let strict = RecoveryPolicy {
+            min_workers: 3,
+            global_batch: 8,
+            ..job.policy.clone()
+        };
+        assert_eq!(strict.reduced_world(3), None, "3 does not split 8");
+    }
+
+    #[test]
+    fn when_the_budget_is_spent_the_job_fails_listing_every_restart() {
+        let start = Instant::now();
+        let mut job = job_of(policy(2, 2, 2), &[("a", None), ("b", None)], start);
+        let mut at = 0;
+        for _ in 0..2 {
+            let generation = job.generation;
+            let survivor = job.workers.values().find(|w| w.rank == Some(0)).unwrap().id.clone();
+            let other = job.workers.values().find(|w| w.rank == Some(1)).unwrap().id.clone();
+            join(&mut job, &survivor, Some(generation), secs(start, at));
+            join(&mut job, &other, Some(generation), secs(start, at));
+            assert_eq!(job.state, JobState::Running);
+            at += 1;
+        }
+        assert_eq!(job.restarts_left(), 0);
+        heartbeats(&mut job, &["w-1"], secs(start, at));
+        job.tick(secs(start, at + 11));
+        assert_eq!(job.state, JobState::Failed);
+        let reason = job.reason().unwrap();
+        assert!(
+            reason.contains("no restart left (recovery.max_restarts = 2)"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("; restart 1 at step 0: worker w-0 (rank 0, a): ring broken; restart 2 at step 0:"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn calls_from_an_older_ring_are_told_apart_by_their_generation() {
+        let start = Instant::now();
+        let mut job = job_of(policy(3, 2, 2), &[("a", None), ("b", None)], start);
+        let first = job.generation;
+        let shard = |rank: usize| ShardRecord {
+            file: checkpoint::layout::shard_file(rank, 2),
+            bytes: 10,
+            sha256: "00".into(),
+        };
+        // Rank 0 saved step 5, then its ring broke: its shard still counts
+        // while the next ring forms, so a step every rank wrote is not lost.
+        assert_eq!(job.record_shard(5, 0, shard(0), 0.1), None);
+        join(&mut job, "w-1", Some(first), secs(start, 1));
+        assert!(job.accepts_shard_of(first) && job.accepts_shard_of(first + 1));
+        let complete = job.record_shard(5, 1, shard(1), 0.2).unwrap();
+        assert_eq!(complete, vec![(shard(0), 0.1), (shard(1), 0.2)]);
+        join(&mut job, "w-0", Some(first), secs(start, 1));
+        assert_eq!(job.state, JobState::Running);
+        // Once the new ring has its ranks, the old one's saves and steps no longer count.
+        assert!(!job.accepts_shard_of(first));
+        assert_eq!(
+            job.command_for("w-0", first),
+            Command::Continue,
+            "it asked to join already"
+        );
+        let stray = job.register("z".into(), "cpu".into(), None, secs(start, 2));
+        assert_eq!(
+            job.command_for(&stray, 0),
+            Command::Continue,
+            "a new worker has no ring yet"
+        );
+        job.workers.get_mut(&stray).unwrap().joining = Some(first);
+        assert_eq!(job.command_for(&stray, first), Command::Regroup);
+    }
+
+    #[test]
     fn a_checkpoint_step_is_complete_when_every_rank_reported_its_shard() {
-        let mut job = job_of(&[("a", "1", None), ("b", "2", None)]);
+        let start = Instant::now();
+        let mut job = job_of(policy(0, 2, 2), &[("a", None), ("b", None)], start);
         let shard = |rank: usize| ShardRecord {
             file: checkpoint::layout::shard_file(rank, 2),
             bytes: 10,
@@ -339,5 +958,25 @@ mod tests {
         assert_eq!(complete, vec![(shard(0), 0.2), (shard(1), 0.5)]);
         // Step 6 still waits for rank 1.
         assert_eq!(job.record_shard(6, 0, shard(0), 0.1), None);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_counts_a_restart_unless_the_job_had_ended() {
+        let journal = |state: &str| Recovered {
+            state: Some(state.into()),
+            step: 30,
+            events: 5,
+            generation: 4,
+            workers: 6,
+            ..Recovered::default()
+        };
+        let mut job = Job::new("test", 100, policy(3, 2, 2), Some(journal("running")));
+        let restart = job.coordinator_restarted(Instant::now()).unwrap();
+        assert_eq!((restart.generation, restart.lost_at_step), (5, 30));
+        assert_eq!(job.restarts_left(), 2);
+        assert_eq!(job.register("a".into(), "cpu".into(), None, Instant::now()), "w-6");
+        let mut job = Job::new("test", 100, policy(3, 2, 2), Some(journal("failed")));
+        assert_eq!(job.coordinator_restarted(Instant::now()), None);
+        assert_eq!(job.restarts_left(), 3);
     }
 }

@@ -1,8 +1,10 @@
 //! The coordinator's journal: one JSON line per event (state changes, steps
-//! reached, checkpoints committed) in the job directory, so a restarted
-//! coordinator knows where the job stood.
+//! reached, checkpoints committed, workers, recoveries and the ranks each
+//! generation got) in the job directory, so a restarted coordinator knows
+//! where the job stood, which generation comes next and what its restart
+//! budget has left.
 
-use contract::status::Recovered;
+use contract::status::{Recovered, Restart};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,21 @@ pub enum Event {
     },
     Checkpoint {
         step: u64,
+        at: f64,
+    },
+    /// A worker registered.
+    Worker {
+        id: String,
+        host: String,
+        at: f64,
+    },
+    /// A recovery began.
+    Restart(Restart),
+    /// A generation got its ranks and starts at `step`.
+    Assigned {
+        generation: u64,
+        step: u64,
+        world: usize,
         at: f64,
     },
 }
@@ -111,6 +128,24 @@ pub fn read(path: &Path) -> Result<Recovered, JournalError> {
             }
             Event::Step { step, .. } => recovered.step = recovered.step.max(step),
             Event::Checkpoint { step, .. } => recovered.last_checkpoint = Some(step),
+            Event::Worker { .. } => recovered.workers += 1,
+            Event::Restart(restart) => {
+                recovered.generation = recovered.generation.max(restart.generation);
+                recovered.restarts.push(restart);
+            }
+            Event::Assigned {
+                generation,
+                step,
+                world,
+                at,
+            } => {
+                recovered.generation = recovered.generation.max(generation);
+                if let Some(restart) = recovered.restarts.last_mut().filter(|r| r.generation == generation) {
+                    restart.resumed_step = Some(step);
+                    restart.world = Some(world);
+                    restart.seconds = Some(at - restart.at);
+                }
+            }
         }
     }
     Ok(recovered)
@@ -135,6 +170,26 @@ mod tests {
             Event::Step { step: 40, at: 2.0 },
             Event::Checkpoint { step: 40, at: 2.5 },
             Event::Step { step: 50, at: 3.0 },
+            Event::Worker {
+                id: "w-0".into(),
+                host: "a".into(),
+                at: 3.1,
+            },
+            Event::Restart(Restart {
+                generation: 2,
+                at: 3.2,
+                cause: "worker w-1 lost".into(),
+                lost_at_step: 50,
+                resumed_step: None,
+                world: None,
+                seconds: None,
+            }),
+            Event::Assigned {
+                generation: 2,
+                step: 40,
+                world: 1,
+                at: 3.7,
+            },
             Event::State {
                 state: "failed".into(),
                 at: 4.0,
@@ -155,8 +210,15 @@ mod tests {
         assert_eq!(recovered.reason.as_deref(), Some("worker w-1 lost"));
         assert_eq!(
             (recovered.step, recovered.last_checkpoint, recovered.events),
-            (50, Some(40), 5)
+            (50, Some(40), 8)
         );
+        assert_eq!((recovered.generation, recovered.workers), (2, 1));
+        let restart = &recovered.restarts[0];
+        assert_eq!(
+            (restart.resumed_step, restart.world, restart.lost_steps()),
+            (Some(40), Some(1), 10)
+        );
+        assert!((restart.seconds.unwrap() - 0.5).abs() < 1e-9);
         // Damage before the last line is an error with its line number.
         std::fs::write(dir.join(FILE), "garbage\n{\"event\":\"step\",\"step\":1,\"at\":0}\n").unwrap();
         let error = read(&dir.join(FILE)).unwrap_err().to_string();

@@ -25,7 +25,7 @@ use contract::rpc::coordinator_server::CoordinatorServer;
 use contract::status::JobState;
 use tokio::sync::watch;
 
-use job::Job;
+use job::{Job, RecoveryPolicy};
 use journal::{Event, Journal};
 use plan::JobPlan;
 pub use shared::Shared;
@@ -98,13 +98,19 @@ impl Coordinator {
                 recovered.step
             );
         }
-        let mut job = Job::new(&manifest.job.name, manifest.cluster.workers, plan.total_steps);
+        let previous = (recovered.events > 0).then_some(recovered);
+        let mut job = Job::new(
+            &manifest.job.name,
+            plan.total_steps,
+            RecoveryPolicy::of(&manifest),
+            previous,
+        );
         if let Some(chosen) = plan.chosen {
             job.start_step = chosen.step;
-            job.checkpoint.resumed_from = Some(chosen.url);
+            job.checkpoint.resumed_from = Some(chosen.url.clone());
+            job.newest_commit = Some((chosen.step, chosen.url));
         }
-        job.previous = (recovered.events > 0).then_some(recovered);
-
+        let restarted = job.coordinator_restarted(std::time::Instant::now());
         let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
         let status_listener = bind(manifest.status.bind, "status.bind").await?;
         let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
@@ -129,6 +135,14 @@ impl Coordinator {
             at: job::unix_now(),
             reason: None,
         });
+        if let Some(restart) = restarted {
+            tracing::warn!(
+                "{}: the job goes on from step {}",
+                restart.cause,
+                restart.resumed_step.unwrap_or(0)
+            );
+            shared.journal(Event::Restart(restart));
+        }
         let grpc_shutdown = serve_grpc(&shared, grpc_listener);
         serve_status(&shared, status_listener);
         spawn_watchdog(&shared);
@@ -270,12 +284,11 @@ fn serve_status(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
 /// Checks the heartbeats every half heartbeat until the job has ended.
 fn spawn_watchdog(shared: &Arc<Shared>) {
     let watchdog = shared.clone();
-    let timeout = Duration::from_millis(watchdog.manifest.cluster.heartbeat_timeout_ms);
     let tick = Duration::from_millis(watchdog.manifest.cluster.heartbeat_ms.max(50) / 2);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(tick).await;
-            watchdog.check_heartbeats(timeout);
+            watchdog.check_heartbeats();
             if watchdog.job.lock().expect("job state").state.is_terminal() {
                 return;
             }

@@ -7,9 +7,8 @@ use std::time::Instant;
 use checkpoint::layout::ShardRecord;
 use contract::rpc::coordinator_server::Coordinator as CoordinatorRpc;
 use contract::rpc::{
-    Assignment, CheckpointReply, CheckpointShard, CollectiveKind as RpcCollectiveKind, Command, FinishReply,
-    FinishRequest, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase,
-    PROTOCOL_VERSION,
+    Assignment, CheckpointReply, CheckpointShard, CollectiveKind as RpcCollectiveKind, FinishReply, FinishRequest,
+    HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
@@ -34,41 +33,33 @@ impl CoordinatorRpc for Service {
                 request.protocol_version
             )));
         }
-        let mut job = self.shared.job.lock().expect("job state");
-        if job.state != JobState::Pending && job.state != JobState::Rendezvous {
-            return Err(Status::failed_precondition(format!(
-                "the job is {} and takes no new workers",
-                job.state.name()
-            )));
+        let now = Instant::now();
+        let mut id = String::new();
+        let mut refused = None;
+        self.shared.decide(|job| {
+            if job.state.is_terminal() {
+                refused = Some(format!("the job is {} and takes no new workers", job.state.name()));
+                return Vec::new();
+            }
+            id = job.register(
+                request.host.clone(),
+                request.device.clone(),
+                request.preferred_rank.map(|r| r as usize),
+                now,
+            );
+            if job.state == JobState::Pending {
+                job.transition(JobState::Rendezvous, Some("the first worker registered".into()));
+            }
+            Vec::new()
+        });
+        if let Some(message) = refused {
+            return Err(Status::failed_precondition(message));
         }
-        let id = format!("w-{}", job.workers.len());
-        let step = job.start_step;
-        job.workers.insert(
-            id.clone(),
-            Worker {
-                id: id.clone(),
-                rank: None,
-                host: request.host,
-                preferred_rank: request.preferred_rank.map(|r| r as usize),
-                device: request.device,
-                collective_address: request.collective_address,
-                step,
-                phase: WorkerPhase::Starting,
-                last_heartbeat: Instant::now(),
-                finished: None,
-                nccl_unique_id: Vec::new(),
-            },
-        );
-        let registered = job.workers.len();
-        let world = job.world_size;
-        drop(job);
-        self.shared.transition(
-            JobState::Rendezvous,
-            Some(format!("{registered} of {world} workers registered")),
-        );
-        if registered == world {
-            self.shared.assign_ranks();
-        }
+        self.shared.journal(Event::Worker {
+            id: id.clone(),
+            host: request.host,
+            at: crate::job::unix_now(),
+        });
         let collective = match self.shared.manifest.cluster.collective {
             contract::manifest::CollectiveKind::Tcp => RpcCollectiveKind::Tcp,
             contract::manifest::CollectiveKind::Nccl => RpcCollectiveKind::Nccl,
@@ -76,6 +67,7 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(RegisterReply {
             worker_id: id,
             collective: collective as i32,
+            heartbeat_ms: self.shared.manifest.cluster.heartbeat_ms,
         }))
     }
 
@@ -83,6 +75,9 @@ impl CoordinatorRpc for Service {
         let RendezvousRequest {
             worker_id: id,
             nccl_unique_id,
+            collective_address,
+            left_generation,
+            left_because,
         } = request.into_inner();
         let nccl = self.shared.manifest.cluster.collective == contract::manifest::CollectiveKind::Nccl;
         if nccl && nccl_unique_id.is_empty() {
@@ -91,18 +86,21 @@ impl CoordinatorRpc for Service {
             ));
         }
         let mut ready = self.shared.ready.subscribe();
-        registered(&mut self.shared.job.lock().expect("job state"), &id)?.nccl_unique_id = nccl_unique_id;
-        // Ranks waiting for rank 0's id look again.
-        let _ = self.shared.ready.send(true);
+        registered(&mut self.shared.job.lock().expect("job state"), &id)?;
+        let left = (left_generation > 0).then_some((left_generation, left_because));
+        self.shared
+            .decide(|job| job.ask_to_join(&id, collective_address, nccl_unique_id, left, Instant::now()));
         loop {
             {
                 let mut job = self.shared.job.lock().expect("job state");
-                let rank = registered(&mut job, &id)?.rank;
+                let worker = registered(&mut job, &id)?;
+                let (rank, joining) = (worker.rank, worker.joining);
                 if job.state.is_terminal() {
                     return Err(Status::aborted(format!("the job is {}", job.state.name())));
                 }
                 let nccl_unique_id = job.nccl_unique_id().map(<[u8]>::to_vec);
-                if let Some(rank) = rank.filter(|_| !nccl || nccl_unique_id.is_some()) {
+                let assigned = joining == Some(job.generation) && job.state != JobState::Recovering;
+                if let Some(rank) = rank.filter(|_| assigned && (!nccl || nccl_unique_id.is_some())) {
                     let mut peers: Vec<(usize, String)> = job
                         .workers
                         .values()
@@ -119,6 +117,7 @@ impl CoordinatorRpc for Service {
                         dataset_indexes: self.shared.indexes.clone(),
                         nccl_unique_id: nccl_unique_id.unwrap_or_default(),
                         resume_from: job.checkpoint.resumed_from.clone().unwrap_or_default(),
+                        generation: job.generation,
                     }));
                 }
             }
@@ -131,6 +130,8 @@ impl CoordinatorRpc for Service {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
         let mut job = self.shared.job.lock().expect("job state");
+        // Progress counts from the current ring only: an older one's steps are trained again.
+        let current = request.generation == job.generation;
         let worker = registered(&mut job, &request.worker_id)?;
         worker.last_heartbeat = Instant::now();
         worker.phase = WorkerPhase::try_from(request.phase).unwrap_or(WorkerPhase::Starting);
@@ -138,17 +139,19 @@ impl CoordinatorRpc for Service {
             worker.device = request.device;
         }
         let before = worker.step;
-        worker.step = worker.step.max(request.step);
-        let rank = worker.rank;
-        if rank == Some(0) {
-            self.shared.log_metrics(&request.metrics);
-        }
-        for metrics in request.metrics {
-            job.record_metrics(&request.worker_id, rank, metrics);
+        let rank = worker.rank.filter(|_| current);
+        if current {
+            worker.step = worker.step.max(request.step);
+            if rank == Some(0) {
+                self.shared.log_metrics(&request.metrics);
+            }
+            for metrics in request.metrics {
+                job.record_metrics(&request.worker_id, rank, metrics);
+            }
         }
         // The journal hears of every 10th step rank 0 reaches (the slowest rank's step).
         let journal_step = (rank == Some(0) && before / 10 != request.step / 10).then(|| job.step());
-        let stop = matches!(job.state, JobState::Stopping | JobState::Stopped | JobState::Failed);
+        let command = job.command_for(&request.worker_id, request.generation);
         drop(job);
         if let Some(step) = journal_step {
             self.shared.journal(Event::Step {
@@ -156,7 +159,6 @@ impl CoordinatorRpc for Service {
                 at: crate::job::unix_now(),
             });
         }
-        let command = if stop { Command::Stop } else { Command::Continue };
         Ok(Response::new(HeartbeatReply {
             command: command as i32,
         }))
@@ -169,6 +171,12 @@ impl CoordinatorRpc for Service {
         };
         let complete = {
             let mut job = self.shared.job.lock().expect("job state");
+            if !job.accepts_shard_of(shard.generation) {
+                return Err(Status::aborted(format!(
+                    "step {}'s shard comes from generation {}, the job is in generation {}: it does not count",
+                    shard.step, shard.generation, job.generation
+                )));
+            }
             let rank = registered(&mut job, &shard.worker_id)?
                 .rank
                 .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
@@ -188,13 +196,17 @@ impl CoordinatorRpc for Service {
         let options = self.shared.manifest.data.store_options();
         let committed = tokio::task::spawn_blocking(move || {
             let root = store::Store::open(&checkpoint.url, &options)?;
-            checkpoint::commit(&root, step, shards, checkpoint.keep, crate::job::unix_now())
+            let bytes = checkpoint::commit(&root, step, shards, checkpoint.keep, crate::job::unix_now())?;
+            Ok::<_, checkpoint::CheckpointError>((bytes, checkpoint::step_url(&root, step)))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        let bytes = committed.map_err(|e| Status::unavailable(format!("committing step {step}: {e}")))?;
+        let (bytes, url) = committed.map_err(|e| Status::unavailable(format!("committing step {step}: {e}")))?;
         {
             let mut job = self.shared.job.lock().expect("job state");
+            if job.newest_commit.as_ref().is_none_or(|(newest, _)| step > *newest) {
+                job.newest_commit = Some((step, url));
+            }
             let progress = &mut job.checkpoint;
             progress.last_committed_step = Some(step);
             progress.last_save_seconds = Some(seconds);
@@ -211,64 +223,24 @@ impl CoordinatorRpc for Service {
 
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let request = request.into_inner();
-        let mut job = self.shared.job.lock().expect("job state");
-        let worker = registered(&mut job, &request.worker_id)?;
-        worker.step = worker.step.max(request.step);
-        worker.finished = Some((request.ok, request.message.clone()));
-        let describe = format!(
-            "worker {} (rank {}, {})",
-            worker.id,
-            worker.rank.map_or("-".into(), |r| r.to_string()),
-            worker.host
-        );
-        let all_finished = job.workers.values().all(|w| w.finished.is_some());
-        let all_ok = job
-            .workers
-            .values()
-            .all(|w| w.finished.as_ref().is_some_and(|(ok, _)| *ok));
-        let step = job.step();
-        let total = job.total_steps;
-        let state = job.state;
-        let failure = (!request.ok).then(|| format!("{describe} failed at step {}: {}", request.step, request.message));
-        if let Some(failure) = &failure {
-            if job.pending_failure.is_none() {
-                job.pending_failure = Some((failure.clone(), Instant::now()));
-            }
-        }
-        let pending = job.pending_failure.as_ref().map(|(reason, _)| reason.clone());
-        drop(job);
-        if let Some(failure) = failure {
-            // A failing worker often only saw a dead peer: the watchdog names it, if any.
-            let next = if all_finished {
-                JobState::Failed
-            } else {
-                JobState::Stopping
-            };
-            self.shared.transition(next, Some(failure));
-        } else if let (true, Some(pending)) = (all_finished, pending) {
-            self.shared.transition(JobState::Failed, Some(pending));
-        } else if all_finished {
-            match state {
-                JobState::Stopping => self
-                    .shared
-                    .transition(JobState::Stopped, Some(format!("stopped at step {step}"))),
-                _ if all_ok && step >= total => self
-                    .shared
-                    .transition(JobState::Completed, Some(format!("{step} steps"))),
-                _ => self.shared.transition(
-                    JobState::Failed,
-                    Some(format!(
-                        "workers finished at step {step} of {total} without being told to stop"
-                    )),
-                ),
-            };
-        }
-        if all_finished {
+        registered(&mut self.shared.job.lock().expect("job state"), &request.worker_id)?;
+        let mut ended = None;
+        self.shared.decide(|job| {
+            job.finish(
+                &request.worker_id,
+                request.step,
+                request.ok,
+                request.message,
+                Instant::now(),
+            );
+            ended = job.state.is_terminal().then(|| job.step());
+            Vec::new()
+        });
+        if let Some(step) = ended {
             self.shared.journal(Event::Step {
                 step,
                 at: crate::job::unix_now(),
             });
-            let _ = self.shared.ready.send(true);
         }
         Ok(Response::new(FinishReply {}))
     }

@@ -3,14 +3,13 @@
 //! journal, the metrics log, and what happens on every state change.
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use contract::auth::Guard;
 use contract::manifest::Manifest;
 use contract::status::JobState;
 use tokio::sync::watch;
 
-use crate::job::{self, Job};
+use crate::job::{self, Change, Job};
 use crate::journal::{Event, Journal};
 use crate::METRICS_FILE;
 
@@ -31,21 +30,60 @@ pub struct Shared {
 impl Shared {
     /// Moves the job to `state`, logs and journals it.
     pub fn transition(&self, state: JobState, reason: Option<String>) {
-        let moved = self.job.lock().expect("job state").transition(state, reason.clone());
-        if moved {
-            match &reason {
+        self.decide(|job| {
+            job.transition(state, reason);
+            Vec::new()
+        });
+    }
+
+    /// Runs a decision on the job, then logs and journals what it changed:
+    /// its state transitions, recoveries and rank assignments.
+    pub(crate) fn decide(&self, decision: impl FnOnce(&mut Job) -> Vec<Change>) {
+        let mut job = self.job.lock().expect("job state");
+        let before = job.transitions.len();
+        let changes = decision(&mut job);
+        let transitions = job.transitions[before..].to_vec();
+        drop(job);
+        for change in changes {
+            match change {
+                Change::Recovering(restart) => {
+                    tracing::warn!(
+                        "recovering (generation {}, restart {}): {}",
+                        restart.generation,
+                        self.job.lock().expect("job state").restarts.len(),
+                        restart.cause
+                    );
+                    self.journal(Event::Restart(restart));
+                }
+                Change::Assigned {
+                    generation,
+                    step,
+                    world,
+                } => self.journal(Event::Assigned {
+                    generation,
+                    step,
+                    world,
+                    at: job::unix_now(),
+                }),
+                Change::Dropped(ids) => tracing::info!("dropped silent workers {}", ids.join(", ")),
+            }
+        }
+        let mut ended = false;
+        for transition in transitions {
+            let state = transition.state;
+            match &transition.reason {
                 Some(reason) => tracing::info!("job {} ({reason})", state.name()),
                 None => tracing::info!("job {}", state.name()),
             }
+            ended |= state.is_terminal();
             self.journal(Event::State {
                 state: state.name().to_string(),
-                at: job::unix_now(),
-                reason,
+                at: transition.at,
+                reason: transition.reason,
             });
-            if state.is_terminal() {
-                let _ = self.ready.send(true);
-            }
         }
+        // Rendezvous calls waiting for ranks, or for the end, look again.
+        let _ = self.ready.send(ended);
     }
 
     /// Appends rank 0's step metrics (the job's) to metrics.jsonl.
@@ -86,22 +124,15 @@ impl Shared {
         }
     }
 
-    /// Ranks for the complete world, then the job runs.
-    pub(crate) fn assign_ranks(&self) {
-        let mut job = self.job.lock().expect("job state");
-        job.assign_ranks(std::time::Instant::now());
-        let world = job.world_size;
-        drop(job);
-        self.transition(JobState::Running, Some(format!("{world} workers, ranks assigned")));
-        let _ = self.ready.send(true);
-    }
-
     /// Asks the workers to stop after their current step.
     pub fn request_stop(&self, reason: &str) {
         let state = self.job.lock().expect("job state").state;
         match state {
-            JobState::Running | JobState::Rendezvous => self.transition(JobState::Stopping, Some(reason.to_string())),
-            JobState::Pending => self.transition(JobState::Stopped, Some(reason.to_string())),
+            JobState::Running => self.transition(JobState::Stopping, Some(reason.to_string())),
+            // No ring trains: the newest committed step is where the job stands.
+            JobState::Pending | JobState::Rendezvous | JobState::Recovering => {
+                self.transition(JobState::Stopped, Some(reason.to_string()))
+            }
             _ => {}
         }
     }
@@ -110,15 +141,8 @@ impl Shared {
         self.guard.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Fails the job when a worker is lost or a reported failure stands.
-    pub(crate) fn check_heartbeats(&self, timeout: Duration) {
-        let failure = self
-            .job
-            .lock()
-            .expect("job state")
-            .failure(std::time::Instant::now(), timeout);
-        if let Some(reason) = failure {
-            self.transition(JobState::Failed, Some(reason));
-        }
+    /// The watchdog's look at the heartbeats: losses, recoveries, new ranks.
+    pub(crate) fn check_heartbeats(&self) {
+        self.decide(|job| job.tick(std::time::Instant::now()));
     }
 }

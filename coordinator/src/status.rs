@@ -65,6 +65,10 @@ pub fn report(shared: &Shared) -> StatusReport {
                     .filter(|m| !m.is_empty()),
             })
             .collect(),
+        generation: job.generation,
+        world_size: job.world_size,
+        restarts: job.restarts.clone(),
+        restarts_left: job.restarts_left(),
         checkpoint: job.checkpoint.clone(),
         eta_seconds: job.eta_seconds(),
         uptime_seconds: job.uptime().as_secs_f64(),
@@ -171,7 +175,7 @@ fn family(registry: &mut Registry, name: &str, help: &str, points: impl IntoIter
 }
 
 /// The unlabelled gauges: name, help, value (absent ones are left out).
-fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 13] {
+fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 17] {
     let compiling = phase_name(WorkerPhase::Compiling);
     let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
     [
@@ -223,6 +227,26 @@ fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>);
             Some(status.workers.iter().filter(|w| w.phase == compiling).count() as f64),
         ),
         ("workers_lost", "Workers declared lost", Some(f64::from(u8::from(lost)))),
+        (
+            "world_size",
+            "Ranks in the current generation's ring",
+            Some(status.world_size as f64),
+        ),
+        (
+            "generation",
+            "The ring's incarnation, bumped by every recovery",
+            Some(status.generation as f64),
+        ),
+        (
+            "restarts",
+            "Recoveries over the job's life",
+            Some(status.restarts.len() as f64),
+        ),
+        (
+            "steps_lost",
+            "Steps trained again after recoveries",
+            Some(status.restarts.iter().map(|r| r.lost_steps() as f64).sum()),
+        ),
         (
             "rpc_refused_calls",
             "Worker calls refused for a missing or wrong token",

@@ -18,6 +18,11 @@ use tonic::transport::Channel;
 /// A manifest over two hand-written dataset indexes (the coordinator reads
 /// only indexes), everything on port 0.
 fn manifest(dir: &Path, timeout_ms: u64) -> Manifest {
+    manifest_with(dir, timeout_ms, 0)
+}
+
+/// [`manifest`] with `max_restarts` recoveries allowed.
+fn manifest_with(dir: &Path, timeout_ms: u64, max_restarts: u32) -> Manifest {
     for (name, kind, classes) in [
         ("align", "align", ""),
         ("jft", "jft", r#", "classes": [{"name": "cat"}]"#),
@@ -54,6 +59,8 @@ heartbeat_ms = 100
 heartbeat_timeout_ms = {timeout_ms}
 [status]
 bind = "127.0.0.1:0"
+[recovery]
+max_restarts = {max_restarts}
 "#,
         dir = dir.display()
     );
@@ -84,13 +91,34 @@ async fn client(coordinator: &Coordinator, token: Option<&str>) -> Client {
     CoordinatorClient::with_interceptor(channel, Auth(token.map(|t| format!("Bearer {t}").parse().unwrap())))
 }
 
-fn register(address: &str) -> RegisterRequest {
+fn register() -> RegisterRequest {
     RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         host: "test-host".into(),
         device: "cpu".into(),
-        collective_address: address.into(),
         preferred_rank: None,
+    }
+}
+
+/// Asks to join at `address`, having left generation `left` (0: none).
+fn join(id: &str, address: &str, left: u64) -> RendezvousRequest {
+    RendezvousRequest {
+        worker_id: id.into(),
+        collective_address: address.into(),
+        left_generation: left,
+        left_because: "connection reset by peer".into(),
+        ..Default::default()
+    }
+}
+
+fn heartbeat(id: &str, step: u64, generation: u64) -> HeartbeatRequest {
+    HeartbeatRequest {
+        worker_id: id.into(),
+        step,
+        metrics: Vec::new(),
+        phase: WorkerPhase::Training as i32,
+        device: String::new(),
+        generation,
     }
 }
 
@@ -101,25 +129,21 @@ async fn ranks_for(preferred: [Option<u32>; 2]) -> [u32; 2] {
         .await
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
-    let mut ids = Vec::new();
+    let mut waits = Vec::new();
     for (address, preferred_rank) in ["127.0.0.1:9001", "127.0.0.1:9002"].into_iter().zip(preferred) {
         let request = RegisterRequest {
             preferred_rank,
-            ..register(address)
+            ..register()
         };
-        ids.push(client.register(request).await.unwrap().into_inner().worker_id);
+        let id = client.register(request).await.unwrap().into_inner().worker_id;
+        let mut client = client.clone();
+        waits.push(tokio::spawn(
+            async move { client.rendezvous(join(&id, address, 0)).await },
+        ));
     }
     let mut ranks = [0; 2];
-    for (rank, id) in ranks.iter_mut().zip(ids) {
-        *rank = client
-            .rendezvous(RendezvousRequest {
-                worker_id: id,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .rank;
+    for (rank, wait) in ranks.iter_mut().zip(waits) {
+        *rank = wait.await.unwrap().unwrap().into_inner().rank;
     }
     ranks
 }
@@ -134,10 +158,10 @@ async fn an_nccl_job_hands_every_rank_the_unique_id_of_rank_0() {
     let mut client = client(&coordinator, Some("t")).await;
     // Rank 0 by preference is the second to register and the last to meet.
     let mut workers = Vec::new();
-    for (address, preferred_rank) in [("127.0.0.1:9001", 1), ("127.0.0.1:9002", 0)] {
+    for preferred_rank in [1, 0] {
         let request = RegisterRequest {
             preferred_rank: Some(preferred_rank),
-            ..register(address)
+            ..register()
         };
         let reply = client.register(request).await.unwrap().into_inner();
         assert_eq!(reply.collective(), contract::rpc::CollectiveKind::Nccl);
@@ -146,8 +170,8 @@ async fn an_nccl_job_hands_every_rank_the_unique_id_of_rank_0() {
     let rendezvous = |id: String, nccl_unique_id: &[u8]| {
         let mut client = client.clone();
         let request = RendezvousRequest {
-            worker_id: id,
             nccl_unique_id: nccl_unique_id.to_vec(),
+            ..join(&id, "127.0.0.1:9001", 0)
         };
         async move { client.rendezvous(request).await }
     };
@@ -191,16 +215,16 @@ async fn tokens_and_protocol_versions_are_checked() {
         .await
         .unwrap();
     let mut anonymous = client(&coordinator, None).await;
-    let status = anonymous.register(register("127.0.0.1:1")).await.unwrap_err();
+    let status = anonymous.register(register()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert_eq!(status.message(), "no job token (authorization: Bearer ...)");
     let mut wrong = client(&coordinator, Some("another job's")).await;
-    let status = wrong.register(register("127.0.0.1:1")).await.unwrap_err();
+    let status = wrong.register(register()).await.unwrap_err();
     assert_eq!(status.message(), "the job token does not match this job's");
     assert_eq!(coordinator.shared.refused_calls(), 2);
 
     let mut right = client(&coordinator, Some("right")).await;
-    let mut old = register("127.0.0.1:1");
+    let mut old = register();
     old.protocol_version = PROTOCOL_VERSION + 1;
     let status = right.register(old).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -231,52 +255,33 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
     // Registered out of address order; ranks follow (host, address).
-    let second = client
-        .register(register("127.0.0.1:9002"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    let first = client
-        .register(register("127.0.0.1:9001"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    let rendezvous = |id: String| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            client
-                .rendezvous(RendezvousRequest {
-                    worker_id: id,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        })
+    let second = client.register(register()).await.unwrap().into_inner().worker_id;
+    let first = client.register(register()).await.unwrap().into_inner().worker_id;
+    let caller = client.clone();
+    let rendezvous = |id: String, address: &'static str| {
+        let mut client = caller.clone();
+        tokio::spawn(async move { client.rendezvous(join(&id, address, 0)).await.unwrap().into_inner() })
     };
-    let (a, b) = (
-        rendezvous(first.clone()).await.unwrap(),
-        rendezvous(second.clone()).await.unwrap(),
+    let (b, a) = (
+        rendezvous(second.clone(), "127.0.0.1:9002"),
+        rendezvous(first.clone(), "127.0.0.1:9001"),
     );
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!((a.rank, b.rank), (0, 1));
     assert_eq!(a.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
     assert_eq!((a.world_size, a.total_steps, a.dataset_indexes.len()), (2, 5, 2));
     assert!(a.manifest_toml.contains("name = \"protocol\""));
     assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Running);
-    // A third worker is refused: the world is complete.
-    let status = client.register(register("127.0.0.1:9003")).await.unwrap_err();
-    assert_eq!(status.message(), "the job is running and takes no new workers");
+    // A third worker waits as a spare: the world is complete.
+    let spare = client.register(register()).await.unwrap().into_inner().worker_id;
+    let spare_waits = rendezvous(spare.clone(), "127.0.0.1:9003");
 
     // A GPU worker in its first step says it compiles; the status page shows it.
     client
         .heartbeat(HeartbeatRequest {
-            worker_id: first.clone(),
-            step: 0,
-            metrics: Vec::new(),
             phase: WorkerPhase::Compiling as i32,
             device: "cuda:0 NVIDIA H200".into(),
+            ..heartbeat(&first, 0, a.generation)
         })
         .await
         .unwrap();
@@ -299,13 +304,7 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
     );
     for id in [&first, &second] {
         let reply = client
-            .heartbeat(HeartbeatRequest {
-                worker_id: id.clone(),
-                step: 5,
-                metrics: Vec::new(),
-                phase: WorkerPhase::Training as i32,
-                device: String::new(),
-            })
+            .heartbeat(heartbeat(id, 5, a.generation))
             .await
             .unwrap()
             .into_inner();
@@ -324,6 +323,9 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
     let report = coordinator::status::report(&coordinator.shared);
     let states: Vec<&str> = report.transitions.iter().map(|t| t.state.name()).collect();
     assert_eq!(states, ["pending", "rendezvous", "running", "completed"]);
+    // The spare is told the job is over.
+    let over = spare_waits.await.unwrap_err();
+    assert!(format!("{over:?}").contains("the job is completed"), "{over:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,29 +335,22 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
         .await
         .unwrap();
     let mut client = client(&coordinator, Some("t")).await;
-    let alive = client
-        .register(register("127.0.0.1:9001"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    let silent = client
-        .register(register("127.0.0.1:9002"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let alive = client.register(register()).await.unwrap().into_inner().worker_id;
+    let silent = client.register(register()).await.unwrap().into_inner().worker_id;
+    let waits = [(&alive, "127.0.0.1:9001"), (&silent, "127.0.0.1:9002")].map(|(id, address)| {
+        let mut client = client.clone();
+        let request = join(id, address, 0);
+        tokio::spawn(async move { client.rendezvous(request).await })
+    });
+    let mut generation = 0;
+    for wait in waits {
+        generation = wait.await.unwrap().unwrap().into_inner().generation;
+    }
     let started = std::time::Instant::now();
     let mut stopped = false;
     while started.elapsed() < Duration::from_secs(5) {
         let reply = client
-            .heartbeat(HeartbeatRequest {
-                worker_id: alive.clone(),
-                step: 1,
-                metrics: Vec::new(),
-                phase: WorkerPhase::Training as i32,
-                device: String::new(),
-            })
+            .heartbeat(heartbeat(&alive, 1, generation))
             .await
             .unwrap()
             .into_inner();
@@ -393,4 +388,80 @@ async fn a_silent_worker_is_declared_lost_by_name_and_the_journal_remembers() {
         .expect("the journal was read");
     assert_eq!(previous.state.as_deref(), Some("failed"));
     assert!(previous.reason.unwrap().contains("lost: no heartbeat"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(manifest_with(dir.path(), 5000, 3), Token::new("t"), Resume::Latest)
+        .await
+        .unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        workers.push(client.register(register()).await.unwrap().into_inner().worker_id);
+    }
+    let caller = client.clone();
+    let rendezvous = |request: RendezvousRequest| {
+        let mut client = caller.clone();
+        tokio::spawn(async move { client.rendezvous(request).await.unwrap().into_inner() })
+    };
+    let first = [
+        rendezvous(join(&workers[0], "127.0.0.1:9001", 0)),
+        rendezvous(join(&workers[1], "127.0.0.1:9002", 0)),
+    ];
+    let mut generation = 0;
+    for assignment in first {
+        generation = assignment.await.unwrap().generation;
+    }
+    for id in &workers {
+        client.heartbeat(heartbeat(id, 3, generation)).await.unwrap();
+    }
+    // Rank 0's ring broke: it asks to join the next generation, which begins a recovery.
+    let rank0_again = rendezvous(join(&workers[0], "127.0.0.1:9011", generation));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Recovering);
+    let told = client.heartbeat(heartbeat(&workers[1], 3, generation)).await.unwrap();
+    assert_eq!(told.into_inner().command, Command::Regroup as i32);
+    let rank1_again = rendezvous(join(&workers[1], "127.0.0.1:9012", generation));
+    let (a, b) = (rank0_again.await.unwrap(), rank1_again.await.unwrap());
+    assert_eq!((a.generation, b.generation), (generation + 1, generation + 1));
+    assert_eq!(a.peers, ["127.0.0.1:9011", "127.0.0.1:9012"], "the new listeners");
+    // Nothing was committed: the next ring starts over from step 0.
+    assert_eq!((a.start_step, a.resume_from.as_str()), (0, ""));
+
+    let report = coordinator::status::report(&coordinator.shared);
+    assert_eq!(
+        (report.state, report.generation, report.restarts_left),
+        (JobState::Running, generation + 1, 2)
+    );
+    let restart = &report.restarts[0];
+    assert_eq!(
+        (restart.lost_at_step, restart.resumed_step, restart.world),
+        (3, Some(0), Some(2))
+    );
+    assert!(
+        restart.cause.ends_with("(rank 0, test-host): connection reset by peer"),
+        "{}",
+        restart.cause
+    );
+    let metrics = coordinator::status::prometheus_text(&report);
+    assert!(
+        metrics.contains("coca_restarts 1") && metrics.contains("coca_steps_lost 3"),
+        "{metrics}"
+    );
+    drop(coordinator);
+    // A coordinator started again over the same job counts on from there.
+    let again = Coordinator::start(manifest_with(dir.path(), 5000, 3), Token::new("t"), Resume::Latest)
+        .await
+        .unwrap();
+    let report = coordinator::status::report(&again.shared);
+    assert_eq!(report.generation, generation + 2);
+    assert_eq!(report.restarts.len(), 2);
+    assert!(report.restarts[1]
+        .cause
+        .starts_with("the coordinator restarted (the journal says running"));
+    let mut client = self::client(&again, Some("t")).await;
+    let id = client.register(register()).await.unwrap().into_inner().worker_id;
+    assert_eq!(id, "w-2", "ids go on from the earlier coordinator's");
 }

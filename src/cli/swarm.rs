@@ -133,8 +133,9 @@ fn swarm_manifest(dir: &Path, data: &Path, workers: usize, heartbeat_ms: u64) ->
     Ok(text)
 }
 
-/// Registers every simulated worker and waits for the rendezvous: their ids.
-async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<Vec<String>> {
+/// Registers every simulated worker and waits for the rendezvous: their
+/// ids and the generation they train in.
+async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<(Vec<String>, u64)> {
     let mut ids = Vec::new();
     for i in 0..workers {
         let mut client = channels[i % channels.len()].clone();
@@ -143,7 +144,6 @@ async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<Vec<String>
                 protocol_version: PROTOCOL_VERSION,
                 host: format!("sim-{}", i / 8),
                 device: "simulated".into(),
-                collective_address: format!("10.{}.{}.{}:29500", i >> 16, (i >> 8) & 255, i & 255),
                 preferred_rank: Some(i as u32),
             })
             .await?;
@@ -158,14 +158,18 @@ async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<Vec<String>
                 .rendezvous(RendezvousRequest {
                     worker_id: id,
                     nccl_unique_id: Vec::new(),
+                    collective_address: format!("10.{}.{}.{}:29500", i >> 16, (i >> 8) & 255, i & 255),
+                    left_generation: 0,
+                    left_because: String::new(),
                 })
                 .await
         }));
     }
+    let mut generation = 0;
     for wait in waits {
-        wait.await??;
+        generation = wait.await??.into_inner().generation;
     }
-    Ok(ids)
+    Ok((ids, generation))
 }
 
 async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
@@ -177,7 +181,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
         channels.push(CoordinatorClient::with_interceptor(channel, bearer.clone()));
     }
     let started = Instant::now();
-    let ids = meet(&channels, workers).await?;
+    let (ids, generation) = meet(&channels, workers).await?;
     let registered_in = started.elapsed();
 
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -217,6 +221,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                         metrics: vec![metrics],
                         phase: WorkerPhase::Training as i32,
                         device: String::new(),
+                        generation,
                     })
                     .await;
                 if reply.is_ok() {

@@ -103,15 +103,28 @@ pub fn save_shard<B: AutodiffBackend>(
     record: &OptimizerRecord<B>,
 ) -> Result<SavedShard, CheckpointError> {
     let started = Instant::now();
-    let layout = StateLayout::of(model, record);
-    let range = layout::shard_range(layout.total(), rank, world);
-    let bytes = shard::encode(&layout.tensors, layout.section_len, range, step, |data| {
-        state::fill_range(model, record, layout.section_len, range, data)
-    });
+    let bytes = encode_shard(step, rank, world, model, record);
     let record = checkpoint::write_shard(root, step, rank, world, bytes.into())?;
     Ok(SavedShard {
         record,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// This rank's shard of step `step`, copied out of the model and optimizer
+/// as the file's bytes: what an asynchronous save takes before training
+/// goes on, to write on another thread.
+pub fn encode_shard<B: AutodiffBackend>(
+    step: u64,
+    rank: usize,
+    world: usize,
+    model: &CocaModel<B>,
+    record: &OptimizerRecord<B>,
+) -> Vec<u8> {
+    let layout = StateLayout::of(model, record);
+    let range = layout::shard_range(layout.total(), rank, world);
+    shard::encode(&layout.tensors, layout.section_len, range, step, |data| {
+        state::fill_range(model, record, layout.section_len, range, data)
     })
 }
 

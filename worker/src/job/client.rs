@@ -15,6 +15,7 @@ use contract::rpc::{
 use store::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic::Code;
 
 use super::{WorkerError, WorkerOptions};
 
@@ -23,23 +24,49 @@ pub(super) type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 /// What the heartbeat thread and the training loop tell each other.
 #[derive(Default)]
 pub(super) struct Signals {
-    /// The coordinator said stop, or is lost: every rank stops at the same step.
+    /// The coordinator said stop: every rank stops at the same step.
     pub stop: AtomicBool,
-    /// The training loop has ended: the heartbeat thread ends too.
+    /// Why this generation must end (the coordinator recovers, or is
+    /// lost): every rank drops the step and rendezvous again.
+    pub regroup: Mutex<Option<String>>,
+    /// The coordinator does not know this worker (it restarted, or gave it
+    /// up for lost), or cannot be reached: register again before rejoining.
+    pub register_again: AtomicBool,
+    /// The worker has ended: the heartbeat thread ends too.
     pub done: AtomicBool,
-    /// Why the coordinator counts as lost (five heartbeats in a row failed).
-    pub coordinator_lost: Mutex<Option<String>>,
+}
+
+impl Signals {
+    fn regroup(&self, why: String) {
+        self.regroup.lock().expect("signals").get_or_insert(why);
+    }
 }
 
 /// Latest progress, shared between the training loop and the heartbeat thread.
 #[derive(Default)]
 pub(super) struct Progress {
+    /// The id the coordinator gave this worker (a new one after registering again).
+    pub id: String,
+    /// The generation it trains in (0 while it waits for its first).
+    pub generation: u64,
     pub step: u64,
     /// Steps completed since the last heartbeat.
     pub metrics: Vec<StepMetrics>,
     pub phase: WorkerPhase,
     /// Empty until the backend is known to be other than the registered `cpu`.
     pub device: String,
+}
+
+/// How a rendezvous ended when it gave no assignment.
+pub(super) enum NoAssignment {
+    /// The coordinator does not know this worker or cannot be reached.
+    RegisterAgain(String),
+    /// The job ended while this worker waited (a spare, or a late rank).
+    JobOver {
+        completed: bool,
+        message: String,
+    },
+    Failed(WorkerError),
 }
 
 pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
@@ -61,59 +88,117 @@ pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerErr
     }
 }
 
-/// Registers (as `cpu` until the backend is known; heartbeats correct it)
-/// and waits for the rendezvous: the worker's id and its assignment. In an
-/// NCCL job every worker sends a unique id; rank 0's reaches every rank.
-pub(super) async fn join(
-    client: &mut Client,
-    options: &WorkerOptions,
-    collective_address: SocketAddr,
-) -> Result<(String, Assignment), WorkerError> {
-    let refused = |call: &'static str| {
-        move |status: tonic::Status| WorkerError::Refused {
-            call,
+/// Registers (as `cpu` until the backend is known; heartbeats correct
+/// it): the worker's id, its collective and how often to heartbeat.
+pub(super) async fn register(client: &mut Client, options: &WorkerOptions) -> Result<Registered, WorkerError> {
+    register_call(client.clone(), options)
+        .await
+        .map_err(|status| WorkerError::Refused {
+            call: "registration",
             message: status.message().to_string(),
-        }
-    };
-    let registered = client
+        })
+}
+
+pub(super) struct Registered {
+    pub id: String,
+    pub collective: CollectiveKind,
+    pub heartbeat: Duration,
+}
+
+async fn register_call(mut client: Client, options: &WorkerOptions) -> Result<Registered, tonic::Status> {
+    let reply = client
         .register(RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             host: options.host.clone(),
             device: "cpu".into(),
-            collective_address: collective_address.to_string(),
             preferred_rank: options.preferred_rank,
         })
-        .await
-        .map_err(refused("registration"))?
+        .await?
         .into_inner();
-    let collective = registered.collective();
-    let id = registered.worker_id;
-    let nccl_unique_id = match collective {
+    Ok(Registered {
+        collective: reply.collective(),
+        id: reply.worker_id,
+        heartbeat: Duration::from_millis(reply.heartbeat_ms.max(10)),
+    })
+}
+
+/// Registers again after the coordinator forgot this worker or restarted,
+/// trying while it cannot be reached, until `options.connect_timeout`.
+pub(super) async fn register_again(client: &Client, options: &WorkerOptions) -> Result<Registered, WorkerError> {
+    let deadline = Instant::now() + options.connect_timeout;
+    let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(1));
+    let unreachable =
+        |status: &tonic::Status| matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled);
+    store::retry(&patience, Some(deadline), unreachable, || {
+        register_call(client.clone(), options)
+    })
+    .await
+    .map_err(|gave_up| match gave_up.error.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled => WorkerError::Unreachable {
+            url: options.coordinator.clone(),
+            seconds: options.connect_timeout.as_secs(),
+            message: gave_up.error.message().to_string(),
+        },
+        _ => WorkerError::Refused {
+            call: "registration",
+            message: gave_up.error.message().to_string(),
+        },
+    })
+}
+
+/// Asks to join the coming generation, listening at `collective_address`,
+/// after leaving generation `left` (with why), and waits for the
+/// assignment. In an NCCL job every worker sends a unique id; rank 0's
+/// reaches every rank.
+pub(super) async fn rendezvous(
+    client: &mut Client,
+    registered: &Registered,
+    collective_address: SocketAddr,
+    left: Option<(u64, String)>,
+) -> Result<Assignment, NoAssignment> {
+    let nccl_unique_id = match registered.collective {
         CollectiveKind::Tcp => Vec::new(),
         CollectiveKind::Nccl => match nccl_unique_id() {
             Ok(nccl_unique_id) => nccl_unique_id,
             Err(error) => {
                 // Said to the coordinator too, so the job fails with the cause, not a lost worker.
                 let finish = FinishRequest {
-                    worker_id: id,
+                    worker_id: registered.id.clone(),
                     step: 0,
                     ok: false,
                     message: error.to_string(),
                 };
                 let _ = client.finish(finish).await;
-                return Err(error);
+                return Err(NoAssignment::Failed(error));
             }
         },
     };
-    let assignment = client
-        .rendezvous(RendezvousRequest {
-            worker_id: id.clone(),
-            nccl_unique_id,
-        })
-        .await
-        .map_err(refused("rendezvous"))?
-        .into_inner();
-    Ok((id, assignment))
+    let (left_generation, left_because) = left.unwrap_or_default();
+    let request = RendezvousRequest {
+        worker_id: registered.id.clone(),
+        nccl_unique_id,
+        collective_address: collective_address.to_string(),
+        left_generation,
+        left_because,
+    };
+    match client.rendezvous(request).await {
+        Ok(assignment) => Ok(assignment.into_inner()),
+        Err(status) => Err(match status.code() {
+            Code::NotFound | Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                NoAssignment::RegisterAgain(status.message().to_string())
+            }
+            Code::Aborted => NoAssignment::JobOver {
+                completed: ["completed", "stopped"]
+                    .iter()
+                    .any(|state| status.message().ends_with(state)),
+                message: status.message().to_string(),
+            },
+            _ => NoAssignment::Failed(WorkerError::Refused {
+                call: "rendezvous",
+                message: status.message().to_string(),
+            }),
+        }),
+    }
 }
 
 /// A new NCCL unique id, as bytes.
@@ -127,10 +212,12 @@ fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
     Err(WorkerError::Setup(super::NCCL_WITHOUT_CUDA.into()))
 }
 
+/// Heartbeats every `every` until the worker is done, through every
+/// generation and every registration; turns the coordinator's commands
+/// (and its silence) into signals for the training loop.
 pub(super) fn spawn_heartbeat(
     runtime: tokio::runtime::Handle,
     mut client: Client,
-    id: String,
     every: Duration,
     progress: Arc<Mutex<Progress>>,
     signals: Arc<Signals>,
@@ -138,14 +225,26 @@ pub(super) fn spawn_heartbeat(
     std::thread::spawn(move || {
         let mut failures = 0;
         loop {
-            match send_heartbeat(&runtime, &mut client, &id, &progress) {
+            let id = progress.lock().expect("progress").id.clone();
+            match send_heartbeat(&runtime, &mut client, &progress) {
                 Ok(Command::Stop) => signals.stop.store(true, Ordering::SeqCst),
+                Ok(Command::Regroup) => signals.regroup("the coordinator is recovering the job".into()),
                 Ok(Command::Continue) => failures = 0,
-                Err(message) => {
+                Err(status) if status.code() == Code::NotFound => {
+                    // Only if no newer registration has replaced the id meanwhile.
+                    if progress.lock().expect("progress").id == id {
+                        signals.register_again.store(true, Ordering::SeqCst);
+                        signals.regroup(format!(
+                            "the coordinator does not know this worker: {}",
+                            status.message()
+                        ));
+                    }
+                }
+                Err(status) => {
                     failures += 1;
                     if failures >= 5 {
-                        *signals.coordinator_lost.lock().expect("lost") = Some(message);
-                        signals.stop.store(true, Ordering::SeqCst);
+                        signals.register_again.store(true, Ordering::SeqCst);
+                        signals.regroup(format!("lost the coordinator: {}", status.message()));
                     }
                 }
             }
@@ -164,23 +263,19 @@ pub(super) fn spawn_heartbeat(
 pub(super) fn send_heartbeat(
     runtime: &tokio::runtime::Handle,
     client: &mut Client,
-    id: &str,
     progress: &Mutex<Progress>,
-) -> Result<Command, String> {
+) -> Result<Command, tonic::Status> {
     let request = {
         let mut progress = progress.lock().expect("progress");
         HeartbeatRequest {
-            worker_id: id.to_string(),
+            worker_id: progress.id.clone(),
             step: progress.step,
             metrics: std::mem::take(&mut progress.metrics),
             phase: progress.phase as i32,
             device: progress.device.clone(),
+            generation: progress.generation,
         }
     };
-    let reply = runtime.block_on(client.heartbeat(request));
-    match reply {
-        Ok(reply) if reply.get_ref().command == Command::Stop as i32 => Ok(Command::Stop),
-        Ok(_) => Ok(Command::Continue),
-        Err(status) => Err(status.message().to_string()),
-    }
+    let reply = runtime.block_on(client.heartbeat(request))?;
+    Ok(Command::try_from(reply.get_ref().command).unwrap_or(Command::Continue))
 }

@@ -14,11 +14,14 @@ use std::time::Duration;
 use collective::tcp::RingListener;
 use contract::auth::Token;
 use contract::manifest::{Backend, Manifest};
-use contract::rpc::{Assignment, CheckpointShard, FinishRequest};
+use contract::rpc::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
 use model::backend::CpuTrain;
 use model::state::SavedShard;
 
-use client::{connect, join, send_heartbeat, spawn_heartbeat, Progress, Signals};
+use client::{
+    connect, register, register_again, rendezvous, send_heartbeat, spawn_heartbeat, Client, NoAssignment, Progress,
+    Registered, Signals,
+};
 use setup::JobSetup;
 use train::{train, Reporting};
 
@@ -54,8 +57,10 @@ pub enum WorkerError {
     Setup(String),
     #[error("step {step}: {message}")]
     Step { step: u64, message: String },
-    #[error("lost the coordinator: {0}")]
-    CoordinatorLost(String),
+    /// This generation of the ring ended (a peer is gone, the coordinator
+    /// recovers or is lost): not this worker's failure, it joins the next.
+    #[error("left the ring: {0}")]
+    Regroup(String),
 }
 
 /// How the worker's part ended.
@@ -65,7 +70,9 @@ pub enum WorkerOutcome {
     Stopped { step: u64 },
 }
 
-/// The worker's whole part in a job: connect, join, train, say goodbye.
+/// The worker's whole part in a job: connect, register, then join and
+/// train one generation of the ring after another (a recovery or a
+/// restarted coordinator starts the next) until the job ends; say goodbye.
 pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -73,62 +80,38 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .build()
         .map_err(|e| WorkerError::Setup(format!("cannot start the RPC runtime: {e}")))?;
     let mut client = runtime.block_on(connect(options))?;
-    let listener =
-        RingListener::bind(SocketAddr::new(options.listen, 0)).map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let (id, assignment) = runtime.block_on(join(&mut client, options, listener.local_addr()))?;
-    tracing::info!(
-        "worker {id}: rank {} of {}, steps {}..{}",
-        assignment.rank,
-        assignment.world_size,
-        assignment.start_step,
-        assignment.total_steps
-    );
-    let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let mut registered = runtime.block_on(register(&mut client, options))?;
     let progress = Arc::new(Mutex::new(Progress {
-        step: assignment.start_step,
+        id: registered.id.clone(),
         ..Progress::default()
     }));
     let signals = Arc::new(Signals::default());
     let heartbeat = spawn_heartbeat(
         runtime.handle().clone(),
         client.clone(),
-        id.clone(),
-        Duration::from_millis(manifest.cluster.heartbeat_ms),
+        registered.heartbeat,
         progress.clone(),
         signals.clone(),
     );
-    let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
-        let shard = CheckpointShard {
-            worker_id: id.clone(),
-            step,
-            file: saved.record.file.clone(),
-            bytes: saved.record.bytes,
-            sha256: saved.record.sha256.clone(),
-            seconds: saved.seconds,
-        };
-        runtime
-            .block_on(client.clone().report_checkpoint(shard))
-            .map(|reply| reply.into_inner().committed)
-            .map_err(|status| status.message().to_string())
-    };
-    let reporting = Reporting {
+    let generations = Generations {
+        runtime: &runtime,
+        client: &client,
+        options,
         progress: &progress,
         signals: &signals,
-        report: &report,
     };
-    let result = train_on_backend(&manifest, &assignment, options.device, listener, &reporting);
+    let result = generations.run(&mut registered);
     signals.done.store(true, Ordering::SeqCst);
     let _ = heartbeat.join();
     // The last step's metrics, before saying goodbye.
-    let _ = send_heartbeat(runtime.handle(), &mut client, &id, &progress);
+    let _ = send_heartbeat(runtime.handle(), &mut client, &progress);
     let step = progress.lock().expect("progress").step;
     let (ok, message) = match &result {
         Ok(_) => (true, String::new()),
         Err(error) => (false, error.to_string()),
     };
     let finished = runtime.block_on(client.finish(FinishRequest {
-        worker_id: id,
+        worker_id: registered.id,
         step,
         ok,
         message,
@@ -137,6 +120,107 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         tracing::warn!("could not report the end to the coordinator: {}", status.message());
     }
     result
+}
+
+/// One worker's succession of rings.
+struct Generations<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    client: &'a Client,
+    options: &'a WorkerOptions,
+    progress: &'a Arc<Mutex<Progress>>,
+    signals: &'a Arc<Signals>,
+}
+
+impl Generations<'_> {
+    fn run(&self, registered: &mut Registered) -> Result<WorkerOutcome, WorkerError> {
+        let mut left: Option<(u64, String)> = None;
+        loop {
+            if self.signals.register_again.swap(false, Ordering::SeqCst) {
+                *registered = self.runtime.block_on(register_again(self.client, self.options))?;
+                self.progress.lock().expect("progress").id = registered.id.clone();
+                left = None;
+                tracing::info!("worker {}: registered again", registered.id);
+            }
+            let listener = RingListener::bind(SocketAddr::new(self.options.listen, 0))
+                .map_err(|e| WorkerError::Setup(e.to_string()))?;
+            let joined = self.runtime.block_on(rendezvous(
+                &mut self.client.clone(),
+                registered,
+                listener.local_addr(),
+                left.take(),
+            ));
+            let assignment = match joined {
+                Ok(assignment) => assignment,
+                Err(NoAssignment::RegisterAgain(why)) => {
+                    tracing::info!("worker {}: {why}; registering again", registered.id);
+                    self.signals.register_again.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                Err(NoAssignment::JobOver { completed: true, .. }) => {
+                    let step = self.progress.lock().expect("progress").step;
+                    return Ok(WorkerOutcome::Stopped { step });
+                }
+                Err(NoAssignment::JobOver { message, .. }) => {
+                    return Err(WorkerError::Refused {
+                        call: "rendezvous",
+                        message,
+                    })
+                }
+                Err(NoAssignment::Failed(error)) => return Err(error),
+            };
+            let generation = assignment.generation;
+            match self.train(&registered.id, &assignment, listener) {
+                Err(WorkerError::Regroup(why)) => {
+                    tracing::warn!("worker {}: generation {generation} ended: {why}", registered.id);
+                    left = Some((generation, why));
+                }
+                ended => return ended,
+            }
+        }
+    }
+
+    /// Trains one generation: its assignment, from its start step.
+    fn train(&self, id: &str, assignment: &Assignment, listener: RingListener) -> Result<WorkerOutcome, WorkerError> {
+        tracing::info!(
+            "worker {id}: rank {} of {}, steps {}..{} (generation {})",
+            assignment.rank,
+            assignment.world_size,
+            assignment.start_step,
+            assignment.total_steps,
+            assignment.generation
+        );
+        let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
+            .map_err(|e| WorkerError::Setup(e.to_string()))?;
+        {
+            let mut progress = self.progress.lock().expect("progress");
+            progress.generation = assignment.generation;
+            progress.step = assignment.start_step;
+            progress.phase = WorkerPhase::Starting;
+            progress.metrics.clear();
+        }
+        *self.signals.regroup.lock().expect("signals") = None;
+        let report = |step: u64, saved: &SavedShard| -> Result<bool, String> {
+            let shard = CheckpointShard {
+                worker_id: id.to_string(),
+                step,
+                file: saved.record.file.clone(),
+                bytes: saved.record.bytes,
+                sha256: saved.record.sha256.clone(),
+                seconds: saved.seconds,
+                generation: assignment.generation,
+            };
+            self.runtime
+                .block_on(self.client.clone().report_checkpoint(shard))
+                .map(|reply| reply.into_inner().committed)
+                .map_err(|status| status.message().to_string())
+        };
+        let reporting = Reporting {
+            progress: self.progress,
+            signals: self.signals,
+            report: &report,
+        };
+        train_on_backend(&manifest, assignment, self.options.device, listener, &reporting)
+    }
 }
 
 /// Builds the job on the manifest's backend and trains it.

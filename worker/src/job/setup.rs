@@ -3,7 +3,7 @@
 //! (fresh or resumed), the optimizer, periodic evaluation and checkpointing.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
@@ -212,7 +212,11 @@ fn join_collective(
     device: usize,
 ) -> Result<Box<dyn Collective>, WorkerError> {
     match manifest.cluster.collective {
-        CollectiveKind::Tcp => Ok(Box::new(join_ring(assignment, listener)?)),
+        CollectiveKind::Tcp => {
+            // A neighbour that has not come within two heartbeat timeouts is gone.
+            let patience = Duration::from_millis(2 * manifest.cluster.heartbeat_timeout_ms);
+            Ok(Box::new(join_ring(assignment, listener, patience)?))
+        }
         CollectiveKind::Nccl => join_nccl(assignment, device),
     }
 }
@@ -231,7 +235,7 @@ fn join_nccl(_: &Assignment, _: usize) -> Result<Box<dyn Collective>, WorkerErro
 }
 
 /// Joins the TCP ring of the assignment's peers.
-fn join_ring(assignment: &Assignment, listener: RingListener) -> Result<TcpRing, WorkerError> {
+fn join_ring(assignment: &Assignment, listener: RingListener, patience: Duration) -> Result<TcpRing, WorkerError> {
     let peers: Vec<SocketAddr> = assignment
         .peers
         .iter()
@@ -241,8 +245,8 @@ fn join_ring(assignment: &Assignment, listener: RingListener) -> Result<TcpRing,
         })
         .collect::<Result<_, _>>()?;
     listener
-        .connect(assignment.rank as usize, &peers, Duration::from_secs(60))
-        .map_err(|e| setup(e.to_string()))
+        .connect_within(assignment.rank as usize, &peers, patience, Duration::from_secs(60))
+        .map_err(|e| WorkerError::Regroup(e.to_string()))
 }
 
 /// The model and its training step, from the job's seed or from the
@@ -313,24 +317,19 @@ impl Checkpointing {
         step % self.every == 0 || step == total
     }
 
-    /// Writes this rank's shard of `step` (rank 0 also meta.json and the
-    /// tokenizer) and reports it to the coordinator through `report`.
-    pub fn save<B: AutodiffBackend>(
+    /// Copies this rank's shard of `step` (and rank 0's meta.json) out of
+    /// the model: training may go on while [`Snapshot::write`] writes it.
+    pub fn snapshot<B: AutodiffBackend>(
         &self,
         step: u64,
         model: &CocaModel<B>,
         trainer: &TrainStep<B>,
         order: &SampleOrder,
-        report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>,
-    ) -> Result<(), WorkerError> {
-        let failed = |message: String| WorkerError::Step {
-            step,
-            message: format!("checkpoint: {message}"),
-        };
+    ) -> Snapshot {
+        let started = Instant::now();
         let record = trainer.optimizer_record();
-        let saved = state::save_shard(&self.root, step, self.rank, self.world, model, &record)
-            .map_err(|e| failed(e.to_string()))?;
-        if self.rank == 0 {
+        let bytes = state::encode_shard(step, self.rank, self.world, model, &record);
+        let meta = (self.rank == 0).then(|| {
             let facts = JobFacts {
                 source_samples: order.samples_after(step),
                 source_epochs: order.epochs_after(step),
@@ -338,14 +337,58 @@ impl Checkpointing {
                 resume: self.resume.clone(),
                 tokenizer_sha256: self.tokenizer_sha256.clone(),
             };
-            let meta = StateLayout::of(model, &record).meta(step, self.world, facts);
-            checkpoint::write_meta(&self.root, &meta).map_err(|e| failed(e.to_string()))?;
+            StateLayout::of(model, &record).meta(step, self.world, facts)
+        });
+        Snapshot {
+            root: self.root.clone(),
+            step,
+            rank: self.rank,
+            world: self.world,
+            bytes,
+            meta,
+            tokenizer: self.tokenizer.clone(),
+            started,
+        }
+    }
+}
+
+/// One rank's checkpoint of one step, in memory, to be written.
+pub(super) struct Snapshot {
+    root: Store,
+    step: u64,
+    rank: usize,
+    world: usize,
+    bytes: Vec<u8>,
+    /// Rank 0's meta.json.
+    meta: Option<checkpoint::layout::Meta>,
+    tokenizer: store::Bytes,
+    started: Instant,
+}
+
+impl Snapshot {
+    /// Writes the shard (rank 0 also meta.json and the tokenizer) and
+    /// reports it through `report`. A write that fails fails the worker; a
+    /// report that does not reach the coordinator ends the generation.
+    pub fn write(self, report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>) -> Result<(), WorkerError> {
+        let step = self.step;
+        let failed = |message: String| WorkerError::Step {
+            step,
+            message: format!("checkpoint: {message}"),
+        };
+        let record = checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.into())
+            .map_err(|e| failed(e.to_string()))?;
+        if let Some(meta) = &self.meta {
+            checkpoint::write_meta(&self.root, meta).map_err(|e| failed(e.to_string()))?;
             self.root
                 .at(&layout::step_dir(step))
-                .put(layout::TOKENIZER, self.tokenizer.clone())
+                .put(layout::TOKENIZER, self.tokenizer)
                 .map_err(|e| failed(e.to_string()))?;
         }
-        report(step, &saved).map_err(failed)?;
+        let saved = SavedShard {
+            record,
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        report(step, &saved).map_err(|message| WorkerError::Regroup(format!("step {step}'s shard: {message}")))?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The training loop: one step after another until the last step or until
 //! any rank is told to stop, evaluating and checkpointing on schedule.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -15,27 +15,89 @@ use model::state::SavedShard;
 use model::CocaModel;
 
 use super::client::{Progress, Signals};
-use super::setup::JobSetup;
+use super::setup::{JobSetup, Snapshot};
 use super::{WorkerError, WorkerOutcome};
 use crate::kernels::Kernels;
 
 /// How the loop hears from and speaks to the coordinator.
 pub(super) struct Reporting<'a> {
     pub progress: &'a Mutex<Progress>,
-    /// From the heartbeat thread: stop, and whether the coordinator is lost.
+    /// From the heartbeat thread: stop, or end this generation.
     pub signals: &'a Signals,
-    /// Tells the coordinator a shard is written; true when that committed the step.
-    pub report: &'a dyn Fn(u64, &SavedShard) -> Result<bool, String>,
+    /// Tells the coordinator a shard is written; true when that committed
+    /// the step. Called from the thread that writes the checkpoint.
+    pub report: &'a (dyn Fn(u64, &SavedShard) -> Result<bool, String> + Sync),
 }
 
 /// Trains `job` on backend `B`. Gradients and embeddings cross the
 /// collective through host buffers (NCCL stages them on the GPU), so one
-/// loop serves CPU and CUDA workers and every world size.
+/// loop serves CPU and CUDA workers and every world size. Checkpoints are
+/// written on another thread while training goes on (one at a time); every
+/// save has ended, and its error is this function's, when it returns.
 pub(super) fn train<B: AutodiffBackend>(
-    mut job: JobSetup<B>,
+    job: JobSetup<B>,
     manifest: &contract::manifest::Manifest,
     reporting: &Reporting,
+    kernels: Option<&mut Kernels>,
+) -> Result<WorkerOutcome, WorkerError>
+where
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
+{
+    std::thread::scope(|scope| {
+        let mut saves = Saves { scope, writing: None };
+        let trained = train_steps(job, manifest, reporting, kernels, &mut saves);
+        let saved = saves.wait();
+        // The loop's own error says more than a save it cut short.
+        match (trained, saved) {
+            (Err(error), _) => Err(error),
+            (Ok(_), Err(error)) => Err(error),
+            (Ok(outcome), Ok(())) => Ok(outcome),
+        }
+    })
+}
+
+/// The checkpoint being written, if any.
+struct Saves<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    writing: Option<std::thread::ScopedJoinHandle<'scope, Result<(), WorkerError>>>,
+}
+
+impl<'scope, 'env> Saves<'scope, 'env> {
+    /// Waits for the save being written; its outcome.
+    fn wait(&mut self) -> Result<(), WorkerError> {
+        match self.writing.take() {
+            Some(writing) => writing
+                .join()
+                .unwrap_or_else(|_| Err(WorkerError::Setup("the checkpoint writer panicked".into()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `snapshot` on another thread, after the previous save.
+    fn start(
+        &mut self,
+        snapshot: Snapshot,
+        report: &'env (dyn Fn(u64, &SavedShard) -> Result<bool, String> + Sync),
+    ) -> Result<(), WorkerError> {
+        self.wait()?;
+        self.writing = Some(self.scope.spawn(move || snapshot.write(report)));
+        Ok(())
+    }
+}
+
+/// What every rank agreed on before a step.
+enum Agreed {
+    Train,
+    Stop,
+    Regroup,
+}
+
+fn train_steps<'env, B: AutodiffBackend>(
+    mut job: JobSetup<B>,
+    manifest: &contract::manifest::Manifest,
+    reporting: &Reporting<'env>,
     mut kernels: Option<&mut Kernels>,
+    saves: &mut Saves<'_, 'env>,
 ) -> Result<WorkerOutcome, WorkerError>
 where
     CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
@@ -48,20 +110,32 @@ where
         None => WorkerPhase::Training,
     };
     let failed = |step: u64, message: String| WorkerError::Step { step, message };
+    // A collective that fails means a peer (or the link to it) is gone.
+    let ring_broken =
+        |step: u64, error: collective::CollectiveError| WorkerError::Regroup(format!("step {step}: {error}"));
     while step < total {
-        if stop_agreed(job.collective.as_mut(), &reporting.signals.stop).map_err(|e| failed(step, e.to_string()))? {
-            if let Some(message) = reporting.signals.coordinator_lost.lock().expect("lost").clone() {
-                return Err(WorkerError::CoordinatorLost(message));
+        match agree(job.collective.as_mut(), reporting.signals).map_err(|e| ring_broken(step, e))? {
+            Agreed::Train => {}
+            Agreed::Regroup => {
+                let why = reporting.signals.regroup.lock().expect("signals").clone();
+                return Err(WorkerError::Regroup(
+                    why.unwrap_or_else(|| "a peer left the ring".into()),
+                ));
             }
-            // Asked to stop: keep what was trained since the last save.
-            if let Some(checkpointing) = job
-                .checkpointing
-                .as_ref()
-                .filter(|c| step > job.start_step && !c.due(step, total))
-            {
-                checkpointing.save(step, &job.model, &job.trainer, &job.order, reporting.report)?;
+            Agreed::Stop => {
+                // Asked to stop: keep what was trained since the last save.
+                if let Some(checkpointing) = job
+                    .checkpointing
+                    .as_ref()
+                    .filter(|c| step > job.start_step && !c.due(step, total))
+                {
+                    saves.start(
+                        checkpointing.snapshot(step, &job.model, &job.trainer, &job.order),
+                        reporting.report,
+                    )?;
+                }
+                return Ok(WorkerOutcome::Stopped { step });
             }
-            return Ok(WorkerOutcome::Stopped { step });
         }
         let step_started = Instant::now();
         let batch = job.loader.next_batch().map_err(|e| failed(step, e.to_string()))?;
@@ -70,7 +144,7 @@ where
         let (next, report) = job
             .trainer
             .step(job.model, &batch, learning_rate, job.collective.as_mut())
-            .map_err(|e| failed(step, e.to_string()))?;
+            .map_err(|e| ring_broken(step, e))?;
         job.model = next;
         step += 1;
         let elapsed = step_started.elapsed().as_secs_f64();
@@ -109,17 +183,29 @@ where
             progress.metrics.push(metrics);
         }
         if let Some(checkpointing) = job.checkpointing.as_ref().filter(|c| c.due(step, total)) {
-            checkpointing.save(step, &job.model, &job.trainer, &job.order, reporting.report)?;
+            saves.start(
+                checkpointing.snapshot(step, &job.model, &job.trainer, &job.order),
+                reporting.report,
+            )?;
         }
     }
     Ok(WorkerOutcome::Completed { step })
 }
 
-/// Every rank stops at the same step: a stop any rank heard is summed in.
-fn stop_agreed(collective: &mut dyn Collective, stop: &AtomicBool) -> Result<bool, collective::CollectiveError> {
-    let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
-    collective.all_reduce_sum(&mut flag)?;
-    Ok(flag[0] > 0.0)
+/// Every rank stops, or leaves the ring, at the same step: what any rank
+/// heard is summed in.
+fn agree(collective: &mut dyn Collective, signals: &Signals) -> Result<Agreed, collective::CollectiveError> {
+    let stop = signals.stop.load(Ordering::SeqCst);
+    let regroup = signals.regroup.lock().expect("signals").is_some();
+    let mut flags = [f32::from(u8::from(stop)), f32::from(u8::from(regroup))];
+    collective.all_reduce_sum(&mut flags)?;
+    Ok(if flags[1] > 0.0 {
+        Agreed::Regroup
+    } else if flags[0] > 0.0 {
+        Agreed::Stop
+    } else {
+        Agreed::Train
+    })
 }
 
 /// The loader's bad-record counts as the coordinator receives them.
