@@ -286,10 +286,14 @@ fn committed_steps(dir: &Path) -> Vec<u64> {
 #[test]
 fn a_worker_killed_while_saving_every_step_leaves_a_resumable_job() {
     let dir = tempfile::tempdir().unwrap();
+    // Without healing (tests/healing.rs heals), the job fails and a person resumes it.
     manifest(
         dir.path(),
         1,
-        &[("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 2000")],
+        &[
+            ("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 2000"),
+            ("[status]", "[recovery]\nmax_restarts = 0\n\n[status]"),
+        ],
     );
     let mut job = Command::new(env!("CARGO_BIN_EXE_coca"))
         .arg("launch")

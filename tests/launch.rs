@@ -280,6 +280,10 @@ fn a_wrong_token_is_refused_and_a_killed_worker_is_named() {
         .unwrap();
     assert!(made.status.success());
     let job = manifest(dir.path(), 200, 3000);
+    // A restart budget of 0: the first loss fails the job, naming the lost worker.
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text.push_str("\n[recovery]\nmax_restarts = 0\n");
+    std::fs::write(&job, text).unwrap();
     let (mut coordinator, grpc, address, said) = start_coordinator(dir.path(), &job);
 
     let intruder = start_worker(dir.path(), &grpc, "not-the-token")

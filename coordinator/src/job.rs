@@ -309,6 +309,18 @@ impl Job {
             return changes;
         }
         let silent = |w: &Worker| w.finished.is_none() && now.saturating_duration_since(w.last_heartbeat) > timeout;
+        let training = matches!(self.state, JobState::Running | JobState::Stopping);
+        // Silent workers outside a training ring (spares, or any while no ring trains) just leave.
+        let dropped: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| silent(w) && (w.rank.is_none() || !training))
+            .map(|w| w.id.clone())
+            .collect();
+        if !dropped.is_empty() {
+            self.workers.retain(|id, _| !dropped.contains(id));
+            changes.push(Change::Dropped(dropped));
+        }
         let lost: Vec<String> = self
             .workers
             .values()
@@ -323,41 +335,26 @@ impl Job {
                 )
             })
             .collect();
-        let lost_ranked = self.workers.values().any(|w| w.rank.is_some() && silent(w));
-        match self.state {
-            JobState::Running | JobState::Stopping if lost_ranked => {
-                let mut cause = lost.join("; ");
-                if let Some((failure, _)) = &self.pending_failure {
-                    cause = format!("{cause}; then {failure}");
-                }
-                if self.state == JobState::Running && self.restarts_left() > 0 {
-                    changes.push(self.recover(now, cause));
-                } else {
-                    self.fail(cause);
-                    return changes;
-                }
+        if training && !lost.is_empty() {
+            let mut cause = lost.join("; ");
+            if let Some((failure, _)) = &self.pending_failure {
+                cause = format!("{cause}; then {failure}");
             }
-            JobState::Running | JobState::Stopping => {
-                if let Some((failure, since)) = &self.pending_failure {
-                    if now.saturating_duration_since(*since) > timeout {
-                        let failure = failure.clone();
-                        self.fail(failure);
-                    }
-                }
-                return changes;
+            if self.state == JobState::Running && self.restarts_left() > 0 {
+                changes.push(self.recover(now, cause));
+            } else {
+                self.fail(cause);
             }
-            _ => {}
+            return changes;
         }
-        // Pending, rendezvous or recovering: the silent leave, the ready may get ranks.
-        let dropped: Vec<String> = self
-            .workers
-            .values()
-            .filter(|w| silent(w))
-            .map(|w| w.id.clone())
-            .collect();
-        if !dropped.is_empty() {
-            self.workers.retain(|id, _| !dropped.contains(id));
-            changes.push(Change::Dropped(dropped));
+        if training {
+            if let Some((failure, since)) = &self.pending_failure {
+                if now.saturating_duration_since(*since) > timeout {
+                    let failure = failure.clone();
+                    self.fail(failure);
+                }
+            }
+            return changes;
         }
         if let Some(world) = self.ready_world(now) {
             changes.push(self.assign_ranks(now, world));

@@ -110,7 +110,9 @@ impl Coordinator {
             job.checkpoint.resumed_from = Some(chosen.url.clone());
             job.newest_commit = Some((chosen.step, chosen.url));
         }
-        let restarted = job.coordinator_restarted(std::time::Instant::now());
+        let restarted = job
+            .coordinator_restarted(std::time::Instant::now())
+            .map(|restart| (restart, job.start_step));
         let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
         let status_listener = bind(manifest.status.bind, "status.bind").await?;
         let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
@@ -135,12 +137,8 @@ impl Coordinator {
             at: job::unix_now(),
             reason: None,
         });
-        if let Some(restart) = restarted {
-            tracing::warn!(
-                "{}: the job goes on from step {}",
-                restart.cause,
-                restart.resumed_step.unwrap_or(0)
-            );
+        if let Some((restart, from)) = restarted {
+            tracing::warn!("{}: the job goes on from step {from}", restart.cause);
             shared.journal(Event::Restart(restart));
         }
         let grpc_shutdown = serve_grpc(&shared, grpc_listener);

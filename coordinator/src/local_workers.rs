@@ -1,6 +1,7 @@
 //! Worker processes on this machine, as `coca launch` runs them: started in
 //! their own process group (a Ctrl-C reaches the launcher, which stops the
-//! job cleanly), watched for an early death, reaped at the end.
+//! job cleanly), watched for an early death, replaced when one dies while
+//! the job heals, reaped at the end.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -11,6 +12,10 @@ use contract::auth::Token;
 
 pub struct LocalWorkers {
     children: Vec<Child>,
+    program: std::path::PathBuf,
+    args: Vec<String>,
+    token_env: String,
+    token: Token,
 }
 
 impl LocalWorkers {
@@ -24,17 +29,38 @@ impl LocalWorkers {
         token_env: &str,
         token: &Token,
     ) -> std::io::Result<Self> {
-        let mut children = Vec::with_capacity(count);
+        let mut workers = Self {
+            children: Vec::with_capacity(count),
+            program: program.to_path_buf(),
+            args: ["worker", "--coordinator", coordinator, "--listen", &listen.to_string()]
+                .map(String::from)
+                .to_vec(),
+            token_env: token_env.to_string(),
+            token: token.clone(),
+        };
         for _ in 0..count {
-            let mut command = Command::new(program);
-            command
-                .args(["worker", "--coordinator", coordinator, "--listen", &listen.to_string()])
-                .env(token_env, token.secret())
-                .env("COCA_TOKEN_ENV", token_env);
-            std::os::unix::process::CommandExt::process_group(&mut command, 0);
-            children.push(command.spawn()?);
+            let child = workers.start()?;
+            workers.children.push(child);
         }
-        Ok(Self { children })
+        Ok(workers)
+    }
+
+    fn start(&self) -> std::io::Result<Child> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env(&self.token_env, self.token.secret())
+            .env("COCA_TOKEN_ENV", &self.token_env);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        command.spawn()
+    }
+
+    /// Starts a new worker process in place of process `index` (which has exited).
+    pub fn replace(&mut self, index: usize) -> std::io::Result<()> {
+        let child = self.start()?;
+        let mut old = std::mem::replace(&mut self.children[index], child);
+        let _ = old.wait();
+        Ok(())
     }
 
     /// The first worker process that has exited unsuccessfully: its index and status.

@@ -179,6 +179,10 @@ pub fn launch(
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    // A dead worker process is replaced while the job may heal, at most
+    // recovery.max_restarts times; otherwise the job stops.
+    let mut replacements_left = manifest.recovery.max_restarts;
+    let mut recoveries_told = coordinator::status::report(&shared).restarts.len();
     let state = runtime.block_on(async {
         let finished = coordinator.finished(Duration::from_secs(10));
         tokio::pin!(finished);
@@ -190,9 +194,22 @@ pub fn launch(
                     bar.set_length(report.total_steps);
                     bar.set_position(report.step);
                     bar.set_message(progress_line(&report));
-                    // A worker process that died before reporting is a failure.
+                    for restart in report.restarts.iter().skip(recoveries_told) {
+                        let Some(resumed) = restart.resumed_step else { break };
+                        recoveries_told += 1;
+                        bar.suspend(|| println!("{}", recovery_line(recoveries_told, restart, resumed)));
+                    }
+                    let heals = matches!(report.state, JobState::Rendezvous | JobState::Running | JobState::Recovering);
                     if let Some((i, status)) = workers.failed().filter(|_| !report.state.is_terminal()) {
-                        shared.request_stop(&format!("worker process {i} exited with {status}"));
+                        if heals && replacements_left > 0 {
+                            replacements_left -= 1;
+                            bar.suspend(|| println!("launch: worker process {i} exited with {status}; starting a replacement"));
+                            if let Err(error) = workers.replace(i) {
+                                shared.request_stop(&format!("cannot start a replacement worker process: {error}"));
+                            }
+                        } else {
+                            shared.request_stop(&format!("worker process {i} exited with {status}"));
+                        }
                     }
                 }
             }
@@ -222,6 +239,17 @@ fn print_outcome(report: &StatusReport) {
         report.total_steps,
         report.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
     );
+}
+
+/// `recovery N: CAUSE; resumed from step S on W workers after T s (L steps trained again)`.
+fn recovery_line(number: usize, restart: &contract::status::Restart, resumed: u64) -> String {
+    format!(
+        "recovery {number}: {}; resumed from step {resumed} on {} workers after {:.1} s ({} steps trained again)",
+        restart.cause,
+        restart.world.unwrap_or(0),
+        restart.seconds.unwrap_or(0.0),
+        restart.lost_steps()
+    )
 }
 
 fn progress_line(report: &StatusReport) -> String {
@@ -366,6 +394,20 @@ fn print_status(report: &StatusReport) {
     }
     if let Some(eta) = report.eta_seconds {
         println!("eta    {eta:.0} s");
+    }
+    let trained_again: u64 = report.restarts.iter().map(|r| r.lost_steps()).sum();
+    println!(
+        "ring   generation {}, {} workers; {} restarts ({trained_again} steps trained again), {} left",
+        report.generation,
+        report.world_size,
+        report.restarts.len(),
+        report.restarts_left
+    );
+    for (i, restart) in report.restarts.iter().enumerate() {
+        match restart.resumed_step {
+            Some(resumed) => println!("{}", recovery_line(i + 1, restart, resumed)),
+            None => println!("recovery {}: {} (waiting for the ring)", i + 1, restart.cause),
+        }
     }
     for worker in &report.workers {
         let rank = worker.rank.map_or_else(|| "-".to_string(), |rank| rank.to_string());
