@@ -43,4 +43,13 @@ fn the_kubernetes_job_is_a_valid_manifest_with_matching_worker_counts() {
     assert!(workers.contains(&format!("completions: {}", manifest.cluster.workers)));
     // Pods reach the coordinator through the Service, so it must listen beyond loopback.
     assert!(manifest.cluster.coordinator.ip().is_unspecified());
+    // A failed worker is restarted in its pod (keeping its index, its rank), as
+    // often as the job heals; the Job itself does not fail first.
+    assert!(workers.contains("restartPolicy: OnFailure"), "{workers}");
+    let backoff = workers
+        .split("backoffLimit:")
+        .nth(1)
+        .and_then(|rest| rest.lines().next()?.trim().parse::<u32>().ok())
+        .expect("a backoffLimit");
+    assert!(backoff >= manifest.recovery.max_restarts, "backoffLimit {backoff}");
 }

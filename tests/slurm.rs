@@ -138,24 +138,25 @@ impl Cluster {
     }
 }
 
-#[test]
-fn sbatch_runs_the_demo_with_two_worker_tasks_to_completion() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(&dir.path().join("slurm"));
-    let job_dir = dir.path().join("job");
-    std::fs::create_dir_all(&job_dir).unwrap();
+/// The demo manifest for a Slurm job of `steps` steps in `job_dir`.
+fn slurm_job(job_dir: &Path, steps: u64) {
+    std::fs::create_dir_all(job_dir).unwrap();
     // Workers find the coordinator on the first node's port 7070, whatever
     // address the hostname resolves to.
     let manifest = DEMO
         .replace("coordinator = \"127.0.0.1:7070\"", "coordinator = \"0.0.0.0:7070\"")
         .replace("bind = \"127.0.0.1:7071\"", "bind = \"127.0.0.1:0\"")
-        .replace("steps = 300", "steps = 12")
-        .replace("workers = 2", "workers = 1");
+        .replace("steps = 300", &format!("steps = {steps}"))
+        .replace("workers = 2", "workers = 1")
+        .replace("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 3000");
     std::fs::write(job_dir.join("job.toml"), manifest).unwrap();
+}
+
+/// Submits deploy/slurm/coca.sbatch for the job in `job_dir` with two tasks.
+fn sbatch(cluster: &Cluster, job_dir: &Path) -> Child {
     let logs = job_dir.join("logs");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/slurm/coca.sbatch");
-
-    let mut sbatch = cluster
+    cluster
         .command("sbatch")
         .args(["--wait", "--ntasks=2", "--time=5"])
         .arg(format!("--chdir={}", job_dir.display()))
@@ -170,11 +171,15 @@ fn sbatch_runs_the_demo_with_two_worker_tasks_to_completion() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits for `sbatch --wait` to end; its status.
+fn ended(cluster: &Cluster, mut sbatch: Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(240);
-    let status = loop {
+    loop {
         if let Some(status) = sbatch.try_wait().unwrap() {
-            break status;
+            return status;
         }
         if Instant::now() > deadline {
             let _ = cluster.command("scancel").arg("--user=root").status();
@@ -182,7 +187,32 @@ fn sbatch_runs_the_demo_with_two_worker_tasks_to_completion() {
             panic!("the Slurm job did not end in 240 s; daemon logs:\n{}", cluster.logs());
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
+    }
+}
+
+/// The `coca worker` process of Slurm task `task` whose working directory is `job_dir`.
+fn worker_task(job_dir: &Path, task: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_worker = args.len() >= 2 && args[0].ends_with(b"/coca") && args[1] == b"worker";
+        let procid = format!("SLURM_PROCID={task}");
+        let is_task = environ.split(|&b| b == 0).any(|var| var == procid.as_bytes());
+        (is_worker && is_task && cwd == job_dir).then_some(pid)
+    })
+}
+
+#[test]
+fn sbatch_runs_the_demo_with_two_worker_tasks_to_completion_and_restarts_a_killed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&dir.path().join("slurm"));
+    let job_dir = dir.path().join("job");
+    slurm_job(&job_dir, 12);
+    let logs = job_dir.join("logs");
+    let status = ended(&cluster, sbatch(&cluster, &job_dir));
     let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_else(|e| format!("({name}: {e})"));
     let all_logs = || {
         ["coordinator.log", "worker-0.log", "worker-1.log"]
@@ -214,5 +244,39 @@ fn sbatch_runs_the_demo_with_two_worker_tasks_to_completion() {
         .last()
         .unwrap();
     assert_eq!(last_state["state"], "completed", "{journal}");
+
+    // A worker task killed mid-job is started again in place, as rank 1 again.
+    let healing = dir.path().join("healing");
+    slurm_job(&healing, 400);
+    let job = sbatch(&cluster, &healing);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let log = std::fs::read_to_string(healing.join("logs/worker-1.log")).unwrap_or_default();
+        if let Some(pid) = worker_task(&healing, 1).filter(|_| log.contains(": rank 1 of 2")) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task 1 never trained; daemon logs:\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    let status = ended(&cluster, job);
+    let read = |name: &str| std::fs::read_to_string(healing.join("logs").join(name)).unwrap_or_default();
+    assert!(
+        status.success(),
+        "{status}\n{}\n{}",
+        read("coordinator.log"),
+        read("worker-1.log")
+    );
+    let worker = read("worker-1.log");
+    assert!(
+        worker.contains("coca: worker task 1 died (exit 137); starting it again"),
+        "{worker}"
+    );
+    assert_eq!(worker.matches(": rank 1 of 2").count(), 2, "{worker}");
+    assert!(read("coordinator.log").contains("job demo: completed at step 400/400"));
     drop(cluster);
 }

@@ -127,6 +127,8 @@ pub struct Job {
     pub policy: RecoveryPolicy,
     /// The ring's incarnation; calls from an older one are told apart.
     pub generation: u64,
+    /// This coordinator's first generation.
+    first_generation: u64,
     /// Every recovery over the job's life, earlier coordinators' included.
     pub restarts: Vec<Restart>,
     recovering_since: Option<Instant>,
@@ -172,6 +174,7 @@ impl Job {
             previous,
             policy,
             generation: earlier.generation + 1,
+            first_generation: earlier.generation + 1,
             restarts: earlier.restarts,
             recovering_since: None,
             newest_commit: None,
@@ -497,6 +500,13 @@ impl Job {
             step: start,
             world,
         }
+    }
+
+    /// Whether a call naming `generation` comes from a ring this
+    /// coordinator never formed (an earlier coordinator's, whose worker ids
+    /// it may reuse when its journal was lost): such a worker registers again.
+    pub fn is_foreign(&self, generation: u64) -> bool {
+        generation > self.generation || (generation > 0 && generation < self.first_generation)
     }
 
     /// What a heartbeat from worker `id`, training in `generation`, is told.
@@ -938,6 +948,16 @@ mod tests {
         );
         job.workers.get_mut(&stray).unwrap().joining = Some(first);
         assert_eq!(job.command_for(&stray, first), Command::Regroup);
+        // A generation this coordinator never formed: an earlier coordinator's worker.
+        assert!(!job.is_foreign(first) && !job.is_foreign(0));
+        assert!(job.is_foreign(first + 2));
+        let mut restarted = Job::new("test", 100, policy(3, 2, 2), None);
+        restarted.generation = 7;
+        restarted.first_generation = 7;
+        assert!(
+            restarted.is_foreign(3),
+            "a ring of a coordinator whose journal was lost"
+        );
     }
 
     #[test]

@@ -130,6 +130,12 @@ impl CoordinatorRpc for Service {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
         let mut job = self.shared.job.lock().expect("job state");
+        if job.is_foreign(request.generation) {
+            return Err(Status::not_found(format!(
+                "worker {} trains in generation {}, which this coordinator never formed",
+                request.worker_id, request.generation
+            )));
+        }
         // Progress counts from the current ring only: an older one's steps are trained again.
         let current = request.generation == job.generation;
         let worker = registered(&mut job, &request.worker_id)?;

@@ -366,6 +366,15 @@ pub(super) struct Snapshot {
 }
 
 impl Snapshot {
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// How long the copy took: what a save costs the training thread.
+    pub fn copied(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Writes the shard (rank 0 also meta.json and the tokenizer) and
     /// reports it through `report`. A write that fails fails the worker; a
     /// report that does not reach the coordinator ends the generation.

@@ -79,7 +79,15 @@ impl<'scope, 'env> Saves<'scope, 'env> {
         snapshot: Snapshot,
         report: &'env (dyn Fn(u64, &SavedShard) -> Result<bool, String> + Sync),
     ) -> Result<(), WorkerError> {
+        let copied = snapshot.copied();
+        let waited = Instant::now();
         self.wait()?;
+        tracing::debug!(
+            "step {}: checkpoint copied in {:.1} ms, then {:.1} ms waiting for the previous save",
+            snapshot.step(),
+            copied.as_secs_f64() * 1e3,
+            waited.elapsed().as_secs_f64() * 1e3
+        );
         self.writing = Some(self.scope.spawn(move || snapshot.write(report)));
         Ok(())
     }
