@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::children;
+
 const DEMO: &str = include_str!("../deploy/local/demo.toml");
 
 /// The demo manifest on system-chosen ports, checkpointing every `every`
@@ -251,20 +254,6 @@ fn export_writes_one_safetensors_file_of_the_parameters() {
     let tensors = header.as_object().unwrap().len() - 1;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(&format!("{tensors} tensors")), "{stdout}");
-}
-
-/// Children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            // pid (comm) state ppid ...
-            let parent: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            (parent == pid).then_some(child)
-        })
-        .collect()
 }
 
 fn committed_steps(dir: &Path) -> Vec<u64> {

@@ -8,17 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{children, free_port};
+
 const DEMO: &str = include_str!("../deploy/local/demo.toml");
 const TOKEN: &str = "healing-test-token";
-
-/// A free loopback port (the system's pick, released for the process that binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Job {
     dir: PathBuf,
@@ -352,20 +346,6 @@ fn with_no_replacement_the_job_finishes_on_fewer_workers_as_a_resumed_run_would(
     assert_eq!(shards, resumed.shards(steps));
 }
 
-/// Children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            // pid (comm) state ppid ...
-            let parent: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            (parent == pid).then_some(child)
-        })
-        .collect()
-}
-
 #[test]
 fn coca_launch_replaces_a_dead_worker_and_says_so() {
     let root = tempfile::tempdir().unwrap();
@@ -377,13 +357,19 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while job.status().is_none_or(|s| s["checkpoint"]["last_committed_step"].as_u64() < Some(20)) {
+    while job
+        .status()
+        .is_none_or(|s| s["checkpoint"]["last_committed_step"].as_u64() < Some(20))
+    {
         assert!(Instant::now() < deadline, "the job never committed step 20");
         std::thread::sleep(Duration::from_millis(20));
     }
     let workers = children(launch.id());
     assert_eq!(workers.len(), 2, "{workers:?}");
-    Command::new("kill").args(["-9", &workers[1].to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &workers[1].to_string()])
+        .status()
+        .unwrap();
     let output = launch.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -391,7 +377,13 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
         stdout.contains("launch: worker process 1 exited with signal: 9 (SIGKILL); starting a replacement"),
         "{stdout}"
     );
-    let recovery = stdout.lines().find(|l| l.starts_with("recovery 1: worker w-")).expect(&stdout);
-    assert!(recovery.contains(" on 2 workers after ") && recovery.ends_with("steps trained again)"), "{recovery}");
+    let recovery = stdout
+        .lines()
+        .find(|l| l.starts_with("recovery 1: worker w-"))
+        .expect(&stdout);
+    assert!(
+        recovery.contains(" on 2 workers after ") && recovery.ends_with("steps trained again)"),
+        "{recovery}"
+    );
     assert!(stdout.contains("job demo: completed at step 400/400"), "{stdout}");
 }

@@ -3,10 +3,12 @@
 //! scripts/test-deps.sh) started by the test with its own slurm.conf on
 //! free ports, and stopped when it ends.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::free_port;
 
 const DEMO: &str = include_str!("../deploy/local/demo.toml");
 
@@ -23,10 +25,6 @@ impl Drop for Cluster {
             let _ = daemon.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn short_hostname() -> String {
