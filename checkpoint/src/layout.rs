@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use contract::dataset::DatasetIndex;
 use contract::manifest::Manifest;
+use contract::sample_order::SampleOrder;
 
 pub const META: &str = "meta.json";
 pub const COMMITTED: &str = "COMMITTED";
@@ -161,10 +162,14 @@ pub struct ResumeFields {
     pub datasets: Vec<String>,
     pub seed: u64,
     pub global_batch: usize,
+    /// How the sample order walks the shards (`SampleOrder::describe`);
+    /// empty in checkpoints of the uniform order before it.
+    #[serde(default)]
+    pub order: String,
 }
 
 impl ResumeFields {
-    pub fn of(manifest: &Manifest, indexes: &[DatasetIndex]) -> Self {
+    pub fn of(manifest: &Manifest, indexes: &[DatasetIndex], order: &SampleOrder) -> Self {
         Self {
             model: serde_json::to_string(&manifest.model).expect("the model config serializes"),
             sources: manifest
@@ -176,6 +181,7 @@ impl ResumeFields {
             datasets: indexes.iter().map(|i| format!("{:016x}", i.fingerprint())).collect(),
             seed: manifest.job.seed,
             global_batch: manifest.train.global_batch,
+            order: order.describe(),
         }
     }
 
@@ -223,6 +229,14 @@ impl ResumeFields {
                 self.global_batch.to_string(),
                 now.global_batch.to_string(),
             );
+        }
+        if self.order != now.order {
+            let was = if self.order.is_empty() {
+                "the uniform sample order of earlier coca releases".to_string()
+            } else {
+                self.order.clone()
+            };
+            return differ("data.streams (the sample order)", was, now.order.clone());
         }
         Ok(())
     }

@@ -242,6 +242,7 @@ mod tests {
             datasets: vec![],
             seed: 0,
             global_batch: 1,
+            order: "test order".into(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use crate::dataset::DatasetKind;
 use crate::model::closest;
-use crate::sample_order::{SampleOrder, SourceSize};
+use crate::sample_order::{self, SampleOrderError};
 use crate::{ModelConfig, Preset};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -67,6 +67,14 @@ pub struct Data {
     pub loader_threads: usize,
     pub prefetch_batches: usize,
     pub max_bad_fraction: f64,
+    /// Canonical streams per source (none: the largest count up to 64 the
+    /// batch and the shards allow); ranks that divide it read only their
+    /// own streams' shards.
+    pub streams: Option<usize>,
+    /// Shards a stream shuffles together.
+    pub shuffle_window: usize,
+    /// Decoded shards a worker keeps in memory.
+    pub shard_memory_bytes: u64,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
 }
@@ -720,6 +728,9 @@ impl Manifest {
         let loader_threads = section.int("loader_threads")?.unwrap_or(2) as usize;
         let prefetch_batches = section.int("prefetch_batches")?.unwrap_or(2) as usize;
         let max_bad_fraction = section.float("max_bad_fraction")?.unwrap_or(0.01);
+        let streams = section.int("streams")?.map(|n| n as usize);
+        let shuffle_window = section.int("shuffle_window")?.unwrap_or(2) as usize;
+        let shard_memory_bytes = section.int("shard_memory_bytes")?.unwrap_or(1 << 30);
         let s3_endpoint = section.string("s3_endpoint")?;
         let s3_region = section.string("s3_region")?;
         section.finish()?;
@@ -786,6 +797,9 @@ impl Manifest {
             loader_threads,
             prefetch_batches,
             max_bad_fraction,
+            streams,
+            shuffle_window,
+            shard_memory_bytes,
             s3_endpoint,
             s3_region,
         })
@@ -830,17 +844,17 @@ impl Manifest {
                 ),
             ));
         }
-        let sizes: Vec<SourceSize> = self
-            .data
-            .sources
-            .iter()
-            .map(|s| SourceSize {
-                samples: 1,
-                weight: s.weight,
-            })
-            .collect();
-        if let Err(e) = SampleOrder::new(self.job.seed, &sizes, train.global_batch) {
-            return Err(error("data.source", e.to_string()));
+        let weights: Vec<f64> = self.data.sources.iter().map(|s| s.weight).collect();
+        let counts = sample_order::counts_per_batch(&weights, train.global_batch)
+            .map_err(|e| error("data.source", e.to_string()))?;
+        if let Some(streams) = self.data.streams {
+            sample_order::check_streams(streams, &counts).map_err(|e| {
+                let message = match e {
+                    SampleOrderError::NoStreams => "must be at least 1".to_string(),
+                    other => other.to_string(),
+                };
+                error("data.streams", message)
+            })?;
         }
         Ok(())
     }
@@ -913,6 +927,12 @@ impl Manifest {
         }
         if self.data.loader_threads == 0 {
             return Err(error("data.loader_threads", "must be at least 1"));
+        }
+        if self.data.shuffle_window == 0 {
+            return Err(error("data.shuffle_window", "must be at least 1 shard"));
+        }
+        if self.data.shard_memory_bytes == 0 {
+            return Err(error("data.shard_memory_bytes", "must be at least 1"));
         }
         Ok(())
     }

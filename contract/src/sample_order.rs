@@ -1,43 +1,80 @@
 //! The global sample order: which samples every rank reads at every step.
 //!
-//! A pure function of the seed, the sources (their sizes and mixing
-//! weights), the global batch, the step and the rank: nothing but the step
-//! cursor is ever stored, so a resumed job, on any number of ranks, reads
-//! exactly what an uninterrupted one would have.
+//! A pure function of the seed, the sources (their shards' sizes and their
+//! mixing weights), the global batch, the step and the rank: nothing but
+//! the step cursor is ever stored, so a resumed job, on any number of ranks,
+//! reads exactly what an uninterrupted one would have. It keeps shards
+//! local, so a source far larger than memory is fetched about once per
+//! epoch:
 //!
 //! - Each global batch holds a fixed count of each source, the weights'
 //!   shares of the batch rounded by largest remainder.
-//! - Source k's draws form one endless stream: draw t is sample
-//!   `permutation(seed, k, epoch)(t mod n_k)` of epoch `t / n_k`, so every
-//!   sample of a source appears exactly once per epoch of that source, and
-//!   sources of different sizes cycle independently.
-//! - A permutation is a keyed Feistel network over the index range (with
-//!   cycle walking), so a lookup takes O(1) time and memory whatever the
-//!   source size.
-//! - Rank r of N takes the global batch's positions r, r + N, r + 2N, ...:
-//!   the N plans partition the one-rank plan, and every rank gets the mix.
+//! - Each source's shards are dealt once, in a seeded order, to `streams`
+//!   canonical streams, balanced by rows (to within one shard). Stream c
+//!   gives `count / streams` samples to every global batch.
+//! - A stream cycles through its shards pass after pass: each pass walks
+//!   them in a new seeded order, a window of `window` shards at a time,
+//!   with the window's rows shuffled together. So every sample appears
+//!   exactly once per pass of its stream, a stream needs about `window`
+//!   shards at a time, and consecutive passes differ.
+//! - Rank r of N, when N divides the stream count, reads streams
+//!   [r S/N, (r+1) S/N) and nothing else: it fetches only its shards. For an
+//!   N that does not divide it, rank r takes the global batch's positions
+//!   r, r + N, ... (every plan is still a partition of the one-rank plan,
+//!   but every rank then reads every stream's shards).
+//! - Permutations are keyed Feistel networks over the index range (with
+//!   cycle walking): O(1) time and memory per lookup whatever the size.
 
 use std::fmt;
 
 use crate::dataset::DatasetIndex;
 use crate::manifest::Manifest;
 
-/// One sample: a row of a source, and the source's epoch it is drawn in.
+/// One sample: a row of a source, and the pass of its stream it is drawn in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleRef {
     pub source: usize,
+    /// The pass of the sample's stream over its shards (the source's epoch,
+    /// to within one shard: streams are balanced by rows).
     pub epoch: u64,
     pub row: u64,
 }
 
 /// A source as the order sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceSize {
-    /// Rows in the source.
-    pub samples: u64,
+    /// Rows of each shard, in the index's order.
+    pub shard_rows: Vec<u64>,
     /// Relative share of every global batch.
     pub weight: f64,
 }
+
+impl SourceSize {
+    pub fn samples(&self) -> u64 {
+        self.shard_rows.iter().sum()
+    }
+}
+
+/// How the order walks the shards: the manifest's `data.streams` (none:
+/// the largest count up to 64 the batch and the shards allow) and
+/// `data.shuffle_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streaming {
+    pub streams: Option<usize>,
+    pub window: usize,
+}
+
+impl Default for Streaming {
+    fn default() -> Self {
+        Self {
+            streams: None,
+            window: 2,
+        }
+    }
+}
+
+/// The most canonical streams the automatic choice takes.
+pub const MAX_AUTO_STREAMS: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SampleOrderError {
@@ -54,10 +91,31 @@ pub enum SampleOrderError {
          raise its weight or the batch"
     )]
     StarvedSource { index: usize, weight: f64, batch: usize },
+    #[error("{streams} streams do not divide data source {index}'s {count} samples of every global batch")]
+    StreamsSplitBatch { streams: usize, index: usize, count: usize },
+    #[error("data source {index} has {shards} shards with rows, fewer than its {streams} streams")]
+    StreamsOutnumberShards {
+        streams: usize,
+        index: usize,
+        shards: usize,
+    },
+    #[error("the stream count and the shuffle window must be at least 1")]
+    NoStreams,
     #[error("a global batch of {batch} does not split evenly between {world} ranks")]
     Indivisible { batch: usize, world: usize },
     #[error("rank {rank} is outside a world of {world}")]
     RankOutOfRange { rank: usize, world: usize },
+}
+
+/// One source's streams: its shards dealt once, and what each stream holds.
+#[derive(Debug, Clone)]
+struct SourceStreams {
+    /// The first row of each shard (and the total at the end).
+    shard_starts: Vec<u64>,
+    /// Shards of each stream, in dealt order.
+    deal: Vec<Vec<usize>>,
+    /// Rows of each stream.
+    rows: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,56 +125,116 @@ pub struct SampleOrder {
     /// Samples of each source in every global batch.
     counts: Vec<usize>,
     batch: usize,
+    streams: usize,
+    window: usize,
+    dealt: Vec<SourceStreams>,
+}
+
+/// Samples of each source in every global batch of `batch`.
+pub fn counts_per_batch(weights: &[f64], batch: usize) -> Result<Vec<usize>, SampleOrderError> {
+    if weights.is_empty() {
+        return Err(SampleOrderError::NoSources);
+    }
+    if batch == 0 {
+        return Err(SampleOrderError::EmptyBatch);
+    }
+    for (index, &weight) in weights.iter().enumerate() {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(SampleOrderError::BadWeight { index, weight });
+        }
+    }
+    let counts = largest_remainder(weights, batch);
+    if let Some(index) = counts.iter().position(|&count| count == 0) {
+        return Err(SampleOrderError::StarvedSource {
+            index,
+            weight: weights[index],
+            batch,
+        });
+    }
+    Ok(counts)
+}
+
+/// Whether `streams` streams can serve batches of `counts`: each stream
+/// gives every batch the same number of each source's samples.
+pub fn check_streams(streams: usize, counts: &[usize]) -> Result<(), SampleOrderError> {
+    if streams == 0 {
+        return Err(SampleOrderError::NoStreams);
+    }
+    match counts.iter().position(|&count| count % streams != 0) {
+        Some(index) => Err(SampleOrderError::StreamsSplitBatch {
+            streams,
+            index,
+            count: counts[index],
+        }),
+        None => Ok(()),
+    }
 }
 
 impl SampleOrder {
-    pub fn new(seed: u64, sources: &[SourceSize], batch: usize) -> Result<Self, SampleOrderError> {
-        if sources.is_empty() {
-            return Err(SampleOrderError::NoSources);
+    pub fn new(
+        seed: u64,
+        sources: &[SourceSize],
+        batch: usize,
+        streaming: Streaming,
+    ) -> Result<Self, SampleOrderError> {
+        let weights: Vec<f64> = sources.iter().map(|source| source.weight).collect();
+        let counts = counts_per_batch(&weights, batch)?;
+        if let Some(index) = sources.iter().position(|source| source.samples() == 0) {
+            return Err(SampleOrderError::EmptySource { index });
         }
-        if batch == 0 {
-            return Err(SampleOrderError::EmptyBatch);
+        if streaming.window == 0 {
+            return Err(SampleOrderError::NoStreams);
         }
-        for (source, size) in sources.iter().enumerate() {
-            if size.samples == 0 {
-                return Err(SampleOrderError::EmptySource { index: source });
-            }
-            if !(size.weight.is_finite() && size.weight > 0.0) {
-                return Err(SampleOrderError::BadWeight {
-                    index: source,
-                    weight: size.weight,
-                });
-            }
-        }
-        let weights: Vec<f64> = sources.iter().map(|size| size.weight).collect();
-        let counts = largest_remainder(&weights, batch);
-        if let Some(source) = counts.iter().position(|&count| count == 0) {
-            return Err(SampleOrderError::StarvedSource {
-                index: source,
-                weight: sources[source].weight,
-                batch,
+        // Shards without rows hold nothing to deal.
+        let filled = |source: &SourceSize| source.shard_rows.iter().filter(|&&rows| rows > 0).count();
+        let fewest_shards = sources.iter().map(filled).min().unwrap_or(1);
+        let streams = match streaming.streams {
+            Some(streams) => streams,
+            None => (1..=MAX_AUTO_STREAMS.min(fewest_shards))
+                .rev()
+                .find(|&streams| check_streams(streams, &counts).is_ok())
+                .unwrap_or(1),
+        };
+        check_streams(streams, &counts)?;
+        if let Some(index) = sources.iter().position(|s| filled(s) < streams) {
+            return Err(SampleOrderError::StreamsOutnumberShards {
+                streams,
+                index,
+                shards: filled(&sources[index]),
             });
         }
+        let dealt = sources
+            .iter()
+            .enumerate()
+            .map(|(index, source)| deal(source, streams, key(seed, &[DEAL, index as u64])))
+            .collect();
         Ok(Self {
             seed,
             sources: sources.to_vec(),
             counts,
             batch,
+            streams,
+            window: streaming.window,
+            dealt,
         })
     }
 
-    /// The order of a job: its seed, mix and global batch over the pinned
-    /// indexes of its sources (one per `data.source`, in order).
+    /// The order of a job: its seed, mix, global batch and streaming over
+    /// the pinned indexes of its sources (one per `data.source`, in order).
     pub fn for_job(manifest: &Manifest, indexes: &[DatasetIndex]) -> Result<Self, SampleOrderError> {
         let sizes: Vec<SourceSize> = indexes
             .iter()
             .zip(&manifest.data.sources)
             .map(|(index, source)| SourceSize {
-                samples: index.rows(),
+                shard_rows: index.shards.iter().map(|shard| shard.rows).collect(),
                 weight: source.weight,
             })
             .collect();
-        Self::new(manifest.job.seed, &sizes, manifest.train.global_batch)
+        let streaming = Streaming {
+            streams: manifest.data.streams,
+            window: manifest.data.shuffle_window,
+        };
+        Self::new(manifest.job.seed, &sizes, manifest.train.global_batch, streaming)
     }
 
     /// Samples drawn from each source in the first `step` steps.
@@ -129,7 +247,7 @@ impl SampleOrder {
         self.samples_after(step)
             .iter()
             .zip(&self.sources)
-            .map(|(&samples, size)| samples as f64 / size.samples as f64)
+            .map(|(&samples, size)| samples as f64 / size.samples() as f64)
             .collect()
     }
 
@@ -142,8 +260,36 @@ impl SampleOrder {
         self.batch
     }
 
+    /// The canonical stream count (every source has this many streams).
+    pub fn streams(&self) -> usize {
+        self.streams
+    }
+
+    /// Whether `world` ranks each read only their own streams.
+    pub fn is_local_for(&self, world: usize) -> bool {
+        world > 0 && self.streams % world == 0
+    }
+
+    /// The shards of each source that stream `stream` holds.
+    pub fn stream_shards(&self, source: usize, stream: usize) -> &[usize] {
+        &self.dealt[source].deal[stream]
+    }
+
+    /// How the order is built, for a checkpoint's resume fields: a job may
+    /// resume only under the same order.
+    pub fn describe(&self) -> String {
+        format!("shard-local v1, {} streams, window {}", self.streams, self.window)
+    }
+
+    /// The whole global batch of `step`: each source's samples in turn,
+    /// each stream's in turn within a source.
+    pub fn step_samples(&self, step: u64) -> Vec<SampleRef> {
+        (0..self.counts.len())
+            .flat_map(|source| self.source_samples(step, source, 0..self.streams))
+            .collect()
+    }
+
     /// The sample at `position` (0..global batch) of global step `step`.
-    /// Positions hold source 0's samples first, then source 1's, ...
     pub fn sample(&self, step: u64, position: usize) -> SampleRef {
         assert!(
             position < self.batch,
@@ -156,24 +302,15 @@ impl SampleOrder {
             position -= self.counts[source];
             source += 1;
         }
-        let samples = self.sources[source].samples;
-        let draw = step * self.counts[source] as u64 + position as u64;
-        let (epoch, offset) = (draw / samples, draw % samples);
-        let permutation = Permutation::new(samples, self.key(source, epoch));
-        SampleRef {
-            source,
-            epoch,
-            row: permutation.apply(offset),
-        }
+        let per_stream = self.counts[source] / self.streams;
+        let stream = position / per_stream;
+        let index = step * per_stream as u64 + (position % per_stream) as u64;
+        self.stream_sample(source, stream, index)
     }
 
-    /// The whole global batch of `step`, in position order.
-    pub fn step_samples(&self, step: u64) -> Vec<SampleRef> {
-        (0..self.batch).map(|position| self.sample(step, position)).collect()
-    }
-
-    /// Rank `rank` of `world`'s micro-batch at `step`: positions rank,
-    /// rank + world, rank + 2 world, ... of the global batch.
+    /// Rank `rank` of `world`'s micro-batch at `step`: its own streams'
+    /// samples when `world` divides the stream count, otherwise positions
+    /// rank, rank + world, ... of the global batch.
     pub fn micro_batch(&self, step: u64, rank: usize, world: usize) -> Result<Vec<SampleRef>, SampleOrderError> {
         if world == 0 || self.batch % world != 0 {
             return Err(SampleOrderError::Indivisible {
@@ -184,14 +321,151 @@ impl SampleOrder {
         if rank >= world {
             return Err(SampleOrderError::RankOutOfRange { rank, world });
         }
-        Ok((rank..self.batch)
-            .step_by(world)
-            .map(|position| self.sample(step, position))
-            .collect())
+        if self.is_local_for(world) {
+            let share = self.streams / world;
+            let streams = rank * share..(rank + 1) * share;
+            return Ok((0..self.counts.len())
+                .flat_map(|source| self.source_samples(step, source, streams.clone()))
+                .collect());
+        }
+        let whole = self.step_samples(step);
+        Ok(whole.into_iter().skip(rank).step_by(world).collect())
     }
 
-    fn key(&self, source: usize, epoch: u64) -> u64 {
-        mix(mix(self.seed ^ 0x5eed_0f_5a3b1e) ^ mix(source as u64 + 1) ^ mix(epoch.wrapping_add(0x9e37_79b9)))
+    /// Source `source`'s samples of `step` from `streams`, stream by stream.
+    fn source_samples(&self, step: u64, source: usize, streams: std::ops::Range<usize>) -> Vec<SampleRef> {
+        let per_stream = (self.counts[source] / self.streams) as u64;
+        let mut samples = Vec::with_capacity(streams.len() * per_stream as usize);
+        for stream in streams {
+            let first = step * per_stream;
+            let mut pass = None;
+            for index in first..first + per_stream {
+                samples.push(self.stream_sample_in(source, stream, index, &mut pass));
+            }
+        }
+        samples
+    }
+
+    /// Draw `index` of stream `stream` of source `source`.
+    fn stream_sample(&self, source: usize, stream: usize, index: u64) -> SampleRef {
+        self.stream_sample_in(source, stream, index, &mut None)
+    }
+
+    /// [`SampleOrder::stream_sample`], reusing (or filling) `pass`, the
+    /// layout of the pass the draw falls in.
+    fn stream_sample_in(&self, source: usize, stream: usize, index: u64, pass: &mut Option<Pass>) -> SampleRef {
+        let dealt = &self.dealt[source];
+        let rows = dealt.rows[stream];
+        let (number, offset) = (index / rows, index % rows);
+        if pass.as_ref().is_none_or(|p| p.number != number) {
+            *pass = Some(self.pass(source, stream, number));
+        }
+        let pass = pass.as_ref().expect("filled above");
+        // The window the offset falls in, then its shuffled place there.
+        let window = pass.window_starts.partition_point(|&start| start <= offset) - 1;
+        let (start, end) = (pass.window_starts[window], pass.window_starts[window + 1]);
+        let shuffle = Permutation::new(
+            end - start,
+            key(
+                self.seed,
+                &[WINDOW, source as u64, stream as u64, number, window as u64],
+            ),
+        );
+        let place = start + shuffle.apply(offset - start);
+        // The shard of the pass holding that place, and the row in it.
+        let slot = pass.shard_starts.partition_point(|&start| start <= place) - 1;
+        let shard = pass.shards[slot];
+        let row = dealt.shard_starts[shard] + (place - pass.shard_starts[slot]);
+        SampleRef {
+            source,
+            epoch: number,
+            row,
+        }
+    }
+
+    /// Pass `number` of a stream: its shards in this pass's order, where
+    /// each starts in the pass, and where each window starts.
+    fn pass(&self, source: usize, stream: usize, number: u64) -> Pass {
+        let dealt = &self.dealt[source];
+        let held = &dealt.deal[stream];
+        let order = Permutation::new(
+            held.len() as u64,
+            key(self.seed, &[PASS, source as u64, stream as u64, number]),
+        );
+        let shards: Vec<usize> = (0..held.len() as u64).map(|i| held[order.apply(i) as usize]).collect();
+        let mut shard_starts = Vec::with_capacity(shards.len() + 1);
+        let mut at = 0;
+        for &shard in &shards {
+            shard_starts.push(at);
+            at += dealt.shard_starts[shard + 1] - dealt.shard_starts[shard];
+        }
+        shard_starts.push(at);
+        let window_starts = shard_starts
+            .iter()
+            .copied()
+            .step_by(self.window)
+            .chain(std::iter::once(at));
+        let mut window_starts: Vec<u64> = window_starts.collect();
+        window_starts.dedup();
+        Pass {
+            number,
+            shards,
+            shard_starts,
+            window_starts,
+        }
+    }
+}
+
+/// One pass of a stream, laid out.
+struct Pass {
+    number: u64,
+    shards: Vec<usize>,
+    /// Where each shard starts in the pass, and the pass's rows at the end.
+    shard_starts: Vec<u64>,
+    /// Where each window starts, and the pass's rows at the end.
+    window_starts: Vec<u64>,
+}
+
+/// Domain tags, so the keys of different draws never meet.
+const DEAL: u64 = 1;
+const PASS: u64 = 2;
+const WINDOW: u64 = 3;
+
+/// A permutation key for `parts` under `seed`.
+fn key(seed: u64, parts: &[u64]) -> u64 {
+    parts.iter().fold(mix(seed ^ 0x5eed_0f_5a3b1e), |key, &part| {
+        mix(key ^ mix(part.wrapping_add(0x9e37_79b9)))
+    })
+}
+
+/// Deals a source's shards, in a seeded order, to `streams` streams: each
+/// shard to the stream with the fewest rows so far (the lowest on a tie),
+/// so streams differ by at most one shard's rows.
+fn deal(source: &SourceSize, streams: usize, key: u64) -> SourceStreams {
+    let shards = source.shard_rows.len();
+    let order = Permutation::new(shards as u64, key);
+    let mut deal = vec![Vec::new(); streams];
+    let mut rows = vec![0u64; streams];
+    for i in 0..shards as u64 {
+        let shard = order.apply(i) as usize;
+        if source.shard_rows[shard] == 0 {
+            continue;
+        }
+        let stream = (0..streams).min_by_key(|&s| (rows[s], s)).expect("at least one stream");
+        deal[stream].push(shard);
+        rows[stream] += source.shard_rows[shard];
+    }
+    let mut shard_starts = Vec::with_capacity(shards + 1);
+    let mut at = 0;
+    for &rows in &source.shard_rows {
+        shard_starts.push(at);
+        at += rows;
+    }
+    shard_starts.push(at);
+    SourceStreams {
+        shard_starts,
+        deal,
+        rows,
     }
 }
 
@@ -303,12 +577,28 @@ impl fmt::Display for SampleRef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{HashMap, HashSet};
+    use std::collections::{HashMap, HashSet, VecDeque};
 
+    /// Sources of one shard each.
     fn sizes(list: &[(u64, f64)]) -> Vec<SourceSize> {
         list.iter()
-            .map(|&(samples, weight)| SourceSize { samples, weight })
+            .map(|&(samples, weight)| SourceSize {
+                shard_rows: vec![samples],
+                weight,
+            })
             .collect()
+    }
+
+    fn order(seed: u64, sources: &[SourceSize], batch: usize) -> SampleOrder {
+        SampleOrder::new(seed, sources, batch, Streaming::default()).unwrap()
+    }
+
+    /// A source of `shards` shards of 20..60 rows.
+    fn sharded(shards: usize, weight: f64) -> SourceSize {
+        SourceSize {
+            shard_rows: (0..shards as u64).map(|i| 20 + (i * 37) % 41).collect(),
+            weight,
+        }
     }
 
     #[test]
@@ -366,9 +656,12 @@ mod tests {
         for (weights, batch, expected) in cases {
             let sources: Vec<SourceSize> = weights
                 .iter()
-                .map(|&weight| SourceSize { samples: 100, weight })
+                .map(|&weight| SourceSize {
+                    shard_rows: vec![100],
+                    weight,
+                })
                 .collect();
-            let order = SampleOrder::new(1, &sources, batch).unwrap();
+            let order = order(1, &sources, batch);
             assert_eq!(order.counts_per_batch(), expected, "weights {weights:?}, batch {batch}");
             let batch_samples = order.step_samples(3);
             for (source, &count) in expected.iter().enumerate() {
@@ -383,7 +676,7 @@ mod tests {
     #[test]
     fn every_sample_appears_once_per_epoch_of_its_source() {
         // Sources of different sizes cycle independently.
-        let order = SampleOrder::new(9, &sizes(&[(10, 1.0), (7, 1.0)]), 4).unwrap();
+        let order = order(9, &sizes(&[(10, 1.0), (7, 1.0)]), 4);
         let mut per_epoch: HashMap<(usize, u64), Vec<u64>> = HashMap::new();
         for step in 0..70 {
             for sample in order.step_samples(step) {
@@ -407,7 +700,7 @@ mod tests {
 
     #[test]
     fn rank_plans_partition_the_one_rank_plan() {
-        let order = SampleOrder::new(5, &sizes(&[(1000, 0.5), (333, 0.3), (77, 0.2)]), 840).unwrap();
+        let order = order(5, &sizes(&[(1000, 0.5), (333, 0.3), (77, 0.2)]), 840);
         for step in [0, 1, 17, 1_000_000] {
             let whole = order.micro_batch(step, 0, 1).unwrap();
             assert_eq!(whole, order.step_samples(step));
@@ -433,43 +726,54 @@ mod tests {
     fn the_order_is_a_pure_function_of_the_step() {
         // Resuming at any step gives the remaining order of an uninterrupted run.
         let sources = sizes(&[(50, 1.0), (20, 3.0)]);
-        let uninterrupted = SampleOrder::new(11, &sources, 8).unwrap();
+        let uninterrupted = order(11, &sources, 8);
         let run: Vec<Vec<SampleRef>> = (0..30).map(|step| uninterrupted.step_samples(step)).collect();
         for resume_at in [0, 1, 13, 29] {
-            let resumed = SampleOrder::new(11, &sources, 8).unwrap();
+            let resumed = order(11, &sources, 8);
             for step in resume_at..30 {
                 assert_eq!(resumed.step_samples(step), run[step as usize]);
             }
         }
         // Another seed is another order.
-        let other = SampleOrder::new(12, &sources, 8).unwrap();
+        let other = order(12, &sources, 8);
         assert_ne!(other.step_samples(0), run[0]);
     }
 
     #[test]
     fn bad_plans_are_clear_errors() {
-        assert_eq!(SampleOrder::new(0, &[], 8).unwrap_err(), SampleOrderError::NoSources);
+        let new = |sources: &[SourceSize], batch, streams| {
+            let streaming = Streaming {
+                streams,
+                ..Streaming::default()
+            };
+            SampleOrder::new(0, sources, batch, streaming).unwrap_err().to_string()
+        };
+        assert_eq!(new(&[], 8, None), "there are no data sources");
         assert_eq!(
-            SampleOrder::new(0, &sizes(&[(5, 1.0)]), 0).unwrap_err(),
-            SampleOrderError::EmptyBatch
+            new(&sizes(&[(5, 1.0)]), 0, None),
+            "the global batch must hold at least one sample"
         );
         assert_eq!(
-            SampleOrder::new(0, &sizes(&[(5, 1.0), (0, 1.0)]), 8)
-                .unwrap_err()
-                .to_string(),
+            new(&sizes(&[(5, 1.0), (0, 1.0)]), 8, None),
             "data source 1 has no samples"
         );
         assert_eq!(
-            SampleOrder::new(0, &sizes(&[(5, -1.0)]), 8).unwrap_err().to_string(),
+            new(&sizes(&[(5, -1.0)]), 8, None),
             "data source 0: weight -1 must be a positive number"
         );
         assert_eq!(
-            SampleOrder::new(0, &sizes(&[(5, 1.0), (5, 0.01)]), 8)
-                .unwrap_err()
-                .to_string(),
+            new(&sizes(&[(5, 1.0), (5, 0.01)]), 8, None),
             "data source 1: weight 0.01 gives it no sample of a global batch of 8; raise its weight or the batch"
         );
-        let order = SampleOrder::new(0, &sizes(&[(5, 1.0)]), 8).unwrap();
+        assert_eq!(
+            new(&[sharded(12, 3.0), sharded(12, 1.0)], 32, Some(12)),
+            "12 streams do not divide data source 1's 8 samples of every global batch"
+        );
+        assert_eq!(
+            new(&[sharded(8, 1.0), sharded(3, 1.0)], 8, Some(4)),
+            "data source 1 has 3 shards with rows, fewer than its 4 streams"
+        );
+        let order = order(0, &sizes(&[(5, 1.0)]), 8);
         assert_eq!(
             order.micro_batch(0, 0, 3).unwrap_err().to_string(),
             "a global batch of 8 does not split evenly between 3 ranks"
@@ -478,5 +782,151 @@ mod tests {
             order.micro_batch(0, 4, 4).unwrap_err().to_string(),
             "rank 4 is outside a world of 4"
         );
+    }
+
+    #[test]
+    fn the_automatic_stream_count_is_the_largest_the_batch_and_the_shards_allow() {
+        // Counts 48 and 16: 16 streams split both, but the second source has 12 shards.
+        let sources = [sharded(100, 3.0), sharded(12, 1.0)];
+        assert_eq!(order(1, &sources, 64).streams(), 8);
+        let sources = [sharded(100, 3.0), sharded(40, 1.0)];
+        assert_eq!(order(1, &sources, 64).streams(), 16);
+        // Up to 64, whatever the shards.
+        assert_eq!(order(1, &[sharded(500, 1.0)], 4096).streams(), MAX_AUTO_STREAMS);
+        // Streams are balanced by rows to within one shard.
+        let order = order(1, &[sharded(100, 1.0)], 64);
+        let rows: Vec<u64> = (0..order.streams()).map(|s| order.dealt[0].rows[s]).collect();
+        let (least, most) = (rows.iter().min().unwrap(), rows.iter().max().unwrap());
+        assert!(most - least <= 60, "{rows:?}");
+    }
+
+    #[test]
+    fn ranks_read_only_their_streams_and_partition_the_one_rank_plan() {
+        let sources = [sharded(48, 1.0), sharded(24, 1.0)];
+        let streaming = Streaming {
+            streams: Some(8),
+            window: 3,
+        };
+        let order = SampleOrder::new(3, &sources, 96, streaming).unwrap();
+        let shard_of = |sample: &SampleRef| {
+            let starts = &order.dealt[sample.source].shard_starts;
+            starts.partition_point(|&start| start <= sample.row) - 1
+        };
+        for step in [0, 1, 17, 100_000] {
+            let whole = order.micro_batch(step, 0, 1).unwrap();
+            assert_eq!(whole, order.step_samples(step));
+            for world in [1, 2, 3, 4, 6, 8] {
+                let plans: Vec<Vec<SampleRef>> = (0..world)
+                    .map(|rank| order.micro_batch(step, rank, world).unwrap())
+                    .collect();
+                let mut union: Vec<SampleRef> = plans.concat();
+                let mut expected = whole.clone();
+                union.sort();
+                expected.sort();
+                assert_eq!(union, expected, "step {step}, world {world}");
+                for (rank, plan) in plans.iter().enumerate() {
+                    assert_eq!(plan.len(), 96 / world);
+                    assert!((0..2).all(|source| plan.iter().any(|sample| sample.source == source)));
+                    if order.is_local_for(world) {
+                        // Only the shards of the rank's own streams.
+                        let share = 8 / world;
+                        let own = |source: usize| -> Vec<usize> {
+                            (rank * share..(rank + 1) * share)
+                                .flat_map(|stream| order.stream_shards(source, stream).to_vec())
+                                .collect()
+                        };
+                        for sample in plan {
+                            assert!(
+                                own(sample.source).contains(&shard_of(sample)),
+                                "world {world} rank {rank}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(!order.is_local_for(3) && order.is_local_for(4));
+    }
+
+    #[test]
+    fn every_sample_appears_once_per_pass_of_its_stream_a_window_at_a_time() {
+        let sources = [sharded(40, 1.0)];
+        let streaming = Streaming {
+            streams: Some(4),
+            window: 2,
+        };
+        let order = SampleOrder::new(5, &sources, 8, streaming).unwrap();
+        let starts = &order.dealt[0].shard_starts;
+        let shard_of = |row: u64| starts.partition_point(|&start| start <= row) - 1;
+        let stream_rows = order.dealt[0].rows.clone();
+        let steps = 3 * stream_rows.iter().max().unwrap() / 2 + 2;
+        let mut per_pass: HashMap<(usize, u64), Vec<u64>> = HashMap::new();
+        let mut shards_at_once = 0;
+        for step in 0..steps {
+            let mut touched = HashSet::new();
+            for stream in 0..4 {
+                let samples = order.source_samples(step, 0, stream..stream + 1);
+                for sample in &samples {
+                    per_pass.entry((stream, sample.epoch)).or_default().push(sample.row);
+                    touched.insert(shard_of(sample.row));
+                }
+            }
+            shards_at_once = shards_at_once.max(touched.len());
+        }
+        for stream in 0..4 {
+            let mut held: Vec<u64> = order
+                .stream_shards(0, stream)
+                .iter()
+                .flat_map(|&shard| starts[shard]..starts[shard + 1])
+                .collect();
+            held.sort();
+            // The first pass of every stream is complete; it holds each of its rows once.
+            let mut rows = per_pass[&(stream, 0)].clone();
+            rows.sort();
+            assert_eq!(rows, held, "stream {stream}");
+            // Passes are shuffled differently.
+            assert_ne!(per_pass[&(stream, 0)][..8], per_pass[&(stream, 1)][..8]);
+        }
+        // Each step's 2 draws per stream fall in at most a window's 2 shards, or at
+        // a window's edge 3: never spread over the stream's 10 shards.
+        assert!(shards_at_once <= 4 * 3, "{shards_at_once}");
+    }
+
+    #[test]
+    fn a_rank_with_a_few_shards_of_memory_fetches_each_shard_about_once_per_epoch() {
+        // 200 shards, memory for 6 of them per rank: the loader's situation.
+        let sources = [sharded(200, 1.0)];
+        let streaming = Streaming {
+            streams: Some(4),
+            window: 1,
+        };
+        let order = SampleOrder::new(7, &sources, 16, streaming).unwrap();
+        let starts = &order.dealt[0].shard_starts;
+        let shard_of = |row: u64| starts.partition_point(|&start| start <= row) - 1;
+        let epoch_steps = sources[0].samples() / 16;
+        for world in [1, 2, 4] {
+            let mut fetches = 0;
+            for rank in 0..world {
+                let mut memory: VecDeque<usize> = VecDeque::new();
+                for step in 0..epoch_steps {
+                    for sample in order.micro_batch(step, rank, world).unwrap() {
+                        let shard = shard_of(sample.row);
+                        if let Some(at) = memory.iter().position(|&s| s == shard) {
+                            memory.remove(at);
+                        } else {
+                            fetches += 1;
+                            if memory.len() == 6 {
+                                memory.pop_front();
+                            }
+                        }
+                        memory.push_back(shard);
+                    }
+                }
+            }
+            assert!(
+                fetches as f64 <= 1.1 * 200.0,
+                "world {world}: {fetches} fetches of 200 shards"
+            );
+        }
     }
 }

@@ -34,6 +34,8 @@ pub use shared::Shared;
 pub enum CoordinatorError {
     #[error("data.source[{index}] ({url}): {message}")]
     Dataset { index: usize, url: String, message: String },
+    #[error("data.streams: {0}")]
+    Order(String),
     #[error("{field} ({url}): {message}")]
     Eval {
         field: &'static str,

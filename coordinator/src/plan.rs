@@ -27,9 +27,17 @@ impl JobPlan {
             .iter()
             .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
             .collect();
-        let order = SampleOrder::for_job(manifest, &parsed).expect("the manifest's mix was validated");
+        let order = SampleOrder::for_job(manifest, &parsed).map_err(|e| CoordinatorError::Order(e.to_string()))?;
+        if !order.is_local_for(manifest.cluster.workers) {
+            tracing::warn!(
+                "{} workers do not divide the {} data streams: every worker reads every stream's shards \
+                 (set data.streams to a multiple of cluster.workers to keep shards local)",
+                manifest.cluster.workers,
+                order.streams()
+            );
+        }
         let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
-        let chosen = choose_start(manifest, &parsed, resume)?;
+        let chosen = choose_start(manifest, &parsed, &order, resume)?;
         if let Some(chosen) = &chosen {
             if chosen.step >= total_steps {
                 return Err(CoordinatorError::Complete {
@@ -52,6 +60,7 @@ impl JobPlan {
 fn choose_start(
     manifest: &Manifest,
     indexes: &[DatasetIndex],
+    order: &SampleOrder,
     resume: &Resume,
 ) -> Result<Option<checkpoint::Chosen>, CoordinatorError> {
     let options = manifest.data.store_options();
@@ -61,7 +70,7 @@ fn choose_start(
         (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoint::CheckpointError::from)?,
         (None, _) => return Ok(None),
     };
-    let fields = ResumeFields::of(manifest, indexes);
+    let fields = ResumeFields::of(manifest, indexes, order);
     let Some(chosen) = checkpoint::choose(&root, &options, resume, &fields)? else {
         return Ok(None);
     };

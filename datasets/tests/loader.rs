@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use contract::dataset::{ClassName, DatasetKind};
-use contract::sample_order::{SampleOrder, SourceSize};
+use contract::sample_order::{SampleOrder, SourceSize, Streaming};
 use datasets::dataset::Dataset;
 use datasets::demo::{self, DemoSpec};
 use datasets::image::Crop;
@@ -60,11 +60,11 @@ fn assembler(root: &Store, batch: usize, rank: usize, world: usize, config: Load
     let sizes: Vec<SourceSize> = sources
         .iter()
         .map(|source| SourceSize {
-            samples: source.dataset.index().rows(),
+            shard_rows: source.dataset.index().shards.iter().map(|shard| shard.rows).collect(),
             weight: 0.5,
         })
         .collect();
-    let order = SampleOrder::new(SEED, &sizes, batch).unwrap();
+    let order = SampleOrder::new(SEED, &sizes, batch, Streaming::default()).unwrap();
     BatchAssembler::new(sources, order, tokenizer(root), config, SEED, rank, world).unwrap()
 }
 
@@ -182,10 +182,11 @@ fn align_assembler(root: &Store, data: &Store, batch: usize, config: LoaderConfi
     let order = SampleOrder::new(
         SEED,
         &[SourceSize {
-            samples: dataset.index().rows(),
+            shard_rows: dataset.index().shards.iter().map(|shard| shard.rows).collect(),
             weight: 1.0,
         }],
         batch,
+        Streaming::default(),
     )
     .unwrap();
     let sources = vec![LoaderSource {

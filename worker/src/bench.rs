@@ -208,16 +208,17 @@ pub fn bench_data(
     batch: usize,
     batches: usize,
 ) -> Result<DataBenchmark, datasets::loader::LoaderError> {
-    use contract::sample_order::{SampleOrder, SourceSize};
+    use contract::sample_order::{SampleOrder, SourceSize, Streaming};
     use datasets::loader::{BatchAssembler, LoaderConfig, LoaderSource};
 
     let order = SampleOrder::new(
         0,
         &[SourceSize {
-            samples: dataset.index().rows(),
+            shard_rows: dataset.index().shards.iter().map(|shard| shard.rows).collect(),
             weight: 1.0,
         }],
         batch,
+        Streaming::default(),
     )?;
     let config = LoaderConfig {
         threads,

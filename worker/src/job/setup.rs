@@ -81,7 +81,7 @@ where
             Some(checkpoint) => Some(Checkpointing {
                 root: Store::open(&checkpoint.url, options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
                 every: checkpoint.every,
-                resume: ResumeFields::of(manifest, &data.indexes),
+                resume: ResumeFields::of(manifest, &data.indexes, &data.order),
                 seed: manifest.job.seed,
                 tokenizer_sha256: store::sha256_hex(&data.tokenizer_json),
                 tokenizer: data.tokenizer_json.clone(),
@@ -94,6 +94,7 @@ where
             threads: manifest.data.loader_threads,
             prefetch_batches: manifest.data.prefetch_batches,
             max_bad_fraction: manifest.data.max_bad_fraction,
+            shard_memory_bytes: manifest.data.shard_memory_bytes,
             ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
         };
         let order = data.order.clone();

@@ -1,0 +1,162 @@
+//! What the loader fetches over a real HTTP server that counts the bytes
+//! it serves: a dataset of 200 shards, memory for a few of them per rank,
+//! one epoch on 1, 2 and 4 ranks. The shard-local order fetches each shard
+//! about once per epoch.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use contract::dataset::DatasetKind;
+use contract::sample_order::{SampleOrder, SourceSize, Streaming};
+use datasets::dataset::Dataset;
+use datasets::demo;
+use datasets::loader::{BatchAssembler, LoaderConfig, LoaderSource};
+use datasets::prompt::PromptTemplates;
+use datasets::shard::{Compression, Content, Record};
+use datasets::tokenizer::TextTokenizer;
+use datasets::writer::DatasetWriter;
+use store::{Store, StoreOptions};
+
+/// Serves the files under `root` over HTTP/1.1 (GET only), counting the body bytes sent.
+fn serve(root: PathBuf) -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (root, counter) = (root.clone(), counter.clone());
+            std::thread::spawn(move || answer(stream, &root, &counter));
+        }
+    });
+    (format!("http://{address}/data"), served)
+}
+
+fn answer(stream: std::net::TcpStream, root: &Path, served: &AtomicU64) {
+    // Header and body go out at once, not held back waiting for an ACK.
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers until the blank line.
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        let path = request
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .trim_start_matches("/data/")
+            .to_string();
+        let head = request.starts_with("HEAD");
+        match std::fs::read(root.join(&path)) {
+            Ok(body) => {
+                let header = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                writer.write_all(header.as_bytes()).unwrap();
+                if !head {
+                    writer.write_all(&body).unwrap();
+                    served.fetch_add(body.len() as u64, Ordering::SeqCst);
+                }
+            }
+            Err(_) => writer
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .unwrap(),
+        }
+    }
+}
+
+/// 200 shards of 4 captioned 16-pixel images.
+fn write_dataset(dir: &Path) -> u64 {
+    let store = Store::open(dir.to_str().unwrap(), &StoreOptions::default()).unwrap();
+    let mut writer = DatasetWriter::create(store, DatasetKind::Align, vec![], 4, Compression::None, "traffic").unwrap();
+    for index in 0..800 {
+        let sample = demo::captioned(3, index, 16);
+        writer
+            .push(Record {
+                key: sample.key,
+                image: sample.png,
+                content: Content::Text(sample.text),
+            })
+            .unwrap();
+    }
+    let index = writer.finish().unwrap();
+    assert_eq!(index.shards.len(), 200);
+    index.shards.iter().map(|shard| shard.bytes).sum()
+}
+
+#[test]
+fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let dataset_bytes = write_dataset(&data);
+    let tokenizer_root = Store::memory();
+    demo::write(
+        &tokenizer_root,
+        &demo::DemoSpec {
+            align_rows: 16,
+            jft_rows: 16,
+            heldout_rows: 4,
+            side: 16,
+            shard_rows: 16,
+            vocab_size: 300,
+            ..demo::DemoSpec::default()
+        },
+    )
+    .unwrap();
+    let json = tokenizer_root.get(demo::TOKENIZER).unwrap();
+    let tokenizer = || TextTokenizer::from_json(std::str::from_utf8(&json).unwrap(), "tokenizer.json").unwrap();
+    let (url, served) = serve(data.clone());
+    let store = Store::open(&url, &StoreOptions::default()).unwrap();
+    let dataset = Dataset::open(store).unwrap();
+    let largest = dataset.index().shards.iter().map(|shard| shard.bytes).max().unwrap();
+    let sizes = [SourceSize {
+        shard_rows: dataset.index().shards.iter().map(|shard| shard.rows).collect(),
+        weight: 1.0,
+    }];
+    let streaming = Streaming {
+        streams: Some(4),
+        window: 1,
+    };
+    let batch = 16;
+    let order = SampleOrder::new(5, &sizes, batch, streaming).unwrap();
+    let epoch_steps = 800 / batch as u64;
+    let mut ratios = Vec::new();
+    for world in [1, 2, 4] {
+        let before = served.load(Ordering::SeqCst);
+        for rank in 0..world {
+            let config = LoaderConfig {
+                threads: 1,
+                // Memory for 6 of the 200 shards.
+                shard_memory_bytes: 6 * largest,
+                ..LoaderConfig::new(16, 12)
+            };
+            let sources = vec![LoaderSource {
+                dataset: dataset.clone(),
+                templates: PromptTemplates::clip80(),
+            }];
+            let mut assembler =
+                BatchAssembler::new(sources, order.clone(), tokenizer(), config, 5, rank, world).unwrap();
+            for step in 0..epoch_steps {
+                assert_eq!(assembler.assemble(step).unwrap().len(), batch / world);
+            }
+        }
+        let ratio = (served.load(Ordering::SeqCst) - before) as f64 / dataset_bytes as f64;
+        ratios.push((world, ratio));
+        assert!(
+            ratio <= 1.1,
+            "{world} ranks fetched {ratio:.2}x the dataset's bytes in one epoch"
+        );
+    }
+    eprintln!("bytes fetched in one epoch / dataset bytes, by ranks: {ratios:?}");
+}
