@@ -138,6 +138,19 @@ fn launch_runs_the_demo_and_the_loss_falls() {
         final_point["loss"]
     );
     assert!(metrics.contains("coca_train_loss{kind=\"contrastive\"}"), "{metrics}");
+    // Each source's progress, and what each rank fetched of it: the demo's 4
+    // shards per source split between the 2 ranks' streams, each fetched once.
+    let sources = report["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "{report}");
+    for source in sources {
+        assert_eq!(source["samples"], 20 * 16, "{source}");
+        assert_eq!(source["shards_fetched"], 4, "{source}");
+        let ranks = source["ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), 2, "{source}");
+        assert!(ranks.iter().all(|rank| rank["shards"] == 2), "{source}");
+    }
+    assert!(metrics.contains("coca_data_fetched_bytes{source=\"0\"}"), "{metrics}");
+    assert!(metrics.contains("coca_data_rank_fetched_bytes{"), "{metrics}");
     // Every metric the Grafana dashboard queries is one the coordinator serves.
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../deploy/grafana/coca.json")).expect("the dashboard is JSON");

@@ -148,6 +148,8 @@ pub struct StatusReport {
     pub data_wait_share: Option<f64>,
     /// Epochs of each source completed (fractional).
     pub source_epochs: Vec<f64>,
+    /// Each source's progress and what the workers fetched from it.
+    pub sources: Vec<SourceProgress>,
     pub bad_records: Vec<BadRecords>,
     pub workers: Vec<WorkerReport>,
     /// The ring's incarnation and its world (fewer than cluster.workers
@@ -165,6 +167,26 @@ pub struct StatusReport {
     pub previous: Option<Recovered>,
     pub history: Vec<Point>,
     pub evals: Vec<EvalPoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceProgress {
+    pub source: u32,
+    /// Samples the job has drawn from it.
+    pub samples: u64,
+    pub epochs: f64,
+    /// Shards and bytes fetched from its store, every worker and generation.
+    pub shards_fetched: u64,
+    pub bytes_fetched: u64,
+    /// The current ring's ranks: what each has fetched since the ring formed.
+    pub ranks: Vec<RankTraffic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankTraffic {
+    pub rank: usize,
+    pub shards: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -115,6 +115,9 @@ pub struct Job {
     pub evals: Vec<EvalPoint>,
     /// Each worker's latest cumulative bad-record counts, by (worker, source, reason).
     bad_records: BTreeMap<(String, u32, String), u64>,
+    /// What each worker fetched in each generation (its loader starts anew
+    /// with each): (generation, worker, source) -> (rank, shards, bytes).
+    traffic: BTreeMap<(u64, String, u32), (Option<usize>, u64, u64)>,
     pub refused_calls: u64,
     pub checkpoint: CheckpointStatus,
     /// Shards reported per step not yet committed: rank -> (shard, seconds).
@@ -167,6 +170,7 @@ impl Job {
             history: Vec::new(),
             evals: Vec::new(),
             bad_records: BTreeMap::new(),
+            traffic: BTreeMap::new(),
             refused_calls: 0,
             checkpoint: CheckpointStatus::default(),
             checkpoint_reports: BTreeMap::new(),
@@ -638,6 +642,10 @@ impl Job {
             }
             self.latest = Some(metrics.clone());
         }
+        for fetched in &metrics.traffic {
+            let key = (self.generation, worker.to_string(), fetched.source);
+            self.traffic.insert(key, (rank, fetched.shards, fetched.bytes));
+        }
         for bad in &metrics.bad_records {
             self.bad_records
                 .insert((worker.to_string(), bad.source, bad.reason.clone()), bad.count);
@@ -649,6 +657,23 @@ impl Job {
         let mut totals = BTreeMap::new();
         for ((_, source, reason), count) in &self.bad_records {
             *totals.entry((*source, reason.clone())).or_default() += count;
+        }
+        totals
+    }
+
+    /// Per source: shards and bytes fetched by every worker in every
+    /// generation, and by each rank of the current ring.
+    pub fn traffic_by_source(&self) -> BTreeMap<u32, (u64, u64, BTreeMap<usize, (u64, u64)>)> {
+        let mut totals: BTreeMap<u32, (u64, u64, BTreeMap<usize, (u64, u64)>)> = BTreeMap::new();
+        for ((generation, _, source), (rank, shards, bytes)) in &self.traffic {
+            let total = totals.entry(*source).or_default();
+            total.0 += shards;
+            total.1 += bytes;
+            if let (true, Some(rank)) = (*generation == self.generation, rank) {
+                let by_rank = total.2.entry(*rank).or_default();
+                by_rank.0 += shards;
+                by_rank.1 += bytes;
+            }
         }
         totals
     }

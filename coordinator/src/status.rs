@@ -10,7 +10,9 @@ use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use axum::Router;
 use contract::rpc::WorkerPhase;
-use contract::status::{phase_name, BadRecords, JobState, Losses, StatusReport, WorkerReport};
+use contract::status::{
+    phase_name, BadRecords, JobState, Losses, RankTraffic, SourceProgress, StatusReport, WorkerReport,
+};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -41,6 +43,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         samples_per_second: latest.map(|m| m.samples_per_second),
         data_wait_share: latest.map(|m| m.data_wait_share),
         source_epochs: latest.map(|m| m.source_epochs.clone()).unwrap_or_default(),
+        sources: source_progress(&job),
         bad_records: job
             .bad_record_totals()
             .into_iter()
@@ -77,6 +80,33 @@ pub fn report(shared: &Shared) -> StatusReport {
         history: job.history.clone(),
         evals: job.evals.clone(),
     }
+}
+
+/// Each source's samples and epochs (rank 0's latest step) and fetches.
+fn source_progress(job: &crate::job::Job) -> Vec<SourceProgress> {
+    let latest = job.latest.as_ref();
+    let traffic = job.traffic_by_source();
+    let count = latest.map_or(0, |m| m.source_samples.len()).max(traffic.len());
+    (0..count as u32)
+        .map(|source| {
+            let (shards, bytes, ranks) = traffic.get(&source).cloned().unwrap_or_default();
+            SourceProgress {
+                source,
+                samples: latest
+                    .and_then(|m| m.source_samples.get(source as usize).copied())
+                    .unwrap_or(0),
+                epochs: latest
+                    .and_then(|m| m.source_epochs.get(source as usize).copied())
+                    .unwrap_or(0.0),
+                shards_fetched: shards,
+                bytes_fetched: bytes,
+                ranks: ranks
+                    .into_iter()
+                    .map(|(rank, (shards, bytes))| RankTraffic { rank, shards, bytes })
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -138,6 +168,43 @@ pub fn prometheus_text(status: &StatusReport) -> String {
         &mut registry,
         "data_bad_records",
         "Bad records met, by source and reason",
+        points,
+    );
+    let per_source = |value: fn(&SourceProgress) -> f64| {
+        let label = label;
+        status
+            .sources
+            .iter()
+            .map(move |source| (label(&[("source", source.source.to_string())]), value(source)))
+    };
+    family(
+        &mut registry,
+        "data_samples",
+        "Samples drawn, by source",
+        per_source(|s| s.samples as f64),
+    );
+    family(
+        &mut registry,
+        "data_fetched_shards",
+        "Shards fetched by every worker, by source",
+        per_source(|s| s.shards_fetched as f64),
+    );
+    family(
+        &mut registry,
+        "data_fetched_bytes",
+        "Bytes fetched by every worker, by source",
+        per_source(|s| s.bytes_fetched as f64),
+    );
+    let points = status.sources.iter().flat_map(|source| {
+        source.ranks.iter().map(move |rank| {
+            let labels = label(&[("source", source.source.to_string()), ("rank", rank.rank.to_string())]);
+            (labels, rank.bytes as f64)
+        })
+    });
+    family(
+        &mut registry,
+        "data_rank_fetched_bytes",
+        "Bytes each rank of the current ring fetched since it formed, by source",
         points,
     );
     let points = status.workers.iter().map(|worker| {

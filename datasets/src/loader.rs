@@ -152,6 +152,15 @@ pub struct SourceBadRecords {
     pub failed_shards: Vec<(String, String)>,
 }
 
+/// What a rank has fetched from each source's store so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Traffic {
+    /// Shards fetched, per source (a shard fetched twice counts twice).
+    pub shards: Vec<u64>,
+    /// Their bytes, per source.
+    pub bytes: Vec<u64>,
+}
+
 impl BadRecords {
     pub fn total(&self) -> u64 {
         self.sources
@@ -173,6 +182,7 @@ pub struct BatchAssembler {
     pool: rayon::ThreadPool,
     shards: ShardMemory,
     bad: Arc<Mutex<BadState>>,
+    traffic: Arc<Mutex<Traffic>>,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +218,7 @@ impl BatchAssembler {
     ) -> Result<Self, LoaderError> {
         // Checks rank and world once, here.
         order.micro_batch(0, rank, world)?;
+        let sources_count = sources.len();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads.max(1))
             .thread_name(|i| format!("coca-loader-{i}"))
@@ -243,7 +254,16 @@ impl BatchAssembler {
             world,
             pool,
             bad: Arc::new(Mutex::new(bad)),
+            traffic: Arc::new(Mutex::new(Traffic {
+                shards: vec![0; sources_count],
+                bytes: vec![0; sources_count],
+            })),
         })
+    }
+
+    /// What this rank has fetched so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.lock().expect("traffic").clone()
     }
 
     pub fn bad_records(&self) -> BadRecords {
@@ -339,10 +359,14 @@ impl BatchAssembler {
         });
         for ((source, shard), result) in fetched {
             let dataset = &self.sources[source].dataset;
+            let bytes = dataset.index().shards[shard].bytes;
+            {
+                let mut traffic = self.traffic.lock().expect("traffic");
+                traffic.shards[source] += 1;
+                traffic.bytes[source] += bytes;
+            }
             match result {
-                Ok(decoded) => self
-                    .shards
-                    .insert((source, shard), decoded, dataset.index().shards[shard].bytes),
+                Ok(decoded) => self.shards.insert((source, shard), decoded, bytes),
                 Err(error) => self.fail_shard(source, shard, error.to_string())?,
             }
         }
@@ -503,6 +527,7 @@ impl ShardMemory {
 pub struct Loader {
     batches: Receiver<Result<HostBatch, LoaderError>>,
     bad: Arc<Mutex<BadState>>,
+    traffic: Arc<Mutex<Traffic>>,
     thread: Option<JoinHandle<()>>,
     waited: Duration,
 }
@@ -512,6 +537,7 @@ impl Loader {
     pub fn start(mut assembler: BatchAssembler, start_step: u64) -> Result<Self, LoaderError> {
         let (sender, batches) = sync_channel(assembler.config.prefetch_batches.max(1));
         let bad = assembler.bad.clone();
+        let traffic = assembler.traffic.clone();
         let thread = std::thread::Builder::new()
             .name("coca-loader".into())
             .spawn(move || {
@@ -528,6 +554,7 @@ impl Loader {
         Ok(Self {
             batches,
             bad,
+            traffic,
             thread: Some(thread),
             waited: Duration::ZERO,
         })
@@ -548,6 +575,11 @@ impl Loader {
 
     pub fn bad_records(&self) -> BadRecords {
         self.bad.lock().expect("bad-record state").report.clone()
+    }
+
+    /// What this rank has fetched so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.lock().expect("traffic").clone()
     }
 }
 

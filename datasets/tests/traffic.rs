@@ -134,6 +134,7 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
     let mut ratios = Vec::new();
     for world in [1, 2, 4] {
         let before = served.load(Ordering::SeqCst);
+        let mut counted = 0;
         for rank in 0..world {
             let config = LoaderConfig {
                 threads: 1,
@@ -150,8 +151,12 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
             for step in 0..epoch_steps {
                 assert_eq!(assembler.assemble(step).unwrap().len(), batch / world);
             }
+            counted += assembler.traffic().bytes[0];
         }
-        let ratio = (served.load(Ordering::SeqCst) - before) as f64 / dataset_bytes as f64;
+        let fetched = served.load(Ordering::SeqCst) - before;
+        // The loader's own count (what the coordinator shows) is the server's.
+        assert_eq!(counted, fetched);
+        let ratio = fetched as f64 / dataset_bytes as f64;
         ratios.push((world, ratio));
         assert!(
             ratio <= 1.1,

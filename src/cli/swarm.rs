@@ -212,6 +212,8 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
                     bad_records: Vec::new(),
                     source_epochs: vec![0.1],
                     evals: Vec::new(),
+                    source_samples: vec![step * 32],
+                    traffic: Vec::new(),
                 };
                 let sent = Instant::now();
                 let reply = client

@@ -9,8 +9,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use collective::Collective;
-use contract::rpc::{BadRecordCount, EvalMetric, StepMetrics, WorkerPhase};
-use datasets::loader::BadRecords;
+use contract::rpc::{BadRecordCount, EvalMetric, SourceTraffic, StepMetrics, WorkerPhase};
+use datasets::loader::{BadRecords, Traffic};
 use model::state::SavedShard;
 use model::CocaModel;
 
@@ -175,6 +175,8 @@ where
             bad_records: bad_record_counts(&job.loader.bad_records()),
             source_epochs: job.order.epochs_after(step),
             evals: Vec::new(),
+            source_samples: job.order.samples_after(step),
+            traffic: source_traffic(&job.loader.traffic()),
         };
         if let Some(eval) = job.eval.as_mut().filter(|e| e.due(step, total)) {
             let results = eval
@@ -214,6 +216,21 @@ fn agree(collective: &mut dyn Collective, signals: &Signals) -> Result<Agreed, c
     } else {
         Agreed::Train
     })
+}
+
+/// The loader's fetches as the coordinator receives them.
+fn source_traffic(traffic: &Traffic) -> Vec<SourceTraffic> {
+    traffic
+        .shards
+        .iter()
+        .zip(&traffic.bytes)
+        .enumerate()
+        .map(|(source, (&shards, &bytes))| SourceTraffic {
+            source: source as u32,
+            shards,
+            bytes,
+        })
+        .collect()
 }
 
 /// The loader's bad-record counts as the coordinator receives them.
