@@ -491,3 +491,37 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
         "{dom}"
     );
 }
+
+#[test]
+fn the_stream_layout_is_checked_against_the_shards_the_workers_and_the_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), 200, 10_000);
+    let with_data = |extra: &str| {
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("loader_threads = 1", &format!("loader_threads = 1\n{extra}"));
+        std::fs::write(dir.path().join("streams.toml"), text).unwrap();
+        coca()
+            .current_dir(dir.path())
+            .args(["launch", "streams.toml", "--steps", "12", "--warmup-steps", "2"])
+            .output()
+            .unwrap()
+    };
+    // The demo's sources have 4 shards each: 8 streams cannot be dealt.
+    let refused = with_data("streams = 8");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("data.streams: data source 0 has 4 shards with rows, fewer than its 8 streams"),
+        "{stderr}"
+    );
+    // One stream for two workers, and memory for less than a shard: it runs, and says what it costs.
+    let warned = with_data("streams = 1\nshard_memory_bytes = 1000");
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(warned.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 workers do not divide the 1 data streams: every worker reads every stream's shards"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("more than data.shard_memory_bytes = 0 MB"), "{stderr}");
+}

@@ -75,6 +75,8 @@ pub struct Data {
     pub shuffle_window: usize,
     /// Decoded shards a worker keeps in memory.
     pub shard_memory_bytes: u64,
+    /// Bytes of shards fetched ahead of the step that needs them.
+    pub fetch_ahead_bytes: u64,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
 }
@@ -731,6 +733,7 @@ impl Manifest {
         let streams = section.int("streams")?.map(|n| n as usize);
         let shuffle_window = section.int("shuffle_window")?.unwrap_or(2) as usize;
         let shard_memory_bytes = section.int("shard_memory_bytes")?.unwrap_or(1 << 30);
+        let fetch_ahead_bytes = section.int("fetch_ahead_bytes")?.unwrap_or(256 << 20);
         let s3_endpoint = section.string("s3_endpoint")?;
         let s3_region = section.string("s3_region")?;
         section.finish()?;
@@ -800,6 +803,7 @@ impl Manifest {
             streams,
             shuffle_window,
             shard_memory_bytes,
+            fetch_ahead_bytes,
             s3_endpoint,
             s3_region,
         })

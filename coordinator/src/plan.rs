@@ -28,14 +28,7 @@ impl JobPlan {
             .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
             .collect();
         let order = SampleOrder::for_job(manifest, &parsed).map_err(|e| CoordinatorError::Order(e.to_string()))?;
-        if !order.is_local_for(manifest.cluster.workers) {
-            tracing::warn!(
-                "{} workers do not divide the {} data streams: every worker reads every stream's shards \
-                 (set data.streams to a multiple of cluster.workers to keep shards local)",
-                manifest.cluster.workers,
-                order.streams()
-            );
-        }
+        warn_about_streaming(manifest, &parsed, &order);
         let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
         let chosen = choose_start(manifest, &parsed, &order, resume)?;
         if let Some(chosen) = &chosen {
@@ -52,6 +45,45 @@ impl JobPlan {
             total_steps,
             chosen,
         })
+    }
+}
+
+/// Says when the stream layout will make workers fetch shards more than
+/// once an epoch: a world that does not divide the streams, or a rank's
+/// working set (its streams' windows of shards) larger than its memory.
+fn warn_about_streaming(manifest: &Manifest, indexes: &[DatasetIndex], order: &SampleOrder) {
+    let workers = manifest.cluster.workers;
+    let local = order.is_local_for(workers);
+    if !local {
+        tracing::warn!(
+            "{workers} workers do not divide the {} data streams: every worker reads every stream's shards \
+             (set data.streams to a multiple of cluster.workers to keep shards local)",
+            order.streams()
+        );
+    }
+    let streams_read = if local {
+        order.streams() / workers
+    } else {
+        order.streams()
+    } as u64;
+    let working_set: u64 = indexes
+        .iter()
+        .map(|index| {
+            let shards = index.shards.len().max(1) as u64;
+            let mean_bytes = index.shards.iter().map(|shard| shard.bytes).sum::<u64>() / shards;
+            let window = (manifest.data.shuffle_window as u64).min(shards.div_ceil(order.streams() as u64));
+            streams_read * window * mean_bytes
+        })
+        .sum();
+    if working_set > manifest.data.shard_memory_bytes {
+        tracing::warn!(
+            "each worker reads {streams_read} streams a window of {} shards at a time, about {} MB, \
+             more than data.shard_memory_bytes = {} MB: shards will be fetched more than once an epoch \
+             (lower data.streams or data.shuffle_window, or raise data.shard_memory_bytes)",
+            manifest.data.shuffle_window,
+            working_set >> 20,
+            manifest.data.shard_memory_bytes >> 20
+        );
     }
 }
 

@@ -51,6 +51,9 @@ pub struct LoaderConfig {
     pub prefetch_batches: usize,
     /// Decoded shards kept in memory, by their stored size.
     pub shard_memory_bytes: u64,
+    /// Shards the coming steps need are fetched ahead, up to this many
+    /// bytes not yet in memory (with the step's own, in parallel).
+    pub fetch_ahead_bytes: u64,
     /// A source with more bad rows than this share of it fails the job.
     pub max_bad_fraction: f64,
 }
@@ -64,6 +67,7 @@ impl LoaderConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             prefetch_batches: 2,
             shard_memory_bytes: 1 << 30,
+            fetch_ahead_bytes: 256 << 20,
             max_bad_fraction: 0.01,
         }
     }
@@ -280,8 +284,9 @@ impl BatchAssembler {
         let mut texts = vec![String::new(); batch];
         let pixels = 3 * size * size;
         let mut pending: Vec<usize> = (0..batch).collect();
+        let ahead = self.shards_ahead(step);
         while !pending.is_empty() {
-            self.load_shards(pending.iter().map(|&slot| slots[slot]))?;
+            self.load_shards(pending.iter().map(|&slot| slots[slot]), &ahead)?;
             // Each pending slot's pixels are written in place, in parallel.
             let outcomes: Vec<Outcome> = {
                 let this = &*self;
@@ -327,10 +332,47 @@ impl BatchAssembler {
         })
     }
 
-    /// Fetches (in parallel) the shards `samples` need that are not in memory.
-    fn load_shards(&mut self, samples: impl Iterator<Item = SampleRef>) -> Result<(), LoaderError> {
+    /// The shards the steps after `step` need, in the order they are first
+    /// needed, as far as `fetch_ahead_bytes` of them (not yet in memory;
+    /// at least one) and half the memory allow; at most 64 steps ahead.
+    fn shards_ahead(&self, step: u64) -> Vec<(usize, usize)> {
+        let (budget, room) = (self.config.fetch_ahead_bytes, self.config.shard_memory_bytes / 2);
+        let (mut ahead, mut new_bytes, mut all_bytes) = (Vec::new(), 0, 0);
+        for next in step + 1..step + 65 {
+            let Ok(samples) = self.order.micro_batch(next, self.rank, self.world) else {
+                break;
+            };
+            for sample in samples {
+                let key = (sample.source, self.sources[sample.source].dataset.locate(sample.row).0);
+                if ahead.contains(&key) {
+                    continue;
+                }
+                let bytes = self.sources[key.0].dataset.index().shards[key.1].bytes;
+                let fetch = if self.shards.contains(&key) { 0 } else { bytes };
+                // At least one shard ahead, however large.
+                let over_budget = new_bytes > 0 && new_bytes + fetch > budget;
+                if over_budget || all_bytes + bytes > room {
+                    return ahead;
+                }
+                new_bytes += fetch;
+                all_bytes += bytes;
+                ahead.push(key);
+            }
+        }
+        ahead
+    }
+
+    /// Fetches (in parallel) the shards `samples` need that are not in
+    /// memory, and those of `ahead` (the coming steps') with them; neither
+    /// is evicted to make room for the other.
+    fn load_shards(
+        &mut self,
+        samples: impl Iterator<Item = SampleRef>,
+        ahead: &[(usize, usize)],
+    ) -> Result<(), LoaderError> {
         let mut needed: Vec<(usize, usize)> = samples
             .map(|sample| (sample.source, self.sources[sample.source].dataset.locate(sample.row).0))
+            .chain(ahead.iter().copied())
             .collect();
         needed.sort_unstable();
         needed.dedup();

@@ -149,7 +149,18 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
             let mut assembler =
                 BatchAssembler::new(sources, order.clone(), tokenizer(), config, 5, rank, world).unwrap();
             for step in 0..epoch_steps {
-                assert_eq!(assembler.assemble(step).unwrap().len(), batch / world);
+                let samples = assembler.assemble(step).unwrap().samples;
+                assert_eq!(samples.len(), batch / world);
+                if step == 0 {
+                    // The coming steps' shards came with the first step's.
+                    let mut first: Vec<usize> = samples.iter().map(|s| dataset.locate(s.row).0).collect();
+                    first.sort();
+                    first.dedup();
+                    assert!(
+                        assembler.traffic().shards[0] > first.len() as u64,
+                        "nothing fetched ahead"
+                    );
+                }
             }
             counted += assembler.traffic().bytes[0];
         }

@@ -95,6 +95,7 @@ where
             prefetch_batches: manifest.data.prefetch_batches,
             max_bad_fraction: manifest.data.max_bad_fraction,
             shard_memory_bytes: manifest.data.shard_memory_bytes,
+            fetch_ahead_bytes: manifest.data.fetch_ahead_bytes,
             ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
         };
         let order = data.order.clone();
