@@ -185,8 +185,17 @@ fn a_job_under_random_kills_heals_itself_to_the_undisturbed_runs_parameters() {
     let (mut worker_kills, mut coordinator_kills, mut during_saves) = (0, 0, 0);
     let mut to_training = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(600);
-    let training_after = |generation: u64| {
+    // A worker process that exits is replaced, as Kubernetes would.
+    let replace_exited = |workers: &mut [Child; 2]| {
+        for worker in workers.iter_mut() {
+            if worker.try_wait().unwrap().is_some() {
+                *worker = chaos.worker();
+            }
+        }
+    };
+    let training_after = |generation: u64, workers: &mut [Child; 2]| {
         while Instant::now() < deadline {
+            replace_exited(workers);
             if let Some(status) = chaos.status() {
                 let resumed = status["restarts"]
                     .as_array()
@@ -236,7 +245,7 @@ fn a_job_under_random_kills_heals_itself_to_the_undisturbed_runs_parameters() {
             // Its replacement starts at once, as a restarted pod would.
             workers[victim] = chaos.worker();
             if draws.next(2) == 0 {
-                training_after(generation);
+                training_after(generation, &mut workers);
                 to_training.push(killed_at.elapsed().as_secs_f64());
             }
         }
@@ -246,11 +255,9 @@ fn a_job_under_random_kills_heals_itself_to_the_undisturbed_runs_parameters() {
             break exit;
         }
         assert!(Instant::now() < deadline, "the chaos job did not complete");
-        // A worker that exits is replaced, as Kubernetes would.
-        for worker in &mut workers {
-            if worker.try_wait().unwrap().is_some_and(|status| !status.success()) {
-                *worker = chaos.worker();
-            }
+        // Until the job has ended, a worker that exits is replaced.
+        if chaos.status().is_some_and(|status| status["state"] != "completed") {
+            replace_exited(&mut workers);
         }
         std::thread::sleep(Duration::from_millis(100));
     };

@@ -28,6 +28,7 @@ impl JobPlan {
             .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
             .collect();
         let order = SampleOrder::for_job(manifest, &parsed).map_err(|e| CoordinatorError::Order(e.to_string()))?;
+        tracing::info!("sample order: {}", order.describe());
         warn_about_streaming(manifest, &parsed, &order);
         let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
         let chosen = choose_start(manifest, &parsed, &order, resume)?;

@@ -88,17 +88,6 @@ pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerErr
     }
 }
 
-/// Registers (as `cpu` until the backend is known; heartbeats correct
-/// it): the worker's id, its collective and how often to heartbeat.
-pub(super) async fn register(client: &mut Client, options: &WorkerOptions) -> Result<Registered, WorkerError> {
-    register_call(client.clone(), options)
-        .await
-        .map_err(|status| WorkerError::Refused {
-            call: "registration",
-            message: status.message().to_string(),
-        })
-}
-
 pub(super) struct Registered {
     pub id: String,
     pub collective: CollectiveKind,
@@ -122,9 +111,11 @@ async fn register_call(mut client: Client, options: &WorkerOptions) -> Result<Re
     })
 }
 
-/// Registers again after the coordinator forgot this worker or restarted,
-/// trying while it cannot be reached, until `options.connect_timeout`.
-pub(super) async fn register_again(client: &Client, options: &WorkerOptions) -> Result<Registered, WorkerError> {
+/// Registers (as `cpu` until the backend is known; heartbeats correct
+/// it): the worker's id, its collective and how often to heartbeat. Tries
+/// while the coordinator cannot be reached (it may be starting, or starting
+/// again) until `options.connect_timeout`; a refusal ends it at once.
+pub(super) async fn register(client: &Client, options: &WorkerOptions) -> Result<Registered, WorkerError> {
     let deadline = Instant::now() + options.connect_timeout;
     let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(1));
     let unreachable =

@@ -19,8 +19,7 @@ use model::backend::CpuTrain;
 use model::state::SavedShard;
 
 use client::{
-    connect, register, register_again, rendezvous, send_heartbeat, spawn_heartbeat, Client, NoAssignment, Progress,
-    Registered, Signals,
+    connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, NoAssignment, Progress, Registered, Signals,
 };
 use setup::JobSetup;
 use train::{train, Reporting};
@@ -80,7 +79,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .build()
         .map_err(|e| WorkerError::Setup(format!("cannot start the RPC runtime: {e}")))?;
     let mut client = runtime.block_on(connect(options))?;
-    let mut registered = runtime.block_on(register(&mut client, options))?;
+    let mut registered = runtime.block_on(register(&client, options))?;
     let progress = Arc::new(Mutex::new(Progress {
         id: registered.id.clone(),
         ..Progress::default()
@@ -136,7 +135,7 @@ impl Generations<'_> {
         let mut left: Option<(u64, String)> = None;
         loop {
             if self.signals.register_again.swap(false, Ordering::SeqCst) {
-                *registered = self.runtime.block_on(register_again(self.client, self.options))?;
+                *registered = self.runtime.block_on(register(self.client, self.options))?;
                 self.progress.lock().expect("progress").id = registered.id.clone();
                 left = None;
                 tracing::info!("worker {}: registered again", registered.id);
