@@ -163,6 +163,8 @@ pub struct Traffic {
     pub shards: Vec<u64>,
     /// Their bytes, per source.
     pub bytes: Vec<u64>,
+    /// The most bytes of shards held in memory at once.
+    pub peak_memory_bytes: u64,
 }
 
 impl BadRecords {
@@ -261,6 +263,7 @@ impl BatchAssembler {
             traffic: Arc::new(Mutex::new(Traffic {
                 shards: vec![0; sources_count],
                 bytes: vec![0; sources_count],
+                peak_memory_bytes: 0,
             })),
         })
     }
@@ -412,6 +415,8 @@ impl BatchAssembler {
                 Err(error) => self.fail_shard(source, shard, error.to_string())?,
             }
         }
+        let mut traffic = self.traffic.lock().expect("traffic");
+        traffic.peak_memory_bytes = traffic.peak_memory_bytes.max(self.shards.used);
         Ok(())
     }
 

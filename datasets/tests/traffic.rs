@@ -134,7 +134,7 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
     let mut ratios = Vec::new();
     for world in [1, 2, 4] {
         let before = served.load(Ordering::SeqCst);
-        let mut counted = 0;
+        let (mut counted, mut peak) = (0, 0);
         for rank in 0..world {
             let config = LoaderConfig {
                 threads: 1,
@@ -162,13 +162,19 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
                     );
                 }
             }
-            counted += assembler.traffic().bytes[0];
+            let traffic = assembler.traffic();
+            counted += traffic.bytes[0];
+            peak = peak.max(traffic.peak_memory_bytes);
         }
         let fetched = served.load(Ordering::SeqCst) - before;
         // The loader's own count (what the coordinator shows) is the server's.
         assert_eq!(counted, fetched);
         let ratio = fetched as f64 / dataset_bytes as f64;
-        ratios.push((world, ratio));
+        ratios.push((
+            world,
+            ratio,
+            format!("peak memory {:.1} shards", peak as f64 / largest as f64),
+        ));
         assert!(
             ratio <= 1.1,
             "{world} ranks fetched {ratio:.2}x the dataset's bytes in one epoch"
