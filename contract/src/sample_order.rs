@@ -593,6 +593,11 @@ mod tests {
         SampleOrder::new(seed, sources, batch, Streaming::default()).unwrap()
     }
 
+    /// The shard of `source` holding `row`.
+    fn shard_of(order: &SampleOrder, source: usize, row: u64) -> usize {
+        order.dealt[source].shard_starts.partition_point(|&start| start <= row) - 1
+    }
+
     /// A source of `shards` shards of 20..60 rows.
     fn sharded(shards: usize, weight: f64) -> SourceSize {
         SourceSize {
@@ -808,10 +813,6 @@ mod tests {
             window: 3,
         };
         let order = SampleOrder::new(3, &sources, 96, streaming).unwrap();
-        let shard_of = |sample: &SampleRef| {
-            let starts = &order.dealt[sample.source].shard_starts;
-            starts.partition_point(|&start| start <= sample.row) - 1
-        };
         for step in [0, 1, 17, 100_000] {
             let whole = order.micro_batch(step, 0, 1).unwrap();
             assert_eq!(whole, order.step_samples(step));
@@ -837,7 +838,7 @@ mod tests {
                         };
                         for sample in plan {
                             assert!(
-                                own(sample.source).contains(&shard_of(sample)),
+                                own(sample.source).contains(&shard_of(&order, sample.source, sample.row)),
                                 "world {world} rank {rank}"
                             );
                         }
@@ -857,7 +858,6 @@ mod tests {
         };
         let order = SampleOrder::new(5, &sources, 8, streaming).unwrap();
         let starts = &order.dealt[0].shard_starts;
-        let shard_of = |row: u64| starts.partition_point(|&start| start <= row) - 1;
         let stream_rows = order.dealt[0].rows.clone();
         let steps = 3 * stream_rows.iter().max().unwrap() / 2 + 2;
         let mut per_pass: HashMap<(usize, u64), Vec<u64>> = HashMap::new();
@@ -868,7 +868,7 @@ mod tests {
                 let samples = order.source_samples(step, 0, stream..stream + 1);
                 for sample in &samples {
                     per_pass.entry((stream, sample.epoch)).or_default().push(sample.row);
-                    touched.insert(shard_of(sample.row));
+                    touched.insert(shard_of(&order, 0, sample.row));
                 }
             }
             shards_at_once = shards_at_once.max(touched.len());
@@ -901,8 +901,6 @@ mod tests {
             window: 1,
         };
         let order = SampleOrder::new(7, &sources, 16, streaming).unwrap();
-        let starts = &order.dealt[0].shard_starts;
-        let shard_of = |row: u64| starts.partition_point(|&start| start <= row) - 1;
         let epoch_steps = sources[0].samples() / 16;
         for world in [1, 2, 4] {
             let mut fetches = 0;
@@ -910,7 +908,7 @@ mod tests {
                 let mut memory: VecDeque<usize> = VecDeque::new();
                 for step in 0..epoch_steps {
                     for sample in order.micro_batch(step, rank, world).unwrap() {
-                        let shard = shard_of(sample.row);
+                        let shard = shard_of(&order, 0, sample.row);
                         if let Some(at) = memory.iter().position(|&s| s == shard) {
                             memory.remove(at);
                         } else {
