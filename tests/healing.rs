@@ -394,3 +394,53 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
     );
     assert!(stdout.contains("job demo: completed at step 400/400"), "{stdout}");
 }
+
+#[test]
+fn a_hung_worker_is_replaced_without_waiting_out_the_rings_timeout() {
+    let root = tempfile::tempdir().unwrap();
+    let data = demo_data(root.path());
+    let job = job(root.path(), &data, 400, 10, "");
+    let mut coordinator = job.coordinator();
+    let mut workers = vec![job.worker(), job.worker()];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job.status().is_none_or(|s| s["step"].as_u64() < Some(20)) {
+        assert!(Instant::now() < deadline, "the job never trained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Alive but silent (SIGSTOP): its peer blocks in the ring, which would wait 60 s.
+    let hung = workers[1].id();
+    Command::new("kill")
+        .args(["-STOP", &hung.to_string()])
+        .status()
+        .unwrap();
+    let stopped_at = Instant::now();
+    workers.push(job.worker());
+    let generation = |status: &serde_json::Value| status["generation"].as_u64().unwrap_or(0);
+    let first = job.status().map_or(0, |s| generation(&s));
+    loop {
+        let status = job.status().expect("the coordinator answers");
+        let resumed = status["restarts"]
+            .as_array()
+            .and_then(|r| r.last())
+            .and_then(|r| r["resumed_step"].as_u64());
+        if generation(&status) > first && resumed.is_some_and(|resumed| status["step"].as_u64() > Some(resumed)) {
+            eprintln!(
+                "hung worker to training again: {:.1} s",
+                stopped_at.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        // The heartbeat timeout (2 s) finds the hung worker; the ring is then interrupted.
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(30),
+            "still not training: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill(&mut workers[1]);
+    let exit = coordinator.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for worker in &mut workers {
+        let _ = worker.wait();
+    }
+}

@@ -37,6 +37,11 @@ impl Collective for Solo {
     }
 }
 
+/// Ends a collective's blocking operations from another thread: the one in
+/// progress and every later one fail at once. A job that regroups while a
+/// peer hangs (alive, but silent) does not wait out the timeout.
+pub type Interrupt = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// All ranks call the same operations in the same order with buffers of the
 /// same length; every call returns within the implementation's timeout,
 /// with an error naming the peer when one is lost.
@@ -65,5 +70,11 @@ pub trait Collective {
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.all_reduce_sum(&mut [0.0]).map(|_| ())
+    }
+
+    /// A way to end this collective's operations from another thread, where
+    /// it has one.
+    fn interrupt(&self) -> Option<Interrupt> {
+        None
     }
 }

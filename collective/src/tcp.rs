@@ -450,6 +450,20 @@ impl Collective for TcpRing {
         self.rank
     }
 
+    /// Shuts both links down: a blocked read or write fails at once.
+    fn interrupt(&self) -> Option<crate::Interrupt> {
+        let links = self.links.as_ref()?;
+        let streams: Vec<TcpStream> = [&links.next.stream, &links.prev.stream]
+            .into_iter()
+            .filter_map(|stream| stream.try_clone().ok())
+            .collect();
+        Some(std::sync::Arc::new(move || {
+            for stream in &streams {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }))
+    }
+
     fn world_size(&self) -> usize {
         self.world
     }

@@ -154,3 +154,23 @@ fn an_unreachable_peer_is_an_error_naming_it() {
     let message = error.to_string();
     assert!(message.contains(&format!("rank 1 at {closed}")), "{message}");
 }
+
+#[test]
+fn an_interrupt_ends_an_operation_blocked_on_a_silent_peer() {
+    // Rank 1 never calls: rank 0's all-reduce would wait out the 20 s timeout.
+    let mut ranks = rings(2, TIMEOUT).unwrap();
+    let silent = ranks.pop().unwrap();
+    let mut waiting = ranks.pop().unwrap();
+    let interrupt = waiting.interrupt().expect("a ring of two can be interrupted");
+    let started = std::time::Instant::now();
+    let blocked = thread::spawn(move || waiting.all_reduce_sum(&mut [1.0; 1024]));
+    thread::sleep(Duration::from_millis(200));
+    interrupt();
+    let error = blocked.join().unwrap().unwrap_err();
+    assert!(
+        started.elapsed() < TIMEOUT / 2,
+        "the operation ended by its timeout, not the interrupt"
+    );
+    assert!(matches!(error, CollectiveError::PeerLost { .. }), "{error}");
+    drop(silent);
+}

@@ -34,6 +34,9 @@ pub(super) struct Signals {
     pub register_again: AtomicBool,
     /// The worker has ended: the heartbeat thread ends too.
     pub done: AtomicBool,
+    /// Ends the ring's blocked operations, while a generation trains: a
+    /// regroup does not wait for a hung peer's timeout.
+    pub interrupt: Mutex<Option<collective::Interrupt>>,
 }
 
 impl Signals {
@@ -219,7 +222,12 @@ pub(super) fn spawn_heartbeat(
             let id = progress.lock().expect("progress").id.clone();
             match send_heartbeat(&runtime, &mut client, &progress) {
                 Ok(Command::Stop) => signals.stop.store(true, Ordering::SeqCst),
-                Ok(Command::Regroup) => signals.regroup("the coordinator is recovering the job".into()),
+                Ok(Command::Regroup) => {
+                    signals.regroup("the coordinator is recovering the job".into());
+                    if let Some(interrupt) = signals.interrupt.lock().expect("signals").take() {
+                        interrupt();
+                    }
+                }
                 Ok(Command::Continue) => failures = 0,
                 Err(status) if status.code() == Code::NotFound => {
                     // Only if no newer registration has replaced the id meanwhile.

@@ -43,9 +43,11 @@ pub(super) fn train<B: AutodiffBackend>(
 where
     CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
+    *reporting.signals.interrupt.lock().expect("signals") = job.collective.interrupt();
     std::thread::scope(|scope| {
         let mut saves = Saves { scope, writing: None };
         let trained = train_steps(job, manifest, reporting, kernels, &mut saves);
+        *reporting.signals.interrupt.lock().expect("signals") = None;
         let saved = saves.wait();
         // The loop's own error says more than a save it cut short.
         match (trained, saved) {
