@@ -493,10 +493,12 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
 }
 
 #[test]
-fn the_stream_layout_is_checked_against_the_shards_the_workers_and_the_memory() {
+fn the_data_settings_are_checked_against_the_shards_the_workers_and_the_memory() {
     let dir = tempfile::tempdir().unwrap();
     let path = manifest(dir.path(), 200, 10_000);
     let with_data = |extra: &str| {
+        // Each run starts over: another stream count is another sample order.
+        let _ = std::fs::remove_dir_all(dir.path().join("runs"));
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("loader_threads = 1", &format!("loader_threads = 1\n{extra}"));
@@ -524,4 +526,13 @@ fn the_stream_layout_is_checked_against_the_shards_the_workers_and_the_memory() 
         "{stderr}"
     );
     assert!(stderr.contains("more than data.shard_memory_bytes = 0 MB"), "{stderr}");
+    // Shards are kept on disk only when asked, in data.cache_dir.
+    let cached = with_data("cache_dir = \"shard-cache\"");
+    assert!(cached.status.success(), "{}", String::from_utf8_lossy(&cached.stderr));
+    let kept = std::fs::read_dir(dir.path().join("shard-cache")).unwrap().count();
+    assert_eq!(kept, 8, "the demo's 8 shards, each once");
+    let unusable = with_data("cache_dir = \"streams.toml/cache\"");
+    let stderr = String::from_utf8_lossy(&unusable.stderr);
+    assert!(!unusable.status.success());
+    assert!(stderr.contains("data.cache_dir: "), "{stderr}");
 }

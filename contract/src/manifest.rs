@@ -77,6 +77,10 @@ pub struct Data {
     pub shard_memory_bytes: u64,
     /// Bytes of shards fetched ahead of the step that needs them.
     pub fetch_ahead_bytes: u64,
+    /// A local directory where workers keep the shards they fetch (none:
+    /// nothing is kept on disk), and its size limit.
+    pub cache_dir: Option<String>,
+    pub cache_bytes: u64,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
 }
@@ -734,6 +738,8 @@ impl Manifest {
         let shuffle_window = section.int("shuffle_window")?.unwrap_or(2) as usize;
         let shard_memory_bytes = section.int("shard_memory_bytes")?.unwrap_or(1 << 30);
         let fetch_ahead_bytes = section.int("fetch_ahead_bytes")?.unwrap_or(256 << 20);
+        let cache_dir = section.string("cache_dir")?;
+        let cache_bytes = section.int("cache_bytes")?.unwrap_or(64 << 30);
         let s3_endpoint = section.string("s3_endpoint")?;
         let s3_region = section.string("s3_region")?;
         section.finish()?;
@@ -804,6 +810,8 @@ impl Manifest {
             shuffle_window,
             shard_memory_bytes,
             fetch_ahead_bytes,
+            cache_dir,
+            cache_bytes,
             s3_endpoint,
             s3_region,
         })

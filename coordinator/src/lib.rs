@@ -42,7 +42,8 @@ pub enum CoordinatorError {
         url: String,
         message: String,
     },
-    #[error("cannot listen on {address} ({what}): {source}")]
+    // The cause follows as the error's source (the CLI prints the chain).
+    #[error("cannot listen on {address} ({what})")]
     Bind {
         address: SocketAddr,
         what: &'static str,
@@ -50,7 +51,7 @@ pub enum CoordinatorError {
     },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
-    #[error("resume: {0}")]
+    #[error("resume")]
     Checkpoint(#[from] checkpoint::CheckpointError),
     /// Not a failure: the checkpoint is the job's last step.
     #[error(

@@ -25,7 +25,7 @@ use model::state::{self, JobFacts, SavedShard, StateLayout};
 use model::train::contrastive::ContrastiveMode;
 use model::train::step::{compute_dtype, TrainStep};
 use model::CocaModel;
-use store::{Store, StoreOptions};
+use store::{LocalCache, Store, StoreOptions};
 
 use super::WorkerError;
 
@@ -138,8 +138,14 @@ fn open_data(manifest: &Manifest, assignment: &Assignment, options: &StoreOption
             DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
         let store = Store::open(&source.url, options).map_err(|e| setup(e.to_string()))?;
         indexes.push(index.clone());
+        let mut dataset = Dataset::with_index(store, index);
+        if let Some(dir) = &manifest.data.cache_dir {
+            let cache =
+                LocalCache::new(dir, manifest.data.cache_bytes).map_err(|e| setup(format!("data.cache_dir: {e}")))?;
+            dataset = dataset.with_cache(cache);
+        }
         sources.push(LoaderSource {
-            dataset: Dataset::with_index(store, index),
+            dataset,
             templates: PromptTemplates::open(&source.templates, options)
                 .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
         });
