@@ -92,12 +92,13 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         progress.clone(),
         signals.clone(),
     );
-    let generations = Generations {
+    let mut generations = Generations {
         runtime: &runtime,
         client: &client,
         options,
         progress: &progress,
         signals: &signals,
+        kernels: None,
     };
     let result = generations.run(&mut registered);
     signals.done.store(true, Ordering::SeqCst);
@@ -128,10 +129,12 @@ struct Generations<'a> {
     options: &'a WorkerOptions,
     progress: &'a Arc<Mutex<Progress>>,
     signals: &'a Arc<Signals>,
+    /// A CUDA worker's kernels, prepared in its first generation.
+    kernels: Option<crate::kernels::Kernels>,
 }
 
 impl Generations<'_> {
-    fn run(&self, registered: &mut Registered) -> Result<WorkerOutcome, WorkerError> {
+    fn run(&mut self, registered: &mut Registered) -> Result<WorkerOutcome, WorkerError> {
         let mut left: Option<(u64, String)> = None;
         loop {
             if self.signals.register_again.swap(false, Ordering::SeqCst) {
@@ -179,7 +182,12 @@ impl Generations<'_> {
     }
 
     /// Trains one generation: its assignment, from its start step.
-    fn train(&self, id: &str, assignment: &Assignment, listener: RingListener) -> Result<WorkerOutcome, WorkerError> {
+    fn train(
+        &mut self,
+        id: &str,
+        assignment: &Assignment,
+        listener: RingListener,
+    ) -> Result<WorkerOutcome, WorkerError> {
         tracing::info!(
             "worker {id}: rank {} of {}, steps {}..{} (generation {})",
             assignment.rank,
@@ -218,39 +226,48 @@ impl Generations<'_> {
             signals: self.signals,
             report: &report,
         };
-        train_on_backend(&manifest, assignment, self.options.device, listener, &reporting)
+        train_on_backend(
+            &manifest,
+            assignment,
+            self.options.device,
+            listener,
+            &reporting,
+            &mut self.kernels,
+        )
     }
 }
 
-/// Builds the job on the manifest's backend and trains it.
+/// Builds the job on the manifest's backend and trains it. A CUDA worker
+/// prepares its kernels (cache, cubecl settings) in its first generation
+/// and keeps them for the next: cubecl is configured once per process.
 fn train_on_backend(
     manifest: &Manifest,
     assignment: &Assignment,
     device: usize,
     listener: RingListener,
     reporting: &Reporting,
+    kernels: &mut Option<crate::kernels::Kernels>,
 ) -> Result<WorkerOutcome, WorkerError> {
     let store_options = manifest.data.store_options();
+    #[cfg(not(feature = "cuda"))]
+    let _ = kernels;
     match manifest.cluster.backend {
         Backend::Cpu => JobSetup::<CpuTrain>::build(manifest, assignment, &store_options, device, listener)
             .and_then(|job| train(job, manifest, reporting, None)),
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            prepare_kernels(manifest, &store_options, device, reporting.progress).and_then(|mut kernels| {
-                let result = JobSetup::<model::backend::CudaTrain>::build(
-                    manifest,
-                    assignment,
-                    &store_options,
-                    device,
-                    listener,
-                )
-                .and_then(|job| train(job, manifest, reporting, Some(&mut kernels)));
-                // What the whole run compiled, evaluation included, for the next start.
-                if assignment.rank == 0 {
-                    kernels.publish();
-                }
-                result
-            })
+            if kernels.is_none() {
+                *kernels = Some(prepare_kernels(manifest, &store_options, device, reporting.progress)?);
+            }
+            let kernels = kernels.as_mut().expect("prepared above");
+            let result =
+                JobSetup::<model::backend::CudaTrain>::build(manifest, assignment, &store_options, device, listener)
+                    .and_then(|job| train(job, manifest, reporting, Some(&mut *kernels)));
+            // What the run compiled so far, evaluation included, for the next start.
+            if assignment.rank == 0 {
+                kernels.publish();
+            }
+            result
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
