@@ -899,8 +899,8 @@ mod tests {
         let spare = job.register("e".into(), "cpu".into(), None, secs(start, 62));
         join(&mut job, &spare, None, secs(start, 62));
         assert_eq!((job.state, job.workers[&spare].rank), (JobState::Running, None));
-        // 12 does not split over 5 or... a world of 4 would need all four back;
-        // below min_workers nothing starts.
+        // The world must split the batch and keep min_workers: 12 over 2 does;
+        // 8 over 3 does not, and below 3 is not allowed.
         assert_eq!(job.policy.reduced_world(2), Some(2));
         let strict = RecoveryPolicy {
             min_workers: 3,
