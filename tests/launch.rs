@@ -378,6 +378,9 @@ fn ctrl_c_stops_the_job_cleanly() {
         shown.contains("job    demo  running") && shown.contains("rank 0"),
         "{shown}"
     );
+    // Each source's progress and fetches, and the ring.
+    assert!(shown.contains("source 1: ") && shown.contains(" shards, "), "{shown}");
+    assert!(shown.contains("ring   generation "), "{shown}");
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -395,6 +395,26 @@ fn print_status(report: &StatusReport) {
     if let Some(eta) = report.eta_seconds {
         println!("eta    {eta:.0} s");
     }
+    for source in &report.sources {
+        let ranks: Vec<String> = source
+            .ranks
+            .iter()
+            .map(|rank| format!("rank {} {:.1} MB", rank.rank, rank.bytes as f64 / 1e6))
+            .collect();
+        println!(
+            "source {}: {} samples ({:.2} epochs); {} shards, {:.1} MB fetched{}",
+            source.source,
+            source.samples,
+            source.epochs,
+            source.shards_fetched,
+            source.bytes_fetched as f64 / 1e6,
+            if ranks.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ranks.join(", "))
+            }
+        );
+    }
     let trained_again: u64 = report.restarts.iter().map(|r| r.lost_steps()).sum();
     println!(
         "ring   generation {}, {} workers; {} restarts ({trained_again} steps trained again), {} left",
