@@ -220,7 +220,11 @@ pub(super) fn spawn_heartbeat(
         let mut failures = 0;
         loop {
             let id = progress.lock().expect("progress").id.clone();
-            match send_heartbeat(&runtime, &mut client, &progress) {
+            let sent = send_heartbeat(&runtime, &mut client, &progress);
+            if sent.is_ok() {
+                failures = 0;
+            }
+            match sent {
                 Ok(Command::Stop) => signals.stop.store(true, Ordering::SeqCst),
                 Ok(Command::Regroup) => {
                     signals.regroup("the coordinator is recovering the job".into());
@@ -228,7 +232,7 @@ pub(super) fn spawn_heartbeat(
                         interrupt();
                     }
                 }
-                Ok(Command::Continue) => failures = 0,
+                Ok(Command::Continue) => {}
                 Err(status) if status.code() == Code::NotFound => {
                     // Only if no newer registration has replaced the id meanwhile.
                     if progress.lock().expect("progress").id == id {
