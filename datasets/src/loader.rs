@@ -189,6 +189,8 @@ pub struct BatchAssembler {
     shards: ShardMemory,
     bad: Arc<Mutex<BadState>>,
     traffic: Arc<Mutex<Traffic>>,
+    /// The coming steps and the shard of each of their samples.
+    upcoming: VecDeque<(u64, Vec<(usize, usize)>)>,
 }
 
 #[derive(Debug, Default)]
@@ -265,6 +267,7 @@ impl BatchAssembler {
                 bytes: vec![0; sources_count],
                 peak_memory_bytes: 0,
             })),
+            upcoming: VecDeque::new(),
         })
     }
 
@@ -338,31 +341,49 @@ impl BatchAssembler {
     /// The shards the steps after `step` need, in the order they are first
     /// needed, as far as `fetch_ahead_bytes` of them (not yet in memory;
     /// at least one) and half the memory allow; at most 64 steps ahead.
-    fn shards_ahead(&self, step: u64) -> Vec<(usize, usize)> {
+    fn shards_ahead(&mut self, step: u64) -> Vec<(usize, usize)> {
+        self.look_ahead(step);
         let (budget, room) = (self.config.fetch_ahead_bytes, self.config.shard_memory_bytes / 2);
         let (mut ahead, mut new_bytes, mut all_bytes) = (Vec::new(), 0, 0);
-        for next in step + 1..step + 65 {
+        for key in self.upcoming.iter().flat_map(|(_, keys)| keys.iter().copied()) {
+            if ahead.contains(&key) {
+                continue;
+            }
+            let bytes = self.sources[key.0].dataset.index().shards[key.1].bytes;
+            let fetch = if self.shards.contains(&key) { 0 } else { bytes };
+            // At least one shard ahead, however large.
+            let over_budget = new_bytes > 0 && new_bytes + fetch > budget;
+            if over_budget || all_bytes + bytes > room {
+                return ahead;
+            }
+            new_bytes += fetch;
+            all_bytes += bytes;
+            ahead.push(key);
+        }
+        ahead
+    }
+
+    /// Brings `upcoming` to steps `step + 1 ..= step + 64`: each step's plan
+    /// is worked out once, when it comes into view, not again every step.
+    fn look_ahead(&mut self, step: u64) {
+        while self.upcoming.front().is_some_and(|(next, _)| *next <= step) {
+            self.upcoming.pop_front();
+        }
+        if self.upcoming.front().is_some_and(|(next, _)| *next != step + 1) {
+            self.upcoming.clear();
+        }
+        let mut next = self.upcoming.back().map_or(step + 1, |(last, _)| last + 1);
+        while next <= step + 64 {
             let Ok(samples) = self.order.micro_batch(next, self.rank, self.world) else {
                 break;
             };
-            for sample in samples {
-                let key = (sample.source, self.sources[sample.source].dataset.locate(sample.row).0);
-                if ahead.contains(&key) {
-                    continue;
-                }
-                let bytes = self.sources[key.0].dataset.index().shards[key.1].bytes;
-                let fetch = if self.shards.contains(&key) { 0 } else { bytes };
-                // At least one shard ahead, however large.
-                let over_budget = new_bytes > 0 && new_bytes + fetch > budget;
-                if over_budget || all_bytes + bytes > room {
-                    return ahead;
-                }
-                new_bytes += fetch;
-                all_bytes += bytes;
-                ahead.push(key);
-            }
+            let keys = samples
+                .iter()
+                .map(|sample| (sample.source, self.sources[sample.source].dataset.locate(sample.row).0))
+                .collect();
+            self.upcoming.push_back((next, keys));
+            next += 1;
         }
-        ahead
     }
 
     /// Fetches (in parallel) the shards `samples` need that are not in
