@@ -837,7 +837,7 @@ impl Manifest {
         if train.global_batch == 0 {
             return Err(error("train.global_batch", "must be at least 1"));
         }
-        if !self.allows_world(cluster.workers) {
+        if train.global_batch % cluster.workers != 0 {
             return Err(error(
                 "train.global_batch",
                 format!(
@@ -869,12 +869,6 @@ impl Manifest {
             })?;
         }
         Ok(())
-    }
-
-    /// Whether the job can run on `workers` ranks: the global batch, which
-    /// never changes, splits evenly between them.
-    pub fn allows_world(&self, workers: usize) -> bool {
-        workers > 0 && self.train.global_batch % workers == 0
     }
 
     fn validate_optimizer(&self) -> Result<(), ManifestError> {
