@@ -26,4 +26,4 @@ pub mod rpc {
     pub const PROTOCOL_VERSION: u32 = 3;
 }
 
-pub use model::{ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};
+pub use model::{Architecture, ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};

@@ -19,11 +19,39 @@ pub enum PoolerLayout {
     Shared,
 }
 
+/// Which CoCa network a configuration builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// The paper's (Yu et al. 2022): what coca trains from scratch.
+    #[default]
+    Paper,
+    /// open_clip's CoCa, so that its checkpoints import exactly: the ViT
+    /// has a class token, a LayerNorm before its blocks and no patch bias;
+    /// the pooler works in `embed_dim` and normalises its queries; every
+    /// attention has a key bias; the text CLS has a position of its own and
+    /// open_clip's padding mask (shifted one position right); a multimodal
+    /// layer is a self-attention block and a cross-attention block (with a
+    /// LayerNorm on the image tokens), each with its own MLP, and reads the
+    /// unimodal states before their final LayerNorm.
+    OpenClip,
+}
+
+impl Architecture {
+    fn is_paper(&self) -> bool {
+        *self == Architecture::Paper
+    }
+}
+
 /// Every dimension of a CoCa model. Any field may be overridden from the
 /// manifest's `[model]` table; `validate` runs once at the edge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// Absent from the JSON of paper models, so their checkpoints from
+    /// before the field resume unchanged.
+    #[serde(default, skip_serializing_if = "Architecture::is_paper")]
+    pub architecture: Architecture,
     pub image_size: usize,
     pub patch_size: usize,
     pub channels: usize,
@@ -64,10 +92,22 @@ pub enum Preset {
     Large,
     /// CoCa (2.1B).
     Giant,
+    /// open_clip's `coca_ViT-B-32` (253M), for its checkpoints.
+    OpenClipB32,
+    /// open_clip's `coca_ViT-L-14` (638M).
+    OpenClipL14,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 5] = [Preset::Tiny, Preset::Bench, Preset::Base, Preset::Large, Preset::Giant];
+    pub const ALL: [Preset; 7] = [
+        Preset::Tiny,
+        Preset::Bench,
+        Preset::Base,
+        Preset::Large,
+        Preset::Giant,
+        Preset::OpenClipB32,
+        Preset::OpenClipL14,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -76,6 +116,8 @@ impl Preset {
             Preset::Base => "base",
             Preset::Large => "large",
             Preset::Giant => "giant",
+            Preset::OpenClipB32 => "coca_vit_b_32",
+            Preset::OpenClipL14 => "coca_vit_l_14",
         }
     }
 
@@ -217,7 +259,62 @@ impl ModelConfig {
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
             return Err(invalid("layer_norm_eps", "must be a positive number"));
         }
+        if self.architecture == Architecture::OpenClip {
+            let open_clip =
+                |field, message: String| invalid(field, format!("{message} (architecture = \"open_clip\")"));
+            if self.pooler_layout != PoolerLayout::Shared {
+                return Err(open_clip("pooler_layout", "must be \"shared\"".into()));
+            }
+            if self.embed_dim != self.text_width {
+                return Err(open_clip(
+                    "embed_dim",
+                    format!(
+                        "{} must equal text_width = {}: the decoder attends to pooled image tokens of embed_dim",
+                        self.embed_dim, self.text_width
+                    ),
+                ));
+            }
+            if self.embed_dim % self.pooler_heads != 0 {
+                return Err(open_clip(
+                    "pooler_heads",
+                    format!("{} does not divide embed_dim = {}", self.pooler_heads, self.embed_dim),
+                ));
+            }
+            if self.tie_embeddings {
+                return Err(open_clip("tie_embeddings", "must be false".into()));
+            }
+        }
         Ok(())
+    }
+
+    fn open_clip(&self) -> bool {
+        self.architecture == Architecture::OpenClip
+    }
+
+    /// Width of the poolers' queries and outputs.
+    pub fn pooler_width(&self) -> usize {
+        if self.open_clip() {
+            self.embed_dim
+        } else {
+            self.vision_width
+        }
+    }
+
+    /// Whether attention projects keys with a bias (softmax cancels it;
+    /// open_clip's checkpoints carry one).
+    pub fn key_bias(&self) -> bool {
+        self.open_clip()
+    }
+
+    /// Rows of the image encoder's position embedding: a patch each, and
+    /// the class token's.
+    pub fn image_positions(&self) -> usize {
+        self.image_tokens() + usize::from(self.open_clip())
+    }
+
+    /// Rows of the text position embedding: a token each, and the CLS's.
+    pub fn text_positions(&self) -> usize {
+        self.context_length + usize::from(self.open_clip())
     }
 
     pub fn image_tokens(&self) -> usize {
@@ -230,10 +327,11 @@ impl ModelConfig {
     pub fn param_counts(&self) -> ParamCounts {
         let layer_norm = |width: usize| 2 * width;
         let linear = |input: usize, output: usize, bias: bool| input * output + usize::from(bias) * output;
+        let key_bias = self.key_bias();
         let cross_attention = |width: usize, context: usize| {
-            // Query, key (no bias: softmax cancels it), value, output.
+            // Query, key (a bias only where open_clip has one), value, output.
             linear(width, width, true)
-                + linear(context, width, false)
+                + linear(context, width, key_bias)
                 + linear(context, width, true)
                 + linear(width, width, true)
         };
@@ -244,16 +342,21 @@ impl ModelConfig {
 
         let (v, t) = (self.vision_width, self.text_width);
         let patch_dim = self.channels * self.patch_size * self.patch_size;
-        let image_encoder = linear(patch_dim, v, true)
-            + self.image_tokens() * v
+        let open_clip = self.open_clip();
+        // open_clip: no patch bias; a class token and a LayerNorm before the blocks.
+        let image_encoder = linear(patch_dim, v, !open_clip)
+            + self.image_positions() * v
+            + usize::from(open_clip) * (v + layer_norm(v))
             + self.vision_layers * encoder_block(v, self.vision_mlp)
             + layer_norm(v);
 
-        let pooler = |queries: usize| queries * v + cross_attention(v, v) + layer_norm(v);
+        let p = self.pooler_width();
+        let query_norm = usize::from(open_clip) * layer_norm(p);
+        let pooler = |queries: usize| queries * p + query_norm + cross_attention(p, v) + layer_norm(p);
         let poolers = match self.pooler_layout {
             PoolerLayout::Parallel => pooler(1) + pooler(self.caption_queries),
             PoolerLayout::Shared => pooler(1 + self.caption_queries),
-        } + linear(v, self.embed_dim, false);
+        } + linear(p, self.embed_dim, false);
 
         // CLS token, blocks, final norm, text projection, logit scale.
         let unimodal = t
@@ -261,12 +364,16 @@ impl ModelConfig {
             + layer_norm(t)
             + linear(t, self.embed_dim, false)
             + 1;
-        let multimodal = self.multimodal_layers
-            * (3 * layer_norm(t) + self_attention(t) + cross_attention(t, v) + mlp(t, self.text_mlp))
-            + layer_norm(t);
+        // open_clip: a second MLP after the self-attention, a LayerNorm on the image tokens.
+        let multimodal_block = 3 * layer_norm(t)
+            + self_attention(t)
+            + cross_attention(t, p)
+            + mlp(t, self.text_mlp)
+            + usize::from(open_clip) * (2 * layer_norm(t) + mlp(t, self.text_mlp));
+        let multimodal = self.multimodal_layers * multimodal_block + layer_norm(t);
         let token_embedding = self.vocab_size * t;
         let vocab_projection = if self.tie_embeddings { 0 } else { t * self.vocab_size };
-        let embeddings = token_embedding + self.context_length * t + vocab_projection;
+        let embeddings = token_embedding + self.text_positions() * t + vocab_projection;
 
         ParamCounts {
             image_encoder,

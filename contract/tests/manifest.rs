@@ -113,7 +113,7 @@ fn every_rule_names_its_field() {
         (with("steps = 300", "steps = 0"), "job.steps: must be at least 1"),
         (with("steps = 300", "epochs = -1.0"), "job.epochs: -1 must be a positive number"),
         (with("seed = 0", "seed = -4"), "job.seed: -4 is negative"),
-        (with("preset = \"tiny\"", "preset = \"huge\""), "model.preset: unknown model preset `huge` (known: tiny, bench, base, large, giant)"),
+        (with("preset = \"tiny\"", "preset = \"huge\""), "model.preset: unknown model preset `huge` (known: tiny, bench, base, large, giant, coca_vit_b_32, coca_vit_l_14)"),
         (with("preset = \"tiny\"", "preset = \"tiny\"\nvocab_sise = 9"), "model.vocab_sise: unknown field; did you mean `vocab_size`?"),
         (with("preset = \"tiny\"", "preset = \"tiny\"\npatch_size = 7"), "model.patch_size: 7 does not divide image_size = 32"),
         (with("tokenizer = \"data/demo/tokenizer.json\"\n", ""), "data.tokenizer: missing (the URL of a tokenizer.json)"),

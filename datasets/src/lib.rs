@@ -7,6 +7,7 @@
 
 pub mod bad_record;
 pub mod batch;
+pub mod clip_tokenizer;
 pub mod corpus;
 pub mod dataset;
 pub mod demo;

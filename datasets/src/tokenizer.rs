@@ -13,6 +13,8 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use contract::rng::fnv1a;
 
+use super::clip_tokenizer;
+
 pub const PAD: &str = "<pad>";
 pub const BOS: &str = "<bos>";
 pub const EOS: &str = "<eos>";
@@ -78,6 +80,9 @@ impl TextTokenizer {
         Self::wrap(inner, origin)
     }
 
+    /// Finds the framing tokens: coca's own (`<pad>`, `<bos>`, `<eos>`),
+    /// or CLIP's (`<start_of_text>`, `<end_of_text>`, padding with id 0 as
+    /// open_clip does).
     fn wrap(inner: Tokenizer, origin: &str) -> Result<Self, TokenizerError> {
         let id = |token: &'static str| {
             inner.token_to_id(token).ok_or_else(|| TokenizerError::MissingSpecial {
@@ -85,6 +90,14 @@ impl TextTokenizer {
                 token,
             })
         };
+        if inner.token_to_id(PAD).is_none() && inner.token_to_id(clip_tokenizer::START_OF_TEXT).is_some() {
+            return Ok(Self {
+                pad: clip_tokenizer::PAD_ID,
+                bos: id(clip_tokenizer::START_OF_TEXT)?,
+                eos: id(clip_tokenizer::END_OF_TEXT)?,
+                inner,
+            });
+        }
         Ok(Self {
             pad: id(PAD)?,
             bos: id(BOS)?,
@@ -137,9 +150,11 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// The text of `ids`, without special tokens.
+    /// The text of `ids`, without special tokens and padding.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|error| TokenizerError::Encode {
+        // CLIP's padding id is an ordinary token (`!`), not a special one.
+        let ids: Vec<u32> = ids.iter().copied().filter(|&id| id != self.pad).collect();
+        self.inner.decode(&ids, true).map_err(|error| TokenizerError::Encode {
             text: format!("{ids:?}"),
             message: error.to_string(),
         })

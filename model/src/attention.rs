@@ -32,6 +32,8 @@ pub struct AttentionConfig {
     /// Shrinks the output projection of deep stacks so the residual stream
     /// does not grow with depth (1 for no shrinking).
     pub residual_std_scale: f64,
+    /// A key bias: softmax cancels it, so only open_clip's layout has one.
+    pub key_bias: bool,
 }
 
 impl AttentionConfig {
@@ -41,12 +43,13 @@ impl AttentionConfig {
             context_width,
             heads,
             residual_std_scale,
+            key_bias,
         } = *self;
         Attention {
             q: init.linear("q", width, width, fan_in_std(width), true),
-            // No key bias: it adds the same amount to every score of a query,
-            // which softmax cancels, so its gradient is float noise.
-            k: init.linear("k", context_width, width, fan_in_std(context_width), false),
+            // A key bias adds the same amount to every score of a query, which
+            // softmax cancels, so its gradient is float noise.
+            k: init.linear("k", context_width, width, fan_in_std(context_width), key_bias),
             v: init.linear("v", context_width, width, fan_in_std(context_width), true),
             out: init.linear("out", width, width, fan_in_std(width) * residual_std_scale, true),
             heads,
@@ -200,6 +203,7 @@ mod tests {
             context_width: 20,
             heads: 3,
             residual_std_scale: 1.0,
+            key_bias: true,
         }
         .init(&init.child("cross"));
         let queries = random([2, 5, 12], 1);
@@ -229,6 +233,7 @@ mod tests {
             context_width: 12,
             heads: 4,
             residual_std_scale: 1.0,
+            key_bias: false,
         }
         .init(&init.child("self"));
         let x = random([2, 6, 12], 5);

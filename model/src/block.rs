@@ -78,6 +78,8 @@ pub struct BlockConfig {
     pub layers: usize,
     /// LayerNorm epsilon.
     pub eps: f64,
+    /// See [`AttentionConfig::key_bias`].
+    pub key_bias: bool,
 }
 
 impl BlockConfig {
@@ -88,6 +90,7 @@ impl BlockConfig {
             mlp,
             layers,
             eps,
+            key_bias,
         } = *self;
         let residual_std_scale = residual_std_scale(layers);
         let attn = AttentionConfig {
@@ -95,6 +98,7 @@ impl BlockConfig {
             context_width: width,
             heads,
             residual_std_scale,
+            key_bias,
         };
         let mlp = MlpConfig {
             width,

@@ -65,7 +65,7 @@ impl<B: Backend> DecodingState<B> {
 }
 
 impl<B: Backend> CocaModel<B> {
-    /// The image tokens the multimodal decoder attends to: [batch, queries, vision_width].
+    /// The image tokens the multimodal decoder attends to: [batch, queries, pooler width].
     pub fn caption_image_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
         let tokens = self.image_encoder.forward(images);
         let heads = super::loss::Heads {
@@ -85,7 +85,7 @@ impl<B: Backend> CocaModel<B> {
                 .multimodal
                 .blocks
                 .iter()
-                .map(|block| block.cross_attn.keys_values(image_tokens.clone()))
+                .map(|block| block.image_keys_values(image_tokens.clone()))
                 .collect(),
             len: 0,
         }
@@ -111,7 +111,9 @@ impl<B: Backend> CocaModel<B> {
             x = x + block.attn.attend(normed, k, v, bias.clone());
             x = x.clone() + block.mlp.forward(block.ln_mlp.forward(x));
         }
-        x = self.unimodal.ln_final.forward(x);
+        if !self.unimodal.open_clip {
+            x = self.unimodal.ln_final.forward(x);
+        }
         for ((block, cache), (cross_k, cross_v)) in self
             .multimodal
             .blocks
@@ -123,9 +125,7 @@ impl<B: Backend> CocaModel<B> {
             let (k, v) = block.self_attn.keys_values(normed.clone());
             let (k, v) = cache.extend(k, v);
             x = x + block.self_attn.attend(normed, k, v, bias.clone());
-            let normed = block.ln_cross.forward(x.clone());
-            x = x + block.cross_attn.attend(normed, cross_k.clone(), cross_v.clone(), None);
-            x = x.clone() + block.mlp.forward(block.ln_mlp.forward(x));
+            x = block.after_self_attention(x, cross_k.clone(), cross_v.clone());
         }
         state.len += n;
         let hidden = self.multimodal.ln_final.forward(x);

@@ -29,7 +29,7 @@ use burn::module::{Module, Param};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, FloatDType, Int, Tensor};
-use contract::{ModelConfig, ParamCounts, PoolerLayout};
+use contract::{Architecture, ModelConfig, ParamCounts, PoolerLayout};
 pub use datasets::batch::CocaBatch;
 
 use self::dense::Dense;
@@ -74,13 +74,15 @@ impl<B: Backend> CocaModel<B> {
     /// every process.
     pub fn new(config: &ModelConfig, seed: u64, device: &B::Device) -> Self {
         let init = Init::new(seed, device);
-        let (width, eps) = (config.vision_width, config.layer_norm_eps);
+        let width = config.pooler_width();
         let pooler = |name: &str, queries: usize| {
             PoolerConfig {
                 queries,
                 width,
+                context_width: config.vision_width,
                 heads: config.pooler_heads,
-                eps,
+                eps: config.layer_norm_eps,
+                open_clip: config.architecture == Architecture::OpenClip,
             }
             .init(&init.child(name))
         };
@@ -165,7 +167,9 @@ impl<B: Backend> CocaModel<B> {
         });
 
         let embedded = self.text_embedding.forward(batch.tokens.clone()).cast(compute);
-        let unimodal = self.unimodal.forward(embedded, batch.padding.clone());
+        let unimodal = self
+            .unimodal
+            .forward(embedded, batch.padding.clone(), self.cls_position(&batch.tokens));
         let text_embedding = heads
             .contrastive
             .then(|| l2_normalize(unimodal.cls.cast(FloatDType::F32)));
@@ -198,8 +202,19 @@ impl<B: Backend> CocaModel<B> {
 
     /// L2-normalised text embeddings (the unimodal decoder's CLS): [batch, embed_dim].
     pub fn embed_texts(&self, tokens: Tensor<B, 2, Int>, padding: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+        let cls_position = self.cls_position(&tokens);
         let embedded = self.text_embedding.forward(tokens);
-        l2_normalize(self.unimodal.forward(embedded, padding).cls)
+        l2_normalize(self.unimodal.forward(embedded, padding, cls_position).cls)
+    }
+
+    /// The position embedding of the CLS after `tokens` ([batch, len]),
+    /// where it has one (open_clip's layout): row `len`.
+    fn cls_position(&self, tokens: &Tensor<B, 2, Int>) -> Option<Tensor<B, 1>> {
+        let [_, len] = tokens.dims();
+        let [_, width] = self.text_embedding.position.dims();
+        self.unimodal
+            .open_clip
+            .then(|| self.text_embedding.position.val().narrow(0, len, 1).reshape([width]))
     }
 
     /// Forward and loss on one batch with in-batch negatives only.

@@ -7,7 +7,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use contract::ModelConfig;
+use contract::{Architecture, ModelConfig};
 
 use super::attention::causal_padding_bias;
 use super::block::{layer_norm, Block, BlockConfig};
@@ -26,7 +26,7 @@ impl<B: Backend> TextEmbedding<B> {
     pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
         Self {
             token: init.normal("token", [config.vocab_size, config.text_width], 0.02),
-            position: init.normal("position", [config.context_length, config.text_width], 0.01),
+            position: init.normal("position", [config.text_positions(), config.text_width], 0.01),
         }
     }
 
@@ -44,6 +44,9 @@ pub struct UnimodalDecoder<B: Backend> {
     pub blocks: Vec<Block<B>>,
     pub ln_final: LayerNorm<B>,
     pub projection: Dense<B>,
+    /// open_clip's layout: the CLS has a position, padding is masked one
+    /// key to the right, and the states handed on skip `ln_final`.
+    pub open_clip: bool,
 }
 
 /// What the unimodal decoder hands on.
@@ -68,36 +71,53 @@ impl<B: Backend> UnimodalDecoder<B> {
                         mlp: config.text_mlp,
                         layers: config.unimodal_layers,
                         eps: config.layer_norm_eps,
+                        key_bias: config.key_bias(),
                     }
                     .init(&init)
                 })
                 .collect(),
             ln_final: init.layer_norm(width, config.layer_norm_eps),
             projection: init.linear("projection", width, config.embed_dim, fan_in_std(width), false),
+            open_clip: config.architecture == Architecture::OpenClip,
         }
     }
 
     /// `embedded`: [batch, len, width]; `padding`: [batch, len], true at pad
-    /// tokens. The CLS token carries no position embedding and pad keys are
-    /// masked, so neither the content nor the amount of padding reaches it.
-    pub fn forward(&self, embedded: Tensor<B, 3>, padding: Tensor<B, 2, Bool>) -> UnimodalOutput<B> {
+    /// tokens; `cls_position`: the CLS's position embedding, if it has one.
+    /// In the paper's layout the CLS carries no position embedding and pad
+    /// keys are masked, so neither the content nor the amount of padding
+    /// reaches it. open_clip's mask is shifted: key 0 is always seen, key
+    /// t + 1 is hidden when token t is padding (the CLS itself included).
+    pub fn forward(
+        &self,
+        embedded: Tensor<B, 3>,
+        padding: Tensor<B, 2, Bool>,
+        cls_position: Option<Tensor<B, 1>>,
+    ) -> UnimodalOutput<B> {
         let [batch, len, width] = embedded.dims();
         let device = embedded.device();
-        let cls = self
-            .cls
-            .val()
+        let cls = match cls_position {
+            Some(position) => self.cls.val() + position,
+            None => self.cls.val(),
+        };
+        let cls = cls
             .cast(embedded.dtype())
             .reshape([1, 1, width])
             .expand([batch, 1, width]);
         let mut x = Tensor::cat(vec![embedded, cls], 1);
-        let cls_visible = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
-        let bias = causal_padding_bias(Tensor::cat(vec![padding, cls_visible], 1));
+        let seen = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
+        let hidden_keys = if self.open_clip {
+            Tensor::cat(vec![seen, padding], 1)
+        } else {
+            Tensor::cat(vec![padding, seen], 1)
+        };
+        let bias = causal_padding_bias(hidden_keys);
         for block in &self.blocks {
             x = block.forward(x, Some(bias.clone()));
         }
-        let x = layer_norm(&self.ln_final, x);
-        let states = x.clone().narrow(1, 0, len);
-        let cls = x.narrow(1, len, 1).reshape([batch, width]);
+        let normed = layer_norm(&self.ln_final, x.clone());
+        let states = if self.open_clip { x } else { normed.clone() }.narrow(1, 0, len);
+        let cls = normed.narrow(1, len, 1).reshape([batch, width]);
         UnimodalOutput {
             states,
             cls: self.projection.forward(cls),

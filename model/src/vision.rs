@@ -1,11 +1,12 @@
 //! The ViT image encoder: patches -> linear embedding + learned positions ->
-//! pre-LN transformer blocks -> final LayerNorm.
+//! pre-LN transformer blocks -> final LayerNorm. open_clip's layout adds a
+//! class token in front and a LayerNorm before the blocks.
 
 use burn::module::{Module, Param};
 use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use contract::ModelConfig;
+use contract::{Architecture, ModelConfig};
 
 use super::block::{layer_norm, Block, BlockConfig};
 use super::dense::Dense;
@@ -14,7 +15,11 @@ use super::init::{fan_in_std, Init};
 #[derive(Module, Debug)]
 pub struct VisionTransformer<B: Backend> {
     pub patch_embedding: Dense<B>,
+    /// open_clip's class token, prepended to the patches.
+    pub class_token: Option<Param<Tensor<B, 1>>>,
     pub position_embedding: Param<Tensor<B, 2>>,
+    /// open_clip's LayerNorm before the blocks.
+    pub ln_pre: Option<LayerNorm<B>>,
     pub blocks: Vec<Block<B>>,
     pub ln_final: LayerNorm<B>,
     pub patch_size: usize,
@@ -24,9 +29,12 @@ impl<B: Backend> VisionTransformer<B> {
     pub fn new(init: &Init<B>, config: &ModelConfig) -> Self {
         let patch_dim = config.channels * config.patch_size * config.patch_size;
         let width = config.vision_width;
+        let open_clip = config.architecture == Architecture::OpenClip;
         Self {
-            patch_embedding: init.linear("patch_embedding", patch_dim, width, fan_in_std(patch_dim), true),
-            position_embedding: init.normal("position_embedding", [config.image_tokens(), width], 0.02),
+            patch_embedding: init.linear("patch_embedding", patch_dim, width, fan_in_std(patch_dim), !open_clip),
+            class_token: open_clip.then(|| init.normal("class_token", [width], 0.02)),
+            position_embedding: init.normal("position_embedding", [config.image_positions(), width], 0.02),
+            ln_pre: open_clip.then(|| init.layer_norm(width, config.layer_norm_eps)),
             blocks: (0..config.vision_layers)
                 .map(|i| {
                     let init = init.child("blocks").child(i);
@@ -36,6 +44,7 @@ impl<B: Backend> VisionTransformer<B> {
                         mlp: config.vision_mlp,
                         layers: config.vision_layers,
                         eps: config.layer_norm_eps,
+                        key_bias: config.key_bias(),
                     }
                     .init(&init)
                 })
@@ -45,10 +54,26 @@ impl<B: Backend> VisionTransformer<B> {
         }
     }
 
-    /// `images`: [batch, channels, height, width] -> tokens [batch, patches, vision_width].
+    /// `images`: [batch, channels, height, width] -> tokens [batch, positions, vision_width].
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
         let x = self.patch_embedding.forward(patchify(images, self.patch_size));
-        let mut x = x.clone() + self.position_embedding.val().cast(x.dtype()).unsqueeze::<3>();
+        let x = match &self.class_token {
+            Some(token) => {
+                let [batch, _, width] = x.dims();
+                let token = token
+                    .val()
+                    .cast(x.dtype())
+                    .reshape([1, 1, width])
+                    .expand([batch, 1, width]);
+                Tensor::cat(vec![token, x], 1)
+            }
+            None => x,
+        };
+        let x = x.clone() + self.position_embedding.val().cast(x.dtype()).unsqueeze::<3>();
+        let mut x = match &self.ln_pre {
+            Some(ln) => layer_norm(ln, x),
+            None => x,
+        };
         for block in &self.blocks {
             x = block.forward(x, None);
         }

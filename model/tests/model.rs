@@ -6,7 +6,7 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use collective::Solo;
-use contract::{ModelConfig, PoolerLayout, Preset};
+use contract::{Architecture, ModelConfig, PoolerLayout, Preset};
 use model::backend::{Cpu, CpuTrain};
 use model::loss::{Heads, LossWeights};
 use model::parameters::parameter_values;
@@ -63,7 +63,7 @@ fn every_part_has_the_expected_shape() {
     assert_eq!(model.caption_pooler.forward(image_tokens).dims(), [3, queries, width]);
 
     let embedded = model.text_embedding.forward(batch.tokens.clone());
-    let unimodal = model.unimodal.forward(embedded, batch.padding.clone());
+    let unimodal = model.unimodal.forward(embedded, batch.padding.clone(), None);
     assert_eq!(unimodal.states.dims(), [3, config.context_length, config.text_width]);
     assert_eq!(unimodal.cls.dims(), [3, config.embed_dim]);
 
@@ -153,6 +153,7 @@ fn changing_a_token_never_changes_earlier_positions() {
         .forward(
             model.text_embedding.forward(reference.tokens.clone()),
             reference.padding.clone(),
+            None,
         )
         .states;
 
@@ -169,6 +170,7 @@ fn changing_a_token_never_changes_earlier_positions() {
             .forward(
                 model.text_embedding.forward(changed.tokens.clone()),
                 changed.padding.clone(),
+                None,
             )
             .states;
         // Logit position p reads tokens 0..=p, so positions < t are untouched...
@@ -252,7 +254,12 @@ fn built_parameter_counts_equal_the_config_arithmetic() {
         asymmetric.multimodal_layers,
         asymmetric.channels,
     ) = (1, 3, 1);
-    variants.extend([shared, tied, asymmetric]);
+    let mut open_clip = tiny();
+    open_clip.architecture = Architecture::OpenClip;
+    open_clip.pooler_layout = PoolerLayout::Shared;
+    open_clip.vision_width = 48;
+    open_clip.validate().unwrap();
+    variants.extend([shared, tied, asymmetric, open_clip]);
     for config in variants {
         let model = CocaModel::<Cpu>::new(&config, SEED, &Default::default());
         assert_eq!(model.param_counts(), config.param_counts(), "{config:?}");
