@@ -9,8 +9,8 @@ Writes:
     config.json          a small CoCa configuration of open_clip's (its own
                          shapes, none of coca's presets): the model JSON
                          `coca import open-clip --config` reads
-    open_clip.safetensors  its state dict (random init, every tensor then
-                         perturbed so biases and norms are not trivial)
+    open_clip.safetensors  its state dict (every tensor random, biases and
+                         norms included)
     photo-*.jpg/png      three real photos, small crops of different shapes
     expected.safetensors open_clip's eval transform of each photo, the token
                          ids fed to the model, and its outputs: image and text
@@ -91,16 +91,22 @@ CAPTIONS = [
 ]
 
 
-def perturb(model, generator):
+def randomize(model, generator):
+    """Sets every parameter from `generator`: open_clip's own init leaves
+    the decoder's text_projection uninitialised (torch.empty), and its zero
+    biases and unit norms would not test that those map."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.05
-            if name.endswith("logit_scale"):
+            noise = torch.randn(param.shape, generator=generator)
+            if name == "logit_scale":
                 param.copy_(torch.tensor(2.9))
             elif param.dim() == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
-                param.copy_(1.0 + noise)
+                param.copy_(1.0 + 0.1 * noise)
+            elif param.dim() == 1:
+                param.copy_(0.1 * noise)
             else:
-                param.add_(noise)
+                fan_in = param.numel() // param.shape[0]
+                param.copy_(noise / fan_in ** 0.5)
 
 
 def photos(source, out):
@@ -135,7 +141,7 @@ def main():
     open_clip.add_model_config(args.out)  # the file's stem names the model: "config"
     model, _, preprocess = open_clip.create_model_and_transforms("config")
     model.eval()
-    perturb(model, generator)
+    randomize(model, generator)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, os.path.join(args.out, "open_clip.safetensors"))
 

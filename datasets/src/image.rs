@@ -28,7 +28,9 @@ pub enum Crop {
     /// aspect ratio in `ratio`, resized to the input (open_clip's defaults:
     /// scale 0.9..1, ratio 3/4..4/3).
     Random { scale: (f32, f32), ratio: (f32, f32) },
-    /// Evaluation: shorter side resized to the input, centre crop.
+    /// Evaluation: shorter side resized to the input, centre crop, as
+    /// open_clip's eval transform (torchvision's `Resize` then `CenterCrop`)
+    /// does, so a window's edge pixels see their neighbours outside it.
     Centre,
 }
 
@@ -63,35 +65,47 @@ pub fn prepare(image: &RgbImage, size: u32, crop: Crop, seed: u64) -> Vec<f32> {
 }
 
 /// [`prepare`], written into `pixels` (3 x size x size values): the loader
-/// fills its batch in place. The crop and the resize are one SIMD
-/// convolution pass (`fast_image_resize`, Catmull-Rom) reading the window
-/// where it lies.
+/// fills its batch in place. A random crop and its resize are one SIMD
+/// convolution pass (`fast_image_resize`, Catmull-Rom, PIL's bicubic)
+/// reading the window where it lies.
 pub fn prepare_into(image: &RgbImage, size: u32, crop: Crop, seed: u64, pixels: &mut [f32]) {
     let (width, height) = image.dimensions();
-    let (left, top, w, h) = match crop {
-        Crop::Random { scale, ratio } => {
-            let (x, y, w, h) = random_window(width, height, scale, ratio, seed);
-            (f64::from(x), f64::from(y), f64::from(w), f64::from(h))
-        }
-        Crop::Centre => {
-            let shorter = f64::from(width.min(height));
-            (
-                (f64::from(width) - shorter) / 2.0,
-                (f64::from(height) - shorter) / 2.0,
-                shorter,
-                shorter,
-            )
-        }
-    };
     let source =
         ImageRef::new(width, height, image.as_raw(), PixelType::U8x3).expect("an RgbImage holds 3 bytes a pixel");
+    let bicubic = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
     let mut square = Image::new(size, size, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .crop(left, top, w, h)
-        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    Resizer::new()
-        .resize(&source, &mut square, &options)
-        .expect("source and destination are both U8x3");
+    match crop {
+        Crop::Random { scale, ratio } => {
+            let (x, y, w, h) = random_window(width, height, scale, ratio, seed);
+            let options = bicubic.crop(f64::from(x), f64::from(y), f64::from(w), f64::from(h));
+            Resizer::new()
+                .resize(&source, &mut square, &options)
+                .expect("source and destination are both U8x3");
+        }
+        Crop::Centre => {
+            // torchvision: the longer side becomes int(size * longer / shorter),
+            // the crop starts at round((side - size) / 2), ties to even.
+            let scaled = |side: u32, other: u32| {
+                if side <= other {
+                    size
+                } else {
+                    (u64::from(size) * u64::from(side) / u64::from(other)) as u32
+                }
+            };
+            let (resized_width, resized_height) = (scaled(width, height), scaled(height, width));
+            let mut resized = Image::new(resized_width, resized_height, PixelType::U8x3);
+            Resizer::new()
+                .resize(&source, &mut resized, &bicubic)
+                .expect("source and destination are both U8x3");
+            let start = |side: u32| (f64::from(side - size) / 2.0).round_ties_even() as usize;
+            let (left, top) = (start(resized_width), start(resized_height));
+            let row = 3 * resized_width as usize;
+            for (y, out) in square.buffer_mut().chunks_exact_mut(3 * size as usize).enumerate() {
+                let from = (top + y) * row + 3 * left;
+                out.copy_from_slice(&resized.buffer()[from..from + out.len()]);
+            }
+        }
+    }
     let plane = (size * size) as usize;
     assert_eq!(pixels.len(), 3 * plane, "room for 3 x {size} x {size} values");
     // (x / 255 - mean) / std as one multiply-add per value.

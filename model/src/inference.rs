@@ -125,18 +125,19 @@ pub fn from_state<B: Backend>(
     })
 }
 
-/// A model of `config` whose every parameter comes from `lookup(path, shape)`.
-fn build<B: Backend>(
+/// A model of `config` whose every parameter comes from `lookup(path,
+/// shape)`; the first error ends it.
+pub(crate) fn build<B: Backend, E>(
     config: &ModelConfig,
     device: &B::Device,
-    lookup: impl Fn(&str, &[usize]) -> Result<Vec<f32>, String>,
-) -> Result<CocaModel<B>, String> {
-    struct Load<F> {
+    lookup: impl Fn(&str, &[usize]) -> Result<Vec<f32>, E>,
+) -> Result<CocaModel<B>, E> {
+    struct Load<F, E> {
         stack: PathStack,
         lookup: F,
-        error: Option<String>,
+        error: Option<E>,
     }
-    impl<B: Backend, F: Fn(&str, &[usize]) -> Result<Vec<f32>, String>> ModuleMapper<B> for Load<F> {
+    impl<B: Backend, E, F: Fn(&str, &[usize]) -> Result<Vec<f32>, E>> ModuleMapper<B> for Load<F, E> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.stack.enter(name);
         }

@@ -18,6 +18,7 @@ pub mod inference;
 pub mod init;
 pub mod loss;
 pub mod multimodal;
+pub mod open_clip;
 pub mod parameters;
 pub mod pooler;
 pub mod state;

@@ -5,6 +5,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::state::PathStack;
+
 /// FNV-1a over the bits of every float parameter, in visiting order: equal
 /// exactly when the parameters are bit-identical (barring collisions).
 pub fn parameter_checksum<B: Backend, M: Module<B>>(module: &M) -> u64 {
@@ -37,4 +39,34 @@ pub fn parameter_values<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
     let mut values = Values(Vec::new());
     module.visit(&mut values);
     values.0
+}
+
+/// Every float parameter as (module path, shape, values), in visiting order.
+pub fn named_parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    struct Named {
+        stack: PathStack,
+        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Named {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.tensors.push((
+                self.stack.path(),
+                data.shape.to_vec(),
+                data.to_vec().expect("f32 data after convert"),
+            ));
+        }
+    }
+    let mut named = Named {
+        stack: PathStack::default(),
+        tensors: Vec::new(),
+    };
+    module.visit(&mut named);
+    named.tensors
 }
