@@ -166,6 +166,11 @@ pub struct ResumeFields {
     /// empty in checkpoints of the uniform order before it.
     #[serde(default)]
     pub order: String,
+    /// Where the weights of an imported checkpoint (`coca import`) came
+    /// from. An import binds only the model: a job started from it brings
+    /// its own data, seed and batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<String>,
 }
 
 impl ResumeFields {
@@ -182,6 +187,7 @@ impl ResumeFields {
             seed: manifest.job.seed,
             global_batch: manifest.train.global_batch,
             order: order.describe(),
+            imported: None,
         }
     }
 
@@ -198,6 +204,9 @@ impl ResumeFields {
                 }
             }
             return differ("model", self.model.clone(), now.model.clone());
+        }
+        if self.imported.is_some() {
+            return Ok(());
         }
         if self.sources.len() != now.sources.len() {
             return differ(
@@ -245,6 +254,33 @@ impl ResumeFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_import_binds_only_the_model() {
+        let job = ResumeFields {
+            model: r#"{"embed_dim":32}"#.into(),
+            sources: vec!["data/a imagefolder 1 ".into()],
+            datasets: vec!["00ff".into()],
+            seed: 7,
+            global_batch: 64,
+            order: "shard-local v1, 4 streams, window 2".into(),
+            imported: None,
+        };
+        let import = ResumeFields {
+            model: job.model.clone(),
+            imported: Some("open_clip w.safetensors".into()),
+            ..ResumeFields::default()
+        };
+        assert_eq!(import.check(&job), Ok(()));
+        let other_model = ResumeFields {
+            model: r#"{"embed_dim":64}"#.into(),
+            ..job.clone()
+        };
+        assert_eq!(import.check(&other_model).unwrap_err().0, "model.embed_dim");
+        // A job's own checkpoint binds its data too.
+        let again = ResumeFields { seed: 8, ..job.clone() };
+        assert_eq!(job.check(&again).unwrap_err().0, "job.seed");
+    }
 
     #[test]
     fn step_directories_round_trip_and_ranges_cover_the_state() {

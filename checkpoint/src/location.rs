@@ -243,6 +243,7 @@ mod tests {
             seed: 0,
             global_batch: 1,
             order: "test order".into(),
+            imported: None,
         }
     }
 

@@ -202,3 +202,12 @@ pub fn text_batch<B: Backend>(
         Tensor::from_bool(TensorData::new(padding, shape), device),
     ))
 }
+
+/// A tensor's values, row-major, as f32.
+pub fn values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data after convert")
+}

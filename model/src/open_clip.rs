@@ -796,5 +796,12 @@ mod tests {
         let file = safetensors::serialize(views, None).unwrap();
         let again = import::<Cpu>(&config, &file, "exported", &device).unwrap();
         assert_eq!(parameter_values(&again), values);
+
+        // The paper's layout has no open_clip counterpart.
+        let error = export(&Preset::Tiny.config(), |path| by_path.get(path).copied()).unwrap_err();
+        assert!(
+            error.starts_with("only a model of architecture = \"open_clip\""),
+            "{error}"
+        );
     }
 }

@@ -66,7 +66,7 @@ pub struct ModelSource {
     #[arg(long)]
     checkpoint: String,
     #[command(flatten)]
-    store: StoreArgs,
+    pub(super) store: StoreArgs,
 }
 
 #[derive(Debug, clap::Args)]

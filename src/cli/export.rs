@@ -1,6 +1,7 @@
 //! `coca export`: a committed checkpoint's parameters as one safetensors
 //! file, the model configuration and tokenizer in its metadata; no
-//! optimizer state.
+//! optimizer state. `--format open-clip` writes open_clip's state dict
+//! names instead, and its model JSON beside the file.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,8 +12,28 @@ use safetensors::Dtype;
 
 use super::StoreArgs;
 
-pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs) -> anyhow::Result<u8> {
+/// What `coca export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// coca's parameter names, with the configuration and tokenizer (what
+    /// `coca eval --checkpoint FILE` reads).
+    Coca,
+    /// open_clip's CoCa state dict (`open_clip.create_model(..., pretrained=FILE)`),
+    /// and its model JSON as FILE's name with `.json`.
+    OpenClip,
+}
+
+pub fn export(
+    checkpoint: &str,
+    step: Option<u64>,
+    out: &str,
+    format: ExportFormat,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
     let checkpoint::NamedState { dir, meta, values, .. } = super::eval::read_step(checkpoint, step, store)?;
+    if format == ExportFormat::OpenClip {
+        return export_open_clip(&dir.object_url(""), &meta, &values, out, store);
+    }
     let bytes: Vec<&[u8]> = meta
         .tensors
         .iter()
@@ -54,6 +75,56 @@ pub fn export(checkpoint: &str, step: Option<u64>, out: &str, store: &StoreArgs)
         dir.object_url(""),
         meta.tensors.len(),
         meta.section_len
+    );
+    Ok(0)
+}
+
+fn export_open_clip(
+    origin: &str,
+    meta: &checkpoint::layout::Meta,
+    values: &[f32],
+    out: &str,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
+    let config: contract::ModelConfig =
+        serde_json::from_str(&meta.resume.model).with_context(|| format!("{origin}: meta.json `resume.model`"))?;
+    let tensors: HashMap<&str, (&[usize], &[f32])> = meta
+        .tensors
+        .iter()
+        .map(|t| {
+            let range = t.offset as usize..(t.offset + t.len()) as usize;
+            (t.path.as_str(), (t.shape.as_slice(), &values[range]))
+        })
+        .collect();
+    let state = model::open_clip::export(&config, |path| tensors.get(path).copied())
+        .map_err(|message| anyhow::anyhow!("{origin}: {message}"))?;
+    let views = state
+        .iter()
+        .map(|(name, shape, values)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(values))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    // What torch's safetensors writer puts there.
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let file = safetensors::serialize(views, Some(metadata))?;
+    let config_json = serde_json::to_string_pretty(&model::open_clip::config_to_json(&config))?;
+    let config_out = format!("{}.json", out.strip_suffix(".safetensors").unwrap_or(out));
+    let (target, name) = store.open_object(out)?;
+    let size = file.len();
+    target
+        .put(&name, file.into())
+        .with_context(|| format!("cannot write {out}"))?;
+    let (target, name) = store.open_object(&config_out)?;
+    target
+        .put(&name, config_json.into_bytes().into())
+        .with_context(|| format!("cannot write {config_out}"))?;
+    println!(
+        "exported step {} of {origin} as open_clip's state dict: {} tensors, {size} bytes -> {out}; its model JSON -> {config_out}",
+        meta.step,
+        state.len()
     );
     Ok(0)
 }

@@ -3,8 +3,10 @@
 mod bench;
 mod confusion;
 mod data;
+mod embed;
 mod eval;
 mod export;
+mod import;
 mod job;
 mod model;
 mod swarm;
@@ -51,6 +53,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring in another project's checkpoint as a committed checkpoint.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
+    /// Write L2-normalised image or text embeddings (the contrastive head) to a safetensors file.
+    Embed {
+        #[command(flatten)]
+        model: eval::ModelSource,
+        /// Image files (JPEG, PNG, WebP): one row each, in this order.
+        #[arg(long, num_args = 1.., required_unless_present = "texts", conflicts_with = "texts")]
+        images: Vec<std::path::PathBuf>,
+        /// A text file: one row per line, in order.
+        #[arg(long)]
+        texts: Option<std::path::PathBuf>,
+        /// Where to write (a path or store URL).
+        #[arg(long)]
+        out: String,
+        /// Inputs per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+    },
     /// Write a committed checkpoint's parameters to one safetensors file.
     Export {
         /// The checkpoint location (checkpoint.url) or one step directory in it.
@@ -62,6 +84,9 @@ enum Command {
         /// Where to write (a path or store URL).
         #[arg(long)]
         out: String,
+        /// coca's own names, or open_clip's state dict.
+        #[arg(long, value_enum, default_value = "coca")]
+        format: export::ExportFormat,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -132,12 +157,21 @@ impl Cli {
                 generation,
                 json,
             } => eval::caption(&model, &images, &generation, json),
+            Command::Import(command) => command.run(),
+            Command::Embed {
+                model,
+                images,
+                texts,
+                out,
+                batch,
+            } => embed::embed(&model, &images, texts.as_deref(), &out, batch),
             Command::Export {
                 checkpoint,
                 step,
                 out,
+                format,
                 store,
-            } => export::export(&checkpoint, step, &out, &store),
+            } => export::export(&checkpoint, step, &out, format, &store),
             Command::Launch {
                 manifest,
                 overrides,
@@ -198,7 +232,7 @@ struct StoreArgs {
 /// A preset plus `--set key=value` overrides, as the manifest's `[model]` table has them.
 #[derive(Debug, clap::Args)]
 struct ModelArgs {
-    /// Model preset: tiny, bench, base, large or giant.
+    /// Model preset: tiny, bench, base, large, giant, coca_vit_b_32 or coca_vit_l_14.
     #[arg(long, default_value = "base")]
     preset: Preset,
     /// Override a model field, e.g. `--set vocab_size=32000` (repeatable).

@@ -5,7 +5,7 @@
 
 mod sharded;
 
-pub use sharded::{encode_shard, load, save_shard, JobFacts, SavedShard, StateLayout};
+pub use sharded::{encode_shard, load, save_shard, write_initial, JobFacts, SavedShard, StateLayout};
 
 use hashbrown::HashMap;
 

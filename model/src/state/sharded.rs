@@ -128,6 +128,32 @@ pub fn encode_shard<B: AutodiffBackend>(
     })
 }
 
+/// Writes `model` under `root` as committed step 0 of one shard, with a
+/// fresh optimizer (zero moments, no steps taken) and `tokenizer_json`: a
+/// checkpoint a job starts from (`--from`) and evaluation reads. `resume`
+/// says what it binds (an import binds only the model). Returns the step's
+/// directory URL.
+pub fn write_initial<B: AutodiffBackend>(
+    root: &Store,
+    model: &CocaModel<B>,
+    resume: ResumeFields,
+    tokenizer_json: &str,
+    committed_at: f64,
+) -> Result<String, CheckpointError> {
+    let record = OptimizerRecord::new();
+    let saved = save_shard(root, 0, 0, 1, model, &record)?;
+    root.at(&layout::step_dir(0))
+        .put(layout::TOKENIZER, tokenizer_json.as_bytes().to_vec().into())?;
+    let facts = JobFacts {
+        resume,
+        tokenizer_sha256: store::sha256_hex(tokenizer_json.as_bytes()),
+        ..JobFacts::default()
+    };
+    checkpoint::write_meta(root, &StateLayout::of(model, &record).meta(0, 1, facts))?;
+    checkpoint::commit(root, 0, vec![saved.record], usize::MAX, committed_at)?;
+    Ok(checkpoint::step_url(root, 0))
+}
+
 /// Loads a committed step into `model`; returns the model and AdamW's state.
 pub fn load<B: AutodiffBackend>(
     dir: &Store,
