@@ -510,6 +510,13 @@ mod tests {
     }
 
     #[test]
+    fn open_clip_presets_have_open_clips_parameter_counts() {
+        // sum(p.numel() for p in open_clip.create_model(name).parameters()), open_clip 3.3.0.
+        assert_eq!(Preset::OpenClipB32.config().param_counts().total(), 253_560_065);
+        assert_eq!(Preset::OpenClipL14.config().param_counts().total(), 638_450_177);
+    }
+
+    #[test]
     fn presets_match_the_paper_within_two_percent() {
         // Paper Table 1: (total, image encoder, text decoder).
         for (preset, total, image, text) in [

@@ -77,7 +77,10 @@ impl ModelCommand {
                         ),
                     ),
                 ];
-                println!("CoCa `{}`", model.preset);
+                match config.architecture {
+                    contract::Architecture::Paper => println!("CoCa `{}`", model.preset),
+                    contract::Architecture::OpenClip => println!("CoCa `{}` (open_clip's layout)", model.preset),
+                }
                 for (part, count, detail) in rows {
                     println!("  {part:<19} {:>15}  {:>8}  {detail}", grouped(count), human(count));
                 }
