@@ -1,19 +1,14 @@
 //! What a trained model does, end to end: the demo job trains, then `coca
 //! eval` and `coca caption` judge its checkpoint and its export.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::coca;
 
 const DEMO: &str = include_str!("../deploy/local/demo.toml");
-
-fn coca(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coca"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("COCA_JOB_TOKEN")
-        .output()
-        .unwrap()
-}
 
 fn json(output: &Output) -> serde_json::Value {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -4,23 +4,17 @@
 //! open-clip` back to the same bytes, `coca embed`, `coca caption`, and a
 //! job started from the import with `coca launch --from`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::coca;
 use safetensors::SafeTensors;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/open_clip");
 const DEMO: &str = include_str!("../deploy/local/demo.toml");
-
-fn coca(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coca"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("COCA_JOB_TOKEN")
-        .output()
-        .unwrap()
-}
 
 fn ok(output: Output) -> String {
     assert!(

@@ -23,3 +23,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Runs `coca ARGS` in `dir` (no job token from the environment) to its end.
+pub fn coca(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("COCA_JOB_TOKEN")
+        .output()
+        .unwrap()
+}
