@@ -7,6 +7,7 @@ pub mod error;
 pub mod loopback;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod replicas;
 pub mod tcp;
 
 pub use error::CollectiveError;

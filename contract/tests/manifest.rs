@@ -102,6 +102,20 @@ fn the_schedule_warms_up_then_decays_to_its_end() {
 }
 
 #[test]
+fn replicas_default_to_the_cores_that_split_the_micro_batch() {
+    let demo = Manifest::parse(DEMO, "demo.toml").unwrap();
+    // The demo: a global batch of 32 over 2 workers, 16 samples each.
+    assert_eq!(demo.cluster.replicas, None);
+    assert_eq!(demo.replicas_for(2, 2), 2);
+    assert_eq!(demo.replicas_for(2, 6), 4, "the most cores that divide 16");
+    assert_eq!(demo.replicas_for(2, 64), 16, "at most a sample each");
+    let four = Manifest::parse(&with("workers = 2", "workers = 2\nreplicas = 4"), "m.toml").unwrap();
+    assert_eq!(four.replicas_for(2, 64), 4, "the configured count, whatever the cores");
+    // A world of 16 workers: 2 samples each, 4 falls to 2.
+    assert_eq!(four.replicas_for(16, 64), 2);
+}
+
+#[test]
 fn every_rule_names_its_field() {
     let cases: Vec<(String, &str)> = vec![
         (with("[job]", "[jobs]"), "jobs: unknown section; did you mean `[job]`?"),
@@ -145,6 +159,9 @@ fn every_rule_names_its_field() {
         (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda"),
         (with("coordinator = \"127.0.0.1:7070\"", "coordinator = \"localhost\""), "cluster.coordinator: `localhost` is not an address (host:port, e.g. 127.0.0.1:7070)"),
         (with("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 600"), "cluster.heartbeat_timeout_ms: 600 must be at least twice cluster.heartbeat_ms = 500"),
+        (with("workers = 2", "workers = 2\nreplicas = 0"), "cluster.replicas: must be at least 1"),
+        (with("workers = 2", "workers = 2\nreplicas = 5"), "cluster.replicas: 5 does not divide each worker's micro-batch of 16 (train.global_batch / cluster.workers)"),
+        (with("backend = \"cpu\"", "backend = \"cuda\"\nreplicas = 2"), "cluster.replicas: replicas are for the cpu backend (a GPU runs one)"),
         (with("every = 100", "every = 0"), "checkpoint.every: must be at least 1"),
         (with("keep = 2", "keep = 0"), "checkpoint.keep: must be at least 1"),
         (with("url = \"runs/demo/checkpoints\"\n", ""), "checkpoint.url: missing"),

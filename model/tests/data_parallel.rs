@@ -13,6 +13,7 @@ use model::backend::CpuTrain;
 use model::loss::LossWeights;
 use model::parameters::parameter_checksum;
 use model::train::contrastive::ContrastiveMode;
+use model::train::replicas::ReplicatedStep;
 use model::train::step::{StepLosses, TrainStep};
 use model::train::synthetic::synthetic_batch;
 use model::CocaModel;
@@ -40,13 +41,23 @@ impl<B: Backend> ModuleVisitor<B> for Parameters {
 /// Trains this rank's share of every global batch; returns the final
 /// parameters, the initial checksum and the reported losses.
 fn train(collective: &mut dyn Collective, mode: ContrastiveMode) -> (Vec<Vec<f32>>, u64, Vec<StepLosses>) {
+    train_replicated(collective, mode, 1)
+}
+
+/// [`train`] with `replicas` model replicas (threads) in this rank.
+fn train_replicated(
+    collective: &mut dyn Collective,
+    mode: ContrastiveMode,
+    replicas: usize,
+) -> (Vec<Vec<f32>>, u64, Vec<StepLosses>) {
     let config = config();
     let device = Default::default();
     let mut model = CocaModel::<CpuTrain>::new(&config, SEED, &device);
     let checksum = parameter_checksum(&model);
     let optimizer = AdamWConfig::new().with_weight_decay(0.01);
     // Small buckets, so the bucketing itself is exercised.
-    let mut trainer = TrainStep::new(&optimizer, LossWeights::default(), mode).with_bucket_bytes(4096);
+    let trainer = TrainStep::new(&optimizer, LossWeights::default(), mode).with_bucket_bytes(4096);
+    let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let micro = GLOBAL_BATCH / collective.world_size();
     let mut losses = Vec::new();
     for step in 0..STEPS {
@@ -124,6 +135,36 @@ fn ranks_compute_what_one_rank_computes_on_the_whole_batch() {
             }
         }
     }
+}
+
+/// Replicas inside a worker are ranks too: 1 worker of 3 replicas and 2
+/// workers of 3 (one sample each) train as one rank on the whole batch,
+/// and the same layout gives the same bits twice.
+#[test]
+fn replicas_in_a_worker_compute_what_one_rank_computes() {
+    let mode = ContrastiveMode::Local;
+    let (reference, _, reference_losses) = train(&mut Solo, mode);
+    let (one_worker, _, losses) = train_replicated(&mut Solo, mode, 3);
+    let worst = assert_close("1 worker x 3 replicas", &one_worker, &reference);
+    eprintln!("1 worker x 3 replicas: worst parameter tensor relative difference {worst:.1e}");
+    for (ours, theirs) in losses.iter().zip(&reference_losses) {
+        assert!((ours.total - theirs.total).abs() <= 1e-5 * theirs.total.abs());
+    }
+    let workers = on_every_rank(rings(2, Duration::from_secs(60)).expect("a loopback ring"), |ring| {
+        train_replicated(ring, mode, 3)
+    });
+    for (rank, (parameters, _, _)) in workers.iter().enumerate() {
+        let worst = assert_close(
+            &format!("2 workers x 3 replicas, worker {rank}"),
+            parameters,
+            &reference,
+        );
+        eprintln!("2 workers x 3 replicas: worst parameter tensor relative difference {worst:.1e}");
+    }
+    let bits = |tensors: &[Vec<f32>]| -> Vec<u32> { tensors.iter().flatten().map(|v| v.to_bits()).collect() };
+    assert!(bits(&workers[0].0) == bits(&workers[1].0), "workers drifted");
+    let (again, _, _) = train_replicated(&mut Solo, mode, 3);
+    assert!(bits(&again) == bits(&one_worker), "the same layout gave other bits");
 }
 
 #[test]

@@ -136,6 +136,10 @@ pub struct StepArgs {
     /// splitting the batch between them.
     #[arg(long, default_value_t = 1)]
     pub world: usize,
+    /// Model replicas in each process, a thread and a core each, splitting
+    /// its share of the batch (as the manifest's cluster.replicas).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
     /// How contrastive negatives span the ranks: `local` (each rank's
     /// rows against all columns) or `full` (the whole matrix on every rank).
     #[arg(long, value_enum, default_value_t = Negatives::Local)]
@@ -349,6 +353,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         world,
         negatives,
         precision,
+        replicas,
         parameters_out,
         local_rank,
     } = args;
@@ -362,6 +367,15 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         backend == BenchBackend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
         "--backend cuda runs one process: leave out --world"
     );
+    ensure!(
+        replicas >= 1 && (batch / world) % replicas == 0,
+        "--replicas {replicas} does not split each rank's {} samples evenly",
+        batch / world
+    );
+    ensure!(
+        backend == BenchBackend::Cpu || replicas == 1,
+        "--replicas is for the cpu backend"
+    );
     let config = model.resolve()?;
     let plan = StepBenchmarkPlan {
         batch,
@@ -370,6 +384,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         seed,
         mode: negatives.into(),
         precision: precision.into(),
+        replicas,
     };
     if backend == BenchBackend::Cuda {
         let gpu = contract::manifest::Gpu {
@@ -400,13 +415,11 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         return step_on_local_ranks(&model, plan, world, parameters_out.as_deref(), negatives);
     }
     let report = run(&mut Solo)?;
-    print_step(
-        &model,
-        plan,
-        &config,
-        &report,
-        &format!("{} threads (cpu)", report.threads),
-    );
+    let on = match replicas {
+        1 => format!("{} threads (cpu)", report.threads),
+        _ => format!("{replicas} replicas, a thread each (cpu)"),
+    };
+    print_step(&model, plan, &config, &report, &on);
     Ok(())
 }
 
@@ -436,6 +449,7 @@ fn step_on_local_ranks(
         args.extend([flag.to_string(), value.to_string()]);
     }
     args.extend(["--seed".to_string(), seed.to_string()]);
+    args.extend(["--replicas".to_string(), plan.replicas.to_string()]);
     let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
     args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
     if plan.precision == contract::manifest::Precision::Bf16 {

@@ -12,6 +12,7 @@ use collective::{Collective, CollectiveError};
 use model::loss::LossWeights;
 use model::parameters::parameter_values;
 use model::train::contrastive::ContrastiveMode;
+use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, StepTimings, TrainStep};
 use model::train::synthetic::synthetic_batch;
 use model::CocaModel;
@@ -50,6 +51,8 @@ pub struct StepBenchmarkPlan {
     pub seed: u64,
     pub mode: ContrastiveMode,
     pub precision: Precision,
+    /// Model replicas in this process, a thread each, splitting its share.
+    pub replicas: usize,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -71,6 +74,7 @@ where
         seed,
         mode,
         precision,
+        replicas,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -79,12 +83,13 @@ where
     let mut first_step = Duration::ZERO;
     let mut model = CocaModel::<B>::new(config, seed, device);
     let data = synthetic_batch::<B>(config, batch, seed, device).rows(collective.rank() * micro, micro);
-    let mut trainer = TrainStep::new(
+    let trainer = TrainStep::new(
         &AdamWConfig::new().with_weight_decay(0.01),
         LossWeights::default(),
         mode,
     )
     .with_compute(compute_dtype(precision));
+    let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let mut measured = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for index in 0..warmup + steps {

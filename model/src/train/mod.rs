@@ -2,5 +2,6 @@
 
 pub mod contrastive;
 pub mod gradients;
+pub mod replicas;
 pub mod step;
 pub mod synthetic;

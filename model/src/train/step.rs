@@ -54,6 +54,7 @@ pub fn compute_dtype(precision: Precision) -> FloatDType {
     }
 }
 
+#[derive(Clone)]
 pub struct TrainStep<B: AutodiffBackend> {
     optimizer: AdamWOptimizer<B>,
     weights: LossWeights,

@@ -23,6 +23,7 @@ use model::eval::periodic::PeriodicEval;
 use model::loss::LossWeights;
 use model::state::{self, JobFacts, SavedShard, StateLayout};
 use model::train::contrastive::ContrastiveMode;
+use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, TrainStep};
 use model::CocaModel;
 use store::{LocalCache, Store, StoreOptions};
@@ -44,7 +45,7 @@ pub(super) struct JobSetup<B: AutodiffBackend> {
     pub collective: Box<dyn Collective>,
     pub device: B::Device,
     pub model: CocaModel<B>,
-    pub trainer: TrainStep<B>,
+    pub trainer: ReplicatedStep<B>,
     /// Rank 0's held-out evaluation, when the manifest asks for one.
     pub eval: Option<PeriodicEval>,
     pub checkpointing: Option<Checkpointing>,
@@ -113,6 +114,12 @@ where
         let collective = join_collective(manifest, assignment, listener, device)?;
         let device = model::backend::device::<B>(device).map_err(setup)?;
         let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let replicas = manifest.replicas_for(world, cores);
+        if rank == 0 {
+            tracing::info!("{replicas} model replica(s) per worker, a core each");
+        }
+        let trainer = ReplicatedStep::new(trainer, &model, replicas);
         Ok(Self {
             rank,
             start_step: assignment.start_step,
@@ -331,7 +338,7 @@ impl Checkpointing {
         &self,
         step: u64,
         model: &CocaModel<B>,
-        trainer: &TrainStep<B>,
+        trainer: &ReplicatedStep<B>,
         order: &SampleOrder,
     ) -> Snapshot {
         let started = Instant::now();
