@@ -539,3 +539,53 @@ fn the_data_settings_are_checked_against_the_shards_the_workers_and_the_memory()
     assert!(!unusable.status.success());
     assert!(stderr.contains("data.cache_dir: "), "{stderr}");
 }
+
+/// The final parameters of a job's last committed step, by tensor.
+fn exported(dir: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let out = dir.join("export.safetensors");
+    let status = coca()
+        .args(["export", "--checkpoint", checkpoint, "--out", out.to_str().unwrap()])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&out).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, bytemuck::pod_collect_to_vec(view.data())))
+        .collect()
+}
+
+/// One worker of two replicas trains what two workers train: the replicas
+/// are ranks of the job. Twice the same layout gives the same bits.
+#[test]
+fn replicas_in_one_worker_train_what_two_workers_train() {
+    let run = |workers: usize, replicas: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let job = manifest(dir.path(), 500, 10_000);
+        let text = std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("steps = 300", "steps = 20")
+            .replace("workers = 2", &format!("workers = {workers}\nreplicas = {replicas}"));
+        let text = text[..text.find("[eval]").unwrap()].to_string() + &text[text.find("[status]").unwrap()..];
+        std::fs::write(&job, text).unwrap();
+        let output = coca().arg("launch").arg(&job).current_dir(dir.path()).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let log = String::from_utf8_lossy(&output.stderr).to_string();
+        (exported(dir.path(), "runs/demo/checkpoints"), log)
+    };
+    let (workers, _) = run(2, 1);
+    let (replicas, log) = run(1, 2);
+    assert!(log.contains("2 model replicas per worker"), "{log}");
+    let mut worst = 0.0f64;
+    for (name, expected) in &workers {
+        let norm = |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        let difference = norm(&mut replicas[name].iter().zip(expected).map(|(a, b)| a - b));
+        worst = worst.max(difference / norm(&mut expected.iter().copied()).max(1e-6));
+    }
+    // The sums run in another order (see model/tests/data_parallel.rs).
+    assert!(worst < 1e-3, "worst relative difference {worst:e}");
+    let (again, _) = run(1, 2);
+    assert!(again == replicas, "the same layout gave other bits");
+}

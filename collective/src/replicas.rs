@@ -6,6 +6,7 @@
 //! leaves its thread and every result is deterministic.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use crate::{Collective, CollectiveError};
 
@@ -15,12 +16,19 @@ enum Operation {
     Broadcast { root: usize },
 }
 
+/// The combined result, shared by every replica (each copies it once,
+/// into its own buffer).
+type Answer = Result<Arc<Vec<f32>>, String>;
+
+/// One replica's call: what, its data, where the answer goes.
+type Call = (Operation, Vec<f32>, Sender<Answer>);
+
 enum Message {
     Operation {
         replica: usize,
         operation: Operation,
         data: Vec<f32>,
-        reply: Sender<Result<Vec<f32>, String>>,
+        reply: Sender<Answer>,
     },
     /// A replica is finished (dropped, also when its thread panicked).
     Done,
@@ -70,8 +78,7 @@ impl Combiner {
     /// Serves the replicas until every one of them is dropped. Returns the
     /// outer collective's first error (the replicas got it as their own).
     pub fn serve(self, outer: &mut dyn Collective) -> Result<(), CollectiveError> {
-        let mut pending: Vec<Option<(Operation, Vec<f32>, Sender<Result<Vec<f32>, String>>)>> =
-            (0..self.replicas).map(|_| None).collect();
+        let mut pending: Vec<Option<Call>> = (0..self.replicas).map(|_| None).collect();
         let mut done = 0;
         let mut failure = None;
         while done < self.replicas {
@@ -86,18 +93,22 @@ impl Combiner {
                 }) => {
                     pending[replica] = Some((operation, data, reply));
                     if pending.iter().all(Option::is_some) {
-                        let calls: Vec<_> = pending
+                        let calls: Vec<Call> = pending
                             .iter_mut()
                             .map(|p| p.take().expect("every replica called"))
                             .collect();
-                        let result = self.combine(&calls, outer);
-                        let shared = result.as_ref().map_err(ToString::to_string).cloned();
-                        if let Err(error) = result {
-                            failure.get_or_insert(error);
-                        }
-                        for (_, _, reply) in calls {
+                        let replies: Vec<Sender<Answer>> = calls.iter().map(|(_, _, reply)| reply.clone()).collect();
+                        let answer = match self.combine(calls, outer) {
+                            Ok(values) => Ok(Arc::new(values)),
+                            Err(error) => {
+                                let message = error.to_string();
+                                failure.get_or_insert(error);
+                                Err(message)
+                            }
+                        };
+                        for reply in replies {
                             // A replica that is gone no longer needs the answer.
-                            let _ = reply.send(shared.clone());
+                            let _ = reply.send(answer.clone());
                         }
                     }
                 }
@@ -106,11 +117,7 @@ impl Combiner {
         failure.map_or(Ok(()), Err)
     }
 
-    fn combine(
-        &self,
-        calls: &[(Operation, Vec<f32>, Sender<Result<Vec<f32>, String>>)],
-        outer: &mut dyn Collective,
-    ) -> Result<Vec<f32>, CollectiveError> {
+    fn combine(&self, mut calls: Vec<Call>, outer: &mut dyn Collective) -> Result<Vec<f32>, CollectiveError> {
         let kind = |operation: &Operation| match operation {
             Operation::AllReduceSum => "all-reduce",
             Operation::AllGather => "all-gather",
@@ -126,7 +133,7 @@ impl Combiner {
         match calls[0].0 {
             Operation::AllReduceSum => {
                 // In replica order, so the sum does not depend on timing.
-                let mut sum = calls[0].1.clone();
+                let mut sum = std::mem::take(&mut calls[0].1);
                 for (_, data, _) in &calls[1..] {
                     sum.iter_mut().zip(data).for_each(|(total, value)| *total += value);
                 }
@@ -140,7 +147,7 @@ impl Combiner {
             Operation::Broadcast { root } => {
                 let (outer_root, replica) = (root / self.replicas, root % self.replicas);
                 let source = if outer_root == self.outer_rank { replica } else { 0 };
-                let mut data = calls[source].1.clone();
+                let mut data = std::mem::take(&mut calls[source].1);
                 outer.broadcast(&mut data, outer_root)?;
                 Ok(data)
             }
@@ -149,7 +156,7 @@ impl Combiner {
 }
 
 impl Replica {
-    fn call(&self, operation: Operation, data: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
+    fn call(&self, operation: Operation, data: Vec<f32>) -> Result<Arc<Vec<f32>>, CollectiveError> {
         let (reply, answer) = channel();
         let gone = || CollectiveError::Setup("the worker's combining thread is gone".into());
         self.messages
@@ -189,7 +196,7 @@ impl Collective for Replica {
     }
 
     fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
-        self.call(Operation::AllGather, local.to_vec())
+        Ok(self.call(Operation::AllGather, local.to_vec())?.to_vec())
     }
 
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError> {

@@ -186,24 +186,20 @@ pub struct Cluster {
     pub worker_host: std::net::IpAddr,
     pub heartbeat_ms: u64,
     pub heartbeat_timeout_ms: u64,
-    /// Model replicas inside each CPU worker, a core each, splitting its
-    /// micro-batch (`None`: the most that the worker's cores and its
-    /// micro-batch allow). The count takes part in the arithmetic's order,
-    /// so runs are bit-identical for the same count.
-    pub replicas: Option<usize>,
+    /// Model replicas inside each CPU worker, a thread each, splitting its
+    /// micro-batch (1: none). Each holds the whole model, its gradients and
+    /// AdamW's state. The count takes part in the order of the arithmetic:
+    /// runs are bit-identical for the same count.
+    pub replicas: usize,
 }
 
 impl Manifest {
-    /// The replicas each worker of a world of `world` runs on `cores`
-    /// cores: `cluster.replicas`, or the most cores that split its
-    /// micro-batch evenly; 1 on CUDA. A count that no longer divides the
-    /// micro-batch after a world shrank falls to its largest divisor.
-    pub fn replicas_for(&self, world: usize, cores: usize) -> usize {
-        if self.cluster.backend == Backend::Cuda {
-            return 1;
-        }
+    /// The replicas each worker of a world of `world` runs:
+    /// `cluster.replicas`, or, after the world shrank to one whose
+    /// micro-batch that count does not divide, its largest divisor below it.
+    pub fn replicas_for(&self, world: usize) -> usize {
         let micro_batch = self.train.global_batch / world.max(1);
-        let most = self.cluster.replicas.unwrap_or(cores).clamp(1, micro_batch.max(1));
+        let most = self.cluster.replicas.clamp(1, micro_batch.max(1));
         (1..=most).rev().find(|n| micro_batch % n == 0).unwrap_or(1)
     }
 }
@@ -619,7 +615,7 @@ impl Manifest {
             worker_host,
             heartbeat_ms: section.int("heartbeat_ms")?.unwrap_or(1000),
             heartbeat_timeout_ms: section.int("heartbeat_timeout_ms")?.unwrap_or(10_000),
-            replicas: section.int("replicas")?.map(|n| n as usize),
+            replicas: section.int("replicas")?.unwrap_or(1) as usize,
         };
         section.finish()?;
         Ok(cluster)
@@ -972,26 +968,23 @@ impl Manifest {
         if cluster.heartbeat_ms == 0 {
             return Err(error("cluster.heartbeat_ms", "must be at least 1"));
         }
-        if let Some(replicas) = cluster.replicas {
-            let micro_batch = self.train.global_batch / cluster.workers;
-            if replicas == 0 {
-                return Err(error("cluster.replicas", "must be at least 1"));
-            }
-            if replicas > 1 && cluster.backend == Backend::Cuda {
-                return Err(error(
-                    "cluster.replicas",
-                    "replicas are for the cpu backend (a GPU runs one)",
-                ));
-            }
-
-            if micro_batch % replicas != 0 {
-                return Err(error(
-                    "cluster.replicas",
-                    format!(
-                        "{replicas} does not divide each worker's micro-batch of {micro_batch} (train.global_batch / cluster.workers)"
-                    ),
-                ));
-            }
+        let (replicas, micro_batch) = (cluster.replicas, self.train.global_batch / cluster.workers);
+        if replicas == 0 {
+            return Err(error("cluster.replicas", "must be at least 1"));
+        }
+        if replicas > 1 && cluster.backend == Backend::Cuda {
+            return Err(error(
+                "cluster.replicas",
+                "replicas are for the cpu backend (a GPU runs one)",
+            ));
+        }
+        if micro_batch % replicas != 0 {
+            return Err(error(
+                "cluster.replicas",
+                format!(
+                    "{replicas} does not divide each worker's micro-batch of {micro_batch} (train.global_batch / cluster.workers)"
+                ),
+            ));
         }
         if cluster.heartbeat_timeout_ms < 2 * cluster.heartbeat_ms {
             return Err(error(

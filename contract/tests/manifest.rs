@@ -102,17 +102,15 @@ fn the_schedule_warms_up_then_decays_to_its_end() {
 }
 
 #[test]
-fn replicas_default_to_the_cores_that_split_the_micro_batch() {
+fn replicas_are_what_the_manifest_says_while_they_split_the_micro_batch() {
     let demo = Manifest::parse(DEMO, "demo.toml").unwrap();
-    // The demo: a global batch of 32 over 2 workers, 16 samples each.
-    assert_eq!(demo.cluster.replicas, None);
-    assert_eq!(demo.replicas_for(2, 2), 2);
-    assert_eq!(demo.replicas_for(2, 6), 4, "the most cores that divide 16");
-    assert_eq!(demo.replicas_for(2, 64), 16, "at most a sample each");
+    assert_eq!((demo.cluster.replicas, demo.replicas_for(2)), (1, 1));
+    // A global batch of 32 over 2 workers: 16 samples each, 4 replicas of 4.
     let four = Manifest::parse(&with("workers = 2", "workers = 2\nreplicas = 4"), "m.toml").unwrap();
-    assert_eq!(four.replicas_for(2, 64), 4, "the configured count, whatever the cores");
-    // A world of 16 workers: 2 samples each, 4 falls to 2.
-    assert_eq!(four.replicas_for(16, 64), 2);
+    assert_eq!(four.replicas_for(2), 4);
+    assert_eq!(four.replicas_for(1), 4);
+    // A world of 16 workers (after healing, say): 2 samples each, 4 falls to 2.
+    assert_eq!(four.replicas_for(16), 2);
 }
 
 #[test]

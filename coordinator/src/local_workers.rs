@@ -32,9 +32,21 @@ impl LocalWorkers {
         let mut workers = Self {
             children: Vec::with_capacity(count),
             program: program.to_path_buf(),
-            args: ["worker", "--coordinator", coordinator, "--listen", &listen.to_string()]
-                .map(String::from)
-                .to_vec(),
+            // The machine's cores shared out, so the workers' replicas do not
+            // oversubscribe them.
+            args: [
+                "worker",
+                "--coordinator",
+                coordinator,
+                "--listen",
+                &listen.to_string(),
+                "--cores",
+                &(std::thread::available_parallelism().map_or(1, |n| n.get()) / count.max(1))
+                    .max(1)
+                    .to_string(),
+            ]
+            .map(String::from)
+            .to_vec(),
             token_env: token_env.to_string(),
             token: token.clone(),
         };

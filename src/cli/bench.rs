@@ -408,7 +408,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     };
     if let Some(mut ring) = local_rank.join(false)? {
         let report = run(ring.as_mut())?;
-        println!("result {}", report.median(|t| t.total()).as_nanos());
+        println!("result {}", report.median_wall().as_nanos());
         return Ok(());
     }
     if world > 1 {
@@ -533,7 +533,7 @@ fn allreduce(
 
 /// One process's step benchmark, printed.
 fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, report: &StepBenchmark, on: &str) {
-    let (batch, median) = (plan.batch, report.median(|t| t.total()));
+    let (batch, median) = (plan.batch, report.median_wall());
     let precision = match plan.precision {
         contract::manifest::Precision::F32 => "f32",
         contract::manifest::Precision::Bf16 => "bf16 mixed precision",
@@ -546,11 +546,11 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         "  first step    {:8.1} s   (from start: build, compile, tune)",
         report.first_step.as_secs_f64()
     );
-    println!("  median step   {:8.1} ms", ms(median));
+    println!("  median step   {:8.1} ms  (wall)", ms(median));
     println!("    forward     {:8.1} ms", ms(report.median(|t| t.forward)));
     println!("    backward    {:8.1} ms", ms(report.median(|t| t.backward)));
     println!("    optimizer   {:8.1} ms", ms(report.median(|t| t.optimizer)));
-    let totals: Vec<f64> = report.steps.iter().map(|t| ms(t.total())).collect();
+    let totals: Vec<f64> = report.walls.iter().map(|&t| ms(t)).collect();
     let (min, max) = totals
         .iter()
         .fold((f64::MAX, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));

@@ -296,6 +296,7 @@ pub fn worker(
     token_env: &str,
     connect_timeout: u64,
     device: Option<usize>,
+    cores: Option<usize>,
 ) -> anyhow::Result<u8> {
     let environment: std::collections::HashMap<String, String> = std::env::vars().collect();
     let found = worker::discovery::discover(coordinator, &environment)?;
@@ -317,6 +318,18 @@ pub fn worker(
     let token = std::env::var(token_env).with_context(|| format!("no job token: set {token_env}"))?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
+    let cores = cores
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // Every op's threads stay within this worker's share of the machine:
+    // two workers of one host each using every core run slower than one.
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(cores)
+        .build_global()
+        .is_ok()
+    {
+        tracing::info!("worker: {cores} cores");
+    }
     let options = WorkerOptions {
         coordinator: found.coordinator.clone(),
         token: Token::new(&token),

@@ -129,6 +129,10 @@ enum Command {
         /// GPU, else SLURM_LOCALID, else 0).
         #[arg(long)]
         device: Option<usize>,
+        /// CPU cores this worker may use (default: those available to the
+        /// process); `coca launch` gives each local worker its share.
+        #[arg(long)]
+        cores: Option<usize>,
     },
     /// Show a job's status from its status endpoint.
     Status {
@@ -189,7 +193,15 @@ impl Cli {
                 token_env,
                 connect_timeout,
                 device,
-            } => job::worker(coordinator.as_deref(), listen, &token_env, connect_timeout, device),
+                cores,
+            } => job::worker(
+                coordinator.as_deref(),
+                listen,
+                &token_env,
+                connect_timeout,
+                device,
+                cores,
+            ),
             Command::Status { url, json, watch } => job::status(&url, json, watch),
         }
     }

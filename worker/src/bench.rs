@@ -22,8 +22,10 @@ pub struct StepBenchmark {
     /// From the start (the model not yet built) to the end of the first step:
     /// on a GPU, mostly compiling and tuning kernels.
     pub first_step: Duration,
-    /// Timings of the measured steps, in order (warm-up excluded).
+    /// Timings of the measured steps, in order (warm-up excluded): each
+    /// step's phases (the first replica's, with replicas) and its wall time.
     pub steps: Vec<StepTimings>,
+    pub walls: Vec<Duration>,
     /// Threads in the pool the CPU backend computes on.
     pub threads: usize,
     pub first_loss: f32,
@@ -35,10 +37,18 @@ pub struct StepBenchmark {
 impl StepBenchmark {
     /// Median of one phase (or of the whole step) over the measured steps.
     pub fn median(&self, phase: impl Fn(&StepTimings) -> Duration) -> Duration {
-        let mut times: Vec<Duration> = self.steps.iter().map(phase).collect();
-        times.sort();
-        times[times.len() / 2]
+        median(self.steps.iter().map(phase).collect())
     }
+
+    /// Median wall time of a whole step.
+    pub fn median_wall(&self) -> Duration {
+        median(self.walls.clone())
+    }
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
 }
 
 /// What `bench_step` runs.
@@ -91,9 +101,12 @@ where
     .with_compute(compute_dtype(precision));
     let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let mut measured = Vec::with_capacity(steps);
+    let mut walls = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(warmup + steps);
     for index in 0..warmup + steps {
+        let began = Instant::now();
         let (next, report) = trainer.step(model, &data, 1e-4, collective)?;
+        let wall = began.elapsed();
         model = next;
         losses.push(report.losses.total);
         if index == 0 {
@@ -101,11 +114,13 @@ where
         }
         if index >= warmup {
             measured.push(report.timings);
+            walls.push(wall);
         }
     }
     Ok(StepBenchmark {
         first_step,
         steps: measured,
+        walls,
         threads: rayon::current_num_threads(),
         first_loss: losses[0],
         last_loss: losses[losses.len() - 1],

@@ -114,10 +114,9 @@ where
         let collective = join_collective(manifest, assignment, listener, device)?;
         let device = model::backend::device::<B>(device).map_err(setup)?;
         let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let replicas = manifest.replicas_for(world, cores);
-        if rank == 0 {
-            tracing::info!("{replicas} model replica(s) per worker, a core each");
+        let replicas = manifest.replicas_for(world);
+        if rank == 0 && replicas > 1 {
+            tracing::info!("{replicas} model replicas per worker, a thread each");
         }
         let trainer = ReplicatedStep::new(trainer, &model, replicas);
         Ok(Self {
