@@ -21,6 +21,7 @@ pub mod multimodal;
 pub mod open_clip;
 pub mod parameters;
 pub mod pooler;
+pub mod profile;
 pub mod state;
 pub mod train;
 pub mod unimodal;
@@ -137,7 +138,11 @@ impl<B: Backend> CocaModel<B> {
     }
 
     /// Image tokens for each head: (contrastive [batch, 1, w], caption [batch, queries, w]).
-    fn pool(&self, image_tokens: Tensor<B, 3>, heads: Heads) -> (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>) {
+    pub(crate) fn pool(
+        &self,
+        image_tokens: Tensor<B, 3>,
+        heads: Heads,
+    ) -> (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>) {
         match &self.contrastive_pooler {
             Some(contrastive) => (
                 heads.contrastive.then(|| contrastive.forward(image_tokens.clone())),
@@ -210,7 +215,7 @@ impl<B: Backend> CocaModel<B> {
 
     /// The position embedding of the CLS after `tokens` ([batch, len]),
     /// where it has one (open_clip's layout): row `len`.
-    fn cls_position(&self, tokens: &Tensor<B, 2, Int>) -> Option<Tensor<B, 1>> {
+    pub(crate) fn cls_position(&self, tokens: &Tensor<B, 2, Int>) -> Option<Tensor<B, 1>> {
         let [_, len] = tokens.dims();
         let [_, width] = self.text_embedding.position.dims();
         self.unimodal
@@ -250,7 +255,7 @@ pub fn logit_scale_from<B: Backend>(raw: Tensor<B, 1>) -> Tensor<B, 1> {
     raw.clamp_max(MAX_LOGIT_SCALE.ln()).exp()
 }
 
-fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
     x / norm
 }

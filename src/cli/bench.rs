@@ -140,6 +140,10 @@ pub struct StepArgs {
     /// its share of the batch (as the manifest's cluster.replicas).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Then time each part of the network, forward and backward, on its
+    /// own (median of 5), on this process's thread pool.
+    #[arg(long)]
+    pub profile: bool,
     /// How contrastive negatives span the ranks: `local` (each rank's
     /// rows against all columns) or `full` (the whole matrix on every rank).
     #[arg(long, value_enum, default_value_t = Negatives::Local)]
@@ -354,6 +358,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         negatives,
         precision,
         replicas,
+        profile,
         parameters_out,
         local_rank,
     } = args;
@@ -385,6 +390,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         mode: negatives.into(),
         precision: precision.into(),
         replicas,
+        profile: if profile { 5 } else { 0 },
     };
     if backend == BenchBackend::Cuda {
         let gpu = contract::manifest::Gpu {
@@ -562,6 +568,25 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         flops / median.as_secs_f64()
     );
     println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
+    if !report.parts.is_empty() {
+        println!(
+            "  per part, on its own ({} threads, median of {}):",
+            report.threads, plan.profile
+        );
+        println!("    {:34} {:>9} {:>9}", "part", "forward", "backward");
+        let (mut forward, mut backward) = (0.0, 0.0);
+        for part in &report.parts {
+            println!(
+                "    {:34} {:6.1} ms {:6.1} ms",
+                part.part,
+                ms(part.forward),
+                ms(part.backward)
+            );
+            forward += ms(part.forward);
+            backward += ms(part.backward);
+        }
+        println!("    {:34} {forward:6.1} ms {backward:6.1} ms", "sum");
+    }
 }
 
 /// The step benchmark on CUDA device `ordinal`, with cubecl set up as a

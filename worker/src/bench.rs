@@ -11,6 +11,7 @@ use contract::ModelConfig;
 use collective::{Collective, CollectiveError};
 use model::loss::LossWeights;
 use model::parameters::parameter_values;
+use model::profile::{profile_parts, PartTiming};
 use model::train::contrastive::ContrastiveMode;
 use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, StepTimings, TrainStep};
@@ -30,6 +31,8 @@ pub struct StepBenchmark {
     pub threads: usize,
     pub first_loss: f32,
     pub last_loss: f32,
+    /// Each part's forward and backward, when asked for.
+    pub parts: Vec<PartTiming>,
     /// The parameters after the last step, flattened in visiting order.
     pub parameters: Vec<f32>,
 }
@@ -63,6 +66,8 @@ pub struct StepBenchmarkPlan {
     pub precision: Precision,
     /// Model replicas in this process, a thread each, splitting its share.
     pub replicas: usize,
+    /// Profile each part of the network this many times after the steps (0: not).
+    pub profile: usize,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -85,6 +90,7 @@ where
         mode,
         precision,
         replicas,
+        profile,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -117,7 +123,13 @@ where
             walls.push(wall);
         }
     }
+    let parts = if profile > 0 {
+        profile_parts(&model, &data, profile)
+    } else {
+        Vec::new()
+    };
     Ok(StepBenchmark {
+        parts,
         first_step,
         steps: measured,
         walls,
