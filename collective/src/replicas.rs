@@ -84,7 +84,17 @@ impl Combiner {
         while done < self.replicas {
             match self.messages.recv() {
                 Err(_) => break,
-                Ok(Message::Done) => done += 1,
+                Ok(Message::Done) => {
+                    done += 1;
+                    // One that ended (panicked) mid-step leaves the others
+                    // waiting on an operation that cannot complete.
+                    for (_, _, reply) in pending.iter_mut().filter_map(Option::take) {
+                        let _ = reply.send(Err("another replica of this worker ended mid-step".into()));
+                    }
+                }
+                Ok(Message::Operation { reply, .. }) if done > 0 => {
+                    let _ = reply.send(Err("another replica of this worker ended mid-step".into()));
+                }
                 Ok(Message::Operation {
                     replica,
                     operation,
@@ -248,6 +258,23 @@ mod tests {
             assert_eq!(gathered, expected);
             assert_eq!(broadcast, 4.0);
         }
+    }
+
+    /// A replica that ends mid-step (its thread panicked) fails the others'
+    /// pending operation instead of leaving them waiting.
+    #[test]
+    fn a_replica_that_ends_mid_step_fails_the_others() {
+        let mut outer = crate::Solo;
+        let (mut replicas, combiner) = replica_group(&outer, 2);
+        let gone = replicas.pop().unwrap();
+        let mut waiting = replicas.pop().unwrap();
+        std::thread::scope(|scope| {
+            let handle = scope.spawn(move || waiting.all_reduce_sum(&mut [1.0]).unwrap_err().to_string());
+            // Before or after the other's call: either way it fails.
+            drop(gone);
+            combiner.serve(&mut outer).unwrap();
+            assert!(handle.join().unwrap().contains("ended mid-step"));
+        });
     }
 
     /// The outer collective's failure reaches every replica and the combiner.

@@ -32,8 +32,8 @@ impl LocalWorkers {
         let mut workers = Self {
             children: Vec::with_capacity(count),
             program: program.to_path_buf(),
-            // The machine's cores shared out, so the workers' replicas do not
-            // oversubscribe them.
+            // The machine's cores shared out: workers that each spread every
+            // op over all of them only get in each other's way.
             args: [
                 "worker",
                 "--coordinator",
