@@ -164,7 +164,7 @@ pub(crate) fn build<B: Backend, E>(
         lookup,
         error: None,
     };
-    let model = CocaModel::<B>::new(config, 0, device).map(&mut load);
+    let model = CocaModel::<B>::placeholder(config, device).map(&mut load);
     match load.error {
         Some(message) => Err(message),
         None => Ok(model),

@@ -18,6 +18,9 @@ pub struct Init<'a, B: Backend> {
     seed: u64,
     path: String,
     device: &'a B::Device,
+    /// False for a model whose every parameter is about to be replaced
+    /// (loaded, imported): drawing them would be wasted time.
+    draw: bool,
 }
 
 impl<'a, B: Backend> Init<'a, B> {
@@ -26,6 +29,15 @@ impl<'a, B: Backend> Init<'a, B> {
             seed,
             path: String::new(),
             device,
+            draw: true,
+        }
+    }
+
+    /// Parameters of the right shapes, all zero.
+    pub fn placeholder(device: &'a B::Device) -> Self {
+        Self {
+            draw: false,
+            ..Self::new(0, device)
         }
     }
 
@@ -44,11 +56,15 @@ impl<'a, B: Backend> Init<'a, B> {
             seed: self.seed,
             path,
             device: self.device,
+            draw: self.draw,
         }
     }
 
     /// Normally distributed values with mean 0 and standard deviation `std`.
     pub fn normal<const D: usize>(&self, name: &str, shape: [usize; D], std: f64) -> Param<Tensor<B, D>> {
+        if !self.draw {
+            return self.constant(shape, 0.0);
+        }
         let mut rng = SplitMix64::new(self.seed ^ fnv1a(&format!("{}.{name}", self.path)));
         let count: usize = shape.iter().product();
         let values: Vec<f32> = (0..count).map(|_| (rng.standard_normal() * std) as f32).collect();

@@ -75,7 +75,15 @@ impl<B: Backend> CocaModel<B> {
     /// Builds the model; the same `seed` gives bit-identical parameters in
     /// every process.
     pub fn new(config: &ModelConfig, seed: u64, device: &B::Device) -> Self {
-        let init = Init::new(seed, device);
+        Self::with(config, Init::new(seed, device))
+    }
+
+    /// The model's shapes, every parameter zero: for loading into.
+    pub(crate) fn placeholder(config: &ModelConfig, device: &B::Device) -> Self {
+        Self::with(config, Init::placeholder(device))
+    }
+
+    fn with(config: &ModelConfig, init: Init<B>) -> Self {
         let width = config.pooler_width();
         let pooler = |name: &str, queries: usize| {
             PoolerConfig {
