@@ -80,7 +80,7 @@ pub fn bench_step<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<StepBenchmark, CollectiveError>
 where
-    CocaModel<B>: AutodiffModule<B>,
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     let StepBenchmarkPlan {
         batch,

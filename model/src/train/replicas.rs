@@ -24,7 +24,7 @@ pub struct ReplicatedStep<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> ReplicatedStep<B>
 where
-    CocaModel<B>: AutodiffModule<B>,
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     /// `replicas` copies of `model` and `trainer` (1: the trainer alone,
     /// on the caller's thread and thread pool).
@@ -42,8 +42,12 @@ where
         } else {
             Vec::new()
         };
+        // Each replica's parameters are leaves of its own autodiff graph: a
+        // clone's would be the same graph nodes, which concurrent backward
+        // passes consume from under each other.
+        let replica = || CocaModel::from_inner(model.valid());
         Self {
-            others: (1..replicas).map(|_| Some((model.clone(), trainer.clone()))).collect(),
+            others: (1..replicas).map(|_| Some((replica(), trainer.clone()))).collect(),
             lead: trainer,
             pools,
         }

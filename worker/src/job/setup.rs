@@ -63,7 +63,7 @@ struct JobData {
 
 impl<B: AutodiffBackend> JobSetup<B>
 where
-    CocaModel<B>: AutodiffModule<B>,
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     pub fn build(
         manifest: &Manifest,
