@@ -1,6 +1,6 @@
 //! Data parallelism inside one CPU worker: its micro-batch split between
 //! model replicas, a thread and a core each, stepping as ranks of the job
-//! (`collective::replicas`). On the bench preset one replica per core is
+//! (`collective::replicas`). On the bench preset a replica per core is
 //! about 1.6 times as fast as every core working on each op of one replica:
 //! most ops are too small to split well (README, Benchmarks).
 
