@@ -79,7 +79,7 @@ impl<B: Backend> CocaModel<B> {
     }
 
     /// The model's shapes, every parameter zero: for loading into.
-    pub(crate) fn placeholder(config: &ModelConfig, device: &B::Device) -> Self {
+    pub fn placeholder(config: &ModelConfig, device: &B::Device) -> Self {
         Self::with(config, Init::placeholder(device))
     }
 

@@ -274,7 +274,13 @@ fn model_and_trainer<B: AutodiffBackend>(
 where
     CocaModel<B>: AutodiffModule<B>,
 {
-    let model = CocaModel::<B>::new(&manifest.model, manifest.job.seed, device);
+    // A resumed job's parameters all come from the checkpoint: drawing
+    // initial ones would only delay the restart.
+    let model = if assignment.resume_from.is_empty() {
+        CocaModel::<B>::new(&manifest.model, manifest.job.seed, device)
+    } else {
+        CocaModel::<B>::placeholder(&manifest.model, device)
+    };
     let train = &manifest.train;
     let optimizer = AdamWConfig::new()
         .with_beta_1(train.beta1 as f32)
