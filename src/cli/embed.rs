@@ -11,7 +11,7 @@ use model::inference;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::eval::{load, ModelSource};
+use super::eval::{load, read_image, ModelSource};
 
 pub fn embed(
     source: &ModelSource,
@@ -46,10 +46,7 @@ pub fn embed(
             for chunk in images.chunks(batch) {
                 let pictures = chunk
                     .iter()
-                    .map(|path| {
-                        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-                        datasets::image::decode(&bytes).with_context(|| format!("{}", path.display()))
-                    })
+                    .map(|path| read_image(path))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let pixels = inference::image_batch::<Cpu>(&pictures, loaded.config.image_size as u32, &device);
                 rows.extend(inference::values(loaded.model.embed_images(pixels)));

@@ -288,6 +288,12 @@ fn caption_dataset(
 }
 
 /// `coca caption`: captions for image files.
+/// An image file, decoded; errors name the file.
+pub fn read_image(path: &std::path::Path) -> anyhow::Result<datasets::image::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    datasets::image::decode(&bytes).with_context(|| format!("{}", path.display()))
+}
+
 pub fn caption(
     source: &ModelSource,
     images: &[PathBuf],
@@ -299,8 +305,7 @@ pub fn caption(
     let device = Default::default();
     let mut results = Vec::new();
     for path in images {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let picture = datasets::image::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        let picture = read_image(path)?;
         let batch = inference::image_batch::<Cpu>(&[picture], loaded.config.image_size as u32, &device);
         let tokens = loaded.model.caption_image_tokens(batch);
         let ids = generate(&loaded.model, tokens, &generation);

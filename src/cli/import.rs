@@ -54,12 +54,10 @@ impl ImportCommand {
     }
 }
 
-fn read(url: &str, store: &StoreArgs) -> anyhow::Result<Vec<u8>> {
+/// An object's bytes, as the store holds them (no copy: the weights may be gigabytes).
+fn read(url: &str, store: &StoreArgs) -> anyhow::Result<bytes::Bytes> {
     let (objects, name) = store.open_object(url)?;
-    Ok(objects
-        .get(&name)
-        .with_context(|| format!("cannot read {url}"))?
-        .to_vec())
+    Ok(objects.get(&name).with_context(|| format!("cannot read {url}"))?)
 }
 
 fn import_open_clip(
@@ -73,20 +71,24 @@ fn import_open_clip(
     let config = match open_clip::named_config(config_name) {
         Some(config) => config,
         None => {
-            let json = String::from_utf8(read(config_name, store).with_context(|| {
-                let known: Vec<&str> = open_clip::NAMED_CONFIGS.iter().map(|(name, _)| *name).collect();
-                format!(
-                    "--config {config_name}: neither a known name ({}) nor a readable file",
-                    known.join(", ")
-                )
-            })?)
+            let json = String::from_utf8(
+                read(config_name, store)
+                    .with_context(|| {
+                        let known: Vec<&str> = open_clip::NAMED_CONFIGS.iter().map(|(name, _)| *name).collect();
+                        format!(
+                            "--config {config_name}: neither a known name ({}) nor a readable file",
+                            known.join(", ")
+                        )
+                    })?
+                    .to_vec(),
+            )
             .with_context(|| format!("{config_name}: not UTF-8"))?;
             open_clip::config_from_json(&json, config_name)?
         }
     };
     let (tokenizer_json, tokenizer_origin) = match tokenizer {
         Some(url) => (
-            String::from_utf8(read(url, store)?).with_context(|| format!("{url}: not UTF-8"))?,
+            String::from_utf8(read(url, store)?.to_vec()).with_context(|| format!("{url}: not UTF-8"))?,
             url.to_string(),
         ),
         None => (clip_tokenizer_json(), "CLIP's BPE tokenizer".to_string()),
