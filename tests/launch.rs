@@ -589,3 +589,127 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
     let (again, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");
 }
+
+/// The demo job cut down for a GPU of the wgpu backend on Mesa's lavapipe (a
+/// Vulkan driver on the CPU, installed by scripts/test-deps.sh): one worker
+/// at batch 4, a constant rate (so the job stopped at step 2 and resumed is
+/// the straight one), no evaluation, a checkpoint every 2 steps, and a
+/// kernel cache shared by every job run in `dir`.
+fn small_job(dir: &Path, name: &str, backend: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(manifest(dir, 500, 10_000)).unwrap();
+    let text = text[..text.find("[eval]").unwrap()].to_string() + &text[text.find("[status]").unwrap()..];
+    let text = text
+        .replace("name = \"demo\"", &format!("name = \"{name}\""))
+        .replace("runs/demo", &format!("runs/{name}"))
+        .replace("steps = 300", "steps = 4")
+        .replace("global_batch = 32", "global_batch = 4")
+        .replace("warmup_steps = 10", "warmup_steps = 1")
+        .replace("schedule = \"cosine\"", "schedule = \"constant\"")
+        .replace("workers = 2", "workers = 1")
+        .replace("backend = \"cpu\"", &format!("backend = \"{backend}\""))
+        .replace("every = 100", "every = 2")
+        + "\n[gpu]\nkernel_cache = \"kernels\"\n";
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The total loss of each step, from the job's metrics.jsonl.
+fn losses(dir: &Path, name: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(format!("runs/{name}/metrics.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// What the worker's log says its first step compiled.
+fn first_step_kernels(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|line| line.contains("first step in"))
+        .unwrap_or_else(|| panic!("no first step in\n{log}"));
+    let count = line.rsplit("(kernels: ").next().unwrap();
+    count.split(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"))
+}
+
+/// A job on the wgpu backend: it trains what the CPU trains (to float
+/// tolerance), stops and resumes to the straight run's bits, and a job that
+/// finds the kernel cache filled compiles fewer kernels than the first.
+#[test]
+fn a_wgpu_job_trains_as_the_cpu_does_resumes_exactly_and_starts_warm() {
+    assert!(
+        std::fs::read_dir("/usr/share/vulkan/icd.d")
+            .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd")))
+            .unwrap_or(false),
+        "no lavapipe Vulkan driver: run scripts/test-deps.sh (Debian's mesa-vulkan-drivers)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |name: &str, backend: &str, extra: &[&str]| {
+        let job = small_job(dir.path(), name, backend);
+        let output = coca()
+            .arg("launch")
+            .arg(&job)
+            .args(extra)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "{name}: {log}");
+        log
+    };
+    launch("cpu", "cpu", &[]);
+
+    // The first wgpu job compiles every kernel, and /status names the adapter.
+    let job = small_job(dir.path(), "cold", "wgpu");
+    let mut child = coca()
+        .args(["launch", job.to_str().unwrap(), "--linger", "3"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = address_from(&mut child, "job cold: status on");
+    let started = Instant::now();
+    let report = loop {
+        match status(&address) {
+            Some(report) if report["state"] == "completed" => break report,
+            _ if started.elapsed() > Duration::from_secs(600) => panic!("the wgpu job did not complete"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let output = child.wait_with_output().unwrap();
+    let cold_log = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{cold_log}");
+    let device = report["workers"][0]["device"].as_str().unwrap().to_string();
+    assert!(device.starts_with("wgpu:0 llvmpipe"), "{report}");
+    let cold = first_step_kernels(&cold_log);
+
+    // The same steps as the CPU's, in another order of the sums: f32
+    // rounding apart (about 1e-6 relative a step), amplified by three AdamW
+    // updates of a 1e-3 rate; a wrong kernel is off by far more.
+    let (cpu, wgpu) = (losses(dir.path(), "cpu"), losses(dir.path(), "cold"));
+    assert_eq!(cpu.len(), 4);
+    assert_eq!(wgpu.len(), 4);
+    for (step, (a, b)) in cpu.iter().zip(&wgpu).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "step {}: cpu {a}, wgpu {b}", step + 1);
+    }
+
+    // Warm: the kernels and autotune results the first job shared.
+    let straight_log = launch("straight", "wgpu", &[]);
+    let warm = first_step_kernels(&straight_log);
+    assert!(straight_log.contains("kernel cache kernels: "), "{straight_log}");
+    assert!(warm < cold, "a warm start compiled {warm} kernels, a cold one {cold}");
+
+    // Stopped at step 2, resumed to 4: the straight job's bits (the same
+    // kernels, chosen by the same autotune results, give the same sums).
+    launch("resumed", "wgpu", &["--steps", "2"]);
+    let resumed_log = launch("resumed", "wgpu", &[]);
+    assert!(resumed_log.contains("resuming from"), "{resumed_log}");
+    let shards = |name: &str| {
+        let path = dir.path().join(format!("runs/{name}/checkpoints/step-00000004/COMMITTED"));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(path).unwrap()).unwrap()["shards"].clone()
+    };
+    assert_eq!(shards("straight"), shards("resumed"));
+    assert_eq!(losses(dir.path(), "straight")[2..], losses(dir.path(), "resumed")[2..]);
+}

@@ -79,3 +79,52 @@ pub trait Collective {
         None
     }
 }
+
+/// One rank standing in for rank 0 of a world of `world`, where every other
+/// rank holds what it holds: the shapes and the work of a rank of that
+/// world, without its peers. `coca kernels warm` compiles a job's kernels
+/// with it before the job's workers start.
+#[derive(Debug, Clone, Copy)]
+pub struct Rehearsal {
+    pub world: usize,
+}
+
+impl Collective for Rehearsal {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        let world = self.world as f32;
+        buffer.iter_mut().for_each(|value| *value *= world);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
+        Ok(local.repeat(self.world))
+    }
+
+    fn broadcast(&mut self, _buffer: &mut [f32], _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rehearsal_acts_as_a_world_of_equal_ranks() {
+        let mut rehearsal = Rehearsal { world: 3 };
+        assert_eq!(rehearsal.all_gather(&[1.0, 2.0]).unwrap(), [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
+        let mut buffer = [1.5, -2.0];
+        rehearsal.all_reduce_mean(&mut buffer).unwrap();
+        assert_eq!(buffer, [1.5, -2.0]);
+        rehearsal.all_reduce_sum(&mut buffer).unwrap();
+        assert_eq!(buffer, [4.5, -6.0]);
+    }
+}

@@ -167,6 +167,16 @@ impl Train {
 pub enum Backend {
     Cpu,
     Cuda,
+    /// burn's wgpu backend: Vulkan (Linux, Windows) or Metal (macOS) GPUs
+    /// of any vendor, compiled from the same cubecl kernels as CUDA.
+    Wgpu,
+}
+
+impl Backend {
+    /// Whether the backend runs cubecl kernels, so that the `[gpu]` settings apply.
+    pub fn compiles_kernels(self) -> bool {
+        matches!(self, Backend::Cuda | Backend::Wgpu)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +223,7 @@ pub enum AutotuneLevel {
     Full,
 }
 
-/// How CUDA workers compile and tune their kernels (ignored on the CPU backend).
+/// How GPU workers (cuda, wgpu) compile and tune their kernels (ignored on the CPU backend).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gpu {
     /// Defaults to minimal: the first step of a fresh job then takes seconds
@@ -589,7 +599,7 @@ impl Manifest {
         let workers = section.int("workers")?.unwrap_or(1) as usize;
         let backend = section.choice(
             "backend",
-            &[("cpu", Backend::Cpu), ("cuda", Backend::Cuda)],
+            &[("cpu", Backend::Cpu), ("cuda", Backend::Cuda), ("wgpu", Backend::Wgpu)],
             Backend::Cpu,
         )?;
         // tcp on every backend until NCCL has passed its check on a GPU
@@ -962,7 +972,7 @@ impl Manifest {
 
     fn validate_cluster(&self) -> Result<(), ManifestError> {
         let cluster = &self.cluster;
-        if cluster.collective == CollectiveKind::Nccl && cluster.backend == Backend::Cpu {
+        if cluster.collective == CollectiveKind::Nccl && cluster.backend != Backend::Cuda {
             return Err(error("cluster.collective", "nccl needs cluster.backend = \"cuda\""));
         }
         if cluster.heartbeat_ms == 0 {
@@ -972,7 +982,7 @@ impl Manifest {
         if replicas == 0 {
             return Err(error("cluster.replicas", "must be at least 1"));
         }
-        if replicas > 1 && cluster.backend == Backend::Cuda {
+        if replicas > 1 && cluster.backend != Backend::Cpu {
             return Err(error(
                 "cluster.replicas",
                 "replicas are for the cpu backend (a GPU runs one)",

@@ -58,6 +58,9 @@ fn a_cuda_manifest_without_a_collective_runs_on_tcp() {
     )
     .unwrap();
     assert_eq!(nccl.cluster.collective, CollectiveKind::Nccl);
+    let wgpu = Manifest::parse(&with("backend = \"cpu\"", "backend = \"wgpu\""), "m").unwrap();
+    assert_eq!(wgpu.cluster.backend, Backend::Wgpu);
+    assert!(wgpu.cluster.backend.compiles_kernels() && !Backend::Cpu.compiles_kernels());
     // Mixed precision is asked for; f32 is the default on every backend until bf16 is checked on a GPU.
     assert_eq!(cuda.train.precision, Precision::F32);
     let bf16 = Manifest::parse(
@@ -154,7 +157,9 @@ fn every_rule_names_its_field() {
         (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: expected true or false, found the integer 1"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cahce = \"x\"\n", "gpu.kernel_cahce: unknown key; did you mean `kernel_cache`?"),
-        (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda"),
+        (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda, wgpu"),
+        (with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"wgpu\"\ncollective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
+        (with("backend = \"cpu\"", "backend = \"wgpu\"\nreplicas = 2"), "cluster.replicas: replicas are for the cpu backend (a GPU runs one)"),
         (with("coordinator = \"127.0.0.1:7070\"", "coordinator = \"localhost\""), "cluster.coordinator: `localhost` is not an address (host:port, e.g. 127.0.0.1:7070)"),
         (with("heartbeat_timeout_ms = 10000", "heartbeat_timeout_ms = 600"), "cluster.heartbeat_timeout_ms: 600 must be at least twice cluster.heartbeat_ms = 500"),
         (with("workers = 2", "workers = 2\nreplicas = 0"), "cluster.replicas: must be at least 1"),

@@ -13,6 +13,10 @@ pub type Cuda = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type CudaTrain = Autodiff<Cuda>;
 
+/// wgpu: Vulkan (Linux, Windows) or Metal (macOS) GPUs of any vendor.
+pub type Wgpu = burn::backend::Wgpu;
+pub type WgpuTrain = Autodiff<Wgpu>;
+
 /// Device `ordinal` of backend `B` (a GPU's index; the CPU backend has one).
 pub fn device<B: burn::tensor::backend::Backend>(ordinal: usize) -> Result<B::Device, String> {
     use burn::tensor::backend::Device as _;

@@ -4,7 +4,8 @@
 # Writes logs and summary.txt to $OUT. Stages, each with a timeout:
 #   1. bench step tiny b32 cold, then warm (same kernel cache): time to first step, kernels compiled
 #   2. bench step base b64 cold, then warm: the same, plus ms/step, samples/s, FLOP/s
-#   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache
+#   3. launch tiny (1 worker, eval, checkpoint) cold, then a fresh run of it, warm from the kernel cache;
+#      then `coca kernels warm` fills a new job's empty cache and that job's worker starts warm
 #   4. bench step base b64 in bf16; launch tiny on NCCL (world 1), tiny with 2 workers on the one
 #      GPU (tcp); bench allreduce on NCCL (world 1)
 #   5. launch base b64 (1 worker)
@@ -49,6 +50,14 @@ bench bench-base-warm 60 base 64
 stage launch-tiny-cold 90 tiny.toml
 rm -rf runs/tiny   # a fresh job; its kernel cache stays
 stage launch-tiny-warm 60 tiny.toml
+# A fresh job with an empty cache of its own, filled by `coca kernels warm` before it starts.
+sed -e 's#runs/tiny#runs/tiny-prewarmed#g' -e 's/"gpu-tiny"/"gpu-tiny-prewarmed"/' \
+  -e 's/"kernel-cache"/"kernel-cache-prewarmed"/' "$G/tiny.toml" > "$G/tiny-prewarmed.toml"
+timeout 90 "$BIN" kernels warm "$G/tiny-prewarmed.toml" > "$OUT/kernels-warm.log" 2>&1
+say "== kernels warm tiny: rc=$?"; tail -2 "$OUT/kernels-warm.log" | tee -a "$S"; reap
+stage launch-tiny-prewarmed 60 tiny-prewarmed.toml
+# The driver's cache of the machine code it made from cubecl's PTX (CUDA_CACHE_PATH), kept with the rest.
+say "== CUDA driver cache in the kernel cache: $(du -sh $W/bench-kernels/*/driver 2>&1)"
 fi
 [ "$PART" = startup ] && { say "== end $(date -u +%FT%TZ)"; exit 0; }
 bench bench-base-bf16 120 base 64 --precision bf16

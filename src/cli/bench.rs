@@ -108,16 +108,16 @@ pub enum BenchCommand {
 pub struct StepArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// `cpu`, or `cuda` (a build with `--features cuda`, one process).
+    /// `cpu`, `cuda` (a build with `--features cuda`) or `wgpu` (Vulkan or Metal); a GPU runs one process.
     #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
     pub backend: BenchBackend,
-    /// The GPU ordinal (cuda).
+    /// The GPU ordinal (cuda, wgpu).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// cuda: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
+    /// cuda, wgpu: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
     #[arg(long, value_enum, default_value_t = Autotune::Minimal)]
     pub autotune: Autotune,
-    /// cuda: where compiled kernels and autotune results are kept between
+    /// cuda, wgpu: where compiled kernels and autotune results are kept between
     /// runs (a directory or object-store URL; as gpu.kernel_cache).
     #[arg(long, default_value = "coca-kernel-cache")]
     pub kernel_cache: String,
@@ -370,7 +370,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     );
     ensure!(
         backend == BenchBackend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
-        "--backend cuda runs one process: leave out --world"
+        "--backend {backend:?} runs one process: leave out --world"
     );
     ensure!(
         replicas >= 1 && (batch / world) % replicas == 0,
@@ -392,15 +392,24 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         replicas,
         profile: if profile { 5 } else { 0 },
     };
+    let gpu = contract::manifest::Gpu {
+        autotune: autotune.into(),
+        kernel_cache,
+        log_compilations: true,
+    };
     if backend == BenchBackend::Cuda {
-        let gpu = contract::manifest::Gpu {
-            autotune: autotune.into(),
-            kernel_cache,
-            log_compilations: true,
-        };
         let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
         print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
         println!("  kernels       {kernels}");
+        return Ok(());
+    }
+    if backend == BenchBackend::Wgpu {
+        let (mut kernels, adapter) =
+            worker::kernels::Kernels::prepare_wgpu(&gpu, &store::StoreOptions::default(), ordinal)?;
+        let report = bench_step::<model::backend::WgpuTrain>(&config, plan, &mut Solo, &adapter.device)?;
+        kernels.publish();
+        print_step(&model, plan, &config, &report, &format!("wgpu device {ordinal} ({})", adapter.name));
+        println!("  kernels       {}", compiled(&kernels));
         return Ok(());
     }
     let device = Default::default();
@@ -602,10 +611,14 @@ fn cuda_step(
     let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(anyhow::Error::msg)?;
     let report = bench_step::<model::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
     kernels.publish();
-    let compiled = kernels
+    Ok((report, compiled(&kernels)))
+}
+
+/// The kernels compiled in this process, for a report.
+fn compiled(kernels: &worker::kernels::Kernels) -> String {
+    kernels
         .compiled()
-        .map_or("not counted".into(), |n| format!("{n} compiled"));
-    Ok((report, compiled))
+        .map_or("not counted".into(), |n| format!("{n} compiled"))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -678,6 +691,7 @@ fn nccl_collective(_: usize, _: usize, _: &str) -> anyhow::Result<Box<dyn Collec
 pub enum BenchBackend {
     Cpu,
     Cuda,
+    Wgpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,6 +8,7 @@ mod eval;
 mod export;
 mod import;
 mod job;
+mod kernels;
 mod model;
 mod swarm;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// GPU kernels: fill a job's kernel cache before its workers start.
+    #[command(subcommand)]
+    Kernels(kernels::KernelsCommand),
     /// Build, import and inspect datasets; train a tokenizer.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -125,8 +129,8 @@ enum Command {
         /// Seconds to keep trying to reach the coordinator.
         #[arg(long, default_value_t = 60)]
         connect_timeout: u64,
-        /// The GPU ordinal for the cuda backend (default: the only visible
-        /// GPU, else SLURM_LOCALID, else 0).
+        /// The GPU ordinal for the cuda and wgpu backends (default: the only
+        /// visible GPU, else SLURM_LOCALID, else 0).
         #[arg(long)]
         device: Option<usize>,
         /// CPU cores this worker may use (default: those available to the
@@ -153,6 +157,7 @@ impl Cli {
         match self.command {
             Command::Model(command) => command.run().map(|()| 0),
             Command::Bench(command) => command.run().map(|()| 0),
+            Command::Kernels(command) => command.run().map(|()| 0),
             Command::Data(command) => command.run().map(|()| 0),
             Command::Eval(command) => command.run(),
             Command::Caption {

@@ -3,7 +3,7 @@
 //! step or until told to stop, heartbeating all along.
 
 mod client;
-mod setup;
+pub(crate) mod setup;
 mod train;
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +15,7 @@ use collective::tcp::RingListener;
 use contract::auth::Token;
 use contract::manifest::{Backend, Manifest};
 use contract::rpc::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
-use model::backend::CpuTrain;
+use model::backend::{CpuTrain, WgpuTrain};
 use model::state::SavedShard;
 
 use client::{
@@ -23,6 +23,8 @@ use client::{
 };
 use setup::JobSetup;
 use train::{train, Reporting};
+
+use crate::kernels::Kernels;
 
 #[cfg(not(feature = "cuda"))]
 const NCCL_WITHOUT_CUDA: &str =
@@ -98,7 +100,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         options,
         progress: &progress,
         signals: &signals,
-        kernels: None,
+        gpu: None,
     };
     let result = generations.run(&mut registered);
     signals.done.store(true, Ordering::SeqCst);
@@ -129,8 +131,8 @@ struct Generations<'a> {
     options: &'a WorkerOptions,
     progress: &'a Arc<Mutex<Progress>>,
     signals: &'a Arc<Signals>,
-    /// A CUDA worker's kernels, prepared in its first generation.
-    kernels: Option<crate::kernels::Kernels>,
+    /// A GPU worker's kernels and device, prepared in its first generation.
+    gpu: Option<PreparedGpu>,
 }
 
 impl Generations<'_> {
@@ -232,42 +234,64 @@ impl Generations<'_> {
             self.options.device,
             listener,
             &reporting,
-            &mut self.kernels,
+            &mut self.gpu,
         )
     }
 }
 
-/// Builds the job on the manifest's backend and trains it. A CUDA worker
-/// prepares its kernels (cache, cubecl settings) in its first generation
-/// and keeps them for the next: cubecl is configured once per process.
+/// Builds the job on the manifest's backend and trains it. A GPU worker
+/// prepares its kernels (cache, cubecl settings) and opens its device in its
+/// first generation and keeps both for the next: cubecl is configured once
+/// per process.
 fn train_on_backend(
     manifest: &Manifest,
     assignment: &Assignment,
-    device: usize,
+    ordinal: usize,
     listener: RingListener,
     reporting: &Reporting,
-    kernels: &mut Option<crate::kernels::Kernels>,
+    gpu: &mut Option<PreparedGpu>,
 ) -> Result<WorkerOutcome, WorkerError> {
-    let store_options = manifest.data.store_options();
-    #[cfg(not(feature = "cuda"))]
-    let _ = kernels;
+    let options = manifest.data.store_options();
+    let setup = |e: crate::kernels::KernelError| WorkerError::Setup(e.to_string());
     match manifest.cluster.backend {
-        Backend::Cpu => JobSetup::<CpuTrain>::build(manifest, assignment, &store_options, device, listener)
+        Backend::Cpu => JobSetup::<CpuTrain>::build(manifest, assignment, &options, ordinal, &Default::default(), listener)
             .and_then(|job| train(job, manifest, reporting, None)),
+        Backend::Wgpu => {
+            if gpu.is_none() {
+                let (kernels, adapter) = Kernels::prepare_wgpu(&manifest.gpu, &options, ordinal).map_err(setup)?;
+                reporting.progress.lock().expect("progress").device = format!("wgpu:{ordinal} {}", adapter.name);
+                *gpu = Some(PreparedGpu {
+                    kernels,
+                    device: GpuDevice::Wgpu(adapter.device),
+                });
+            }
+            let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
+            match device {
+                GpuDevice::Wgpu(device) => {
+                    train_on_gpu::<WgpuTrain>(manifest, assignment, ordinal, device, listener, reporting, kernels)
+                }
+                #[cfg(feature = "cuda")]
+                GpuDevice::Cuda(_) => unreachable!("a worker's backend does not change"),
+            }
+        }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
-            if kernels.is_none() {
-                *kernels = Some(prepare_kernels(manifest, &store_options, device, reporting.progress)?);
+            if gpu.is_none() {
+                let (kernels, name) = Kernels::prepare_cuda(&manifest.gpu, &options, ordinal).map_err(setup)?;
+                reporting.progress.lock().expect("progress").device = format!("cuda:{ordinal} {name}");
+                let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;
+                *gpu = Some(PreparedGpu {
+                    kernels,
+                    device: GpuDevice::Cuda(device),
+                });
             }
-            let kernels = kernels.as_mut().expect("prepared above");
-            let result =
-                JobSetup::<model::backend::CudaTrain>::build(manifest, assignment, &store_options, device, listener)
-                    .and_then(|job| train(job, manifest, reporting, Some(&mut *kernels)));
-            // What the run compiled so far, evaluation included, for the next start.
-            if assignment.rank == 0 {
-                kernels.publish();
+            let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
+            match device {
+                GpuDevice::Cuda(device) => train_on_gpu::<model::backend::CudaTrain>(
+                    manifest, assignment, ordinal, device, listener, reporting, kernels,
+                ),
+                GpuDevice::Wgpu(_) => unreachable!("a worker's backend does not change"),
             }
-            result
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::Setup(
@@ -276,17 +300,37 @@ fn train_on_backend(
     }
 }
 
-/// Points cubecl at the job's kernel cache and settings for CUDA device
-/// `device`; tells the status page which GPU this worker runs on.
-#[cfg(feature = "cuda")]
-fn prepare_kernels(
+/// A GPU worker's kernels and device, prepared in its first generation.
+struct PreparedGpu {
+    kernels: Kernels,
+    device: GpuDevice,
+}
+
+enum GpuDevice {
+    Wgpu(burn::backend::wgpu::WgpuDevice),
+    #[cfg(feature = "cuda")]
+    Cuda(burn::backend::cuda::CudaDevice),
+}
+
+/// Trains one generation on a GPU backend; rank 0 then shares what the run
+/// compiled so far, evaluation included, for the next start.
+fn train_on_gpu<B: burn::tensor::backend::AutodiffBackend>(
     manifest: &Manifest,
-    options: &store::StoreOptions,
-    device: usize,
-    progress: &Mutex<Progress>,
-) -> Result<crate::kernels::Kernels, WorkerError> {
-    let (kernels, name) = crate::kernels::Kernels::prepare_cuda(&manifest.gpu, options, device)
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    progress.lock().expect("progress").device = format!("cuda:{device} {name}");
-    Ok(kernels)
+    assignment: &Assignment,
+    ordinal: usize,
+    device: &B::Device,
+    listener: RingListener,
+    reporting: &Reporting,
+    kernels: &mut Kernels,
+) -> Result<WorkerOutcome, WorkerError>
+where
+    model::CocaModel<B>: burn::module::AutodiffModule<B, InnerModule = model::CocaModel<B::InnerBackend>>,
+{
+    let options = manifest.data.store_options();
+    let result = JobSetup::<B>::build(manifest, assignment, &options, ordinal, device, listener)
+        .and_then(|job| train(job, manifest, reporting, Some(&mut *kernels)));
+    if assignment.rank == 0 {
+        kernels.publish();
+    }
+    result
 }

@@ -12,7 +12,7 @@ use checkpoint::layout::{self, ResumeFields};
 use collective::tcp::{RingListener, TcpRing};
 use collective::Collective;
 use contract::dataset::DatasetIndex;
-use contract::manifest::{CollectiveKind, Contrastive, Eval, Manifest};
+use contract::manifest::{CollectiveKind, Contrastive, Eval, Manifest, Train};
 use contract::rpc::Assignment;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
@@ -69,7 +69,8 @@ where
         manifest: &Manifest,
         assignment: &Assignment,
         options: &StoreOptions,
-        device: usize,
+        ordinal: usize,
+        device: &B::Device,
         listener: RingListener,
     ) -> Result<Self, WorkerError> {
         let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
@@ -111,8 +112,8 @@ where
         )
         .map_err(|e| setup(e.to_string()))?;
         let loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
-        let collective = join_collective(manifest, assignment, listener, device)?;
-        let device = model::backend::device::<B>(device).map_err(setup)?;
+        let collective = join_collective(manifest, assignment, listener, ordinal)?;
+        let device = device.clone();
         let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
         let replicas = manifest.replicas_for(world);
         if rank == 0 && replicas > 1 {
@@ -263,6 +264,24 @@ fn join_ring(assignment: &Assignment, listener: RingListener, patience: Duration
         .map_err(|e| WorkerError::Regroup(e.to_string()))
 }
 
+/// The training step the manifest's `[train]` section describes.
+pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
+    let optimizer = AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32);
+    let weights = LossWeights {
+        contrastive: train.lambda_con as f32,
+        captioning: train.lambda_cap as f32,
+    };
+    let mode = match train.contrastive {
+        Contrastive::Local => ContrastiveMode::Local,
+        Contrastive::Full => ContrastiveMode::Full,
+    };
+    TrainStep::<B>::new(&optimizer, weights, mode).with_compute(compute_dtype(train.precision))
+}
+
 /// The model and its training step, from the job's seed or from the
 /// checkpoint the coordinator chose.
 fn model_and_trainer<B: AutodiffBackend>(
@@ -281,21 +300,7 @@ where
     } else {
         CocaModel::<B>::placeholder(&manifest.model, device)
     };
-    let train = &manifest.train;
-    let optimizer = AdamWConfig::new()
-        .with_beta_1(train.beta1 as f32)
-        .with_beta_2(train.beta2 as f32)
-        .with_epsilon(train.eps as f32)
-        .with_weight_decay(train.weight_decay as f32);
-    let weights = LossWeights {
-        contrastive: train.lambda_con as f32,
-        captioning: train.lambda_cap as f32,
-    };
-    let mode = match train.contrastive {
-        Contrastive::Local => ContrastiveMode::Local,
-        Contrastive::Full => ContrastiveMode::Full,
-    };
-    let trainer = TrainStep::<B>::new(&optimizer, weights, mode).with_compute(compute_dtype(train.precision));
+    let trainer = train_step::<B>(&manifest.train);
     if assignment.resume_from.is_empty() {
         return Ok((model, trainer));
     }

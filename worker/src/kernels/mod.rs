@@ -1,11 +1,13 @@
 //! GPU kernels: how cubecl compiles and tunes them for a job (`config`),
-//! the job's shared cache of both (`cache`), and counting compilations so
+//! the job's shared cache of both (`cache`), counting compilations so
 //! that a worker can say what its first steps spent their time on
-//! (`compilations`).
+//! (`compilations`), and the wgpu backend's adapters (`adapter`).
 
+pub mod adapter;
 pub mod cache;
 pub mod compilations;
 pub mod config;
+pub mod warm;
 
 use contract::manifest::Gpu;
 use store::{Store, StoreOptions};
@@ -25,7 +27,7 @@ pub enum KernelError {
     Device(String),
 }
 
-/// A CUDA worker's kernel set-up, made before its first kernel.
+/// A GPU worker's kernel set-up, made before its first kernel.
 pub struct Kernels {
     /// None when the shared cache could not be read: the job runs, cold.
     cache: Option<KernelCache>,
@@ -46,16 +48,51 @@ impl Kernels {
     /// both do before their first kernel. Returns the device's name too.
     #[cfg(feature = "cuda")]
     pub fn prepare_cuda(gpu: &Gpu, options: &StoreOptions, device: usize) -> Result<(Self, String), KernelError> {
+        let prepared_at = std::time::Instant::now();
+        let local = local_dir(gpu)?;
+        // The driver's own cache of the machine code it makes from cubecl's
+        // PTX lives in the job's kernel cache too, so a warm start skips that
+        // step as well. The driver reads these at its first call, which the
+        // device's name is.
+        std::env::set_var("CUDA_CACHE_PATH", local.path().join(DRIVER_CACHE));
+        std::env::set_var("CUDA_CACHE_MAXSIZE", DRIVER_CACHE_BYTES.to_string());
         let name = model::backend::cuda_device_name(device).map_err(KernelError::Device)?;
-        let kernels = Self::prepare(gpu, options, device, &name)?;
+        let kernels = Self::prepare_in(local, prepared_at, gpu, options, device, &name)?;
+        kernels.log_prepared(gpu, &format!("{name} (device {device})"));
+        Ok((kernels, name))
+    }
+
+    /// [`Kernels::prepare`] for wgpu adapter `ordinal`: what a wgpu worker
+    /// and `coca bench step --backend wgpu` do before their first kernel.
+    /// Returns the adapter too.
+    pub fn prepare_wgpu(
+        gpu: &Gpu,
+        options: &StoreOptions,
+        ordinal: usize,
+    ) -> Result<(Self, adapter::WgpuAdapter), KernelError> {
+        let prepared_at = std::time::Instant::now();
+        let local = local_dir(gpu)?;
+        // Mesa's Vulkan drivers (RADV, ANV, lavapipe) keep what they compile
+        // from SPIR-V on disk: in the job's kernel cache, like CUDA's. Read
+        // when the device opens, after this.
+        std::env::set_var("MESA_SHADER_CACHE_DIR", local.path().join(DRIVER_CACHE));
+        std::env::set_var("MESA_SHADER_CACHE_MAX_SIZE", DRIVER_CACHE_BYTES.to_string());
+        let adapter = adapter::wgpu_adapter(ordinal)?;
+        // cubecl names its autotune folders after the device's place among adapters of its type.
+        let place = usize::from(cubecl_common::device::Device::to_id(&adapter.device).index_id);
+        let kernels = Self::prepare_in(local, prepared_at, gpu, options, place, &adapter.name)?;
+        kernels.log_prepared(gpu, &format!("{} ({}, wgpu device {ordinal})", adapter.name, adapter.api));
+        Ok((kernels, adapter))
+    }
+
+    fn log_prepared(&self, gpu: &Gpu, device: &str) {
         tracing::info!(
-            "{name} (device {device}), autotune {:?}; kernel cache {}: {} files in {:.1} s",
+            "{device}, autotune {:?}; kernel cache {}: {} files in {:.1} s",
             gpu.autotune,
             gpu.kernel_cache,
-            kernels.fetched,
-            kernels.prepared_at.elapsed().as_secs_f64()
+            self.fetched,
+            self.prepared_at.elapsed().as_secs_f64()
         );
-        Ok((kernels, name))
     }
 
     /// Fetches the job's kernel cache for GPU model `device_name`, points
@@ -63,13 +100,17 @@ impl Kernels {
     /// compilations if asked to.
     pub fn prepare(gpu: &Gpu, options: &StoreOptions, device: usize, device_name: &str) -> Result<Self, KernelError> {
         let prepared_at = std::time::Instant::now();
-        let local = tempfile::Builder::new()
-            .prefix("coca-kernels-")
-            .tempdir()
-            .map_err(|e| KernelError::Cache {
-                url: gpu.kernel_cache.clone(),
-                message: format!("no local directory for it: {e}"),
-            })?;
+        Self::prepare_in(local_dir(gpu)?, prepared_at, gpu, options, device, device_name)
+    }
+
+    fn prepare_in(
+        local: tempfile::TempDir,
+        prepared_at: std::time::Instant,
+        gpu: &Gpu,
+        options: &StoreOptions,
+        device: usize,
+        device_name: &str,
+    ) -> Result<Self, KernelError> {
         let shared = Store::open(&gpu.kernel_cache, options)
             .map_err(|e| KernelError::Cache {
                 url: gpu.kernel_cache.clone(),
@@ -124,16 +165,39 @@ impl Kernels {
         self.compilations.map(Compilations::total)
     }
 
-    /// Shares what this worker compiled and tuned; a failure is reported, not fatal.
-    pub fn publish(&mut self) {
-        if let Some(cache) = &mut self.cache {
-            match cache.publish() {
-                Ok(0) => {}
-                Ok(files) => tracing::info!("kernel cache: {files} files shared"),
-                Err(error) => tracing::warn!("{error}"),
+    /// Shares what this worker compiled and tuned; returns how many files.
+    /// A failure is reported, not fatal.
+    pub fn publish(&mut self) -> usize {
+        match self.cache.as_mut().map(KernelCache::publish) {
+            Some(Ok(files)) => {
+                if files > 0 {
+                    tracing::info!("kernel cache: {files} files shared");
+                }
+                files
             }
+            Some(Err(error)) => {
+                tracing::warn!("{error}");
+                0
+            }
+            None => 0,
         }
     }
+}
+
+/// The driver's compiled-kernel cache, a folder of the local cache.
+const DRIVER_CACHE: &str = "driver";
+/// At most this much of it (the drivers' defaults are smaller: CUDA's 256 MiB).
+const DRIVER_CACHE_BYTES: u64 = 4 << 30;
+
+/// This process's copy of the kernel cache, where cubecl and the driver keep theirs.
+fn local_dir(gpu: &Gpu) -> Result<tempfile::TempDir, KernelError> {
+    tempfile::Builder::new()
+        .prefix("coca-kernels-")
+        .tempdir()
+        .map_err(|e| KernelError::Cache {
+            url: gpu.kernel_cache.clone(),
+            message: format!("no local directory for it: {e}"),
+        })
 }
 
 /// A folder name for a GPU model (`NVIDIA H200` -> `NVIDIA-H200`): kernels
