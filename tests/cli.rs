@@ -246,3 +246,17 @@ fn bench_step_refuses_a_batch_that_does_not_split() {
         "--batch 5 does not split evenly between --world 2 ranks",
     );
 }
+
+#[test]
+fn kernels_warm_says_what_it_needs() {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/demo.toml");
+    refused(
+        &["kernels", "warm", manifest],
+        "cluster.backend = \"cpu\" compiles no kernels: nothing to warm",
+    );
+    refused(&["kernels", "warm", "no-such.toml"], "cannot read the manifest no-such.toml");
+    refused(
+        &["bench", "step", "--preset", "tiny", "--backend", "wgpu", "--world", "2"],
+        "--backend wgpu runs one process: leave out --world",
+    );
+}

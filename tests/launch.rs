@@ -619,7 +619,11 @@ fn losses(dir: &Path, name: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join(format!("runs/{name}/metrics.jsonl")))
         .unwrap()
         .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap())
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -630,17 +634,24 @@ fn first_step_kernels(log: &str) -> u64 {
         .find(|line| line.contains("first step in"))
         .unwrap_or_else(|| panic!("no first step in\n{log}"));
     let count = line.rsplit("(kernels: ").next().unwrap();
-    count.split(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"))
+    count
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"))
 }
 
-/// A job on the wgpu backend: it trains what the CPU trains, stops and
-/// resumes, and a job that finds the kernel cache filled compiles fewer
-/// kernels than the first.
+/// A job on the wgpu backend: `coca kernels warm` fills its kernel cache so
+/// that its worker starts warm, it trains what the CPU trains, and it stops
+/// and resumes.
 #[test]
-fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
+fn a_wgpu_job_starts_warm_trains_as_the_cpu_does_and_resumes() {
     assert!(
         std::fs::read_dir("/usr/share/vulkan/icd.d")
-            .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd")))
+            .map(|entries| entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd")))
             .unwrap_or(false),
         "no lavapipe Vulkan driver: run scripts/test-deps.sh (Debian's mesa-vulkan-drivers)"
     );
@@ -660,8 +671,33 @@ fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
     };
     launch("cpu", "cpu", &[]);
 
-    // The first wgpu job compiles every kernel, and /status names the adapter.
-    let job = small_job(dir.path(), "cold", "wgpu");
+    // `coca kernels warm` compiles the job's kernels at its shapes, on an
+    // empty cache, and shares them...
+    let job = small_job(dir.path(), "first", "wgpu");
+    let output = coca()
+        .args(["kernels", "warm", job.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let count = |what: &str| -> u64 {
+        let before = said.split(what).next().unwrap();
+        before
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{said}"))
+    };
+    let (cold, shared) = (count(" kernels compiled"), count(" files shared"));
+    assert!(
+        said.contains("llvmpipe") && said.contains(": 0 files there before"),
+        "{said}"
+    );
+    assert!(cold > 100 && shared > 0, "{said}");
+
+    // ... so the job's worker starts warm, and /status names the adapter.
     let mut child = coca()
         .args(["launch", job.to_str().unwrap(), "--linger", "3"])
         .current_dir(dir.path())
@@ -669,7 +705,7 @@ fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let address = address_from(&mut child, "job cold: status on");
+    let address = address_from(&mut child, "job first: status on");
     let started = Instant::now();
     let report = loop {
         match status(&address) {
@@ -679,11 +715,19 @@ fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
         }
     };
     let output = child.wait_with_output().unwrap();
-    let cold_log = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(output.status.success(), "{cold_log}");
+    let first_log = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{first_log}");
     let device = report["workers"][0]["device"].as_str().unwrap().to_string();
     assert!(device.starts_with("wgpu:0 llvmpipe"), "{report}");
-    let cold = first_step_kernels(&cold_log);
+    assert!(
+        first_log.contains(&format!("kernel cache kernels: {shared} files")),
+        "{first_log}"
+    );
+    let warm = first_step_kernels(&first_log);
+    assert!(
+        warm * 10 < cold,
+        "the warmed job compiled {warm} kernels, the warm-up {cold}"
+    );
 
     // The same first step as the CPU's (the forward pass, from the same
     // initial values, in another order of the sums: f32 rounding apart).
@@ -692,17 +736,18 @@ fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
     // every parameter whatever its gradient's size, turns a flipped sign of
     // a near-zero gradient into a whole step: two wgpu runs of this job were
     // seen 0.8% apart at step 4. A wrong kernel is off by far more.
-    let (cpu, wgpu) = (losses(dir.path(), "cpu"), losses(dir.path(), "cold"));
+    let (cpu, wgpu) = (losses(dir.path(), "cpu"), losses(dir.path(), "first"));
     assert_eq!((cpu.len(), wgpu.len()), (4, 4));
-    assert!((cpu[0] - wgpu[0]).abs() <= 1e-4 * cpu[0], "step 1: cpu {}, wgpu {}", cpu[0], wgpu[0]);
+    assert!(
+        (cpu[0] - wgpu[0]).abs() <= 1e-4 * cpu[0],
+        "step 1: cpu {}, wgpu {}",
+        cpu[0],
+        wgpu[0]
+    );
     close(&cpu, &wgpu, "cpu", "wgpu");
     assert!(wgpu[3] < wgpu[0], "the loss falls on wgpu: {wgpu:?}");
 
-    // Warm: the kernels and autotune results the first job shared.
-    let straight_log = launch("straight", "wgpu", &[]);
-    let warm = first_step_kernels(&straight_log);
-    assert!(straight_log.contains("kernel cache kernels: "), "{straight_log}");
-    assert!(warm < cold, "a warm start compiled {warm} kernels, a cold one {cold}");
+    launch("straight", "wgpu", &[]);
 
     // Stopped at step 2 and resumed to 4: the straight job's steps, to the
     // same run-to-run tolerance (see above; on the CPU backend the same
@@ -718,6 +763,10 @@ fn a_wgpu_job_trains_as_the_cpu_does_resumes_and_starts_warm() {
 /// Two runs' losses agree step by step to 2% (wgpu's run-to-run spread on lavapipe).
 fn close(a: &[f64], b: &[f64], a_name: &str, b_name: &str) {
     for (step, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= 2e-2 * x.abs(), "step {}: {a_name} {x}, {b_name} {y}", step + 1);
+        assert!(
+            (x - y).abs() <= 2e-2 * x.abs(),
+            "step {}: {a_name} {x}, {b_name} {y}",
+            step + 1
+        );
     }
 }

@@ -120,7 +120,10 @@ mod tests {
     #[test]
     fn a_rehearsal_acts_as_a_world_of_equal_ranks() {
         let mut rehearsal = Rehearsal { world: 3 };
-        assert_eq!(rehearsal.all_gather(&[1.0, 2.0]).unwrap(), [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
+        assert_eq!(
+            rehearsal.all_gather(&[1.0, 2.0]).unwrap(),
+            [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]
+        );
         let mut buffer = [1.5, -2.0];
         rehearsal.all_reduce_mean(&mut buffer).unwrap();
         assert_eq!(buffer, [1.5, -2.0]);

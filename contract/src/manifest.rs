@@ -172,13 +172,6 @@ pub enum Backend {
     Wgpu,
 }
 
-impl Backend {
-    /// Whether the backend runs cubecl kernels, so that the `[gpu]` settings apply.
-    pub fn compiles_kernels(self) -> bool {
-        matches!(self, Backend::Cuda | Backend::Wgpu)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CollectiveKind {
     Tcp,

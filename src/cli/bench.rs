@@ -370,7 +370,8 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     );
     ensure!(
         backend == BenchBackend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
-        "--backend {backend:?} runs one process: leave out --world"
+        "--backend {} runs one process: leave out --world",
+        if backend == BenchBackend::Cuda { "cuda" } else { "wgpu" }
     );
     ensure!(
         replicas >= 1 && (batch / world) % replicas == 0,
@@ -408,7 +409,13 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
             worker::kernels::Kernels::prepare_wgpu(&gpu, &store::StoreOptions::default(), ordinal)?;
         let report = bench_step::<model::backend::WgpuTrain>(&config, plan, &mut Solo, &adapter.device)?;
         kernels.publish();
-        print_step(&model, plan, &config, &report, &format!("wgpu device {ordinal} ({})", adapter.name));
+        print_step(
+            &model,
+            plan,
+            &config,
+            &report,
+            &format!("wgpu device {ordinal} ({})", adapter.name),
+        );
         println!("  kernels       {}", compiled(&kernels));
         return Ok(());
     }

@@ -18,7 +18,7 @@ pub enum KernelsCommand {
         device: usize,
         /// Training steps to run (the optimizer's kernels come in the second).
         #[arg(long, default_value_t = 3)]
-        steps: usize,
+        warm_steps: usize,
     },
 }
 
@@ -28,10 +28,10 @@ impl KernelsCommand {
             manifest,
             overrides,
             device,
-            steps,
+            warm_steps,
         } = self;
         let manifest = read_manifest(&manifest, &overrides)?;
-        let warmed = worker::kernels::warm::warm(&manifest, device, steps)?;
+        let warmed = worker::kernels::warm::warm(&manifest, device, warm_steps)?;
         let compiled = warmed
             .compiled
             .map_or("kernels not counted".into(), |n| format!("{n} kernels compiled"));

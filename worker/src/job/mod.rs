@@ -254,8 +254,10 @@ fn train_on_backend(
     let options = manifest.data.store_options();
     let setup = |e: crate::kernels::KernelError| WorkerError::Setup(e.to_string());
     match manifest.cluster.backend {
-        Backend::Cpu => JobSetup::<CpuTrain>::build(manifest, assignment, &options, ordinal, &Default::default(), listener)
-            .and_then(|job| train(job, manifest, reporting, None)),
+        Backend::Cpu => {
+            JobSetup::<CpuTrain>::build(manifest, assignment, &options, ordinal, &Default::default(), listener)
+                .and_then(|job| train(job, manifest, reporting, None))
+        }
         Backend::Wgpu => {
             if gpu.is_none() {
                 let (kernels, adapter) = Kernels::prepare_wgpu(&manifest.gpu, &options, ordinal).map_err(setup)?;
@@ -279,7 +281,8 @@ fn train_on_backend(
             if gpu.is_none() {
                 let (kernels, name) = Kernels::prepare_cuda(&manifest.gpu, &options, ordinal).map_err(setup)?;
                 reporting.progress.lock().expect("progress").device = format!("cuda:{ordinal} {name}");
-                let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;
+                let device =
+                    model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;
                 *gpu = Some(PreparedGpu {
                     kernels,
                     device: GpuDevice::Cuda(device),

@@ -81,7 +81,10 @@ impl Kernels {
         // cubecl names its autotune folders after the device's place among adapters of its type.
         let place = usize::from(cubecl_common::device::Device::to_id(&adapter.device).index_id);
         let kernels = Self::prepare_in(local, prepared_at, gpu, options, place, &adapter.name)?;
-        kernels.log_prepared(gpu, &format!("{} ({}, wgpu device {ordinal})", adapter.name, adapter.api));
+        kernels.log_prepared(
+            gpu,
+            &format!("{} ({}, wgpu device {ordinal})", adapter.name, adapter.api),
+        );
         Ok((kernels, adapter))
     }
 

@@ -45,8 +45,7 @@ pub fn warm(manifest: &Manifest, ordinal: usize, steps: usize) -> Result<Warmed,
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             let (mut kernels, name) = Kernels::prepare_cuda(&manifest.gpu, &options, ordinal)?;
-            let device =
-                model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(KernelError::Device)?;
+            let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(KernelError::Device)?;
             let first_step = rehearse::<model::backend::CudaTrain>(manifest, &device, steps)?;
             Ok(warmed(&mut kernels, name, first_step))
         }
