@@ -254,7 +254,10 @@ fn kernels_warm_says_what_it_needs() {
         &["kernels", "warm", manifest],
         "cluster.backend = \"cpu\" compiles no kernels: nothing to warm",
     );
-    refused(&["kernels", "warm", "no-such.toml"], "cannot read the manifest no-such.toml");
+    refused(
+        &["kernels", "warm", "no-such.toml"],
+        "cannot read the manifest no-such.toml",
+    );
     refused(
         &["bench", "step", "--preset", "tiny", "--backend", "wgpu", "--world", "2"],
         "--backend wgpu runs one process: leave out --world",

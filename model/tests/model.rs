@@ -309,12 +309,16 @@ fn gradients_match_finite_differences() {
                 let bumped = nudge(inner, name, index, delta);
                 values(bumped.losses(&inner_batch, weights).total)[0] as f64
             };
-            let numeric = (perturbed(eps) - perturbed(-eps)) / (2.0 * eps as f64);
+            let (up, down) = (perturbed(eps), perturbed(-eps));
+            let numeric = (up - down) / (2.0 * eps as f64);
             let exact = analytic[index] as f64;
-            let relative = (numeric - exact).abs() / exact.abs().max(1e-3);
+            // The f32 loss rounds to a few ulps whatever the kernels' order
+            // of summation (it differs between CPUs), which bounds what the
+            // difference quotient can resolve: below that a gradient is noise.
+            let resolution = 4.0 * f64::from(f32::EPSILON) * up.abs() / (2.0 * eps as f64);
             assert!(
-                relative < 0.05,
-                "{name}[{index}]: analytic {exact} vs numeric {numeric}"
+                (numeric - exact).abs() < 0.05 * exact.abs().max(1e-3) + resolution,
+                "{name}[{index}]: analytic {exact} vs numeric {numeric} (resolution {resolution:.1e})"
             );
         }
     }
