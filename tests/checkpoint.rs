@@ -100,6 +100,28 @@ fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
     );
 }
 
+/// A checkpoint written by coca at protocol 3 (the manifest crossed the
+/// wire as TOML then; tests/fixtures/checkpoint-protocol-3): step 10 of the
+/// demo with a constant rate, and the shards that version committed at
+/// step 20 when it trained on. Today's coca resumes it to the same bytes.
+#[test]
+fn a_checkpoint_of_an_earlier_version_resumes_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 10, &[("schedule = \"cosine\"", "schedule = \"constant\"")]);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-protocol-3");
+    let step = dir.path().join("runs/demo/checkpoints/step-00000010");
+    std::fs::create_dir_all(&step).unwrap();
+    for entry in std::fs::read_dir(fixture.join("step-00000010")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), step.join(entry.file_name())).unwrap();
+    }
+    let stderr = ok(&launch(dir.path(), &["--steps", "20"]));
+    assert!(stderr.contains("step-00000010 (step 10, saved by 2 workers)"), "{stderr}");
+    let then: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("step-00000020.COMMITTED")).unwrap()).unwrap();
+    assert_eq!(committed(dir.path(), 20)["shards"], then["shards"]);
+}
+
 #[test]
 fn a_checkpoint_resumes_on_other_world_sizes() {
     let dir = tempfile::tempdir().unwrap();
