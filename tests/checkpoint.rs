@@ -116,7 +116,10 @@ fn a_checkpoint_of_an_earlier_version_resumes_bit_exactly() {
         std::fs::copy(entry.path(), step.join(entry.file_name())).unwrap();
     }
     let stderr = ok(&launch(dir.path(), &["--steps", "20"]));
-    assert!(stderr.contains("step-00000010 (step 10, saved by 2 workers)"), "{stderr}");
+    assert!(
+        stderr.contains("step-00000010 (step 10, saved by 2 workers)"),
+        "{stderr}"
+    );
     let then: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("step-00000020.COMMITTED")).unwrap()).unwrap();
     assert_eq!(committed(dir.path(), 20)["shards"], then["shards"]);

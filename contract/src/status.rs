@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rpc::WorkerPhase;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -210,17 +208,30 @@ pub struct WorkerReport {
     pub host: String,
     pub device: String,
     pub step: u64,
-    /// starting, compiling (a GPU worker's first step) or training.
-    pub phase: String,
+    pub phase: Phase,
     pub last_heartbeat_seconds_ago: f64,
     pub finished: Option<bool>,
     pub message: Option<String>,
 }
 
-pub fn phase_name(phase: WorkerPhase) -> &'static str {
-    match phase {
-        WorkerPhase::Starting => "starting",
-        WorkerPhase::Compiling => "compiling",
-        WorkerPhase::Training => "training",
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Loading data and the model, joining the ring: no step begun.
+    #[default]
+    Starting,
+    /// In its first step on a GPU: compiling and tuning kernels.
+    Compiling,
+    Training,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Starting => "starting",
+            Phase::Compiling => "compiling",
+            Phase::Training => "training",
+        })
     }
 }

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use checkpoint::layout::ShardRecord;
-use contract::rpc::{Command, StepMetrics, WorkerPhase};
-use contract::status::{CheckpointStatus, EvalPoint, JobState, Point, Recovered, Restart, Transition};
+use contract::status::{CheckpointStatus, EvalPoint, JobState, Phase, Point, Recovered, Restart, Transition};
+use proto::{Command, StepMetrics};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -22,7 +22,7 @@ pub struct Worker {
     pub preferred_rank: Option<usize>,
     pub step: u64,
     #[serde(skip)]
-    pub phase: WorkerPhase,
+    pub phase: Phase,
     #[serde(skip)]
     pub last_heartbeat: Instant,
     /// Set by Finish: whether it ended well, and its message.
@@ -252,7 +252,7 @@ impl Job {
             collective_address: String::new(),
             preferred_rank,
             step: self.start_step,
-            phase: WorkerPhase::Starting,
+            phase: Phase::Starting,
             last_heartbeat: now,
             finished: None,
             nccl_unique_id: Vec::new(),

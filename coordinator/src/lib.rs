@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use checkpoint::Resume;
-use contract::auth::{Guard, Token};
 use contract::manifest::Manifest;
-use contract::rpc::coordinator_server::CoordinatorServer;
 use contract::status::JobState;
+use proto::auth::{Guard, Token};
+use proto::coordinator_server::CoordinatorServer;
 use tokio::sync::watch;
 
 use job::{Job, RecoveryPolicy};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use contract::auth::Token;
+use proto::auth::Token;
 
 pub struct LocalWorkers {
     children: Vec<Child>,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use checkpoint::layout::ShardRecord;
-use contract::rpc::coordinator_server::Coordinator as CoordinatorRpc;
-use contract::rpc::{
+use proto::coordinator_server::Coordinator as CoordinatorRpc;
+use proto::{
     Assignment, CheckpointReply, CheckpointShard, CollectiveKind as RpcCollectiveKind, FinishReply, FinishRequest,
     HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
@@ -140,7 +140,9 @@ impl CoordinatorRpc for Service {
         let current = request.generation == job.generation;
         let worker = registered(&mut job, &request.worker_id)?;
         worker.last_heartbeat = Instant::now();
-        worker.phase = WorkerPhase::try_from(request.phase).unwrap_or(WorkerPhase::Starting);
+        worker.phase = WorkerPhase::try_from(request.phase)
+            .unwrap_or(WorkerPhase::Starting)
+            .into();
         if !request.device.is_empty() {
             worker.device = request.device;
         }

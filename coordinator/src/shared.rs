@@ -4,9 +4,9 @@
 
 use std::sync::Mutex;
 
-use contract::auth::Guard;
 use contract::manifest::Manifest;
 use contract::status::JobState;
+use proto::auth::Guard;
 use tokio::sync::watch;
 
 use crate::job::{self, Change, Job};
@@ -87,7 +87,7 @@ impl Shared {
     }
 
     /// Appends rank 0's step metrics (the job's) to metrics.jsonl.
-    pub(crate) fn log_metrics(&self, metrics: &[contract::rpc::StepMetrics]) {
+    pub(crate) fn log_metrics(&self, metrics: &[proto::StepMetrics]) {
         use std::io::Write;
         let mut log = self.metrics_log.lock().expect("metrics log");
         let Some(file) = log.as_mut() else { return };

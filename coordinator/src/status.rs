@@ -9,10 +9,7 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse, Json};
 use axum::routing::get;
 use axum::Router;
-use contract::rpc::WorkerPhase;
-use contract::status::{
-    phase_name, BadRecords, JobState, Losses, RankTraffic, SourceProgress, StatusReport, WorkerReport,
-};
+use contract::status::{BadRecords, JobState, Losses, Phase, RankTraffic, SourceProgress, StatusReport, WorkerReport};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -58,7 +55,7 @@ pub fn report(shared: &Shared) -> StatusReport {
                 host: w.host.clone(),
                 device: w.device.clone(),
                 step: w.step,
-                phase: phase_name(w.phase).to_string(),
+                phase: w.phase,
                 last_heartbeat_seconds_ago: w.last_heartbeat.elapsed().as_secs_f64(),
                 finished: w.finished.as_ref().map(|(ok, _)| *ok),
                 message: w
@@ -243,7 +240,6 @@ fn family(registry: &mut Registry, name: &str, help: &str, points: impl IntoIter
 
 /// The unlabelled gauges: name, help, value (absent ones are left out).
 fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 17] {
-    let compiling = phase_name(WorkerPhase::Compiling);
     let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
     [
         (
@@ -291,7 +287,7 @@ fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>);
         (
             "workers_compiling",
             "Workers in their first GPU step, compiling and tuning kernels",
-            Some(status.workers.iter().filter(|w| w.phase == compiling).count() as f64),
+            Some(status.workers.iter().filter(|w| w.phase == Phase::Compiling).count() as f64),
         ),
         ("workers_lost", "Workers declared lost", Some(f64::from(u8::from(lost)))),
         (

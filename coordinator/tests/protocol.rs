@@ -5,14 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use contract::auth::Token;
 use contract::manifest::Manifest;
-use contract::rpc::coordinator_client::CoordinatorClient;
-use contract::rpc::{
+use contract::status::{JobState, Phase};
+use coordinator::{Coordinator, Resume};
+use proto::auth::Token;
+use proto::coordinator_client::CoordinatorClient;
+use proto::{
     Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
 };
-use contract::status::JobState;
-use coordinator::{Coordinator, Resume};
 use tonic::transport::Channel;
 
 /// A manifest over two hand-written dataset indexes (the coordinator reads
@@ -164,7 +164,7 @@ async fn an_nccl_job_hands_every_rank_the_unique_id_of_rank_0() {
             ..register()
         };
         let reply = client.register(request).await.unwrap().into_inner();
-        assert_eq!(reply.collective(), contract::rpc::CollectiveKind::Nccl);
+        assert_eq!(reply.collective(), proto::CollectiveKind::Nccl);
         workers.push(reply.worker_id);
     }
     let rendezvous = |id: String, nccl_unique_id: &[u8]| {
@@ -285,17 +285,17 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
         })
         .await
         .unwrap();
-    let phases: Vec<(String, String, String)> = coordinator::status::report(&coordinator.shared)
+    let phases: Vec<(String, Phase, String)> = coordinator::status::report(&coordinator.shared)
         .workers
         .iter()
         .map(|w| (w.id.clone(), w.phase.clone(), w.device.clone()))
         .collect();
     assert!(
-        phases.contains(&(first.clone(), "compiling".into(), "cuda:0 NVIDIA H200".into())),
+        phases.contains(&(first.clone(), Phase::Compiling, "cuda:0 NVIDIA H200".into())),
         "{phases:?}"
     );
     assert!(
-        phases.contains(&(second.clone(), "starting".into(), "cpu".into())),
+        phases.contains(&(second.clone(), Phase::Starting, "cpu".into())),
         "{phases:?}"
     );
     assert!(

@@ -8,13 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use contract::auth::Token;
 use contract::manifest::{Manifest, Overrides};
 use contract::status::{JobState, StatusReport};
 use coordinator::local_workers::LocalWorkers;
 use coordinator::Coordinator;
 use datasets::demo::{self, DemoSpec};
 use indicatif::{ProgressBar, ProgressStyle};
+use proto::auth::Token;
 use store::Store;
 use worker::job::{WorkerOptions, WorkerOutcome};
 

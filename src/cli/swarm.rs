@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use contract::auth::{Bearer, Token};
 use contract::manifest::Manifest;
-use contract::rpc::coordinator_client::CoordinatorClient;
-use contract::rpc::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
+use proto::auth::{Bearer, Token};
+use proto::coordinator_client::CoordinatorClient;
+use proto::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use contract::auth::Bearer;
-use contract::rpc::coordinator_client::CoordinatorClient;
-use contract::rpc::{
+use proto::auth::Bearer;
+use proto::coordinator_client::CoordinatorClient;
+use proto::{
     Assignment, CollectiveKind, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
     StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };

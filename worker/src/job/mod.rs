@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use collective::tcp::RingListener;
-use contract::auth::Token;
 use contract::manifest::{Backend, Manifest};
-use contract::rpc::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
 use model::backend::{CpuTrain, WgpuTrain};
 use model::state::SavedShard;
+use proto::auth::Token;
+use proto::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
 
 use client::{
     connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, NoAssignment, Progress, Registered, Signals,

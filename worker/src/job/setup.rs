@@ -13,7 +13,6 @@ use collective::tcp::{RingListener, TcpRing};
 use collective::Collective;
 use contract::dataset::DatasetIndex;
 use contract::manifest::{CollectiveKind, Contrastive, Eval, Manifest, Train};
-use contract::rpc::Assignment;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
 use datasets::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
@@ -26,6 +25,7 @@ use model::train::contrastive::ContrastiveMode;
 use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, TrainStep};
 use model::CocaModel;
+use proto::Assignment;
 use store::{LocalCache, Store, StoreOptions};
 
 use super::WorkerError;

@@ -9,10 +9,10 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use collective::Collective;
-use contract::rpc::{BadRecordCount, EvalMetric, SourceTraffic, StepMetrics, WorkerPhase};
 use datasets::loader::{BadRecords, Traffic};
 use model::state::SavedShard;
 use model::CocaModel;
+use proto::{BadRecordCount, EvalMetric, SourceTraffic, StepMetrics, WorkerPhase};
 
 use super::client::{Progress, Signals};
 use super::setup::{JobSetup, Snapshot};
