@@ -16,8 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use contract::dataset::DatasetIndex;
-use contract::manifest::Manifest;
+use contract::plan::JobPlan;
 use contract::sample_order::SampleOrder;
 
 pub const META: &str = "meta.json";
@@ -174,18 +173,22 @@ pub struct ResumeFields {
 }
 
 impl ResumeFields {
-    pub fn of(manifest: &Manifest, indexes: &[DatasetIndex], order: &SampleOrder) -> Self {
+    /// The fields of `plan`, whose sample order is `order`.
+    pub fn of(plan: &JobPlan, order: &SampleOrder) -> Self {
         Self {
-            model: serde_json::to_string(&manifest.model).expect("the model config serializes"),
-            sources: manifest
-                .data
+            model: serde_json::to_string(&plan.model).expect("the model config serializes"),
+            sources: plan
                 .sources
                 .iter()
                 .map(|s| format!("{} {} {} {}", s.url, s.kind, s.weight, s.templates))
                 .collect(),
-            datasets: indexes.iter().map(|i| format!("{:016x}", i.fingerprint())).collect(),
-            seed: manifest.job.seed,
-            global_batch: manifest.train.global_batch,
+            datasets: plan
+                .sources
+                .iter()
+                .map(|s| format!("{:016x}", s.index.fingerprint()))
+                .collect(),
+            seed: plan.seed,
+            global_batch: plan.train.global_batch,
             order: order.describe(),
             imported: None,
         }

@@ -11,6 +11,7 @@
 pub mod dataset;
 pub mod manifest;
 pub mod model;
+pub mod plan;
 pub mod rng;
 pub mod sample_order;
 pub mod status;

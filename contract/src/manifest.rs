@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 
+use serde::{Deserialize, Serialize};
+
 use crate::dataset::DatasetKind;
 use crate::model::closest;
 use crate::sample_order::{self, SampleOrderError};
@@ -37,8 +39,6 @@ pub struct Manifest {
     pub status: Status,
     pub auth: Auth,
     pub recovery: Recovery,
-    /// The text the manifest was read from, handed to workers as is.
-    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,14 +85,6 @@ pub struct Data {
     pub s3_region: Option<String>,
 }
 
-impl Data {
-    /// How every store of the job is reached: the one place the manifest
-    /// becomes store options (data, checkpoints, kernel cache).
-    pub fn store_options(&self) -> store::StoreOptions {
-        store::StoreOptions::with_s3(self.s3_endpoint.clone(), self.s3_region.clone())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {
     pub url: String,
@@ -102,20 +94,23 @@ pub struct Source {
     pub templates: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Cosine,
     Linear,
     Constant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Contrastive {
     Local,
     Full,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Train {
     pub global_batch: usize,
     pub learning_rate: f64,
@@ -138,7 +133,8 @@ pub struct Train {
 /// `f32`, or `bf16`: mixed precision (matmuls and activations in bf16;
 /// parameters, gradients, their all-reduce, AdamW's moments, losses,
 /// softmaxes and the logit scale in f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
     Bf16,
@@ -163,7 +159,8 @@ impl Train {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     Cpu,
     Cuda,
@@ -172,7 +169,8 @@ pub enum Backend {
     Wgpu,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CollectiveKind {
     Tcp,
     Nccl,
@@ -201,14 +199,21 @@ impl Manifest {
     /// `cluster.replicas`, or, after the world shrank to one whose
     /// micro-batch that count does not divide, its largest divisor below it.
     pub fn replicas_for(&self, world: usize) -> usize {
-        let micro_batch = self.train.global_batch / world.max(1);
-        let most = self.cluster.replicas.clamp(1, micro_batch.max(1));
-        (1..=most).rev().find(|n| micro_batch % n == 0).unwrap_or(1)
+        replicas_for(self.cluster.replicas, self.train.global_batch, world)
     }
 }
 
+/// `replicas` per worker, or, where the micro-batch of `global_batch` over
+/// `world` workers is not divisible by it, its largest divisor below it.
+pub fn replicas_for(replicas: usize, global_batch: usize, world: usize) -> usize {
+    let micro_batch = global_batch / world.max(1);
+    let most = replicas.clamp(1, micro_batch.max(1));
+    (1..=most).rev().find(|n| micro_batch % n == 0).unwrap_or(1)
+}
+
 /// How much time cubecl spends choosing the fastest kernel for a shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AutotuneLevel {
     Minimal,
     Balanced,
@@ -217,7 +222,8 @@ pub enum AutotuneLevel {
 }
 
 /// How GPU workers (cuda, wgpu) compile and tune their kernels (ignored on the CPU backend).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Gpu {
     /// Defaults to minimal: the first step of a fresh job then takes seconds
     /// of tuning instead of minutes.
@@ -229,7 +235,8 @@ pub struct Gpu {
     pub log_compilations: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     pub url: String,
     pub every: u64,
@@ -237,7 +244,8 @@ pub struct Checkpoint {
 }
 
 /// Evaluation on held-out data during training, by rank 0.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Eval {
     pub every: u64,
     /// A jft dataset for zero-shot classification.
@@ -411,10 +419,6 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
     fn apply(&self, root: &mut toml::Table) {
         let mut set = |section: &str, key: &str, value: u64| {
             let entry = root
@@ -445,18 +449,12 @@ impl Manifest {
         Self::parse_with(text, origin, &Overrides::default())
     }
 
-    /// [`Manifest::parse`] with a command line's overrides applied; the
-    /// manifest's text (what workers receive) then has them too.
+    /// [`Manifest::parse`] with a command line's overrides applied.
     pub fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Self, ManifestError> {
         let mut root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| error(origin, e.to_string().trim().to_string()))?;
-        let text = if overrides.is_empty() {
-            text.to_string()
-        } else {
-            overrides.apply(&mut root);
-            toml::to_string(&root).expect("a TOML table serializes")
-        };
+        overrides.apply(&mut root);
         const SECTIONS: [&str; 11] = [
             "job",
             "model",
@@ -505,7 +503,6 @@ impl Manifest {
             status,
             auth,
             recovery,
-            source: text,
         };
         manifest.validate()?;
         Ok(manifest)

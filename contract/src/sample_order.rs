@@ -27,9 +27,6 @@
 
 use std::fmt;
 
-use crate::dataset::DatasetIndex;
-use crate::manifest::Manifest;
-
 /// One sample: a row of a source, and the pass of its stream it is drawn in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleRef {
@@ -58,7 +55,8 @@ impl SourceSize {
 /// How the order walks the shards: the manifest's `data.streams` (none:
 /// the largest count up to 64 the batch and the shards allow) and
 /// `data.shuffle_window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Streaming {
     pub streams: Option<usize>,
     pub window: usize,
@@ -217,24 +215,6 @@ impl SampleOrder {
             window: streaming.window,
             dealt,
         })
-    }
-
-    /// The order of a job: its seed, mix, global batch and streaming over
-    /// the pinned indexes of its sources (one per `data.source`, in order).
-    pub fn for_job(manifest: &Manifest, indexes: &[DatasetIndex]) -> Result<Self, SampleOrderError> {
-        let sizes: Vec<SourceSize> = indexes
-            .iter()
-            .zip(&manifest.data.sources)
-            .map(|(index, source)| SourceSize {
-                shard_rows: index.shards.iter().map(|shard| shard.rows).collect(),
-                weight: source.weight,
-            })
-            .collect();
-        let streaming = Streaming {
-            streams: manifest.data.streams,
-            window: manifest.data.shuffle_window,
-        };
-        Self::new(manifest.job.seed, &sizes, manifest.train.global_batch, streaming)
     }
 
     /// Samples drawn from each source in the first `step` steps.

@@ -27,15 +27,15 @@ use tokio::sync::watch;
 
 use job::{Job, RecoveryPolicy};
 use journal::{Event, Journal};
-use plan::JobPlan;
+use plan::JobStart;
 pub use shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     #[error("data.source[{index}] ({url}): {message}")]
     Dataset { index: usize, url: String, message: String },
-    #[error("data.streams: {0}")]
-    Order(String),
+    #[error(transparent)]
+    Plan(#[from] contract::plan::PlanError),
     #[error("{field} ({url}): {message}")]
     Eval {
         field: &'static str,
@@ -78,10 +78,10 @@ impl Coordinator {
     /// listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(manifest: Manifest, token: Token, resume: Resume) -> Result<Self, CoordinatorError> {
         let reading = manifest.clone();
-        let plan = tokio::task::spawn_blocking(move || JobPlan::read(&reading, &resume))
+        let start = tokio::task::spawn_blocking(move || JobStart::read(&reading, &resume))
             .await
             .expect("planning the job does not panic")?;
-        if let Some(chosen) = &plan.chosen {
+        if let Some(chosen) = &start.chosen {
             for skipped in &chosen.skipped {
                 tracing::info!("skipping {skipped}");
             }
@@ -104,11 +104,11 @@ impl Coordinator {
         let previous = (recovered.events > 0).then_some(recovered);
         let mut job = Job::new(
             &manifest.job.name,
-            plan.total_steps,
+            start.plan.total_steps,
             RecoveryPolicy::of(&manifest),
             previous,
         );
-        if let Some(chosen) = plan.chosen {
+        if let Some(chosen) = start.chosen {
             job.start_step = chosen.step;
             job.checkpoint.resumed_from = Some(chosen.url.clone());
             job.newest_commit = Some((chosen.step, chosen.url));
@@ -129,7 +129,8 @@ impl Coordinator {
         let shared = Arc::new(Shared {
             job: Mutex::new(job),
             manifest,
-            indexes: plan.indexes,
+            plan_json: start.plan.to_json(),
+            plan: start.plan,
             journal: Mutex::new(journal),
             metrics_log: Mutex::new(metrics_log),
             ready: watch::channel(false).0,

@@ -1,58 +1,52 @@
 //! Where a job starts: every dataset's index read once, checked and pinned,
-//! the job's length in steps, and the checkpoint it resumes from.
+//! the job plan every rank receives, and the checkpoint it resumes from.
 //! Blocking (object store calls): run off the async runtime.
 
 use checkpoint::layout::ResumeFields;
 use checkpoint::Resume;
 use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use contract::manifest::Manifest;
+use contract::plan::{JobPlan, StorePlan};
 use contract::sample_order::SampleOrder;
 use store::{Store, StoreOptions};
 
 use crate::CoordinatorError;
 
 /// What the coordinator starts a job from.
-pub struct JobPlan {
-    /// The pinned dataset indexes (JSON), one per source.
-    pub indexes: Vec<String>,
-    pub total_steps: u64,
+pub struct JobStart {
+    pub plan: JobPlan,
     /// The committed step it resumes from; `None` starts at step 0.
     pub chosen: Option<checkpoint::Chosen>,
 }
 
-impl JobPlan {
+impl JobStart {
     pub fn read(manifest: &Manifest, resume: &Resume) -> Result<Self, CoordinatorError> {
-        let indexes = read_indexes(manifest)?;
-        let parsed: Vec<DatasetIndex> = indexes
-            .iter()
-            .map(|json| DatasetIndex::parse(json, "pinned index").expect("validated when read"))
-            .collect();
-        let order = SampleOrder::for_job(manifest, &parsed).map_err(|e| CoordinatorError::Order(e.to_string()))?;
+        let (plan, order) = JobPlan::new(manifest, read_indexes(manifest)?)?;
         tracing::info!("sample order: {}", order.describe());
-        warn_about_streaming(manifest, &parsed, &order);
-        let total_steps = manifest.total_steps(parsed[0].rows(), order.counts_per_batch()[0]);
-        let chosen = choose_start(manifest, &parsed, &order, resume)?;
+        warn_about_streaming(manifest, &plan, &order);
+        let chosen = choose_start(manifest, &plan, &order, resume)?;
         if let Some(chosen) = &chosen {
-            if chosen.step >= total_steps {
+            if chosen.step >= plan.total_steps {
                 return Err(CoordinatorError::Complete {
                     url: chosen.url.clone(),
                     step: chosen.step,
-                    total: total_steps,
+                    total: plan.total_steps,
                 });
             }
         }
-        Ok(Self {
-            indexes,
-            total_steps,
-            chosen,
-        })
+        Ok(Self { plan, chosen })
     }
+}
+
+/// How the job's stores are reached.
+pub(crate) fn store_options(store: &StorePlan) -> StoreOptions {
+    StoreOptions::with_s3(store.s3_endpoint.clone(), store.s3_region.clone())
 }
 
 /// Says when the stream layout will make workers fetch shards more than
 /// once an epoch: a world that does not divide the streams, or a rank's
 /// working set (its streams' windows of shards) larger than its memory.
-fn warn_about_streaming(manifest: &Manifest, indexes: &[DatasetIndex], order: &SampleOrder) {
+fn warn_about_streaming(manifest: &Manifest, plan: &JobPlan, order: &SampleOrder) {
     let workers = manifest.cluster.workers;
     let local = order.is_local_for(workers);
     if !local {
@@ -67,9 +61,11 @@ fn warn_about_streaming(manifest: &Manifest, indexes: &[DatasetIndex], order: &S
     } else {
         order.streams()
     } as u64;
-    let working_set: u64 = indexes
+    let working_set: u64 = plan
+        .sources
         .iter()
-        .map(|index| {
+        .map(|source| {
+            let index = &source.index;
             let shards = index.shards.len().max(1) as u64;
             let mean_bytes = index.shards.iter().map(|shard| shard.bytes).sum::<u64>() / shards;
             let window = (manifest.data.shuffle_window as u64).min(shards.div_ceil(order.streams() as u64));
@@ -92,18 +88,18 @@ fn warn_about_streaming(manifest: &Manifest, indexes: &[DatasetIndex], order: &S
 /// and the tokenizer still match what wrote it.
 fn choose_start(
     manifest: &Manifest,
-    indexes: &[DatasetIndex],
+    plan: &JobPlan,
     order: &SampleOrder,
     resume: &Resume,
 ) -> Result<Option<checkpoint::Chosen>, CoordinatorError> {
-    let options = manifest.data.store_options();
+    let options = store_options(&plan.store);
     let root = match (&manifest.checkpoint, resume) {
         (Some(checkpoint), _) => Store::open(&checkpoint.url, &options).map_err(checkpoint::CheckpointError::from)?,
         // --from reads a step wherever it is; without a location there is nothing else to resume.
         (None, Resume::From(url)) => Store::open(url, &options).map_err(checkpoint::CheckpointError::from)?,
         (None, _) => return Ok(None),
     };
-    let fields = ResumeFields::of(manifest, indexes, order);
+    let fields = ResumeFields::of(plan, order);
     let Some(chosen) = checkpoint::choose(&root, &options, resume, &fields)? else {
         return Ok(None);
     };
@@ -123,8 +119,8 @@ fn choose_start(
 }
 
 /// Every source's index, read once and checked against the manifest.
-fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
-    let options = manifest.data.store_options();
+fn read_indexes(manifest: &Manifest) -> Result<Vec<DatasetIndex>, CoordinatorError> {
+    let options = store_options(&StorePlan::of(&manifest.data));
     let mut indexes = Vec::new();
     for (index, source) in manifest.data.sources.iter().enumerate() {
         let failed = |message: String| CoordinatorError::Dataset {
@@ -132,14 +128,14 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
             url: source.url.clone(),
             message,
         };
-        let (json, parsed) = read_index(&source.url, &options).map_err(failed)?;
+        let parsed = read_index(&source.url, &options).map_err(failed)?;
         if parsed.kind != source.kind {
             return Err(failed(format!(
                 "the dataset is {}, but the manifest says kind = \"{}\"",
                 parsed.kind, source.kind
             )));
         }
-        indexes.push(json);
+        indexes.push(parsed);
     }
     // The [eval] datasets: rank 0 reads them mid-job, so check them now.
     let evals = manifest.eval.iter().flat_map(|eval| {
@@ -155,7 +151,7 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
             url: url.to_string(),
             message,
         };
-        let (_, parsed) = read_index(url, &options).map_err(failed)?;
+        let parsed = read_index(url, &options).map_err(failed)?;
         if parsed.kind != kind {
             return Err(failed(format!(
                 "the dataset is {}; {field} needs a {kind} dataset",
@@ -166,14 +162,13 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<String>, CoordinatorError> {
     Ok(indexes)
 }
 
-/// A dataset's index.json: its text (to pin) and what it says.
-fn read_index(url: &str, options: &StoreOptions) -> Result<(String, DatasetIndex), String> {
+/// A dataset's index.json, checked.
+fn read_index(url: &str, options: &StoreOptions) -> Result<DatasetIndex, String> {
     let store = Store::open(url, options).map_err(|e| e.to_string())?;
     let bytes = store.get(INDEX_FILE).map_err(|e| match e {
         store::StoreError::NotFound { .. } => format!("no dataset here (no {INDEX_FILE})"),
         other => other.to_string(),
     })?;
     let json = String::from_utf8(bytes.to_vec()).map_err(|_| format!("{INDEX_FILE} is not UTF-8"))?;
-    let parsed = DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| e.to_string())?;
-    Ok((json, parsed))
+    DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| e.to_string())
 }

@@ -111,13 +111,11 @@ impl CoordinatorRpc for Service {
                         rank: rank as u32,
                         world_size: job.world_size as u32,
                         peers: peers.into_iter().map(|(_, address)| address).collect(),
-                        manifest_toml: self.shared.manifest.source.clone(),
                         start_step: job.start_step,
-                        total_steps: job.total_steps,
-                        dataset_indexes: self.shared.indexes.clone(),
                         nccl_unique_id: nccl_unique_id.unwrap_or_default(),
                         resume_from: job.checkpoint.resumed_from.clone().unwrap_or_default(),
                         generation: job.generation,
+                        plan: self.shared.plan_json.clone(),
                     }));
                 }
             }
@@ -201,7 +199,7 @@ impl CoordinatorRpc for Service {
         let step = shard.step;
         let seconds = reports.iter().map(|(_, s)| *s).fold(0.0, f64::max);
         let shards: Vec<ShardRecord> = reports.into_iter().map(|(record, _)| record).collect();
-        let options = self.shared.manifest.data.store_options();
+        let options = crate::plan::store_options(&self.shared.plan.store);
         let committed = tokio::task::spawn_blocking(move || {
             let root = store::Store::open(&checkpoint.url, &options)?;
             let bytes = checkpoint::commit(&root, step, shards, checkpoint.keep, crate::job::unix_now())?;

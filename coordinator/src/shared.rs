@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 
 use contract::manifest::Manifest;
+use contract::plan::JobPlan;
 use contract::status::JobState;
 use proto::auth::Guard;
 use tokio::sync::watch;
@@ -17,8 +18,9 @@ use crate::METRICS_FILE;
 pub struct Shared {
     pub job: Mutex<Job>,
     pub manifest: Manifest,
-    /// The pinned dataset indexes (JSON), one per source.
-    pub indexes: Vec<String>,
+    /// What every rank receives, and its wire form.
+    pub plan: JobPlan,
+    pub plan_json: String,
     pub(crate) journal: Mutex<Journal>,
     /// `<job.dir>/metrics.jsonl`: every step's metrics, appended across resumes.
     pub(crate) metrics_log: Mutex<Option<std::fs::File>>,

@@ -224,17 +224,19 @@ async fn tokens_and_protocol_versions_are_checked() {
     assert_eq!(coordinator.shared.refused_calls(), 2);
 
     let mut right = client(&coordinator, Some("right")).await;
-    let mut old = register();
-    old.protocol_version = PROTOCOL_VERSION + 1;
-    let status = right.register(old).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert_eq!(
-        status.message(),
-        format!(
-            "this worker speaks protocol version {}, this coordinator speaks version {PROTOCOL_VERSION}; run the same coca release on both",
-            PROTOCOL_VERSION + 1
-        )
-    );
+    // 3: the release before the job plan, which sent the manifest's text.
+    for other in [3, PROTOCOL_VERSION + 1] {
+        let mut old = register();
+        old.protocol_version = other;
+        let status = right.register(old).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            format!(
+                "this worker speaks protocol version {other}, this coordinator speaks version {PROTOCOL_VERSION}; run the same coca release on both"
+            )
+        );
+    }
     // Nothing refused reached the job.
     assert!(coordinator.shared.job.lock().unwrap().workers.is_empty());
     let report = coordinator::status::report(&coordinator.shared);
@@ -269,8 +271,14 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!((a.rank, b.rank), (0, 1));
     assert_eq!(a.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
-    assert_eq!((a.world_size, a.total_steps, a.dataset_indexes.len()), (2, 5, 2));
-    assert!(a.manifest_toml.contains("name = \"protocol\""));
+    // The job plan: every rank receives the same, derived once.
+    let plan = a.job_plan().unwrap();
+    assert_eq!(
+        (a.world_size, plan.job.as_str(), plan.total_steps, plan.sources.len()),
+        (2, "protocol", 5, 2)
+    );
+    assert_eq!(plan, b.job_plan().unwrap());
+    assert_eq!(plan, coordinator.shared.plan);
     assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Running);
     // A third worker waits as a spare: the world is complete.
     let spare = client.register(register()).await.unwrap().into_inner().worker_id;

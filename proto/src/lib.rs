@@ -12,13 +12,22 @@ tonic::include_proto!("coca.v1");
 /// `tests/compatibility.rs` fails when the protocol changes incompatibly
 /// (against `snapshot.txt`) and this number stayed.
 /// 2: NCCL jobs exchange unique ids through the rendezvous.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the assignment carries the typed job plan, not the manifest's text.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The compiled `coca.proto` as a `FileDescriptorSet`: what the compatibility
 /// test reads.
 pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/coca.descriptor"));
 
+use contract::plan::{JobPlan, PlanError};
 use contract::status::Phase;
+
+impl Assignment {
+    /// The job plan this assignment carries.
+    pub fn job_plan(&self) -> Result<JobPlan, PlanError> {
+        JobPlan::from_json(&self.plan)
+    }
+}
 
 impl From<WorkerPhase> for Phase {
     fn from(phase: WorkerPhase) -> Self {

@@ -81,7 +81,8 @@ fn job_token(manifest: &Manifest, generate: bool) -> anyhow::Result<String> {
 /// Writes the demo datasets where `[data] demo` points, unless they are there.
 fn ensure_demo_data(manifest: &Manifest) -> anyhow::Result<()> {
     let Some(url) = &manifest.data.demo else { return Ok(()) };
-    let root = Store::open(url, &manifest.data.store_options())?;
+    let options = store::StoreOptions::with_s3(manifest.data.s3_endpoint.clone(), manifest.data.s3_region.clone());
+    let root = Store::open(url, &options)?;
     if root.exists(demo::TOKENIZER)? {
         return Ok(());
     }

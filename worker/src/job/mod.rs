@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use collective::tcp::RingListener;
-use contract::manifest::{Backend, Manifest};
+use contract::manifest::Backend;
+use contract::plan::{JobPlan, StorePlan};
 use model::backend::{CpuTrain, WgpuTrain};
 use model::state::SavedShard;
 use proto::auth::Token;
@@ -56,6 +57,8 @@ pub enum WorkerError {
     Refused { call: &'static str, message: String },
     #[error("{0}")]
     Setup(String),
+    #[error("the coordinator's job plan: {0}")]
+    Plan(#[from] contract::plan::PlanError),
     #[error("step {step}: {message}")]
     Step { step: u64, message: String },
     /// This generation of the ring ended (a peer is gone, the coordinator
@@ -190,16 +193,15 @@ impl Generations<'_> {
         assignment: &Assignment,
         listener: RingListener,
     ) -> Result<WorkerOutcome, WorkerError> {
+        let plan = assignment.job_plan()?;
         tracing::info!(
             "worker {id}: rank {} of {}, steps {}..{} (generation {})",
             assignment.rank,
             assignment.world_size,
             assignment.start_step,
-            assignment.total_steps,
+            plan.total_steps,
             assignment.generation
         );
-        let manifest = Manifest::parse(&assignment.manifest_toml, "the coordinator's manifest")
-            .map_err(|e| WorkerError::Setup(e.to_string()))?;
         {
             let mut progress = self.progress.lock().expect("progress");
             progress.generation = assignment.generation;
@@ -229,7 +231,7 @@ impl Generations<'_> {
             report: &report,
         };
         train_on_backend(
-            &manifest,
+            &plan,
             assignment,
             self.options.device,
             listener,
@@ -239,28 +241,26 @@ impl Generations<'_> {
     }
 }
 
-/// Builds the job on the manifest's backend and trains it. A GPU worker
+/// Builds the job on the plan's backend and trains it. A GPU worker
 /// prepares its kernels (cache, cubecl settings) and opens its device in its
 /// first generation and keeps both for the next: cubecl is configured once
 /// per process.
 fn train_on_backend(
-    manifest: &Manifest,
+    plan: &JobPlan,
     assignment: &Assignment,
     ordinal: usize,
     listener: RingListener,
     reporting: &Reporting,
     gpu: &mut Option<PreparedGpu>,
 ) -> Result<WorkerOutcome, WorkerError> {
-    let options = manifest.data.store_options();
+    let options = store_options(&plan.store);
     let setup = |e: crate::kernels::KernelError| WorkerError::Setup(e.to_string());
-    match manifest.cluster.backend {
-        Backend::Cpu => {
-            JobSetup::<CpuTrain>::build(manifest, assignment, &options, ordinal, &Default::default(), listener)
-                .and_then(|job| train(job, manifest, reporting, None))
-        }
+    match plan.cluster.backend {
+        Backend::Cpu => JobSetup::<CpuTrain>::build(plan, assignment, &options, ordinal, &Default::default(), listener)
+            .and_then(|job| train(job, reporting, None)),
         Backend::Wgpu => {
             if gpu.is_none() {
-                let (kernels, adapter) = Kernels::prepare_wgpu(&manifest.gpu, &options, ordinal).map_err(setup)?;
+                let (kernels, adapter) = Kernels::prepare_wgpu(&plan.gpu, &options, ordinal).map_err(setup)?;
                 reporting.progress.lock().expect("progress").device = format!("wgpu:{ordinal} {}", adapter.name);
                 *gpu = Some(PreparedGpu {
                     kernels,
@@ -270,7 +270,7 @@ fn train_on_backend(
             let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
             match device {
                 GpuDevice::Wgpu(device) => {
-                    train_on_gpu::<WgpuTrain>(manifest, assignment, ordinal, device, listener, reporting, kernels)
+                    train_on_gpu::<WgpuTrain>(plan, assignment, ordinal, device, listener, reporting, kernels)
                 }
                 #[cfg(feature = "cuda")]
                 GpuDevice::Cuda(_) => unreachable!("a worker's backend does not change"),
@@ -279,7 +279,7 @@ fn train_on_backend(
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             if gpu.is_none() {
-                let (kernels, name) = Kernels::prepare_cuda(&manifest.gpu, &options, ordinal).map_err(setup)?;
+                let (kernels, name) = Kernels::prepare_cuda(&plan.gpu, &options, ordinal).map_err(setup)?;
                 reporting.progress.lock().expect("progress").device = format!("cuda:{ordinal} {name}");
                 let device =
                     model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;
@@ -291,7 +291,7 @@ fn train_on_backend(
             let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
             match device {
                 GpuDevice::Cuda(device) => train_on_gpu::<model::backend::CudaTrain>(
-                    manifest, assignment, ordinal, device, listener, reporting, kernels,
+                    plan, assignment, ordinal, device, listener, reporting, kernels,
                 ),
                 GpuDevice::Wgpu(_) => unreachable!("a worker's backend does not change"),
             }
@@ -301,6 +301,11 @@ fn train_on_backend(
             "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
         )),
     }
+}
+
+/// How the job's stores are reached (data, checkpoints, kernel cache).
+pub(crate) fn store_options(store: &StorePlan) -> store::StoreOptions {
+    store::StoreOptions::with_s3(store.s3_endpoint.clone(), store.s3_region.clone())
 }
 
 /// A GPU worker's kernels and device, prepared in its first generation.
@@ -318,7 +323,7 @@ enum GpuDevice {
 /// Trains one generation on a GPU backend; rank 0 then shares what the run
 /// compiled so far, evaluation included, for the next start.
 fn train_on_gpu<B: burn::tensor::backend::AutodiffBackend>(
-    manifest: &Manifest,
+    plan: &JobPlan,
     assignment: &Assignment,
     ordinal: usize,
     device: &B::Device,
@@ -329,9 +334,9 @@ fn train_on_gpu<B: burn::tensor::backend::AutodiffBackend>(
 where
     model::CocaModel<B>: burn::module::AutodiffModule<B, InnerModule = model::CocaModel<B::InnerBackend>>,
 {
-    let options = manifest.data.store_options();
-    let result = JobSetup::<B>::build(manifest, assignment, &options, ordinal, device, listener)
-        .and_then(|job| train(job, manifest, reporting, Some(&mut *kernels)));
+    let options = store_options(&plan.store);
+    let result = JobSetup::<B>::build(plan, assignment, &options, ordinal, device, listener)
+        .and_then(|job| train(job, reporting, Some(&mut *kernels)));
     if assignment.rank == 0 {
         kernels.publish();
     }

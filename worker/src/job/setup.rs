@@ -11,8 +11,8 @@ use burn::tensor::backend::AutodiffBackend;
 use checkpoint::layout::{self, ResumeFields};
 use collective::tcp::{RingListener, TcpRing};
 use collective::Collective;
-use contract::dataset::DatasetIndex;
-use contract::manifest::{CollectiveKind, Contrastive, Eval, Manifest, Train};
+use contract::manifest::{CollectiveKind, Contrastive, Eval, Train};
+use contract::plan::JobPlan;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
 use datasets::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
@@ -39,6 +39,8 @@ pub(super) struct JobSetup<B: AutodiffBackend> {
     pub rank: usize,
     pub start_step: u64,
     pub total_steps: u64,
+    /// The optimizer's settings and the learning-rate schedule.
+    pub train: Train,
     pub order: SampleOrder,
     pub loader: Loader,
     /// The ring to the other ranks (TCP, or NCCL on CUDA jobs that ask).
@@ -54,7 +56,6 @@ pub(super) struct JobSetup<B: AutodiffBackend> {
 /// What the job's data sources resolve to.
 struct JobData {
     sources: Vec<LoaderSource>,
-    indexes: Vec<DatasetIndex>,
     order: SampleOrder,
     /// tokenizer.json as stored, and parsed.
     tokenizer_json: store::Bytes,
@@ -66,7 +67,7 @@ where
     CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     pub fn build(
-        manifest: &Manifest,
+        plan: &JobPlan,
         assignment: &Assignment,
         options: &StoreOptions,
         ordinal: usize,
@@ -74,17 +75,17 @@ where
         listener: RingListener,
     ) -> Result<Self, WorkerError> {
         let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
-        let data = open_data(manifest, assignment, options)?;
-        let eval = match (&manifest.eval, rank) {
-            (Some(eval), 0) => Some(periodic_eval(manifest, eval, &data.tokenizer_json, options)?),
+        let data = open_data(plan, options)?;
+        let eval = match (&plan.eval, rank) {
+            (Some(eval), 0) => Some(periodic_eval(plan, eval, &data.tokenizer_json, options)?),
             _ => None,
         };
-        let checkpointing = match &manifest.checkpoint {
+        let checkpointing = match &plan.checkpoint {
             Some(checkpoint) => Some(Checkpointing {
                 root: Store::open(&checkpoint.url, options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
                 every: checkpoint.every,
-                resume: ResumeFields::of(manifest, &data.indexes, &data.order),
-                seed: manifest.job.seed,
+                resume: ResumeFields::of(plan, &data.order),
+                seed: plan.seed,
                 tokenizer_sha256: store::sha256_hex(&data.tokenizer_json),
                 tokenizer: data.tokenizer_json.clone(),
                 rank,
@@ -93,29 +94,21 @@ where
             None => None,
         };
         let config = LoaderConfig {
-            threads: manifest.data.loader_threads,
-            prefetch_batches: manifest.data.prefetch_batches,
-            max_bad_fraction: manifest.data.max_bad_fraction,
-            shard_memory_bytes: manifest.data.shard_memory_bytes,
-            fetch_ahead_bytes: manifest.data.fetch_ahead_bytes,
-            ..LoaderConfig::new(manifest.model.image_size as u32, manifest.model.context_length)
+            threads: plan.loader.threads,
+            prefetch_batches: plan.loader.prefetch_batches,
+            max_bad_fraction: plan.loader.max_bad_fraction,
+            shard_memory_bytes: plan.loader.shard_memory_bytes,
+            fetch_ahead_bytes: plan.loader.fetch_ahead_bytes,
+            ..LoaderConfig::new(plan.model.image_size as u32, plan.model.context_length)
         };
         let order = data.order.clone();
-        let assembler = BatchAssembler::new(
-            data.sources,
-            data.order,
-            data.tokenizer,
-            config,
-            manifest.job.seed,
-            rank,
-            world,
-        )
-        .map_err(|e| setup(e.to_string()))?;
+        let assembler = BatchAssembler::new(data.sources, data.order, data.tokenizer, config, plan.seed, rank, world)
+            .map_err(|e| setup(e.to_string()))?;
         let loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
-        let collective = join_collective(manifest, assignment, listener, ordinal)?;
+        let collective = join_collective(plan, assignment, listener, ordinal)?;
         let device = device.clone();
-        let (model, trainer) = model_and_trainer(manifest, assignment, options, &device)?;
-        let replicas = manifest.replicas_for(world);
+        let (model, trainer) = model_and_trainer(plan, assignment, options, &device)?;
+        let replicas = plan.replicas_for(world);
         if rank == 0 && replicas > 1 {
             tracing::info!("{replicas} model replicas per worker, a thread each");
         }
@@ -123,7 +116,8 @@ where
         Ok(Self {
             rank,
             start_step: assignment.start_step,
-            total_steps: assignment.total_steps,
+            total_steps: plan.total_steps,
+            train: plan.train.clone(),
             order,
             loader,
             collective,
@@ -137,18 +131,14 @@ where
 }
 
 /// The sources at their pinned indexes, their sample order and the tokenizer.
-fn open_data(manifest: &Manifest, assignment: &Assignment, options: &StoreOptions) -> Result<JobData, WorkerError> {
+fn open_data(plan: &JobPlan, options: &StoreOptions) -> Result<JobData, WorkerError> {
     let mut sources = Vec::new();
-    let mut indexes = Vec::new();
-    for ((source, json), i) in manifest.data.sources.iter().zip(&assignment.dataset_indexes).zip(0..) {
-        let index =
-            DatasetIndex::parse(json, &format!("data.source[{i}] pinned index")).map_err(|e| setup(e.to_string()))?;
+    for (source, i) in plan.sources.iter().zip(0..) {
         let store = Store::open(&source.url, options).map_err(|e| setup(e.to_string()))?;
-        indexes.push(index.clone());
-        let mut dataset = Dataset::with_index(store, index);
-        if let Some(dir) = &manifest.data.cache_dir {
+        let mut dataset = Dataset::with_index(store, source.index.clone());
+        if let Some(dir) = &plan.loader.cache_dir {
             let cache =
-                LocalCache::new(dir, manifest.data.cache_bytes).map_err(|e| setup(format!("data.cache_dir: {e}")))?;
+                LocalCache::new(dir, plan.loader.cache_bytes).map_err(|e| setup(format!("data.cache_dir: {e}")))?;
             dataset = dataset.with_cache(cache);
         }
         sources.push(LoaderSource {
@@ -157,35 +147,34 @@ fn open_data(manifest: &Manifest, assignment: &Assignment, options: &StoreOption
                 .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
         });
     }
-    let order = SampleOrder::for_job(manifest, &indexes).map_err(|e| setup(e.to_string()))?;
+    let order = plan.sample_order().map_err(contract::plan::PlanError::from)?;
     let (store, name) =
-        Store::open_object(&manifest.data.tokenizer, options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+        Store::open_object(&plan.tokenizer, options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
     let tokenizer_json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
-    let tokenizer = parse_tokenizer(manifest, &tokenizer_json)?;
-    if tokenizer.vocab_size() > manifest.model.vocab_size {
+    let tokenizer = parse_tokenizer(plan, &tokenizer_json)?;
+    if tokenizer.vocab_size() > plan.model.vocab_size {
         return Err(setup(format!(
             "data.tokenizer: {} has {} tokens, more than model.vocab_size = {}",
-            manifest.data.tokenizer,
+            plan.tokenizer,
             tokenizer.vocab_size(),
-            manifest.model.vocab_size
+            plan.model.vocab_size
         )));
     }
     Ok(JobData {
         sources,
-        indexes,
         order,
         tokenizer_json,
         tokenizer,
     })
 }
 
-fn parse_tokenizer(manifest: &Manifest, json: &[u8]) -> Result<TextTokenizer, WorkerError> {
-    TextTokenizer::from_json(&String::from_utf8_lossy(json), &manifest.data.tokenizer).map_err(|e| setup(e.to_string()))
+fn parse_tokenizer(plan: &JobPlan, json: &[u8]) -> Result<TextTokenizer, WorkerError> {
+    TextTokenizer::from_json(&String::from_utf8_lossy(json), &plan.tokenizer).map_err(|e| setup(e.to_string()))
 }
 
 /// Rank 0's evaluation on held-out data, with a tokenizer of its own.
 fn periodic_eval(
-    manifest: &Manifest,
+    plan: &JobPlan,
     eval: &Eval,
     tokenizer_json: &[u8],
     options: &StoreOptions,
@@ -208,12 +197,12 @@ fn periodic_eval(
         .as_deref()
         .map(|url| open("eval.retrieval", url))
         .transpose()?;
-    let tokenizer = parse_tokenizer(manifest, tokenizer_json)?;
+    let tokenizer = parse_tokenizer(plan, tokenizer_json)?;
     Ok(PeriodicEval::new(
         eval,
         zeroshot,
         retrieval,
-        manifest.model.clone(),
+        plan.model.clone(),
         tokenizer,
     ))
 }
@@ -221,15 +210,15 @@ fn periodic_eval(
 /// Joins the job's collective: the TCP ring of the assignment's peers, or
 /// the NCCL communicator of rank 0's unique id on GPU `device`.
 fn join_collective(
-    manifest: &Manifest,
+    plan: &JobPlan,
     assignment: &Assignment,
     listener: RingListener,
     device: usize,
 ) -> Result<Box<dyn Collective>, WorkerError> {
-    match manifest.cluster.collective {
+    match plan.cluster.collective {
         CollectiveKind::Tcp => {
             // A neighbour that has not come within two heartbeat timeouts is gone.
-            let patience = Duration::from_millis(2 * manifest.cluster.heartbeat_timeout_ms);
+            let patience = Duration::from_millis(2 * plan.cluster.heartbeat_timeout_ms);
             Ok(Box::new(join_ring(assignment, listener, patience)?))
         }
         CollectiveKind::Nccl => join_nccl(assignment, device),
@@ -264,7 +253,7 @@ fn join_ring(assignment: &Assignment, listener: RingListener, patience: Duration
         .map_err(|e| WorkerError::Regroup(e.to_string()))
 }
 
-/// The training step the manifest's `[train]` section describes.
+/// The training step a job's `[train]` section describes.
 pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
     let optimizer = AdamWConfig::new()
         .with_beta_1(train.beta1 as f32)
@@ -285,7 +274,7 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
 /// The model and its training step, from the job's seed or from the
 /// checkpoint the coordinator chose.
 fn model_and_trainer<B: AutodiffBackend>(
-    manifest: &Manifest,
+    plan: &JobPlan,
     assignment: &Assignment,
     options: &StoreOptions,
     device: &B::Device,
@@ -296,11 +285,11 @@ where
     // A resumed job's parameters all come from the checkpoint: drawing
     // initial ones would only delay the restart.
     let model = if assignment.resume_from.is_empty() {
-        CocaModel::<B>::new(&manifest.model, manifest.job.seed, device)
+        CocaModel::<B>::new(&plan.model, plan.seed, device)
     } else {
-        CocaModel::<B>::placeholder(&manifest.model, device)
+        CocaModel::<B>::placeholder(&plan.model, device)
     };
-    let trainer = train_step::<B>(&manifest.train);
+    let trainer = train_step::<B>(&plan.train);
     if assignment.resume_from.is_empty() {
         return Ok((model, trainer));
     }

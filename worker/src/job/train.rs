@@ -36,7 +36,6 @@ pub(super) struct Reporting<'a> {
 /// save has ended, and its error is this function's, when it returns.
 pub(super) fn train<B: AutodiffBackend>(
     job: JobSetup<B>,
-    manifest: &contract::manifest::Manifest,
     reporting: &Reporting,
     kernels: Option<&mut Kernels>,
 ) -> Result<WorkerOutcome, WorkerError>
@@ -46,7 +45,7 @@ where
     *reporting.signals.interrupt.lock().expect("signals") = job.collective.interrupt();
     std::thread::scope(|scope| {
         let mut saves = Saves { scope, writing: None };
-        let trained = train_steps(job, manifest, reporting, kernels, &mut saves);
+        let trained = train_steps(job, reporting, kernels, &mut saves);
         *reporting.signals.interrupt.lock().expect("signals") = None;
         let saved = saves.wait();
         // The loop's own error says more than a save it cut short.
@@ -104,7 +103,6 @@ enum Agreed {
 
 fn train_steps<'env, B: AutodiffBackend>(
     mut job: JobSetup<B>,
-    manifest: &contract::manifest::Manifest,
     reporting: &Reporting<'env>,
     mut kernels: Option<&mut Kernels>,
     saves: &mut Saves<'_, 'env>,
@@ -150,7 +148,7 @@ where
         let step_started = Instant::now();
         let batch = job.loader.next_batch().map_err(|e| failed(step, e.to_string()))?;
         let batch = batch.to_device::<B>(&job.device);
-        let learning_rate = manifest.train.learning_rate_at(step, total);
+        let learning_rate = job.train.learning_rate_at(step, total);
         let (next, report) = job
             .trainer
             .step(job.model, &batch, learning_rate, job.collective.as_mut())
@@ -172,7 +170,7 @@ where
             captioning: report.losses.captioning.map_or(0.0, f64::from),
             learning_rate,
             logit_scale: f64::from(job.model.logit_scale().into_scalar().elem::<f32>()),
-            samples_per_second: manifest.train.global_batch as f64 / elapsed.max(1e-9),
+            samples_per_second: job.train.global_batch as f64 / elapsed.max(1e-9),
             data_wait_share: job.loader.waited().as_secs_f64() / started.elapsed().as_secs_f64().max(1e-9),
             bad_records: bad_record_counts(&job.loader.bad_records()),
             source_epochs: job.order.epochs_after(step),

@@ -32,7 +32,7 @@ pub struct Warmed {
 /// Runs `steps` training steps of `manifest`'s job as one of its ranks on
 /// GPU `ordinal` of the manifest's backend and shares the kernels compiled.
 pub fn warm(manifest: &Manifest, ordinal: usize, steps: usize) -> Result<Warmed, KernelError> {
-    let options = manifest.data.store_options();
+    let options = crate::job::store_options(&contract::plan::StorePlan::of(&manifest.data));
     match manifest.cluster.backend {
         Backend::Cpu => Err(KernelError::Device(
             "cluster.backend = \"cpu\" compiles no kernels: nothing to warm".into(),

@@ -1,0 +1,190 @@
+//! The job as every rank receives it: each fact a rank needs, derived once
+//! by the coordinator from the manifest and the dataset indexes it pinned.
+//! It travels in the rendezvous assignment as JSON (`proto`'s
+//! `Assignment.plan`); a worker builds everything it trains with from the
+//! plan alone and never reads the manifest.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{DatasetIndex, DatasetKind};
+use crate::manifest::{Backend, Checkpoint, CollectiveKind, Data, Eval, Gpu, Manifest, Train};
+use crate::sample_order::{SampleOrder, SampleOrderError, SourceSize, Streaming};
+use crate::ModelConfig;
+
+/// Everything a rank needs to train its part of the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobPlan {
+    /// `job.name`.
+    pub job: String,
+    /// `job.seed`: the model's initialisation and the sample order.
+    pub seed: u64,
+    pub total_steps: u64,
+    pub model: ModelConfig,
+    /// The URL of tokenizer.json.
+    pub tokenizer: String,
+    /// The sources in manifest order, each with the index the coordinator pinned.
+    pub sources: Vec<PlannedSource>,
+    /// How the sample order walks the shards.
+    pub streaming: Streaming,
+    pub train: Train,
+    pub loader: LoaderPlan,
+    pub store: StorePlan,
+    pub cluster: ClusterPlan,
+    pub gpu: Gpu,
+    pub checkpoint: Option<Checkpoint>,
+    pub eval: Option<Eval>,
+}
+
+/// A data source and its pinned index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedSource {
+    pub url: String,
+    pub kind: DatasetKind,
+    pub weight: f64,
+    /// For jft: `clip80`, `simple`, or the URL/path of a templates file.
+    pub templates: String,
+    pub index: DatasetIndex,
+}
+
+/// How a worker's loader reads and keeps shards (the manifest's `[data]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderPlan {
+    pub threads: usize,
+    pub prefetch_batches: usize,
+    pub max_bad_fraction: f64,
+    pub shard_memory_bytes: u64,
+    pub fetch_ahead_bytes: u64,
+    pub cache_dir: Option<String>,
+    pub cache_bytes: u64,
+}
+
+/// How every store of the job is reached (data, checkpoints, kernel cache).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorePlan {
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+}
+
+impl StorePlan {
+    pub fn of(data: &Data) -> Self {
+        Self {
+            s3_endpoint: data.s3_endpoint.clone(),
+            s3_region: data.s3_region.clone(),
+        }
+    }
+}
+
+/// What a rank needs of `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterPlan {
+    pub backend: Backend,
+    pub collective: CollectiveKind,
+    /// A ring neighbour that has not come within two of these is gone.
+    pub heartbeat_timeout_ms: u64,
+    /// `cluster.replicas`: model replicas in each CPU worker.
+    pub replicas: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{count} pinned indexes for {sources} data sources")]
+    Indexes { count: usize, sources: usize },
+    #[error("data.streams: {0}")]
+    Order(#[from] SampleOrderError),
+    #[error("the job plan cannot be read: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl JobPlan {
+    /// The plan of `manifest` over `indexes` (one per `data.source`, as
+    /// pinned), with the sample order it implies.
+    pub fn new(manifest: &Manifest, indexes: Vec<DatasetIndex>) -> Result<(Self, SampleOrder), PlanError> {
+        let data = &manifest.data;
+        if indexes.len() != data.sources.len() {
+            return Err(PlanError::Indexes {
+                count: indexes.len(),
+                sources: data.sources.len(),
+            });
+        }
+        let sources = data
+            .sources
+            .iter()
+            .zip(indexes)
+            .map(|(source, index)| PlannedSource {
+                url: source.url.clone(),
+                kind: source.kind,
+                weight: source.weight,
+                templates: source.templates.clone(),
+                index,
+            })
+            .collect();
+        let mut plan = Self {
+            job: manifest.job.name.clone(),
+            seed: manifest.job.seed,
+            total_steps: 0,
+            model: manifest.model.clone(),
+            tokenizer: data.tokenizer.clone(),
+            sources,
+            streaming: Streaming {
+                streams: data.streams,
+                window: data.shuffle_window,
+            },
+            train: manifest.train.clone(),
+            loader: LoaderPlan {
+                threads: data.loader_threads,
+                prefetch_batches: data.prefetch_batches,
+                max_bad_fraction: data.max_bad_fraction,
+                shard_memory_bytes: data.shard_memory_bytes,
+                fetch_ahead_bytes: data.fetch_ahead_bytes,
+                cache_dir: data.cache_dir.clone(),
+                cache_bytes: data.cache_bytes,
+            },
+            store: StorePlan::of(data),
+            cluster: ClusterPlan {
+                backend: manifest.cluster.backend,
+                collective: manifest.cluster.collective,
+                heartbeat_timeout_ms: manifest.cluster.heartbeat_timeout_ms,
+                replicas: manifest.cluster.replicas,
+            },
+            gpu: manifest.gpu.clone(),
+            checkpoint: manifest.checkpoint.clone(),
+            eval: manifest.eval.clone(),
+        };
+        let order = plan.sample_order()?;
+        plan.total_steps = manifest.total_steps(plan.sources[0].index.rows(), order.counts_per_batch()[0]);
+        Ok((plan, order))
+    }
+
+    /// The job's global sample order: its seed, mix, global batch and
+    /// streaming over the pinned indexes.
+    pub fn sample_order(&self) -> Result<SampleOrder, SampleOrderError> {
+        let sizes: Vec<SourceSize> = self
+            .sources
+            .iter()
+            .map(|source| SourceSize {
+                shard_rows: source.index.shards.iter().map(|shard| shard.rows).collect(),
+                weight: source.weight,
+            })
+            .collect();
+        SampleOrder::new(self.seed, &sizes, self.train.global_batch, self.streaming)
+    }
+
+    /// The replicas each worker of a world of `world` runs (see [`Manifest::replicas_for`]).
+    pub fn replicas_for(&self, world: usize) -> usize {
+        crate::manifest::replicas_for(self.cluster.replicas, self.train.global_batch, world)
+    }
+
+    /// The plan's wire form.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a job plan serializes")
+    }
+
+    pub fn from_json(json: &str) -> Result<Self, PlanError> {
+        Ok(serde_json::from_str(json)?)
+    }
+}
