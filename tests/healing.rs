@@ -82,18 +82,14 @@ impl Job {
     }
 
     fn status(&self) -> Option<serde_json::Value> {
-        use std::io::{Read, Write};
-        let address = format!("127.0.0.1:{}", self.status);
-        let mut stream = std::net::TcpStream::connect(&address).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            stream,
-            "GET /status HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+        let url = format!("http://127.0.0.1:{}/status", self.status);
+        let body = ureq::get(&url)
+            .timeout(Duration::from_secs(2))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        serde_json::from_str(&body).ok()
     }
 
     /// COMMITTED of step `step`: its shards' names, sizes and SHA-256.

@@ -32,16 +32,11 @@ fn manifest(dir: &Path, heartbeat_ms: u64, timeout_ms: u64) -> std::path::PathBu
 }
 
 fn http_get(address: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.to_string())
+    ureq::get(&format!("http://{address}{path}"))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
 }
 
 fn status(address: &str) -> Option<serde_json::Value> {
@@ -278,6 +273,31 @@ fn an_nccl_job_on_a_build_without_cuda_fails_saying_so() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("cluster.collective = \"nccl\": this coca was built without CUDA"),
+        "{stderr}"
+    );
+}
+
+/// A worker that cannot set up says which field failed and why, with the
+/// cause under it (the templates file is read by the workers only).
+#[test]
+fn a_workers_setup_error_names_the_field_and_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), 200, 2000);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("templates = \"clip80\"", "templates = \"data/missing-templates.txt\"");
+    assert!(text.contains("missing-templates"));
+    std::fs::write(&path, text).unwrap();
+    let output = coca()
+        .current_dir(dir.path())
+        .args(["launch", "job.toml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("data.source[1].templates: cannot read the templates file: ")
+            && stderr.contains("missing-templates.txt"),
         "{stderr}"
     );
 }

@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use store::{retry_blocking, RetryPolicy};
+use retry::{retry_blocking, RetryPolicy};
 
 use super::{Collective, CollectiveError};
 

@@ -103,6 +103,7 @@ pub enum Schedule {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Contrastive {
     Local,
@@ -134,6 +135,7 @@ pub struct Train {
 /// parameters, gradients, their all-reduce, AdamW's moments, losses,
 /// softmaxes and the logit scale in f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
@@ -160,6 +162,7 @@ impl Train {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Cpu,
@@ -170,6 +173,7 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum CollectiveKind {
     Tcp,
@@ -213,6 +217,7 @@ pub fn replicas_for(replicas: usize, global_batch: usize, world: usize) -> usize
 
 /// How much time cubecl spends choosing the fastest kernel for a shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum AutotuneLevel {
     Minimal,
@@ -409,12 +414,18 @@ fn table<'a>(root: &'a toml::Table, key: &str, path: &str) -> Result<Option<&'a 
     }
 }
 
-/// Fields a command line may set for one run, applied before validation.
+/// Manifest fields a command line may set for one run, applied before validation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Overrides {
+    /// Override cluster.workers (e.g. with Slurm's $SLURM_NTASKS).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub workers: Option<usize>,
-    /// job.steps; it replaces job.epochs.
+    /// Override job.steps (the job's length in steps; it replaces job.epochs).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub steps: Option<u64>,
+    /// Override train.warmup_steps (a short trial of a long job needs a shorter warm-up).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub warmup_steps: Option<u64>,
 }
 
@@ -733,11 +744,8 @@ impl Manifest {
             }
         };
         let config = ModelConfig::resolve(preset, &overrides).map_err(|e| {
-            let text = e.to_string();
-            match text.split_once(": ") {
-                Some((field, message)) => error(field, message),
-                None => error("model", text),
-            }
+            let (field, message) = e.field_and_message();
+            error(field, message)
         })?;
         Ok((preset, config))
     }

@@ -165,6 +165,17 @@ pub enum ModelConfigError {
     Override { key: String, message: String },
 }
 
+impl ModelConfigError {
+    /// The manifest field it is about, and what is wrong with it.
+    pub fn field_and_message(&self) -> (String, String) {
+        match self {
+            Self::UnknownPreset(_) => ("model.preset".into(), self.to_string()),
+            Self::Invalid { field, message } => (format!("model.{field}"), message.clone()),
+            Self::Override { key, message } => (format!("model.{key}"), message.clone()),
+        }
+    }
+}
+
 fn decode(table: &toml::Table) -> Result<ModelConfig, String> {
     toml::Value::Table(table.clone())
         .try_into()

@@ -7,7 +7,7 @@ use contract::rng::SplitMix64;
 
 const CLIP_TEMPLATES: &str = include_str!("clip_templates.txt");
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum PromptError {
     #[error("{origin}: no templates")]
     Empty { origin: String },
@@ -17,6 +17,8 @@ pub enum PromptError {
         line: usize,
         template: String,
     },
+    #[error("cannot read the templates file")]
+    Store(#[from] store::StoreError),
 }
 
 /// Prompt templates, each holding one `{}` for the class names.
@@ -62,14 +64,14 @@ impl PromptTemplates {
 
     /// The templates a manifest or command line names: `clip80`, `simple`,
     /// or the URL of a file of them.
-    pub fn open(spec: &str, options: &store::StoreOptions) -> Result<Self, String> {
+    pub fn open(spec: &str, options: &store::StoreOptions) -> Result<Self, PromptError> {
         Ok(match spec {
             "clip80" => Self::clip80(),
             "simple" => Self::simple(),
             url => {
-                let (store, name) = store::Store::open_object(url, options).map_err(|e| e.to_string())?;
-                let bytes = store.get(&name).map_err(|e| e.to_string())?;
-                Self::parse(&String::from_utf8_lossy(&bytes), url).map_err(|e| e.to_string())?
+                let (store, name) = store::Store::open_object(url, options)?;
+                let bytes = store.get(&name)?;
+                Self::parse(&String::from_utf8_lossy(&bytes), url)?
             }
         })
     }

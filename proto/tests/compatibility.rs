@@ -2,7 +2,10 @@
 //! protobuf users): the compiled `coca.proto` is compared with the committed
 //! `snapshot.txt`. Removing or renumbering a field, changing its type or
 //! label, reusing a number or un-reserving one is breaking and needs a new
-//! `PROTOCOL_VERSION`; adding passes. Refresh the snapshot with
+//! `PROTOCOL_VERSION`; adding passes. The job plan (`Assignment.plan`, JSON)
+//! is covered too, by its field paths: a worker refuses a plan with a field
+//! it does not know, so any change to them needs a new version. Refresh the
+//! snapshot with
 //! `COCA_PROTO_SNAPSHOT=refresh cargo test -p proto --test compatibility`,
 //! which refuses to record a breaking change under the old version.
 
@@ -10,6 +13,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use contract::dataset::{ClassName, DatasetIndex, DatasetKind, ShardEntry};
+use contract::manifest::Manifest;
+use contract::plan::JobPlan;
 use prost::Message as _;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{DescriptorProto, EnumDescriptorProto, FieldDescriptorProto, FileDescriptorSet};
@@ -23,6 +29,8 @@ struct Protocol {
     enums: BTreeMap<String, Fields>,
     /// "Service.Method" -> "Request -> Reply".
     methods: BTreeMap<String, String>,
+    /// The job plan's JSON: field path -> JSON type.
+    plan: BTreeMap<String, String>,
 }
 
 /// A message's fields or an enum's values by number, and its reserved numbers.
@@ -73,7 +81,70 @@ fn compiled() -> Protocol {
             }
         }
     }
+    protocol.plan = plan_paths();
     protocol
+}
+
+/// The field paths of a job plan with every optional part set, and their
+/// JSON types (`.sources[].index.shards[].rows number`).
+fn plan_paths() -> BTreeMap<String, String> {
+    let manifest = include_str!("../../deploy/local/demo.toml")
+        .replace(
+            "loader_threads = 1",
+            "loader_threads = 1\nstreams = 2\ncache_dir = \"cache\"\ns3_endpoint = \"http://127.0.0.1:8333\"\ns3_region = \"eu\"",
+        )
+        .replace("templates = \"simple\"", "templates = \"simple\"\nretrieval = \"data/demo/align-heldout\"");
+    let manifest = Manifest::parse(&manifest, "demo.toml").expect("the example manifest reads");
+    let index = |kind, classes| {
+        let mut index = DatasetIndex::new(kind, classes, "example");
+        index.shards = (0..4)
+            .map(|i| ShardEntry {
+                file: format!("shard-{i}.arrow"),
+                rows: 100,
+                bytes: 1000,
+                sha256: "0".repeat(64),
+            })
+            .collect();
+        index
+    };
+    let classes = vec![ClassName {
+        name: "cat".into(),
+        parent: Some("animal".into()),
+    }];
+    let indexes = vec![index(DatasetKind::Align, Vec::new()), index(DatasetKind::Jft, classes)];
+    let (plan, _) = JobPlan::new(&manifest, indexes).expect("the example plan");
+    let mut paths = BTreeMap::new();
+    walk(
+        &serde_json::to_value(&plan).expect("a plan serializes"),
+        String::new(),
+        &mut paths,
+    );
+    paths
+}
+
+fn walk(value: &serde_json::Value, path: String, paths: &mut BTreeMap<String, String>) {
+    use serde_json::Value;
+    let ty = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(items) => {
+            for item in items {
+                walk(item, format!("{path}[]"), paths);
+            }
+            "array"
+        }
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                walk(field, format!("{path}.{key}"), paths);
+            }
+            "object"
+        }
+    };
+    if !path.is_empty() {
+        paths.insert(path, ty.to_string());
+    }
 }
 
 fn add_message(protocol: &mut Protocol, scope: &str, message: &DescriptorProto) {
@@ -167,6 +238,9 @@ fn render(protocol: &Protocol) -> String {
     for (method, signature) in &protocol.methods {
         writeln!(text, "rpc {method} {signature}").unwrap();
     }
+    for (path, ty) in &protocol.plan {
+        writeln!(text, "plan {path} {ty}").unwrap();
+    }
     text
 }
 
@@ -211,6 +285,11 @@ fn parse(text: &str) -> Protocol {
             "rpc" => {
                 let (method, signature) = rest.split_once(' ').unwrap_or_else(|| unreadable(line_number, line));
                 protocol.methods.insert(method.to_string(), signature.to_string());
+                None
+            }
+            "plan" => {
+                let (path, ty) = rest.split_once(' ').unwrap_or_else(|| unreadable(line_number, line));
+                protocol.plan.insert(path.to_string(), ty.to_string());
                 None
             }
             _ => unreadable(line_number, line),
@@ -280,6 +359,18 @@ fn compare(old: &Protocol, new: &Protocol) -> (Vec<String>, Vec<String>) {
     }
     for method in new.methods.keys().filter(|method| !old.methods.contains_key(*method)) {
         added.push(format!("rpc {method}"));
+    }
+    for (path, was) in &old.plan {
+        match new.plan.get(path) {
+            None => breaking.push(format!("job plan: `{path}` was removed")),
+            Some(is) if is != was => breaking.push(format!("job plan: `{path}` changed type: {was} -> {is}")),
+            Some(_) => {}
+        }
+    }
+    for path in new.plan.keys().filter(|path| !old.plan.contains_key(*path)) {
+        breaking.push(format!(
+            "job plan: `{path}` was added (a worker refuses a plan with a field it does not know)"
+        ));
     }
     (breaking, added)
 }
@@ -406,6 +497,26 @@ fn removed_renumbered_retyped_and_reused_fields_are_named() {
         [
             "coca.v1.HeartbeatRequest: field 2 was `step` and is now `steps_done`: a number keeps its field for good \
           (give `steps_done` a new number)"
+        ]
+    );
+}
+
+#[test]
+fn any_change_to_the_job_plans_fields_needs_a_new_version() {
+    let now = compiled();
+    assert_eq!(now.plan[".train.learning_rate"], "number");
+    assert_eq!(now.plan[".sources[].index.shards[].rows"], "number");
+    assert_eq!(now.plan[".eval.retrieval"], "string");
+    let mut changed = now.clone();
+    changed.plan.remove(".train.learning_rate");
+    changed.plan.insert(".train.accumulation".into(), "number".into());
+    changed.plan.insert(".seed".into(), "string".into());
+    assert_eq!(
+        compare(&now, &changed).0,
+        [
+            "job plan: `.seed` changed type: number -> string",
+            "job plan: `.train.learning_rate` was removed",
+            "job plan: `.train.accumulation` was added (a worker refuses a plan with a field it does not know)",
         ]
     );
 }

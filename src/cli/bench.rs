@@ -10,13 +10,13 @@ use anyhow::{ensure, Context};
 use clap::Subcommand;
 use collective::tcp::RingListener;
 use collective::{Collective, Solo};
+use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision};
 use contract::ModelConfig;
 use datasets::corpus;
 use datasets::dataset::Dataset;
 use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::backend::CpuTrain;
-use model::train::contrastive::ContrastiveMode;
 use worker::bench::{
     all_reduce_bandwidth, bench_all_reduce, bench_data, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
 };
@@ -36,8 +36,8 @@ pub enum BenchCommand {
         world: usize,
         /// `tcp` (the ring over loopback), or `nccl` (a build with
         /// `--features cuda`; world 1 runs in this process).
-        #[arg(long, value_enum, default_value_t = BenchCollective::Tcp)]
-        collective: BenchCollective,
+        #[arg(long, value_enum, default_value_t = CollectiveKind::Tcp)]
+        collective: CollectiveKind,
         /// Buffer size in MiB of f32.
         #[arg(long, default_value_t = 64)]
         mib: usize,
@@ -109,14 +109,14 @@ pub struct StepArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// `cpu`, `cuda` (a build with `--features cuda`) or `wgpu` (Vulkan or Metal); a GPU runs one process.
-    #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
-    pub backend: BenchBackend,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
     /// The GPU ordinal (cuda, wgpu).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
     /// cuda, wgpu: how hard cubecl tunes kernels (as the manifest's gpu.autotune).
-    #[arg(long, value_enum, default_value_t = Autotune::Minimal)]
-    pub autotune: Autotune,
+    #[arg(long, value_enum, default_value_t = AutotuneLevel::Minimal)]
+    pub autotune: AutotuneLevel,
     /// cuda, wgpu: where compiled kernels and autotune results are kept between
     /// runs (a directory or object-store URL; as gpu.kernel_cache).
     #[arg(long, default_value = "coca-kernel-cache")]
@@ -146,11 +146,11 @@ pub struct StepArgs {
     pub profile: bool,
     /// How contrastive negatives span the ranks: `local` (each rank's
     /// rows against all columns) or `full` (the whole matrix on every rank).
-    #[arg(long, value_enum, default_value_t = Negatives::Local)]
-    pub negatives: Negatives,
+    #[arg(long, value_enum, default_value_t = Contrastive::Local)]
+    pub negatives: Contrastive,
     /// `f32`, or `bf16` (mixed precision, as the manifest's train.precision).
-    #[arg(long, value_enum, default_value_t = BenchPrecision::F32)]
-    pub precision: BenchPrecision,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -186,21 +186,6 @@ impl LocalRank {
         let address = *self.peers.get(rank).context("--child-rank outside --peers")?;
         let ring = RingListener::bind(address)?.connect(rank, &self.peers, Duration::from_secs(60))?;
         Ok(Some(Box::new(ring)))
-    }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Negatives {
-    Local,
-    Full,
-}
-
-impl From<Negatives> for ContrastiveMode {
-    fn from(negatives: Negatives) -> Self {
-        match negatives {
-            Negatives::Local => ContrastiveMode::Local,
-            Negatives::Full => ContrastiveMode::Full,
-        }
     }
 }
 
@@ -369,9 +354,9 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         "--batch {batch} does not split evenly between --world {world} ranks"
     );
     ensure!(
-        backend == BenchBackend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
+        backend == Backend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
         "--backend {} runs one process: leave out --world",
-        if backend == BenchBackend::Cuda { "cuda" } else { "wgpu" }
+        if backend == Backend::Cuda { "cuda" } else { "wgpu" }
     );
     ensure!(
         replicas >= 1 && (batch / world) % replicas == 0,
@@ -379,7 +364,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         batch / world
     );
     ensure!(
-        backend == BenchBackend::Cpu || replicas == 1,
+        backend == Backend::Cpu || replicas == 1,
         "--replicas is for the cpu backend"
     );
     let config = model.resolve()?;
@@ -389,22 +374,22 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         steps,
         seed,
         mode: negatives.into(),
-        precision: precision.into(),
+        precision,
         replicas,
         profile: if profile { 5 } else { 0 },
     };
     let gpu = contract::manifest::Gpu {
-        autotune: autotune.into(),
+        autotune,
         kernel_cache,
         log_compilations: true,
     };
-    if backend == BenchBackend::Cuda {
+    if backend == Backend::Cuda {
         let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
         print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
         println!("  kernels       {kernels}");
         return Ok(());
     }
-    if backend == BenchBackend::Wgpu {
+    if backend == Backend::Wgpu {
         let (mut kernels, adapter) =
             worker::kernels::Kernels::prepare_wgpu(&gpu, &store::StoreOptions::default(), ordinal)?;
         let report = bench_step::<model::backend::WgpuTrain>(&config, plan, &mut Solo, &adapter.device)?;
@@ -451,7 +436,7 @@ fn step_on_local_ranks(
     plan: StepBenchmarkPlan,
     world: usize,
     parameters_out: Option<&std::path::Path>,
-    negatives: Negatives,
+    negatives: Contrastive,
 ) -> anyhow::Result<()> {
     let StepBenchmarkPlan {
         batch,
@@ -474,7 +459,7 @@ fn step_on_local_ranks(
     args.extend(["--replicas".to_string(), plan.replicas.to_string()]);
     let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
     args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
-    if plan.precision == contract::manifest::Precision::Bf16 {
+    if plan.precision == Precision::Bf16 {
         args.extend(["--precision".to_string(), "bf16".to_string()]);
     }
     if let Some(path) = &parameters_out {
@@ -492,13 +477,13 @@ fn step_on_local_ranks(
 
 fn allreduce(
     world: usize,
-    collective: BenchCollective,
+    collective: CollectiveKind,
     mib: usize,
     iterations: usize,
     warmup: usize,
     local_rank: LocalRank,
 ) -> anyhow::Result<()> {
-    let nccl = collective == BenchCollective::Nccl;
+    let nccl = collective == CollectiveKind::Nccl;
     ensure!(world >= 2 || nccl, "--world must be at least 2");
     ensure!(mib >= 1 && iterations >= 1, "--mib and --iterations must be at least 1");
     let bytes = mib << 20;
@@ -536,8 +521,8 @@ fn allreduce(
     let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
     let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
     let over = match collective {
-        BenchCollective::Tcp => "processes on loopback (TCP ring)",
-        BenchCollective::Nccl => "ranks on NCCL, buffers staged through GPU memory",
+        CollectiveKind::Tcp => "processes on loopback (TCP ring)",
+        CollectiveKind::Nccl => "ranks on NCCL, buffers staged through GPU memory",
     };
     println!("bench allreduce: {world} {over}, {mib} MiB of f32, {iterations} iterations after {warmup} warm-up");
     println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
@@ -557,8 +542,8 @@ fn allreduce(
 fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, report: &StepBenchmark, on: &str) {
     let (batch, median) = (plan.batch, report.median_wall());
     let precision = match plan.precision {
-        contract::manifest::Precision::F32 => "f32",
-        contract::manifest::Precision::Bf16 => "bf16 mixed precision",
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16 mixed precision",
     };
     println!(
         "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}, {on}",
@@ -638,27 +623,6 @@ fn cuda_step(
     anyhow::bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchPrecision {
-    F32,
-    Bf16,
-}
-
-impl From<BenchPrecision> for contract::manifest::Precision {
-    fn from(precision: BenchPrecision) -> Self {
-        match precision {
-            BenchPrecision::F32 => Self::F32,
-            BenchPrecision::Bf16 => Self::Bf16,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchCollective {
-    Tcp,
-    Nccl,
-}
-
 /// A new NCCL unique id, in hex (to pass to other processes).
 #[cfg(feature = "cuda")]
 fn nccl_unique_id() -> anyhow::Result<String> {
@@ -692,32 +656,6 @@ fn nccl_unique_id() -> anyhow::Result<String> {
 #[cfg(not(feature = "cuda"))]
 fn nccl_collective(_: usize, _: usize, _: &str) -> anyhow::Result<Box<dyn Collective>> {
     anyhow::bail!(WITHOUT_CUDA)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchBackend {
-    Cpu,
-    Cuda,
-    Wgpu,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Autotune {
-    Minimal,
-    Balanced,
-    Extensive,
-    Full,
-}
-
-impl From<Autotune> for contract::manifest::AutotuneLevel {
-    fn from(level: Autotune) -> Self {
-        match level {
-            Autotune::Minimal => Self::Minimal,
-            Autotune::Balanced => Self::Balanced,
-            Autotune::Extensive => Self::Extensive,
-            Autotune::Full => Self::Full,
-        }
-    }
 }
 
 /// Starts `world` copies of this binary (`args` plus `--world`,

@@ -156,7 +156,7 @@ pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
 }
 
 fn templates(spec: &str, store: &StoreArgs) -> anyhow::Result<PromptTemplates> {
-    PromptTemplates::open(spec, &store.options()).map_err(anyhow::Error::msg)
+    Ok(PromptTemplates::open(spec, &store.options())?)
 }
 
 fn dataset(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {

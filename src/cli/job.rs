@@ -2,8 +2,7 @@
 //! N worker processes), `coca coordinator` and `coca worker` (clusters),
 //! `coca status`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -18,35 +17,11 @@ use proto::auth::Token;
 use store::Store;
 use worker::job::{WorkerOptions, WorkerOutcome};
 
-/// Manifest fields a command line may set for one run.
-#[derive(Debug, Clone, Copy, Default, clap::Args)]
-pub struct ManifestOverrides {
-    /// Override cluster.workers (e.g. with Slurm's $SLURM_NTASKS).
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// Override job.steps (the job's length in steps).
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Override train.warmup_steps (a short trial of a long job needs a shorter warm-up).
-    #[arg(long)]
-    pub warmup_steps: Option<u64>,
-}
-
-pub fn read_manifest(path: &Path, overrides: &ManifestOverrides) -> anyhow::Result<Manifest> {
-    let ManifestOverrides {
-        workers,
-        steps,
-        warmup_steps,
-    } = *overrides;
+pub fn read_manifest(path: &Path, overrides: &Overrides) -> anyhow::Result<Manifest> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the manifest {}", path.display()))?;
-    let overrides = Overrides {
-        workers,
-        steps,
-        warmup_steps,
-    };
-    Manifest::parse_with(&text, &path.display().to_string(), &overrides).map_err(|error| {
+    Manifest::parse_with(&text, &path.display().to_string(), overrides).map_err(|error| {
         // A trial run shortened with --steps is the usual way to meet this rule.
-        if error.field == "train.warmup_steps" && steps.is_some() && warmup_steps.is_none() {
+        if error.field == "train.warmup_steps" && overrides.steps.is_some() && overrides.warmup_steps.is_none() {
             anyhow::anyhow!(
                 "{error} (set by --steps); add --warmup-steps N with N below it to shorten the warm-up for this run"
             )
@@ -121,7 +96,7 @@ struct Started {
 /// when there is nothing to run.
 fn start(
     path: &Path,
-    overrides: &ManifestOverrides,
+    overrides: &Overrides,
     resume: coordinator::Resume,
     draw_token: bool,
 ) -> anyhow::Result<Result<Started, u8>> {
@@ -145,12 +120,7 @@ fn start(
     }))
 }
 
-pub fn launch(
-    path: &Path,
-    overrides: &ManifestOverrides,
-    linger: u64,
-    resume: coordinator::Resume,
-) -> anyhow::Result<u8> {
+pub fn launch(path: &Path, overrides: &Overrides, linger: u64, resume: coordinator::Resume) -> anyhow::Result<u8> {
     let Started {
         manifest,
         token,
@@ -270,7 +240,7 @@ fn progress_line(report: &StatusReport) -> String {
     line
 }
 
-pub fn coordinator(path: &Path, overrides: &ManifestOverrides, resume: coordinator::Resume) -> anyhow::Result<u8> {
+pub fn coordinator(path: &Path, overrides: &Overrides, resume: coordinator::Resume) -> anyhow::Result<u8> {
     let Started {
         manifest,
         runtime,
@@ -347,28 +317,25 @@ pub fn worker(
     Ok(0)
 }
 
-/// Fetches `path` from a status endpoint (plain HTTP/1.1 on loopback or a cluster network).
-pub fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
-    let address = base.trim_start_matches("http://").trim_end_matches('/');
+/// Fetches `path` from a status endpoint (plain HTTP on loopback or a cluster network).
+fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+    let base = base.trim_end_matches('/');
+    let address = base.strip_prefix("http://").unwrap_or(base);
     ensure!(
         !address.contains('/'),
         "{base}: give the status endpoint as http://host:port"
     );
-    let mut stream = TcpStream::connect(address).with_context(|| format!("cannot reach {base}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("a malformed HTTP response")?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "{base}{path}: {}",
-        head.lines().next().unwrap_or_default()
-    );
-    Ok(body.to_string())
+    let url = format!("http://{address}{path}");
+    let response = ureq::get(&url)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .map_err(|error| match error {
+            ureq::Error::Status(code, response) => anyhow::anyhow!("{url}: HTTP {code} {}", response.status_text()),
+            ureq::Error::Transport(transport) => anyhow::anyhow!("cannot reach {base}: {transport}"),
+        })?;
+    response
+        .into_string()
+        .with_context(|| format!("{url}: an unreadable response"))
 }
 
 pub fn status(url: &str, json: bool, watch: bool) -> anyhow::Result<u8> {

@@ -1,8 +1,9 @@
 //! `coca kernels warm`: a job's kernel cache filled before its workers start.
 
 use clap::Subcommand;
+use contract::manifest::Overrides;
 
-use super::job::{read_manifest, ManifestOverrides};
+use super::job::read_manifest;
 
 #[derive(Debug, Subcommand)]
 pub enum KernelsCommand {
@@ -12,7 +13,7 @@ pub enum KernelsCommand {
     Warm {
         manifest: std::path::PathBuf,
         #[command(flatten)]
-        overrides: ManifestOverrides,
+        overrides: Overrides,
         /// The GPU ordinal.
         #[arg(long, default_value_t = 0)]
         device: usize,

@@ -14,6 +14,7 @@ mod swarm;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use contract::manifest::Overrides;
 use contract::{ModelConfig, Preset};
 
 #[derive(Debug, Parser)]
@@ -99,7 +100,7 @@ enum Command {
         /// The job manifest (TOML).
         manifest: std::path::PathBuf,
         #[command(flatten)]
-        overrides: job::ManifestOverrides,
+        overrides: Overrides,
         /// Keep the status endpoint up this many seconds after the job ends.
         #[arg(long, default_value_t = 0)]
         linger: u64,
@@ -110,7 +111,7 @@ enum Command {
     Coordinator {
         manifest: std::path::PathBuf,
         #[command(flatten)]
-        overrides: job::ManifestOverrides,
+        overrides: Overrides,
         #[command(flatten)]
         resume: ResumeArgs,
     },

@@ -6,15 +6,14 @@
 //!
 //! The API is blocking: one process-wide async runtime drives object_store,
 //! so data loaders and command-line tools call it from plain threads. Do
-//! not call it from inside an async task. [`retry`] is the one retry helper
-//! of the whole system: the store, the worker's connection to the
-//! coordinator and the collective ring all back off through it.
+//! not call it from inside an async task. Transient errors back off through
+//! the `retry` crate, as the worker's connection to the coordinator and the
+//! collective ring do.
 
 mod cache;
 mod error;
 mod location;
 mod options;
-pub mod retry;
 mod store;
 
 pub use bytes::Bytes;
@@ -22,7 +21,7 @@ pub use cache::LocalCache;
 pub use error::StoreError;
 pub use location::{Location, Scheme};
 pub use options::{S3Options, StoreOptions};
-pub use retry::{retry, retry_blocking, GaveUp, RetryPolicy};
+pub use retry::RetryPolicy;
 pub use store::{ObjectInfo, Store};
 
 /// Hex SHA-256 of `bytes`: the checksum an index records for every object.

@@ -318,7 +318,7 @@ impl Store {
                 _ => Failure::Final(StoreError::Failed { url: url(), detail }),
             }
         };
-        let attempts = crate::retry(
+        let attempts = retry::retry(
             &self.retry,
             None,
             |failure| matches!(failure, Failure::Transient(_)),

@@ -29,6 +29,15 @@ pub enum ContrastiveMode {
     Full,
 }
 
+impl From<contract::manifest::Contrastive> for ContrastiveMode {
+    fn from(contrastive: contract::manifest::Contrastive) -> Self {
+        match contrastive {
+            contract::manifest::Contrastive::Local => Self::Local,
+            contract::manifest::Contrastive::Full => Self::Full,
+        }
+    }
+}
+
 /// What the contrastive loss hands back to the step, already multiplied
 /// by its loss weight, on the inner (non-autodiff) backend.
 pub struct ContrastiveGradients<B: AutodiffBackend> {

@@ -12,7 +12,7 @@ use proto::{
     Assignment, CollectiveKind, Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest,
     StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };
-use store::RetryPolicy;
+use retry::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -73,7 +73,7 @@ pub(super) enum NoAssignment {
 }
 
 pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
-    let bearer = Bearer::new(&options.token).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let bearer = Bearer::new(&options.token)?;
     let endpoint = Channel::from_shared(options.coordinator.clone()).map_err(|e| WorkerError::Unreachable {
         url: options.coordinator.clone(),
         seconds: 0,
@@ -81,7 +81,7 @@ pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerErr
     })?;
     let deadline = Instant::now() + options.connect_timeout;
     let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(2));
-    match store::retry(&patience, Some(deadline), |_| true, || endpoint.connect()).await {
+    match retry::retry(&patience, Some(deadline), |_| true, || endpoint.connect()).await {
         Ok(channel) => Ok(CoordinatorClient::with_interceptor(channel, bearer)),
         Err(gave_up) => Err(WorkerError::Unreachable {
             url: options.coordinator.clone(),
@@ -123,7 +123,7 @@ pub(super) async fn register(client: &Client, options: &WorkerOptions) -> Result
     let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(1));
     let unreachable =
         |status: &tonic::Status| matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled);
-    store::retry(&patience, Some(deadline), unreachable, || {
+    retry::retry(&patience, Some(deadline), unreachable, || {
         register_call(client.clone(), options)
     })
     .await
@@ -198,7 +198,7 @@ pub(super) async fn rendezvous(
 /// A new NCCL unique id, as bytes.
 #[cfg(feature = "cuda")]
 fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
-    collective::nccl::NcclCollective::unique_id().map_err(|e| WorkerError::Setup(e.to_string()))
+    Ok(collective::nccl::NcclCollective::unique_id()?)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -57,14 +57,55 @@ pub enum WorkerError {
     Refused { call: &'static str, message: String },
     #[error("{0}")]
     Setup(String),
-    #[error("the coordinator's job plan: {0}")]
+    #[error("cannot start the RPC runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] proto::auth::AuthError),
+    #[error("the coordinator's job plan")]
     Plan(#[from] contract::plan::PlanError),
+    /// A store the job names (its field first) cannot be opened or read.
+    #[error("{field}")]
+    Store { field: String, source: store::StoreError },
+    #[error("{field}")]
+    Dataset {
+        field: String,
+        source: datasets::dataset::DatasetError,
+    },
+    #[error("{field}")]
+    Templates {
+        field: String,
+        source: datasets::prompt::PromptError,
+    },
+    #[error("data.tokenizer")]
+    Tokenizer(#[source] datasets::tokenizer::TokenizerError),
+    #[error("the data loader")]
+    Loader(#[from] datasets::loader::LoaderError),
+    #[error("resuming from {url}")]
+    Resume {
+        url: String,
+        source: checkpoint::CheckpointError,
+    },
+    #[error("the collective")]
+    Collective(#[from] collective::CollectiveError),
+    #[error("the GPU's kernels")]
+    Kernels(#[from] crate::kernels::KernelError),
     #[error("step {step}: {message}")]
     Step { step: u64, message: String },
     /// This generation of the ring ended (a peer is gone, the coordinator
     /// recovers or is lost): not this worker's failure, it joins the next.
     #[error("left the ring: {0}")]
     Regroup(String),
+}
+
+/// An error and its causes on one line, as the coordinator is told it.
+pub fn report(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        line = format!("{line}: {next}");
+        cause = next.source();
+    }
+    line
 }
 
 /// How the worker's part ended.
@@ -82,7 +123,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| WorkerError::Setup(format!("cannot start the RPC runtime: {e}")))?;
+        .map_err(WorkerError::Runtime)?;
     let mut client = runtime.block_on(connect(options))?;
     let mut registered = runtime.block_on(register(&client, options))?;
     let progress = Arc::new(Mutex::new(Progress {
@@ -113,7 +154,7 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let step = progress.lock().expect("progress").step;
     let (ok, message) = match &result {
         Ok(_) => (true, String::new()),
-        Err(error) => (false, error.to_string()),
+        Err(error) => (false, report(error)),
     };
     let finished = runtime.block_on(client.finish(FinishRequest {
         worker_id: registered.id,
@@ -148,8 +189,7 @@ impl Generations<'_> {
                 left = None;
                 tracing::info!("worker {}: registered again", registered.id);
             }
-            let listener = RingListener::bind(SocketAddr::new(self.options.listen, 0))
-                .map_err(|e| WorkerError::Setup(e.to_string()))?;
+            let listener = RingListener::bind(SocketAddr::new(self.options.listen, 0))?;
             let joined = self.runtime.block_on(rendezvous(
                 &mut self.client.clone(),
                 registered,
@@ -254,13 +294,12 @@ fn train_on_backend(
     gpu: &mut Option<PreparedGpu>,
 ) -> Result<WorkerOutcome, WorkerError> {
     let options = store_options(&plan.store);
-    let setup = |e: crate::kernels::KernelError| WorkerError::Setup(e.to_string());
     match plan.cluster.backend {
         Backend::Cpu => JobSetup::<CpuTrain>::build(plan, assignment, &options, ordinal, &Default::default(), listener)
             .and_then(|job| train(job, reporting, None)),
         Backend::Wgpu => {
             if gpu.is_none() {
-                let (kernels, adapter) = Kernels::prepare_wgpu(&plan.gpu, &options, ordinal).map_err(setup)?;
+                let (kernels, adapter) = Kernels::prepare_wgpu(&plan.gpu, &options, ordinal)?;
                 reporting.progress.lock().expect("progress").device = format!("wgpu:{ordinal} {}", adapter.name);
                 *gpu = Some(PreparedGpu {
                     kernels,
@@ -279,7 +318,7 @@ fn train_on_backend(
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             if gpu.is_none() {
-                let (kernels, name) = Kernels::prepare_cuda(&plan.gpu, &options, ordinal).map_err(setup)?;
+                let (kernels, name) = Kernels::prepare_cuda(&plan.gpu, &options, ordinal)?;
                 reporting.progress.lock().expect("progress").device = format!("cuda:{ordinal} {name}");
                 let device =
                     model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;

@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use checkpoint::layout::{self, ResumeFields};
 use collective::tcp::{RingListener, TcpRing};
 use collective::Collective;
-use contract::manifest::{CollectiveKind, Contrastive, Eval, Train};
+use contract::manifest::{CollectiveKind, Eval, Train};
 use contract::plan::JobPlan;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
@@ -32,6 +32,12 @@ use super::WorkerError;
 
 fn setup(message: impl Into<String>) -> WorkerError {
     WorkerError::Setup(message.into())
+}
+
+/// A store error, on the field that named the store.
+fn store_error(field: impl Into<String>) -> impl FnOnce(store::StoreError) -> WorkerError {
+    let field = field.into();
+    move |source| WorkerError::Store { field, source }
 }
 
 /// A rank's training job, ready to run.
@@ -82,7 +88,7 @@ where
         };
         let checkpointing = match &plan.checkpoint {
             Some(checkpoint) => Some(Checkpointing {
-                root: Store::open(&checkpoint.url, options).map_err(|e| setup(format!("checkpoint.url: {e}")))?,
+                root: Store::open(&checkpoint.url, options).map_err(store_error("checkpoint.url"))?,
                 every: checkpoint.every,
                 resume: ResumeFields::of(plan, &data.order),
                 seed: plan.seed,
@@ -102,9 +108,8 @@ where
             ..LoaderConfig::new(plan.model.image_size as u32, plan.model.context_length)
         };
         let order = data.order.clone();
-        let assembler = BatchAssembler::new(data.sources, data.order, data.tokenizer, config, plan.seed, rank, world)
-            .map_err(|e| setup(e.to_string()))?;
-        let loader = Loader::start(assembler, assignment.start_step).map_err(|e| setup(e.to_string()))?;
+        let assembler = BatchAssembler::new(data.sources, data.order, data.tokenizer, config, plan.seed, rank, world)?;
+        let loader = Loader::start(assembler, assignment.start_step)?;
         let collective = join_collective(plan, assignment, listener, ordinal)?;
         let device = device.clone();
         let (model, trainer) = model_and_trainer(plan, assignment, options, &device)?;
@@ -134,23 +139,23 @@ where
 fn open_data(plan: &JobPlan, options: &StoreOptions) -> Result<JobData, WorkerError> {
     let mut sources = Vec::new();
     for (source, i) in plan.sources.iter().zip(0..) {
-        let store = Store::open(&source.url, options).map_err(|e| setup(e.to_string()))?;
+        let store = Store::open(&source.url, options).map_err(store_error(format!("data.source[{i}]")))?;
         let mut dataset = Dataset::with_index(store, source.index.clone());
         if let Some(dir) = &plan.loader.cache_dir {
-            let cache =
-                LocalCache::new(dir, plan.loader.cache_bytes).map_err(|e| setup(format!("data.cache_dir: {e}")))?;
+            let cache = LocalCache::new(dir, plan.loader.cache_bytes).map_err(store_error("data.cache_dir"))?;
             dataset = dataset.with_cache(cache);
         }
         sources.push(LoaderSource {
             dataset,
-            templates: PromptTemplates::open(&source.templates, options)
-                .map_err(|e| setup(format!("data.source[{i}].templates: {e}")))?,
+            templates: PromptTemplates::open(&source.templates, options).map_err(|source| WorkerError::Templates {
+                field: format!("data.source[{i}].templates"),
+                source,
+            })?,
         });
     }
     let order = plan.sample_order().map_err(contract::plan::PlanError::from)?;
-    let (store, name) =
-        Store::open_object(&plan.tokenizer, options).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
-    let tokenizer_json = store.get(&name).map_err(|e| setup(format!("data.tokenizer: {e}")))?;
+    let (store, name) = Store::open_object(&plan.tokenizer, options).map_err(store_error("data.tokenizer"))?;
+    let tokenizer_json = store.get(&name).map_err(store_error("data.tokenizer"))?;
     let tokenizer = parse_tokenizer(plan, &tokenizer_json)?;
     if tokenizer.vocab_size() > plan.model.vocab_size {
         return Err(setup(format!(
@@ -169,7 +174,7 @@ fn open_data(plan: &JobPlan, options: &StoreOptions) -> Result<JobData, WorkerEr
 }
 
 fn parse_tokenizer(plan: &JobPlan, json: &[u8]) -> Result<TextTokenizer, WorkerError> {
-    TextTokenizer::from_json(&String::from_utf8_lossy(json), &plan.tokenizer).map_err(|e| setup(e.to_string()))
+    TextTokenizer::from_json(&String::from_utf8_lossy(json), &plan.tokenizer).map_err(WorkerError::Tokenizer)
 }
 
 /// Rank 0's evaluation on held-out data, with a tokenizer of its own.
@@ -180,15 +185,19 @@ fn periodic_eval(
     options: &StoreOptions,
 ) -> Result<PeriodicEval, WorkerError> {
     let open = |field: &str, url: &str| {
-        Store::open(url, options)
-            .map_err(|e| e.to_string())
-            .and_then(|store| Dataset::open(store).map_err(|e| e.to_string()))
-            .map_err(|e| setup(format!("{field}: {e}")))
+        let store = Store::open(url, options).map_err(store_error(field))?;
+        Dataset::open(store).map_err(|source| WorkerError::Dataset {
+            field: field.to_string(),
+            source,
+        })
     };
     let zeroshot = match &eval.zeroshot {
         Some(url) => Some((
             open("eval.zeroshot", url)?,
-            PromptTemplates::open(&eval.templates, options).map_err(|e| setup(format!("eval.templates: {e}")))?,
+            PromptTemplates::open(&eval.templates, options).map_err(|source| WorkerError::Templates {
+                field: "eval.templates".into(),
+                source,
+            })?,
         )),
         None => None,
     };
@@ -228,8 +237,7 @@ fn join_collective(
 #[cfg(feature = "cuda")]
 fn join_nccl(assignment: &Assignment, device: usize) -> Result<Box<dyn Collective>, WorkerError> {
     let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
-    let nccl = collective::nccl::NcclCollective::new(device, rank, world, &assignment.nccl_unique_id)
-        .map_err(|e| setup(e.to_string()))?;
+    let nccl = collective::nccl::NcclCollective::new(device, rank, world, &assignment.nccl_unique_id)?;
     Ok(Box::new(nccl))
 }
 
@@ -264,11 +272,8 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
         contrastive: train.lambda_con as f32,
         captioning: train.lambda_cap as f32,
     };
-    let mode = match train.contrastive {
-        Contrastive::Local => ContrastiveMode::Local,
-        Contrastive::Full => ContrastiveMode::Full,
-    };
-    TrainStep::<B>::new(&optimizer, weights, mode).with_compute(compute_dtype(train.precision))
+    TrainStep::<B>::new(&optimizer, weights, ContrastiveMode::from(train.contrastive))
+        .with_compute(compute_dtype(train.precision))
 }
 
 /// The model and its training step, from the job's seed or from the
@@ -293,8 +298,11 @@ where
     if assignment.resume_from.is_empty() {
         return Ok((model, trainer));
     }
-    let dir = Store::open(&assignment.resume_from, options).map_err(|e| setup(e.to_string()))?;
-    let (model, record, meta) = state::load(&dir, model).map_err(|e| setup(e.to_string()))?;
+    let dir = Store::open(&assignment.resume_from, options).map_err(store_error("the resumed step"))?;
+    let (model, record, meta) = state::load(&dir, model).map_err(|source| WorkerError::Resume {
+        url: assignment.resume_from.clone(),
+        source,
+    })?;
     if meta.step != assignment.start_step {
         return Err(setup(format!(
             "{} holds step {}, the coordinator said step {}",
