@@ -15,8 +15,6 @@ use std::io::Read;
 
 use serde_json::{json, Value};
 
-use super::tokenizer::{TextTokenizer, TokenizerError};
-
 /// open_clip's `bpe_simple_vocab_16e6.txt.gz` (OpenAI CLIP, MIT licence).
 const BPE_MERGES: &[u8] = include_bytes!("clip_bpe_simple_vocab_16e6.txt.gz");
 /// Merges open_clip reads from that file (the rest are unused).
@@ -153,28 +151,4 @@ pub fn clip_tokenizer_json() -> String {
         }
     });
     tokenizer.to_string()
-}
-
-/// CLIP's tokenizer, framed as open_clip frames it.
-pub fn clip_tokenizer() -> Result<TextTokenizer, TokenizerError> {
-    TextTokenizer::from_json(&clip_tokenizer_json(), "CLIP's BPE tokenizer")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn has_clips_vocabulary_and_framing() {
-        let tokenizer = clip_tokenizer().unwrap();
-        assert_eq!(tokenizer.vocab_size(), 49408);
-        assert_eq!(
-            (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()),
-            (49406, 49407, 0)
-        );
-        // open_clip: tokenizer("a photo of a cat.")
-        let ids = tokenizer.encode("A photo of a CAT.", 10).unwrap();
-        assert_eq!(ids, vec![49406, 320, 1125, 539, 320, 2368, 269, 49407, 0, 0]);
-        assert_eq!(tokenizer.decode(&ids).unwrap().trim(), "a photo of a cat .");
-    }
 }

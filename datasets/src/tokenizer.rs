@@ -41,6 +41,11 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// CLIP's tokenizer, framed as open_clip frames it.
+    pub fn clip() -> Result<Self, TokenizerError> {
+        Self::from_json(&clip_tokenizer::clip_tokenizer_json(), "CLIP's BPE tokenizer")
+    }
+
     /// Trains a byte-level BPE of at most `vocab_size` tokens on `texts`.
     pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Self, TokenizerError>
     where
@@ -251,5 +256,19 @@ mod tests {
             error.to_string().starts_with("vocabulary size 100 is too small"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn has_clips_vocabulary_and_framing() {
+        let tokenizer = TextTokenizer::clip().unwrap();
+        assert_eq!(tokenizer.vocab_size(), 49408);
+        assert_eq!(
+            (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()),
+            (49406, 49407, 0)
+        );
+        // open_clip: tokenizer("a photo of a cat.")
+        let ids = tokenizer.encode("A photo of a CAT.", 10).unwrap();
+        assert_eq!(ids, vec![49406, 320, 1125, 539, 320, 2368, 269, 49407, 0, 0]);
+        assert_eq!(tokenizer.decode(&ids).unwrap().trim(), "a photo of a cat .");
     }
 }

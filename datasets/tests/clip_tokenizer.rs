@@ -3,7 +3,8 @@
 //! entities, curly quotes, ligatures, full-width letters, long texts cut
 //! as open_clip cuts them.
 
-use datasets::clip_tokenizer::{clip_tokenizer, CONTEXT_LENGTH};
+use datasets::clip_tokenizer::CONTEXT_LENGTH;
+use datasets::tokenizer::TextTokenizer;
 
 #[derive(serde::Deserialize)]
 struct Captions {
@@ -22,7 +23,7 @@ fn ids_equal_open_clips() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/open_clip/captions.json");
     let fixture: Captions = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(fixture.context_length, CONTEXT_LENGTH);
-    let tokenizer = clip_tokenizer().unwrap();
+    let tokenizer = TextTokenizer::clip().unwrap();
     let mut differ = Vec::new();
     for caption in &fixture.captions {
         let ids = tokenizer.encode(&caption.text, fixture.context_length).unwrap();
