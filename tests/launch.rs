@@ -251,26 +251,33 @@ fn wait_for(address: &str, what: &str, predicate: impl Fn(&serde_json::Value) ->
     }
 }
 
-#[test]
-fn an_nccl_job_on_a_build_without_cuda_fails_saying_so() {
-    if cfg!(feature = "cuda") {
-        return; // a CUDA build makes the id; the GPU check runs that job.
-    }
+/// `coca launch` of the test manifest with `from` replaced by `to`, which
+/// must fail: its stderr.
+fn launch_fails(from: &str, to: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = manifest(dir.path(), 200, 2000);
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "backend = \"cpu\"\ncollective = \"tcp\"",
-        "backend = \"cuda\"\ncollective = \"nccl\"",
-    );
-    assert!(text.contains("collective = \"nccl\""));
-    std::fs::write(&path, text).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "the manifest has `{from}`");
+    std::fs::write(&path, text.replace(from, to)).unwrap();
     let output = coca()
         .current_dir(dir.path())
         .args(["launch", "job.toml"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(output.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+#[test]
+fn an_nccl_job_on_a_build_without_cuda_fails_saying_so() {
+    if cfg!(feature = "cuda") {
+        return; // a CUDA build makes the id; the GPU check runs that job.
+    }
+    let stderr = launch_fails(
+        "backend = \"cpu\"\ncollective = \"tcp\"",
+        "backend = \"cuda\"\ncollective = \"nccl\"",
+    );
     assert!(
         stderr.contains("cluster.collective = \"nccl\": this coca was built without CUDA"),
         "{stderr}"
@@ -281,20 +288,7 @@ fn an_nccl_job_on_a_build_without_cuda_fails_saying_so() {
 /// cause under it (the templates file is read by the workers only).
 #[test]
 fn a_workers_setup_error_names_the_field_and_its_cause() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = manifest(dir.path(), 200, 2000);
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("templates = \"clip80\"", "templates = \"data/missing-templates.txt\"");
-    assert!(text.contains("missing-templates"));
-    std::fs::write(&path, text).unwrap();
-    let output = coca()
-        .current_dir(dir.path())
-        .args(["launch", "job.toml"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let stderr = launch_fails("templates = \"clip80\"", "templates = \"data/missing-templates.txt\"");
     assert!(
         stderr.contains("data.source[1].templates: cannot read the templates file: ")
             && stderr.contains("missing-templates.txt"),
