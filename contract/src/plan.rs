@@ -90,13 +90,14 @@ pub struct ClusterPlan {
     pub replicas: usize,
 }
 
+/// The cause, where there is one, follows as the error's source.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{count} pinned indexes for {sources} data sources")]
     Indexes { count: usize, sources: usize },
-    #[error("data.streams: {0}")]
+    #[error("data.streams")]
     Order(#[from] SampleOrderError),
-    #[error("the job plan cannot be read: {0}")]
+    #[error("not a job plan of this coca release")]
     Json(#[from] serde_json::Error),
 }
 
