@@ -27,20 +27,25 @@ use tokio::sync::watch;
 
 use job::{Job, RecoveryPolicy};
 use journal::{Event, Journal};
+pub use plan::IndexError;
 use plan::JobStart;
 pub use shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
-    #[error("data.source[{index}] ({url}): {message}")]
-    Dataset { index: usize, url: String, message: String },
+    #[error("data.source[{index}] ({url})")]
+    Dataset {
+        index: usize,
+        url: String,
+        source: plan::IndexError,
+    },
     #[error(transparent)]
     Plan(#[from] contract::plan::PlanError),
-    #[error("{field} ({url}): {message}")]
+    #[error("{field} ({url})")]
     Eval {
         field: &'static str,
         url: String,
-        message: String,
+        source: plan::IndexError,
     },
     // The cause follows as the error's source (the CLI prints the chain).
     #[error("cannot listen on {address} ({what})")]

@@ -8,9 +8,30 @@ use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use contract::manifest::Manifest;
 use contract::plan::{JobPlan, StorePlan};
 use contract::sample_order::SampleOrder;
-use store::{Store, StoreOptions};
+use store::{Store, StoreError, StoreOptions};
 
 use crate::CoordinatorError;
+
+/// Why a dataset the manifest names cannot be planned with.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("no dataset here (no {INDEX_FILE})")]
+    Missing,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{INDEX_FILE} is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Invalid(#[from] contract::dataset::DatasetIndexError),
+    #[error("the dataset is {is}, but the manifest says kind = \"{said}\"")]
+    Kind { is: DatasetKind, said: DatasetKind },
+    #[error("the dataset is {is}; {field} needs a {needs} dataset")]
+    EvalKind {
+        is: DatasetKind,
+        field: &'static str,
+        needs: DatasetKind,
+    },
+}
 
 /// What the coordinator starts a job from.
 pub struct JobStart {
@@ -123,17 +144,17 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<DatasetIndex>, CoordinatorErr
     let options = store_options(&StorePlan::of(&manifest.data));
     let mut indexes = Vec::new();
     for (index, source) in manifest.data.sources.iter().enumerate() {
-        let failed = |message: String| CoordinatorError::Dataset {
+        let failed = |error: IndexError| CoordinatorError::Dataset {
             index,
             url: source.url.clone(),
-            message,
+            source: error,
         };
         let parsed = read_index(&source.url, &options).map_err(failed)?;
         if parsed.kind != source.kind {
-            return Err(failed(format!(
-                "the dataset is {}, but the manifest says kind = \"{}\"",
-                parsed.kind, source.kind
-            )));
+            return Err(failed(IndexError::Kind {
+                is: parsed.kind,
+                said: source.kind,
+            }));
         }
         indexes.push(parsed);
     }
@@ -146,29 +167,30 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<DatasetIndex>, CoordinatorErr
     });
     for (field, url, kind) in evals {
         let Some(url) = url else { continue };
-        let failed = |message: String| CoordinatorError::Eval {
+        let failed = |error: IndexError| CoordinatorError::Eval {
             field,
             url: url.to_string(),
-            message,
+            source: error,
         };
         let parsed = read_index(url, &options).map_err(failed)?;
         if parsed.kind != kind {
-            return Err(failed(format!(
-                "the dataset is {}; {field} needs a {kind} dataset",
-                parsed.kind
-            )));
+            return Err(failed(IndexError::EvalKind {
+                is: parsed.kind,
+                field,
+                needs: kind,
+            }));
         }
     }
     Ok(indexes)
 }
 
 /// A dataset's index.json, checked.
-fn read_index(url: &str, options: &StoreOptions) -> Result<DatasetIndex, String> {
-    let store = Store::open(url, options).map_err(|e| e.to_string())?;
+fn read_index(url: &str, options: &StoreOptions) -> Result<DatasetIndex, IndexError> {
+    let store = Store::open(url, options)?;
     let bytes = store.get(INDEX_FILE).map_err(|e| match e {
-        store::StoreError::NotFound { .. } => format!("no dataset here (no {INDEX_FILE})"),
-        other => other.to_string(),
+        StoreError::NotFound { .. } => IndexError::Missing,
+        other => other.into(),
     })?;
-    let json = String::from_utf8(bytes.to_vec()).map_err(|_| format!("{INDEX_FILE} is not UTF-8"))?;
-    DatasetIndex::parse(&json, &store.object_url(INDEX_FILE)).map_err(|e| e.to_string())
+    let json = String::from_utf8(bytes.to_vec()).map_err(|_| IndexError::NotUtf8)?;
+    Ok(DatasetIndex::parse(&json, &store.object_url(INDEX_FILE))?)
 }
