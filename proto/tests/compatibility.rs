@@ -88,13 +88,41 @@ fn compiled() -> Protocol {
 /// The field paths of a job plan with every optional part set, and their
 /// JSON types (`.sources[].index.shards[].rows number`).
 fn plan_paths() -> BTreeMap<String, String> {
-    let manifest = include_str!("../../deploy/local/demo.toml")
-        .replace(
-            "loader_threads = 1",
-            "loader_threads = 1\nstreams = 2\ncache_dir = \"cache\"\ns3_endpoint = \"http://127.0.0.1:8333\"\ns3_region = \"eu\"",
-        )
-        .replace("templates = \"simple\"", "templates = \"simple\"\nretrieval = \"data/demo/align-heldout\"");
-    let manifest = Manifest::parse(&manifest, "demo.toml").expect("the example manifest reads");
+    // Its own manifest, so that editing the demo's does not move the snapshot.
+    let manifest = r#"
+        [job]
+        name = "example"
+        steps = 10
+        [model]
+        preset = "tiny"
+        [data]
+        tokenizer = "data/tokenizer.json"
+        streams = 2
+        cache_dir = "cache"
+        s3_endpoint = "http://127.0.0.1:8333"
+        s3_region = "eu"
+        [[data.source]]
+        url = "data/align"
+        kind = "align"
+        weight = 0.5
+        [[data.source]]
+        url = "data/jft"
+        kind = "jft"
+        weight = 0.5
+        templates = "clip80"
+        [train]
+        global_batch = 8
+        [cluster]
+        workers = 2
+        [checkpoint]
+        url = "checkpoints"
+        every = 5
+        [eval]
+        every = 5
+        zeroshot = "data/jft-heldout"
+        retrieval = "data/align-heldout"
+    "#;
+    let manifest = Manifest::parse(manifest, "example.toml").expect("the example manifest reads");
     let index = |kind, classes| {
         let mut index = DatasetIndex::new(kind, classes, "example");
         index.shards = (0..4)
