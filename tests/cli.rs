@@ -263,3 +263,32 @@ fn kernels_warm_says_what_it_needs() {
         "--backend wgpu runs one process: leave out --world",
     );
 }
+
+/// `coca status` names the endpoint it cannot read, and what it got instead.
+#[test]
+fn status_names_an_endpoint_it_cannot_read() {
+    // A port nothing listens on (bound a moment ago, then freed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    refused(&["status", &url], &format!("cannot reach {url}"));
+    refused(
+        &["status", "http://127.0.0.1:7071/status"],
+        "give the status endpoint as http://host:port",
+    );
+    // Something that answers HTTP, but not with a coca status document.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in server.incoming().take(1) {
+            let mut stream = stream.unwrap();
+            let _ = stream.read(&mut [0; 1024]);
+            let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    refused(&["status", &format!("http://{address}")], "/status: HTTP 404 Not Found");
+}
