@@ -1,6 +1,8 @@
 //! coca's contract, burn-free: the types every part agrees on, apart from
-//! the wire (the `proto` crate). The manifest, validated once with field-named errors ([`manifest`]); model
-//! configurations and presets ([`model`]); dataset indexes ([`dataset`]);
+//! the wire (the `proto` crate). The manifest, validated once with
+//! field-named errors ([`manifest`]); the job plan every rank receives,
+//! derived once from it ([`plan`]); model configurations and presets
+//! ([`model`]); dataset indexes ([`dataset`]);
 //! the global sample order, a pure function of the seed, the sources and
 //! the step ([`sample_order`]), with the counter-based random numbers it
 //! and the model's initialisation draw ([`rng`]); and the status document

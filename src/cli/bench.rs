@@ -189,6 +189,12 @@ impl LocalRank {
     }
 }
 
+/// How a choice is spelled on the command line.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    let value = value.to_possible_value().expect("no skipped variants");
+    value.get_name().to_string()
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
@@ -356,7 +362,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     ensure!(
         backend == Backend::Cpu || (world == 1 && local_rank.child_rank.is_none()),
         "--backend {} runs one process: leave out --world",
-        if backend == Backend::Cuda { "cuda" } else { "wgpu" }
+        value_name(backend)
     );
     ensure!(
         replicas >= 1 && (batch / world) % replicas == 0,
@@ -457,8 +463,7 @@ fn step_on_local_ranks(
     }
     args.extend(["--seed".to_string(), seed.to_string()]);
     args.extend(["--replicas".to_string(), plan.replicas.to_string()]);
-    let negatives = clap::ValueEnum::to_possible_value(&negatives).expect("no skipped variants");
-    args.extend(["--negatives".to_string(), negatives.get_name().to_string()]);
+    args.extend(["--negatives".to_string(), value_name(negatives)]);
     if plan.precision == Precision::Bf16 {
         args.extend(["--precision".to_string(), "bf16".to_string()]);
     }

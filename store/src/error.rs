@@ -19,6 +19,22 @@ pub enum StoreError {
     Cache { path: String, source: std::io::Error },
 }
 
+/// An error and the whole chain of its causes, on one line; a cause whose
+/// text is already there (some errors repeat their cause) is left out.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = cause.source();
+    }
+    detail
+}
+
 impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })

@@ -18,7 +18,7 @@ mod store;
 
 pub use bytes::Bytes;
 pub use cache::LocalCache;
-pub use error::StoreError;
+pub use error::{error_chain, StoreError};
 pub use location::{Location, Scheme};
 pub use options::{S3Options, StoreOptions};
 pub use retry::RetryPolicy;

@@ -297,7 +297,7 @@ impl Store {
     {
         let url = || self.object_url(name);
         let classify = |error: object_store::Error| {
-            let detail = error_detail(&error);
+            let detail = crate::error_chain(&error);
             match error {
                 object_store::Error::NotFound { .. } if detail.contains("NoSuchBucket") => {
                     Failure::Final(StoreError::NoBucket {
@@ -356,21 +356,6 @@ fn io_runtime() -> Result<&'static Runtime, String> {
 enum Failure {
     Transient(String),
     Final(StoreError),
-}
-
-/// The whole chain of causes, on one line.
-fn error_detail(error: &object_store::Error) -> String {
-    let mut detail = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !detail.contains(&text) {
-            detail.push_str(": ");
-            detail.push_str(&text);
-        }
-        source = cause.source();
-    }
-    detail
 }
 
 /// The code and message of an S3-style XML error body, or the detail as it is.

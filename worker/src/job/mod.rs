@@ -97,17 +97,6 @@ pub enum WorkerError {
     Regroup(String),
 }
 
-/// An error and its causes on one line, as the coordinator is told it.
-pub fn report(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        line = format!("{line}: {next}");
-        cause = next.source();
-    }
-    line
-}
-
 /// How the worker's part ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerOutcome {
@@ -154,7 +143,8 @@ pub fn run(options: &WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let step = progress.lock().expect("progress").step;
     let (ok, message) = match &result {
         Ok(_) => (true, String::new()),
-        Err(error) => (false, report(error)),
+        // The coordinator is told the error with its causes.
+        Err(error) => (false, store::error_chain(error)),
     };
     let finished = runtime.block_on(client.finish(FinishRequest {
         worker_id: registered.id,
