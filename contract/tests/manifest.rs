@@ -1,7 +1,7 @@
 //! Every manifest rule, table-driven: a change to the demo manifest and the
 //! exact error it must give.
 
-use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Precision, Schedule};
+use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Overrides, Precision, Schedule};
 
 const DEMO: &str = include_str!("../../deploy/local/demo.toml");
 
@@ -123,15 +123,15 @@ fn every_rule_names_its_field() {
         (with("name = \"demo\"", "name = \"my demo\""), "job.name: `my demo` must be letters, digits, `-` or `_`"),
         (with("name = \"demo\"\n", ""), "job.name: missing"),
         (with("steps = 300", "steps = 300\nepochs = 2"), "job.steps: give job.steps or job.epochs, not both"),
-        (with("steps = 300", "steps = \"300\""), "job.steps: expected an integer, found the string \"300\""),
+        (with("steps = 300", "steps = \"300\""), "job.steps: invalid type: string \"300\", expected u64"),
         (with("steps = 300", "steps = 0"), "job.steps: must be at least 1"),
         (with("steps = 300", "epochs = -1.0"), "job.epochs: -1 must be a positive number"),
-        (with("seed = 0", "seed = -4"), "job.seed: -4 is negative"),
+        (with("seed = 0", "seed = -4"), "job.seed: invalid value: integer `-4`, expected u64"),
         (with("preset = \"tiny\"", "preset = \"huge\""), "model.preset: unknown model preset `huge` (known: tiny, bench, base, large, giant, coca_vit_b_32, coca_vit_l_14)"),
         (with("preset = \"tiny\"", "preset = \"tiny\"\nvocab_sise = 9"), "model.vocab_sise: unknown field; did you mean `vocab_size`?"),
         (with("preset = \"tiny\"", "preset = \"tiny\"\npatch_size = 7"), "model.patch_size: 7 does not divide image_size = 32"),
         (with("tokenizer = \"data/demo/tokenizer.json\"\n", ""), "data.tokenizer: missing (the URL of a tokenizer.json)"),
-        (with("kind = \"align\"", "kind = \"captions\""), "data.source[0].kind: `captions` is not one of align, jft"),
+        (with("kind = \"align\"", "kind = \"captions\""), "data.source[0].kind: unknown variant `captions`, expected `align` or `jft`"),
         (with("weight = 0.5", "weight = 0.0"), "data.source[0].weight: 0 must be a positive number"),
         (with("kind = \"align\"", "kind = \"align\"\ntemplates = \"simple\""), "data.source[0].templates: only jft sources use prompt templates"),
         (with("url = \"data/demo/jft\"", "uri = \"data/demo/jft\""), "data.source[1].uri: unknown key; did you mean `url`?"),
@@ -145,18 +145,18 @@ fn every_rule_names_its_field() {
         (with("learning_rate = 1e-3", "learning_rate = 0"), "train.learning_rate: 0 must be positive"),
         (with("end_learning_rate = 1e-4", "end_learning_rate = 1e-2"), "train.end_learning_rate: 0.01 must be between 0 and train.learning_rate = 0.001"),
         (with("warmup_steps = 10", "warmup_steps = 300"), "train.warmup_steps: 300 must be less than job.steps = 300"),
-        (with("schedule = \"cosine\"", "schedule = \"step\""), "train.schedule: `step` is not one of cosine, linear, constant"),
-        (with("schedule = \"cosine\"", "schedule = \"cosine\"\nprecision = \"fp16\""), "train.precision: `fp16` is not one of f32, bf16"),
+        (with("schedule = \"cosine\"", "schedule = \"step\""), "train.schedule: unknown variant `step`, expected one of `cosine`, `linear`, `constant`"),
+        (with("schedule = \"cosine\"", "schedule = \"cosine\"\nprecision = \"fp16\""), "train.precision: unknown variant `fp16`, expected `f32` or `bf16`"),
         (with("weight_decay = 0.01", "beta1 = 1.0"), "train.beta1: 1 must be in [0, 1)"),
         (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
-        (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: `max` is not one of minimal, balanced, extensive, full"),
-        (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: expected true or false, found the integer 1"),
+        (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: unknown variant `max`, expected one of `minimal`, `balanced`, `extensive`, `full`"),
+        (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: invalid type: integer `1`, expected a boolean"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cahce = \"x\"\n", "gpu.kernel_cahce: unknown key; did you mean `kernel_cache`?"),
-        (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: `tpu` is not one of cpu, cuda, wgpu"),
+        (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: unknown variant `tpu`, expected one of `cpu`, `cuda`, `wgpu`"),
         (with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"wgpu\"\ncollective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
         (with("backend = \"cpu\"", "backend = \"wgpu\"\nreplicas = 2"), "cluster.replicas: replicas are for the cpu backend (a GPU runs one)"),
         (with("coordinator = \"127.0.0.1:7070\"", "coordinator = \"localhost\""), "cluster.coordinator: `localhost` is not an address (host:port, e.g. 127.0.0.1:7070)"),
@@ -176,12 +176,60 @@ fn every_rule_names_its_field() {
         (DEMO.to_string() + "\n[recovery]\nmin_workers = 0\n", "recovery.min_workers: 0 must be between 1 and cluster.workers = 2"),
         (DEMO.to_string() + "\n[recovery]\nmax_restart = 1\n", "recovery.max_restart: unknown key; did you mean `max_restarts`?"),
     ];
+    let mut wrong = Vec::new();
     for (text, expected) in cases {
         let error = Manifest::parse(&text, "m.toml").expect_err(expected);
-        assert_eq!(error.to_string(), expected);
+        let said = format!("{}: {}", error.field, error.message);
+        if said != expected {
+            wrong.push(format!("expected {expected}\n    said {said}"));
+        }
     }
-    let syntax = Manifest::parse("[job\nname = 1", "deploy/x.toml")
-        .unwrap_err()
-        .to_string();
-    assert!(syntax.starts_with("deploy/x.toml: "), "{syntax}");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `path:line:column: field: message`, as compilers print it; the line and
+/// column are where the field's value (or its nearest written table) is.
+#[test]
+fn an_error_names_the_file_and_where_the_field_is_written() {
+    let place = |text: &str, overrides: &Overrides| {
+        Manifest::parse_with(text, "deploy/m.toml", overrides)
+            .unwrap_err()
+            .to_string()
+    };
+    let none = Overrides::default();
+    // Read by serde: a type, an unknown key, an unknown section.
+    assert_eq!(
+        place(&with("global_batch = 32", "global_batch = \"32\""), &none),
+        "deploy/m.toml:31:16: train.global_batch: invalid type: string \"32\", expected usize"
+    );
+    assert_eq!(
+        place(&with("seed = 0", "sede = 0"), &none),
+        "deploy/m.toml:7:1: job.sede: unknown key; did you mean `seed`?"
+    );
+    assert_eq!(
+        place(&with("[status]", "[stauts]"), &none),
+        "deploy/m.toml:60:2: stauts: unknown section; did you mean `[status]`?"
+    );
+    // A rule: at the value it is about; a missing key: at its table.
+    assert_eq!(
+        place(&with("weight = 0.5", "weight = 0.0"), &none),
+        "deploy/m.toml:22:10: data.source[0].weight: 0 must be a positive number"
+    );
+    assert_eq!(
+        place(&with("url = \"runs/demo/checkpoints\"\n", ""), &none),
+        "deploy/m.toml:48:1: checkpoint.url: missing"
+    );
+    assert_eq!(
+        place(&with("preset = \"tiny\"", "preset = \"tiny\"\npatch_size = 7"), &none),
+        "deploy/m.toml:13:14: model.patch_size: 7 does not divide image_size = 32"
+    );
+    // A value from the command line has no place in the file.
+    let workers = Overrides {
+        workers: Some(0),
+        ..Overrides::default()
+    };
+    assert_eq!(place(DEMO, &workers), "deploy/m.toml: cluster.workers: must be at least 1");
+    // A syntax error: where the parser stopped.
+    let syntax = place("[job\nname = 1", &none);
+    assert!(syntax.starts_with("deploy/m.toml:1:5: "), "{syntax}");
 }

@@ -1,29 +1,22 @@
 //! The job manifest: one TOML file, read and validated once, at the edge.
-//! Every error names the field path and what is wrong with it; unknown keys
-//! are errors with the closest known key suggested.
+//! serde reads it (`file.rs`); every error names the file, the field path,
+//! the line and column, and what is wrong; unknown keys are errors with the
+//! closest known key suggested.
+
+mod error;
+mod file;
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::error::{Location, ManifestError};
+use self::file::{
+    CheckpointFile, ClusterFile, DataFile, EvalFile, GpuFile, JobFile, ManifestFile, SourceFile, TrainFile,
+};
 use crate::dataset::DatasetKind;
-use crate::model::closest;
 use crate::sample_order::{self, SampleOrderError};
 use crate::{ModelConfig, Preset};
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ManifestError {
-    pub field: String,
-    pub message: String,
-}
-
-fn error(field: impl Into<String>, message: impl Into<String>) -> ManifestError {
-    ManifestError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
@@ -291,129 +284,6 @@ pub struct Auth {
     pub token_file: Option<String>,
 }
 
-/// Keys of one table, read once each; what is left over is unknown.
-struct Section<'a> {
-    path: String,
-    table: Option<&'a toml::Table>,
-    known: Vec<&'static str>,
-}
-
-impl<'a> Section<'a> {
-    fn new(path: &str, table: Option<&'a toml::Table>) -> Self {
-        Self {
-            path: path.to_string(),
-            table,
-            known: Vec::new(),
-        }
-    }
-
-    fn field(&self, key: &str) -> String {
-        format!("{}.{key}", self.path)
-    }
-
-    fn value(&mut self, key: &'static str) -> Option<&'a toml::Value> {
-        self.known.push(key);
-        self.table.and_then(|table| table.get(key))
-    }
-
-    fn typed<T>(
-        &mut self,
-        key: &'static str,
-        what: &str,
-        get: impl Fn(&toml::Value) -> Option<T>,
-    ) -> Result<Option<T>, ManifestError> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(value) => get(value)
-                .map(Some)
-                .ok_or_else(|| error(self.field(key), format!("expected {what}, found {}", describe(value)))),
-        }
-    }
-
-    fn int(&mut self, key: &'static str) -> Result<Option<u64>, ManifestError> {
-        let field = self.field(key);
-        match self.typed(key, "an integer", |v| v.as_integer())? {
-            Some(value) if value < 0 => Err(error(field, format!("{value} is negative"))),
-            other => Ok(other.map(|v| v as u64)),
-        }
-    }
-
-    fn float(&mut self, key: &'static str) -> Result<Option<f64>, ManifestError> {
-        self.typed(key, "a number", |v| {
-            v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
-        })
-    }
-
-    fn boolean(&mut self, key: &'static str) -> Result<Option<bool>, ManifestError> {
-        self.typed(key, "true or false", |v| v.as_bool())
-    }
-
-    fn string(&mut self, key: &'static str) -> Result<Option<String>, ManifestError> {
-        self.typed(key, "a string", |v| v.as_str().map(str::to_string))
-    }
-
-    fn choice<T: Copy>(&mut self, key: &'static str, choices: &[(&str, T)], default: T) -> Result<T, ManifestError> {
-        let field = self.field(key);
-        match self.string(key)? {
-            None => Ok(default),
-            Some(text) => choices
-                .iter()
-                .find(|(name, _)| *name == text)
-                .map(|(_, value)| *value)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
-                    error(field, format!("`{text}` is not one of {}", names.join(", ")))
-                }),
-        }
-    }
-
-    fn address(&mut self, key: &'static str, default: &str) -> Result<SocketAddr, ManifestError> {
-        let field = self.field(key);
-        let text = self.string(key)?.unwrap_or_else(|| default.to_string());
-        text.parse().map_err(|_| {
-            error(
-                field,
-                format!("`{text}` is not an address (host:port, e.g. 127.0.0.1:7070)"),
-            )
-        })
-    }
-
-    /// Unknown keys are errors, with the closest known key suggested.
-    fn finish(self) -> Result<(), ManifestError> {
-        let Some(table) = self.table else { return Ok(()) };
-        for key in table.keys() {
-            if !self.known.contains(&key.as_str()) {
-                let message = match closest(key, &self.known) {
-                    Some(near) => format!("unknown key; did you mean `{near}`?"),
-                    None => format!("unknown key; known keys: {}", self.known.join(", ")),
-                };
-                return Err(error(self.field(key), message));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn describe(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(text) => format!("the string \"{text}\""),
-        toml::Value::Integer(n) => format!("the integer {n}"),
-        toml::Value::Float(x) => format!("the number {x}"),
-        toml::Value::Boolean(b) => format!("{b}"),
-        toml::Value::Datetime(_) => "a date".into(),
-        toml::Value::Array(_) => "an array".into(),
-        toml::Value::Table(_) => "a table".into(),
-    }
-}
-
-fn table<'a>(root: &'a toml::Table, key: &str, path: &str) -> Result<Option<&'a toml::Table>, ManifestError> {
-    match root.get(key) {
-        None => Ok(None),
-        Some(toml::Value::Table(table)) => Ok(Some(table)),
-        Some(other) => Err(error(path, format!("expected a table, found {}", describe(other)))),
-    }
-}
-
 /// Manifest fields a command line may set for one run, applied before validation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
@@ -430,77 +300,100 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    fn apply(&self, root: &mut toml::Table) {
-        let mut set = |section: &str, key: &str, value: u64| {
-            let entry = root
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            if let toml::Value::Table(section) = entry {
-                if key == "steps" {
-                    section.remove("epochs");
-                }
-                section.insert(key.to_string(), toml::Value::Integer(value as i64));
-            }
-        };
+    fn apply(&self, file: &mut ManifestFile) {
         if let Some(workers) = self.workers {
-            set("cluster", "workers", workers as u64);
+            file.cluster.workers = Some(workers);
         }
         if let Some(steps) = self.steps {
-            set("job", "steps", steps);
+            file.job.steps = Some(steps);
+            file.job.epochs = None;
         }
         if let Some(warmup_steps) = self.warmup_steps {
-            set("train", "warmup_steps", warmup_steps);
+            file.train.warmup_steps = Some(warmup_steps);
+        }
+    }
+
+    /// Whether the command line, not the file, gave `field` its value.
+    fn sets(&self, field: &str) -> bool {
+        match field {
+            "cluster.workers" => self.workers.is_some(),
+            "job.steps" | "job.epochs" => self.steps.is_some(),
+            "train.warmup_steps" => self.warmup_steps.is_some(),
+            _ => false,
         }
     }
 }
 
+/// A field and what is wrong with it, before the error is placed in the file.
+struct Invalid {
+    field: String,
+    message: String,
+}
+
+fn error(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn address(field: &str, text: Option<String>, default: &str) -> Result<SocketAddr, Invalid> {
+    let text = text.unwrap_or_else(|| default.to_string());
+    text.parse().map_err(|_| {
+        error(
+            field,
+            format!("`{text}` is not an address (host:port, e.g. 127.0.0.1:7070)"),
+        )
+    })
+}
+
 impl Manifest {
-    /// Parses and validates a manifest; `origin` (its path) starts syntax errors.
+    /// Parses and validates a manifest; `origin` (its path) starts every error.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ManifestError> {
         Self::parse_with(text, origin, &Overrides::default())
     }
 
     /// [`Manifest::parse`] with a command line's overrides applied.
     pub fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Self, ManifestError> {
-        let mut root: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| error(origin, e.to_string().trim().to_string()))?;
-        overrides.apply(&mut root);
-        const SECTIONS: [&str; 11] = [
-            "job",
-            "model",
-            "data",
-            "train",
-            "cluster",
-            "checkpoint",
-            "eval",
-            "gpu",
-            "status",
-            "auth",
-            "recovery",
-        ];
-        for key in root.keys() {
-            if !SECTIONS.contains(&key.as_str()) {
-                let message = match closest(key, &SECTIONS) {
-                    Some(near) => format!("unknown section; did you mean `[{near}]`?"),
-                    None => format!("unknown section; sections: {}", SECTIONS.join(", ")),
-                };
-                return Err(error(key.as_str(), message));
-            }
-        }
+        let mut file = ManifestFile::read(text).map_err(|read| ManifestError {
+            origin: origin.to_string(),
+            field: read.field,
+            message: read.message,
+            location: read.span.map(|span| Location::at(text, span.start)),
+        })?;
+        overrides.apply(&mut file);
+        Self::from_file(file).map_err(|Invalid { field, message }| ManifestError {
+            origin: origin.to_string(),
+            location: (!overrides.sets(&field))
+                .then(|| Location::of_field(text, &field))
+                .flatten(),
+            field,
+            message,
+        })
+    }
 
-        let job = Self::job(&root)?;
-        let (preset, model) = Self::model(table(&root, "model", "model")?)?;
-        let data = Self::data(table(&root, "data", "data")?)?;
-        let train = Self::train(&root)?;
-        let cluster = Self::cluster(&root)?;
-        let checkpoint = Self::checkpoint(&root)?;
-        let eval = Self::eval(&root)?;
-        let gpu = Self::gpu(&root, &job, checkpoint.as_ref())?;
-        let status = Self::status(&root)?;
-        let auth = Self::auth(&root)?;
-        let recovery = Self::recovery(&root, &cluster)?;
-
+    /// The defaults, the checks of single fields, then the rules between fields.
+    fn from_file(file: ManifestFile) -> Result<Self, Invalid> {
+        let job = Self::job(file.job)?;
+        let (preset, model) = Self::model(file.model)?;
+        let data = Self::data(file.data)?;
+        let train = Self::train(file.train)?;
+        let cluster = Self::cluster(file.cluster)?;
+        let checkpoint = file.checkpoint.map(Self::checkpoint).transpose()?;
+        let eval = file.eval.map(Self::eval);
+        let gpu = Self::gpu(file.gpu, &job, checkpoint.as_ref())?;
+        let status = Status {
+            bind: address("status.bind", file.status.bind, "127.0.0.1:7071")?,
+        };
+        let auth = Auth {
+            token_env: file.auth.token_env.unwrap_or_else(|| "COCA_JOB_TOKEN".into()),
+            token_file: file.auth.token_file,
+        };
+        let recovery = Recovery {
+            max_restarts: file.recovery.max_restarts.unwrap_or(10),
+            min_workers: file.recovery.min_workers.unwrap_or(cluster.workers),
+            replacement_timeout_ms: file.recovery.replacement_timeout_ms.unwrap_or(60_000),
+        };
         let manifest = Self {
             job,
             preset,
@@ -519,22 +412,15 @@ impl Manifest {
         Ok(manifest)
     }
 
-    fn job(root: &toml::Table) -> Result<Job, ManifestError> {
-        let mut section = Section::new("job", table(root, "job", "job")?);
-        let name = section.string("name")?;
-        let seed = section.int("seed")?.unwrap_or(0);
-        let steps = section.int("steps")?;
-        let epochs = section.float("epochs")?;
-        let dir = section.string("dir")?;
-        section.finish()?;
-        let name = name.ok_or_else(|| error("job.name", "missing"))?;
+    fn job(job: JobFile) -> Result<Job, Invalid> {
+        let name = job.name.ok_or_else(|| error("job.name", "missing"))?;
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(error(
                 "job.name",
                 format!("`{name}` must be letters, digits, `-` or `_`"),
             ));
         }
-        let length = match (steps, epochs) {
+        let length = match (job.steps, job.epochs) {
             (Some(_), Some(_)) => return Err(error("job.steps", "give job.steps or job.epochs, not both")),
             (None, None) => return Err(error("job.steps", "missing (or give job.epochs)")),
             (Some(0), None) => return Err(error("job.steps", "must be at least 1")),
@@ -544,193 +430,90 @@ impl Manifest {
             }
             (None, Some(epochs)) => Length::Epochs(epochs),
         };
-        let dir = dir.unwrap_or_else(|| format!("runs/{name}"));
+        let dir = job.dir.unwrap_or_else(|| format!("runs/{name}"));
         Ok(Job {
             name,
-            seed,
+            seed: job.seed.unwrap_or(0),
             length,
             dir,
         })
     }
 
-    fn train(root: &toml::Table) -> Result<Train, ManifestError> {
-        let mut section = Section::new("train", table(root, "train", "train")?);
-        let global_batch = section.int("global_batch")?;
-        let train = Train {
-            global_batch: global_batch.unwrap_or(0) as usize,
-            learning_rate: section.float("learning_rate")?.unwrap_or(5e-4),
-            warmup_steps: section.int("warmup_steps")?.unwrap_or(0),
-            schedule: section.choice(
-                "schedule",
-                &[
-                    ("cosine", Schedule::Cosine),
-                    ("linear", Schedule::Linear),
-                    ("constant", Schedule::Constant),
-                ],
-                Schedule::Cosine,
-            )?,
-            end_learning_rate: section.float("end_learning_rate")?.unwrap_or(0.0),
-            beta1: section.float("beta1")?.unwrap_or(0.9),
-            beta2: section.float("beta2")?.unwrap_or(0.999),
-            weight_decay: section.float("weight_decay")?.unwrap_or(0.01),
-            eps: section.float("eps")?.unwrap_or(1e-8),
-            lambda_con: section.float("lambda_con")?.unwrap_or(1.0),
-            lambda_cap: section.float("lambda_cap")?.unwrap_or(2.0),
-            contrastive: section.choice(
-                "contrastive",
-                &[("local", Contrastive::Local), ("full", Contrastive::Full)],
-                Contrastive::Local,
-            )?,
+    fn train(train: TrainFile) -> Result<Train, Invalid> {
+        Ok(Train {
+            global_batch: train
+                .global_batch
+                .ok_or_else(|| error("train.global_batch", "missing"))?,
+            learning_rate: train.learning_rate.unwrap_or(5e-4),
+            warmup_steps: train.warmup_steps.unwrap_or(0),
+            schedule: train.schedule.unwrap_or(Schedule::Cosine),
+            end_learning_rate: train.end_learning_rate.unwrap_or(0.0),
+            beta1: train.beta1.unwrap_or(0.9),
+            beta2: train.beta2.unwrap_or(0.999),
+            weight_decay: train.weight_decay.unwrap_or(0.01),
+            eps: train.eps.unwrap_or(1e-8),
+            lambda_con: train.lambda_con.unwrap_or(1.0),
+            lambda_cap: train.lambda_cap.unwrap_or(2.0),
+            contrastive: train.contrastive.unwrap_or(Contrastive::Local),
             // f32 until bf16 has passed its check on a GPU (scripts/gpu/check.sh).
-            precision: section.choice(
-                "precision",
-                &[("f32", Precision::F32), ("bf16", Precision::Bf16)],
-                Precision::F32,
-            )?,
-        };
-        section.finish()?;
-        if global_batch.is_none() {
-            return Err(error("train.global_batch", "missing"));
+            precision: train.precision.unwrap_or(Precision::F32),
+        })
+    }
+
+    fn cluster(cluster: ClusterFile) -> Result<Cluster, Invalid> {
+        let worker_host = cluster.worker_host.unwrap_or_else(|| "127.0.0.1".into());
+        Ok(Cluster {
+            workers: cluster.workers.unwrap_or(1),
+            backend: cluster.backend.unwrap_or(Backend::Cpu),
+            // tcp on every backend until NCCL has passed its check on a GPU
+            // (scripts/gpu/check.sh); `nccl` is there for CUDA jobs that ask.
+            collective: cluster.collective.unwrap_or(CollectiveKind::Tcp),
+            coordinator: address("cluster.coordinator", cluster.coordinator, "127.0.0.1:7070")?,
+            worker_host: worker_host
+                .parse()
+                .map_err(|_| error("cluster.worker_host", format!("`{worker_host}` is not an IP address")))?,
+            heartbeat_ms: cluster.heartbeat_ms.unwrap_or(1000),
+            heartbeat_timeout_ms: cluster.heartbeat_timeout_ms.unwrap_or(10_000),
+            replicas: cluster.replicas.unwrap_or(1),
+        })
+    }
+
+    fn checkpoint(checkpoint: CheckpointFile) -> Result<Checkpoint, Invalid> {
+        Ok(Checkpoint {
+            url: checkpoint.url.ok_or_else(|| error("checkpoint.url", "missing"))?,
+            every: checkpoint.every.unwrap_or(100),
+            keep: checkpoint.keep.unwrap_or(3),
+        })
+    }
+
+    fn eval(eval: EvalFile) -> Eval {
+        Eval {
+            every: eval.every.unwrap_or(100),
+            zeroshot: eval.zeroshot,
+            retrieval: eval.retrieval,
+            templates: eval.templates.unwrap_or_else(|| "clip80".into()),
+            limit: eval.limit.unwrap_or(512),
         }
-        Ok(train)
-    }
-
-    fn cluster(root: &toml::Table) -> Result<Cluster, ManifestError> {
-        let mut section = Section::new("cluster", table(root, "cluster", "cluster")?);
-        let workers = section.int("workers")?.unwrap_or(1) as usize;
-        let backend = section.choice(
-            "backend",
-            &[("cpu", Backend::Cpu), ("cuda", Backend::Cuda), ("wgpu", Backend::Wgpu)],
-            Backend::Cpu,
-        )?;
-        // tcp on every backend until NCCL has passed its check on a GPU
-        // (scripts/gpu/check.sh); `nccl` is there for CUDA jobs that ask.
-        let collective = section.choice(
-            "collective",
-            &[("tcp", CollectiveKind::Tcp), ("nccl", CollectiveKind::Nccl)],
-            CollectiveKind::Tcp,
-        )?;
-        let coordinator = section.address("coordinator", "127.0.0.1:7070")?;
-        let worker_host_text = section.string("worker_host")?.unwrap_or_else(|| "127.0.0.1".into());
-        let worker_host = worker_host_text.parse().map_err(|_| {
-            error(
-                "cluster.worker_host",
-                format!("`{worker_host_text}` is not an IP address"),
-            )
-        })?;
-        let cluster = Cluster {
-            workers,
-            backend,
-            collective,
-            coordinator,
-            worker_host,
-            heartbeat_ms: section.int("heartbeat_ms")?.unwrap_or(1000),
-            heartbeat_timeout_ms: section.int("heartbeat_timeout_ms")?.unwrap_or(10_000),
-            replicas: section.int("replicas")?.unwrap_or(1) as usize,
-        };
-        section.finish()?;
-        Ok(cluster)
-    }
-
-    fn checkpoint(root: &toml::Table) -> Result<Option<Checkpoint>, ManifestError> {
-        Ok(match table(root, "checkpoint", "checkpoint")? {
-            None => None,
-            Some(checkpoint) => {
-                let mut section = Section::new("checkpoint", Some(checkpoint));
-                let url = section.string("url")?;
-                let every = section.int("every")?.unwrap_or(100);
-                let keep = section.int("keep")?.unwrap_or(3) as usize;
-                section.finish()?;
-                let url = url.ok_or_else(|| error("checkpoint.url", "missing"))?;
-                Some(Checkpoint { url, every, keep })
-            }
-        })
-    }
-
-    fn eval(root: &toml::Table) -> Result<Option<Eval>, ManifestError> {
-        Ok(match table(root, "eval", "eval")? {
-            None => None,
-            Some(eval) => {
-                let mut section = Section::new("eval", Some(eval));
-                let every = section.int("every")?.unwrap_or(100);
-                let zeroshot = section.string("zeroshot")?;
-                let retrieval = section.string("retrieval")?;
-                let templates = section.string("templates")?.unwrap_or_else(|| "clip80".into());
-                let limit = section.int("limit")?.unwrap_or(512);
-                section.finish()?;
-                Some(Eval {
-                    every,
-                    zeroshot,
-                    retrieval,
-                    templates,
-                    limit,
-                })
-            }
-        })
     }
 
     /// `kernel_cache` defaults to a folder beside the checkpoints, else in the job's directory.
-    fn gpu(root: &toml::Table, job: &Job, checkpoint: Option<&Checkpoint>) -> Result<Gpu, ManifestError> {
-        let mut section = Section::new("gpu", table(root, "gpu", "gpu")?);
-        let gpu = Gpu {
-            autotune: section.choice(
-                "autotune",
-                &[
-                    ("minimal", AutotuneLevel::Minimal),
-                    ("balanced", AutotuneLevel::Balanced),
-                    ("extensive", AutotuneLevel::Extensive),
-                    ("full", AutotuneLevel::Full),
-                ],
-                AutotuneLevel::Minimal,
-            )?,
-            kernel_cache: match section.string("kernel_cache")? {
-                Some(url) => url,
-                None => {
-                    let beside = checkpoint.map_or(job.dir.as_str(), |c| c.url.as_str());
-                    format!("{}/kernel-cache", beside.trim_end_matches('/'))
-                }
-            },
-            log_compilations: section.boolean("log_compilations")?.unwrap_or(true),
-        };
-        section.finish()?;
-        if gpu.kernel_cache.is_empty() {
+    fn gpu(gpu: GpuFile, job: &Job, checkpoint: Option<&Checkpoint>) -> Result<Gpu, Invalid> {
+        let kernel_cache = gpu.kernel_cache.unwrap_or_else(|| {
+            let beside = checkpoint.map_or(job.dir.as_str(), |c| c.url.as_str());
+            format!("{}/kernel-cache", beside.trim_end_matches('/'))
+        });
+        if kernel_cache.is_empty() {
             return Err(error("gpu.kernel_cache", "is empty (the URL of a directory)"));
         }
-        Ok(gpu)
+        Ok(Gpu {
+            autotune: gpu.autotune.unwrap_or(AutotuneLevel::Minimal),
+            kernel_cache,
+            log_compilations: gpu.log_compilations.unwrap_or(true),
+        })
     }
 
-    fn status(root: &toml::Table) -> Result<Status, ManifestError> {
-        let mut section = Section::new("status", table(root, "status", "status")?);
-        let status = Status {
-            bind: section.address("bind", "127.0.0.1:7071")?,
-        };
-        section.finish()?;
-        Ok(status)
-    }
-
-    fn recovery(root: &toml::Table, cluster: &Cluster) -> Result<Recovery, ManifestError> {
-        let mut section = Section::new("recovery", table(root, "recovery", "recovery")?);
-        let recovery = Recovery {
-            max_restarts: section.int("max_restarts")?.unwrap_or(10).min(u64::from(u32::MAX)) as u32,
-            min_workers: section.int("min_workers")?.map_or(cluster.workers, |n| n as usize),
-            replacement_timeout_ms: section.int("replacement_timeout_ms")?.unwrap_or(60_000),
-        };
-        section.finish()?;
-        Ok(recovery)
-    }
-
-    fn auth(root: &toml::Table) -> Result<Auth, ManifestError> {
-        let mut section = Section::new("auth", table(root, "auth", "auth")?);
-        let auth = Auth {
-            token_env: section.string("token_env")?.unwrap_or_else(|| "COCA_JOB_TOKEN".into()),
-            token_file: section.string("token_file")?,
-        };
-        section.finish()?;
-        Ok(auth)
-    }
-
-    fn model(model: Option<&toml::Table>) -> Result<(Preset, ModelConfig), ManifestError> {
-        let mut overrides = model.cloned().unwrap_or_default();
+    fn model(model: Option<toml::Table>) -> Result<(Preset, ModelConfig), Invalid> {
+        let mut overrides = model.unwrap_or_default();
         let preset = match overrides.remove("preset") {
             None => return Err(error("model.preset", "missing (tiny, bench, base, large or giant)")),
             Some(toml::Value::String(name)) => name
@@ -739,7 +522,7 @@ impl Manifest {
             Some(other) => {
                 return Err(error(
                     "model.preset",
-                    format!("expected a string, found {}", describe(&other)),
+                    format!("expected a preset's name, found {other}"),
                 ))
             }
         };
@@ -750,101 +533,65 @@ impl Manifest {
         Ok((preset, config))
     }
 
-    fn data(data: Option<&toml::Table>) -> Result<Data, ManifestError> {
-        let data = data.ok_or_else(|| error("data", "missing: at least one [[data.source]]"))?;
-        let mut section = Section::new("data", Some(data));
-        let sources_value = section.value("source");
-        let tokenizer = section.string("tokenizer")?;
-        let demo = section.string("demo")?;
-        let loader_threads = section.int("loader_threads")?.unwrap_or(2) as usize;
-        let prefetch_batches = section.int("prefetch_batches")?.unwrap_or(2) as usize;
-        let max_bad_fraction = section.float("max_bad_fraction")?.unwrap_or(0.01);
-        let streams = section.int("streams")?.map(|n| n as usize);
-        let shuffle_window = section.int("shuffle_window")?.unwrap_or(2) as usize;
-        let shard_memory_bytes = section.int("shard_memory_bytes")?.unwrap_or(1 << 30);
-        let fetch_ahead_bytes = section.int("fetch_ahead_bytes")?.unwrap_or(256 << 20);
-        let cache_dir = section.string("cache_dir")?;
-        let cache_bytes = section.int("cache_bytes")?.unwrap_or(64 << 30);
-        let s3_endpoint = section.string("s3_endpoint")?;
-        let s3_region = section.string("s3_region")?;
-        section.finish()?;
-        let tokenizer = tokenizer.ok_or_else(|| error("data.tokenizer", "missing (the URL of a tokenizer.json)"))?;
-        let entries = match sources_value {
-            Some(toml::Value::Array(entries)) if !entries.is_empty() => entries,
-            Some(toml::Value::Array(_)) | None => {
-                return Err(error("data.source", "missing: at least one [[data.source]]"))
-            }
-            Some(other) => {
-                return Err(error(
-                    "data.source",
-                    format!("expected [[data.source]] tables, found {}", describe(other)),
-                ))
-            }
+    fn data(data: DataFile) -> Result<Data, Invalid> {
+        let sources = match data.source {
+            Some(sources) if !sources.is_empty() => sources,
+            _ => return Err(error("data.source", "missing: at least one [[data.source]]")),
         };
-        let mut sources = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let path = format!("data.source[{i}]");
-            let toml::Value::Table(entry) = entry else {
-                return Err(error(path, format!("expected a table, found {}", describe(entry))));
-            };
-            let mut section = Section::new(&path, Some(entry));
-            let url = section.string("url")?;
-            let kind_text = section.string("kind")?;
-            let weight = section.float("weight")?.unwrap_or(1.0);
-            let templates = section.string("templates")?;
-            section.finish()?;
-            let url = url.ok_or_else(|| error(format!("{path}.url"), "missing"))?;
-            let kind_text = kind_text.ok_or_else(|| error(format!("{path}.kind"), "missing (align or jft)"))?;
-            let kind = match kind_text.as_str() {
-                "align" => DatasetKind::Align,
-                "jft" => DatasetKind::Jft,
-                other => {
-                    return Err(error(
-                        format!("{path}.kind"),
-                        format!("`{other}` is not one of align, jft"),
-                    ))
-                }
-            };
-            if !(weight > 0.0 && weight.is_finite()) {
-                return Err(error(
-                    format!("{path}.weight"),
-                    format!("{weight} must be a positive number"),
-                ));
-            }
-            if templates.is_some() && kind == DatasetKind::Align {
-                return Err(error(
-                    format!("{path}.templates"),
-                    "only jft sources use prompt templates",
-                ));
-            }
-            sources.push(Source {
-                url,
-                kind,
-                weight,
-                templates: templates.unwrap_or_else(|| "clip80".into()),
-            });
-        }
+        let tokenizer = data
+            .tokenizer
+            .ok_or_else(|| error("data.tokenizer", "missing (the URL of a tokenizer.json)"))?;
+        let sources = sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, source)| Self::source(i, source))
+            .collect::<Result<_, _>>()?;
         Ok(Data {
             sources,
             tokenizer,
-            demo,
-            loader_threads,
-            prefetch_batches,
-            max_bad_fraction,
-            streams,
-            shuffle_window,
-            shard_memory_bytes,
-            fetch_ahead_bytes,
-            cache_dir,
-            cache_bytes,
-            s3_endpoint,
-            s3_region,
+            demo: data.demo,
+            loader_threads: data.loader_threads.unwrap_or(2),
+            prefetch_batches: data.prefetch_batches.unwrap_or(2),
+            max_bad_fraction: data.max_bad_fraction.unwrap_or(0.01),
+            streams: data.streams,
+            shuffle_window: data.shuffle_window.unwrap_or(2),
+            shard_memory_bytes: data.shard_memory_bytes.unwrap_or(1 << 30),
+            fetch_ahead_bytes: data.fetch_ahead_bytes.unwrap_or(256 << 20),
+            cache_dir: data.cache_dir,
+            cache_bytes: data.cache_bytes.unwrap_or(64 << 30),
+            s3_endpoint: data.s3_endpoint,
+            s3_region: data.s3_region,
         })
     }
 
-    /// The rules between fields.
+    fn source(i: usize, source: SourceFile) -> Result<Source, Invalid> {
+        let path = format!("data.source[{i}]");
+        let url = source.url.ok_or_else(|| error(format!("{path}.url"), "missing"))?;
+        let kind = source
+            .kind
+            .ok_or_else(|| error(format!("{path}.kind"), "missing (align or jft)"))?;
+        let weight = source.weight.unwrap_or(1.0);
+        if !(weight > 0.0 && weight.is_finite()) {
+            return Err(error(
+                format!("{path}.weight"),
+                format!("{weight} must be a positive number"),
+            ));
+        }
+        if source.templates.is_some() && kind == DatasetKind::Align {
+            return Err(error(
+                format!("{path}.templates"),
+                "only jft sources use prompt templates",
+            ));
+        }
+        Ok(Source {
+            url,
+            kind,
+            weight,
+            templates: source.templates.unwrap_or_else(|| "clip80".into()),
+        })
+    }
     /// The rules between fields, checked once every section is read.
-    fn validate(&self) -> Result<(), ManifestError> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.validate_batch()?;
         self.validate_optimizer()?;
         self.validate_data()?;
@@ -853,7 +600,7 @@ impl Manifest {
     }
 
     /// The global batch splits between the workers and feeds every source.
-    fn validate_batch(&self) -> Result<(), ManifestError> {
+    fn validate_batch(&self) -> Result<(), Invalid> {
         let train = &self.train;
         let cluster = &self.cluster;
         if cluster.workers == 0 {
@@ -896,7 +643,7 @@ impl Manifest {
         Ok(())
     }
 
-    fn validate_optimizer(&self) -> Result<(), ManifestError> {
+    fn validate_optimizer(&self) -> Result<(), Invalid> {
         let train = &self.train;
         if !(train.learning_rate > 0.0) {
             return Err(error(
@@ -949,7 +696,7 @@ impl Manifest {
         Ok(())
     }
 
-    fn validate_data(&self) -> Result<(), ManifestError> {
+    fn validate_data(&self) -> Result<(), Invalid> {
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err(error(
                 "data.max_bad_fraction",
@@ -968,7 +715,7 @@ impl Manifest {
         Ok(())
     }
 
-    fn validate_cluster(&self) -> Result<(), ManifestError> {
+    fn validate_cluster(&self) -> Result<(), Invalid> {
         let cluster = &self.cluster;
         if cluster.collective == CollectiveKind::Nccl && cluster.backend != Backend::Cuda {
             return Err(error("cluster.collective", "nccl needs cluster.backend = \"cuda\""));
@@ -1012,7 +759,7 @@ impl Manifest {
         Ok(())
     }
 
-    fn validate_checkpoint_and_eval(&self) -> Result<(), ManifestError> {
+    fn validate_checkpoint_and_eval(&self) -> Result<(), Invalid> {
         if let Some(checkpoint) = &self.checkpoint {
             if checkpoint.every == 0 {
                 return Err(error("checkpoint.every", "must be at least 1"));
