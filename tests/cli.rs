@@ -172,6 +172,30 @@ fn bench_allreduce_refuses_a_world_of_one() {
     }
 }
 
+#[test]
+fn bench_coordinator_meets_a_swarm_against_a_coordinator_process() {
+    let output = coca(&[
+        "bench",
+        "coordinator",
+        "--workers",
+        "24",
+        "--heartbeat-ms",
+        "200",
+        "--seconds",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains("coordinator: 24 simulated workers registered and met"),
+        "{text}"
+    );
+    // 24 workers beating every 200 ms for 1 s: about 5 each.
+    let heartbeats = figure(&text, "heartbeats:");
+    assert!((24.0..=24.0 * 6.0).contains(&heartbeats), "{text}");
+    assert!(figure(&text, "coordinator CPU:") >= 0.0, "{text}");
+}
+
 /// A fresh directory under the system temp dir for one test.
 fn scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("coca-test-{}-{name}", std::process::id()));

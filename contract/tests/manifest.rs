@@ -228,7 +228,10 @@ fn an_error_names_the_file_and_where_the_field_is_written() {
         workers: Some(0),
         ..Overrides::default()
     };
-    assert_eq!(place(DEMO, &workers), "deploy/m.toml: cluster.workers: must be at least 1");
+    assert_eq!(
+        place(DEMO, &workers),
+        "deploy/m.toml: cluster.workers: must be at least 1"
+    );
     // A syntax error: where the parser stopped.
     let syntax = place("[job\nname = 1", &none);
     assert!(syntax.starts_with("deploy/m.toml:1:5: "), "{syntax}");

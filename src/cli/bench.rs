@@ -2,13 +2,14 @@
 //! gradient all-reduce between local processes) and `coca bench data` (the loader).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
+use bench::all_reduce::{all_reduce_bandwidth, bench_all_reduce, memcpy_bandwidth};
+use bench::local_ranks;
+use bench::step::{bench_step, StepBenchmark, StepBenchmarkPlan};
 use clap::Subcommand;
-use collective::tcp::RingListener;
 use collective::{Collective, Solo};
 use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision};
 use contract::ModelConfig;
@@ -17,9 +18,6 @@ use datasets::dataset::Dataset;
 use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::backend::CpuTrain;
-use worker::bench::{
-    all_reduce_bandwidth, bench_all_reduce, bench_data, bench_step, memcpy_bandwidth, StepBenchmark, StepBenchmarkPlan,
-};
 
 use super::ModelArgs;
 
@@ -181,12 +179,15 @@ impl LocalRank {
         let Some(rank) = self.child_rank else { return Ok(None) };
         if nccl {
             let id = self.nccl_id.as_deref().context("--collective nccl: no --nccl-id")?;
-            return Ok(Some(nccl_collective(rank, self.peers.len(), id)?));
+            return Ok(Some(local_ranks::join_nccl(rank, self.peers.len(), id)?));
         }
-        let address = *self.peers.get(rank).context("--child-rank outside --peers")?;
-        let ring = RingListener::bind(address)?.connect(rank, &self.peers, Duration::from_secs(60))?;
-        Ok(Some(Box::new(ring)))
+        Ok(Some(local_ranks::join_ring(rank, &self.peers)?))
     }
+}
+
+/// This binary, which `--world N` starts N times.
+fn this_program() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the running coca binary")
 }
 
 /// How a choice is spelled on the command line.
@@ -234,7 +235,7 @@ fn caption(model: ModelArgs, beam: usize, max_len: usize) -> anyhow::Result<()> 
     ensure!(beam >= 1 && max_len >= 1, "--beam and --max-len must be at least 1");
     let config = model.resolve()?;
     let max_len = max_len.min(config.context_length - 1);
-    let (cached, uncached) = worker::bench::bench_caption::<model::backend::Cpu>(&config, beam, max_len);
+    let (cached, uncached) = bench::caption::bench_caption::<model::backend::Cpu>(&config, beam, max_len);
     let rate = |seconds: f64| max_len as f64 / seconds;
     println!("caption: {max_len} tokens, beam {beam}, preset weights at random");
     println!("with the key/value cache: {cached:.3} s = {:.1} tokens/s", rate(cached));
@@ -253,7 +254,7 @@ fn checkpoint(model: ModelArgs, world: usize, dir: Option<PathBuf>) -> anyhow::R
         Some(dir) => tempfile::tempdir_in(dir)?,
         None => tempfile::tempdir()?,
     };
-    let report = worker::bench::bench_checkpoint::<CpuTrain>(&config, world, scratch.path())?;
+    let report = bench::checkpoint::bench_checkpoint::<CpuTrain>(&config, world, scratch.path())?;
     let gb = |bytes: u64, seconds: f64| bytes as f64 / seconds.max(1e-9) / 1e9;
     let total = report.total_bytes;
     println!(
@@ -293,7 +294,7 @@ fn coordinator(workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Resul
         "--workers, --heartbeat-ms and --seconds must be at least 1"
     );
     let dir = tempfile::tempdir()?;
-    let report = super::swarm::run(dir.path(), workers, heartbeat_ms, seconds)?;
+    let report = bench::swarm::run(&this_program()?, dir.path(), workers, heartbeat_ms, seconds)?;
     println!(
         "coordinator: {workers} simulated workers registered and met in {:.2} s",
         report.registered_in.as_secs_f64()
@@ -323,7 +324,7 @@ fn data(
     // Tokenizing is part of the work measured; any trained tokenizer does.
     let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
     let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
-    let report = bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
+    let report = bench::data::bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
     println!(
         "data: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {:.1} per core ({threads} threads)",
         report.samples,
@@ -389,25 +390,17 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         kernel_cache,
         log_compilations: true,
     };
-    if backend == Backend::Cuda {
-        let (report, kernels) = cuda_step(&config, plan, &gpu, ordinal)?;
-        print_step(&model, plan, &config, &report, &format!("cuda device {ordinal}"));
+    if backend != Backend::Cpu {
+        let on_gpu = match backend {
+            Backend::Cuda => bench::gpu::cuda(&config, plan, &gpu, ordinal),
+            _ => bench::gpu::wgpu(&config, plan, &gpu, ordinal),
+        }
+        .with_context(|| format!("--backend {}", value_name(backend)))?;
+        print_step(&model, plan, &config, &on_gpu.report, &on_gpu.device);
+        let kernels = on_gpu
+            .kernels_compiled
+            .map_or("not counted".into(), |n| format!("{n} compiled"));
         println!("  kernels       {kernels}");
-        return Ok(());
-    }
-    if backend == Backend::Wgpu {
-        let (mut kernels, adapter) =
-            worker::kernels::Kernels::prepare_wgpu(&gpu, &store::StoreOptions::default(), ordinal)?;
-        let report = bench_step::<model::backend::WgpuTrain>(&config, plan, &mut Solo, &adapter.device)?;
-        kernels.publish();
-        print_step(
-            &model,
-            plan,
-            &config,
-            &report,
-            &format!("wgpu device {ordinal} ({})", adapter.name),
-        );
-        println!("  kernels       {}", compiled(&kernels));
         return Ok(());
     }
     let device = Default::default();
@@ -421,7 +414,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     };
     if let Some(mut ring) = local_rank.join(false)? {
         let report = run(ring.as_mut())?;
-        println!("result {}", report.median_wall().as_nanos());
+        println!("{}", local_ranks::report(report.median_wall()));
         return Ok(());
     }
     if world > 1 {
@@ -441,7 +434,7 @@ fn step_on_local_ranks(
     model: &ModelArgs,
     plan: StepBenchmarkPlan,
     world: usize,
-    parameters_out: Option<&std::path::Path>,
+    parameters_out: Option<&Path>,
     negatives: Contrastive,
 ) -> anyhow::Result<()> {
     let StepBenchmarkPlan {
@@ -470,7 +463,7 @@ fn step_on_local_ranks(
     if let Some(path) = &parameters_out {
         args.extend(["--parameters-out".to_string(), path.display().to_string()]);
     }
-    let median = run_local_ranks(&args, world)?;
+    let median = local_ranks::run(&this_program()?, &args, world)?;
     println!(
         "bench step: preset {} global batch {batch} on {world} processes (TCP ring), \
              {steps} steps after {warmup} warm-up",
@@ -494,11 +487,13 @@ fn allreduce(
     let bytes = mib << 20;
     if let Some(mut ring) = local_rank.join(nccl)? {
         let report = bench_all_reduce(ring.as_mut(), bytes, warmup, iterations)?;
-        println!("result {}", report.median().as_nanos());
+        println!("{}", local_ranks::report(report.median()));
         return Ok(());
     }
     let median = if nccl && world == 1 {
-        let mut communicator = nccl_collective(0, 1, &nccl_unique_id()?)?;
+        let mut communicator = local_ranks::nccl_unique_id()
+            .and_then(|id| local_ranks::join_nccl(0, 1, &id))
+            .context("--collective nccl")?;
         bench_all_reduce(communicator.as_mut(), bytes, warmup, iterations)?.median()
     } else {
         let mut args: Vec<String> = [
@@ -518,10 +513,10 @@ fn allreduce(
                 "--collective".into(),
                 "nccl".into(),
                 "--nccl-id".into(),
-                nccl_unique_id()?,
+                local_ranks::nccl_unique_id().context("--collective nccl")?,
             ]);
         }
-        run_local_ranks(&args, world)?
+        local_ranks::run(&this_program()?, &args, world)?
     };
     let (algorithm, bus) = all_reduce_bandwidth(bytes, world, median);
     let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
@@ -593,109 +588,4 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         }
         println!("    {:34} {forward:6.1} ms {backward:6.1} ms", "sum");
     }
-}
-
-/// The step benchmark on CUDA device `ordinal`, with cubecl set up as a
-/// worker sets it up; also says how many kernels were compiled.
-#[cfg(feature = "cuda")]
-fn cuda_step(
-    config: &ModelConfig,
-    plan: StepBenchmarkPlan,
-    gpu: &contract::manifest::Gpu,
-    ordinal: usize,
-) -> anyhow::Result<(StepBenchmark, String)> {
-    let (mut kernels, _) = worker::kernels::Kernels::prepare_cuda(gpu, &store::StoreOptions::default(), ordinal)?;
-    let device = model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(anyhow::Error::msg)?;
-    let report = bench_step::<model::backend::CudaTrain>(config, plan, &mut Solo, &device)?;
-    kernels.publish();
-    Ok((report, compiled(&kernels)))
-}
-
-/// The kernels compiled in this process, for a report.
-fn compiled(kernels: &worker::kernels::Kernels) -> String {
-    kernels
-        .compiled()
-        .map_or("not counted".into(), |n| format!("{n} compiled"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_step(
-    _: &ModelConfig,
-    _: StepBenchmarkPlan,
-    _: &contract::manifest::Gpu,
-    _: usize,
-) -> anyhow::Result<(StepBenchmark, String)> {
-    anyhow::bail!("--backend cuda: this coca was built without CUDA (cargo build --release --features cuda)")
-}
-
-/// A new NCCL unique id, in hex (to pass to other processes).
-#[cfg(feature = "cuda")]
-fn nccl_unique_id() -> anyhow::Result<String> {
-    let id = collective::nccl::NcclCollective::unique_id()?;
-    Ok(id.iter().map(|byte| format!("{byte:02x}")).collect())
-}
-
-/// Rank `rank` of `world` on GPU `rank`, joined to the communicator of `id` (hex).
-#[cfg(feature = "cuda")]
-fn nccl_collective(rank: usize, world: usize, id: &str) -> anyhow::Result<Box<dyn Collective>> {
-    ensure!(id.len() % 2 == 0, "--nccl-id: an odd number of hex digits");
-    let bytes = id
-        .as_bytes()
-        .chunks(2)
-        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair)?, 16).context("--nccl-id: not hex"))
-        .collect::<anyhow::Result<Vec<u8>>>()?;
-    Ok(Box::new(collective::nccl::NcclCollective::new(
-        rank, rank, world, &bytes,
-    )?))
-}
-
-#[cfg(not(feature = "cuda"))]
-const WITHOUT_CUDA: &str =
-    "--collective nccl: this coca was built without CUDA (cargo build --release --features cuda)";
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_unique_id() -> anyhow::Result<String> {
-    anyhow::bail!(WITHOUT_CUDA)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_collective(_: usize, _: usize, _: &str) -> anyhow::Result<Box<dyn Collective>> {
-    anyhow::bail!(WITHOUT_CUDA)
-}
-
-/// Starts `world` copies of this binary (`args` plus `--world`,
-/// `--child-rank` and `--peers`, loopback addresses free a moment ago), and
-/// returns the slowest rank's median time: each ends with `result NANOS`.
-fn run_local_ranks(args: &[String], world: usize) -> anyhow::Result<Duration> {
-    let program = std::env::current_exe().context("cannot find the running coca binary")?;
-    let peers = collective::loopback::free_addresses(world)?;
-    let peers = peers.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
-    let mut ranks: Vec<Child> = Vec::with_capacity(world);
-    for rank in 0..world {
-        let child = Command::new(&program)
-            .args(args)
-            .args(["--world", &world.to_string(), "--child-rank", &rank.to_string()])
-            .args(["--peers", &peers])
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start rank {rank}"))?;
-        ranks.push(child);
-    }
-    // Every rank reports; the slowest rank's time is the collective's time.
-    let mut slowest = Ok(Duration::ZERO);
-    for (rank, child) in ranks.into_iter().enumerate() {
-        let output = child.wait_with_output()?;
-        let said = String::from_utf8_lossy(&output.stdout);
-        let reported = said
-            .lines()
-            .find_map(|line| line.strip_prefix("result "))
-            .and_then(|nanos| nanos.trim().parse().ok())
-            .map(Duration::from_nanos);
-        slowest = match (slowest, reported) {
-            (Ok(slowest), Some(time)) if output.status.success() => Ok(slowest.max(time)),
-            (Ok(_), _) => Err(anyhow::anyhow!("rank {rank} failed ({}), said {said:?}", output.status)),
-            (failed, _) => failed,
-        };
-    }
-    slowest
 }

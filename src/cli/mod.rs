@@ -10,7 +10,6 @@ mod import;
 mod job;
 mod kernels;
 mod model;
-mod swarm;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};

@@ -1,6 +1,7 @@
 //! `coca bench coordinator`: a swarm of simulated workers (tasks, not
 //! processes) registering, heartbeating and reporting metrics against a
-//! real `coca coordinator` process over loopback.
+//! real `coca coordinator` process over loopback, whose CPU time is read
+//! from /proc.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -8,15 +9,42 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use contract::manifest::Manifest;
-use proto::auth::{Bearer, Token};
+use contract::manifest::{Manifest, ManifestError};
+use proto::auth::{AuthError, Bearer, Token};
 use proto::coordinator_client::CoordinatorClient;
 use proto::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("cannot write the swarm's demo dataset")]
+    Demo(#[from] datasets::demo::DemoError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("the swarm's manifest")]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the coordinator ({program}) did not start")]
+    CoordinatorDidNotStart { program: String },
+    #[error("the coordinator said it listens on `{0}`, which is not an address")]
+    Address(String),
+    #[error("cannot read the coordinator's CPU time: {0}")]
+    Proc(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot connect to the coordinator")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the coordinator refused a call")]
+    Call(#[from] tonic::Status),
+    #[error("a simulated worker failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("no heartbeat succeeded")]
+    NoHeartbeat,
+}
 
 pub struct SwarmReport {
     pub registered_in: Duration,
@@ -29,19 +57,30 @@ pub struct SwarmReport {
 }
 
 /// CPU seconds a process has used (user + system), from /proc.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+fn cpu_seconds(pid: u32) -> Result<f64, SwarmError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
-        .context("a malformed /proc stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+        .map(|(_, fields)| fields.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime, in clock ticks (100 a second on Linux).
+    let ticks = |at: usize| fields.get(at).and_then(|field| field.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) / 100.0),
+        _ => Err(SwarmError::Proc(format!("{path} is malformed"))),
+    }
 }
 
-pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Result<SwarmReport> {
+/// Runs `program coordinator` on a manifest in `dir` and a swarm of
+/// `workers` against it for `seconds` after they met.
+pub fn run(
+    program: &Path,
+    dir: &Path,
+    workers: usize,
+    heartbeat_ms: u64,
+    seconds: u64,
+) -> Result<SwarmReport, SwarmError> {
     let data = dir.join("data");
     datasets::demo::write(
         &store::Store::open(&data.display().to_string(), &Default::default())?,
@@ -55,24 +94,25 @@ pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyho
     )?;
     let manifest = dir.join("swarm.toml");
     std::fs::write(&manifest, swarm_manifest(dir, &data, workers, heartbeat_ms)?)?;
-    let mut coordinator = Command::new(std::env::current_exe()?)
+    let mut coordinator = Command::new(program)
         .args(["coordinator", &manifest.display().to_string()])
         .env("COCA_JOB_TOKEN", "swarm")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let pid = coordinator.id();
-    let mut lines = BufReader::new(coordinator.stdout.take().context("the coordinator's stdout")?).lines();
-    let Some(Ok(line)) = lines.find(|line| line.as_ref().is_ok_and(|l| l.contains("gRPC on"))) else {
+    let stdout = coordinator.stdout.take().expect("stdout is piped");
+    // The coordinator's first lines say where it listens: "gRPC on ADDRESS, ...".
+    let grpc = BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
+        let rest = line.split("gRPC on ").nth(1)?;
+        rest.split(',').next().map(str::to_string)
+    });
+    let Some(grpc) = grpc else {
         let _ = coordinator.kill();
-        bail!("the coordinator did not start");
+        return Err(SwarmError::CoordinatorDidNotStart {
+            program: program.display().to_string(),
+        });
     };
-    let grpc = line
-        .split("gRPC on ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .context("its address")?
-        .to_string();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -86,48 +126,41 @@ pub fn run(dir: &Path, workers: usize, heartbeat_ms: u64, seconds: u64) -> anyho
 
 /// The swarm's manifest: the tiny model on a demo dataset, as many
 /// workers as simulated, a job too long to end during the measurement.
-fn swarm_manifest(dir: &Path, data: &Path, workers: usize, heartbeat_ms: u64) -> anyhow::Result<String> {
-    let table = |pairs: &[(&str, toml::Value)]| -> toml::Value {
-        toml::Value::Table(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
-    };
-    let text = |value: String| toml::Value::String(value);
-    let int = |value: u64| toml::Value::Integer(value as i64);
-    let manifest = table(&[
-        (
-            "job",
-            table(&[
-                ("name", text("swarm".into())),
-                ("steps", int(1_000_000_000)),
-                ("dir", text(format!("{}/run", dir.display()))),
-            ]),
-        ),
-        ("model", table(&[("preset", text("tiny".into()))])),
-        (
-            "data",
-            table(&[
-                ("tokenizer", text(format!("{}/tokenizer.json", data.display()))),
-                (
-                    "source",
-                    toml::Value::Array(vec![table(&[
-                        ("url", text(format!("{}/align", data.display()))),
-                        ("kind", text("align".into())),
-                    ])]),
-                ),
-            ]),
-        ),
-        ("train", table(&[("global_batch", int(workers as u64))])),
-        (
-            "cluster",
-            table(&[
-                ("workers", int(workers as u64)),
-                ("coordinator", text("127.0.0.1:0".into())),
-                ("heartbeat_ms", int(heartbeat_ms)),
-                ("heartbeat_timeout_ms", int(heartbeat_ms * 30)),
-            ]),
-        ),
-        ("status", table(&[("bind", text("127.0.0.1:0".into()))])),
-    ]);
-    let text = toml::to_string(&manifest)?;
+fn swarm_manifest(dir: &Path, data: &Path, workers: usize, heartbeat_ms: u64) -> Result<String, ManifestError> {
+    let quoted = |text: String| toml::Value::String(text).to_string();
+    let text = format!(
+        r#"[job]
+name = "swarm"
+steps = 1000000000
+dir = {run}
+
+[model]
+preset = "tiny"
+
+[data]
+tokenizer = {tokenizer}
+
+[[data.source]]
+url = {align}
+kind = "align"
+
+[train]
+global_batch = {workers}
+
+[cluster]
+workers = {workers}
+coordinator = "127.0.0.1:0"
+heartbeat_ms = {heartbeat_ms}
+heartbeat_timeout_ms = {timeout_ms}
+
+[status]
+bind = "127.0.0.1:0"
+"#,
+        run = quoted(format!("{}/run", dir.display())),
+        tokenizer = quoted(format!("{}/tokenizer.json", data.display())),
+        align = quoted(format!("{}/align", data.display())),
+        timeout_ms = heartbeat_ms * 30,
+    );
     // Checked here, so a mistake shows as a manifest error, not a silent coordinator.
     Manifest::parse(&text, "the swarm manifest")?;
     Ok(text)
@@ -135,7 +168,7 @@ fn swarm_manifest(dir: &Path, data: &Path, workers: usize, heartbeat_ms: u64) ->
 
 /// Registers every simulated worker and waits for the rendezvous: their
 /// ids and the generation they train in.
-async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<(Vec<String>, u64)> {
+async fn meet(channels: &[Client], workers: usize) -> Result<(Vec<String>, u64), SwarmError> {
     let mut ids = Vec::new();
     for i in 0..workers {
         let mut client = channels[i % channels.len()].clone();
@@ -172,12 +205,21 @@ async fn meet(channels: &[Client], workers: usize) -> anyhow::Result<(Vec<String
     Ok((ids, generation))
 }
 
-async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid: u32) -> anyhow::Result<SwarmReport> {
+async fn swarm(
+    grpc: &str,
+    workers: usize,
+    heartbeat_ms: u64,
+    seconds: u64,
+    pid: u32,
+) -> Result<SwarmReport, SwarmError> {
     // Real workers each hold one HTTP/2 connection; 16 simulated workers share one here.
     let bearer = Bearer::new(&Token::new("swarm"))?;
     let mut channels = Vec::new();
     for _ in 0..workers.div_ceil(16) {
-        let channel = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;
+        let channel = Channel::from_shared(format!("http://{grpc}"))
+            .map_err(|_| SwarmError::Address(grpc.to_string()))?
+            .connect()
+            .await?;
         channels.push(CoordinatorClient::with_interceptor(channel, bearer.clone()));
     }
     let started = Instant::now();
@@ -241,7 +283,7 @@ async fn swarm(grpc: &str, workers: usize, heartbeat_ms: u64, seconds: u64, pid:
     let coordinator_cores = (cpu_seconds(pid)? - cpu_before) / wall;
     let mut latencies = std::mem::take(&mut *latencies.lock().expect("latencies"));
     if latencies.is_empty() {
-        bail!("no heartbeat succeeded");
+        return Err(SwarmError::NoHeartbeat);
     }
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
