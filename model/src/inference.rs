@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use checkpoint::layout::{self as layout, Meta, TensorEntry};
 use contract::ModelConfig;
+use datasets::tokenizer::TokenizerError;
 use safetensors::{Dtype, SafeTensors};
 use store::Store;
 
@@ -188,10 +189,10 @@ pub fn text_batch<B: Backend>(
     texts: &[String],
     context: usize,
     device: &B::Device,
-) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Bool>), String> {
+) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Bool>), TokenizerError> {
     let mut ids = Vec::with_capacity(texts.len() * context);
     for text in texts {
-        let encoded = tokenizer.encode(text, context).map_err(|e| e.to_string())?;
+        let encoded = tokenizer.encode(text, context)?;
         ids.extend(encoded.into_iter().map(i64::from));
     }
     let pad = i64::from(tokenizer.pad_id());

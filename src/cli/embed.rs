@@ -36,7 +36,7 @@ pub fn embed(
             for chunk in lines.chunks(batch) {
                 let (tokens, padding) =
                     inference::text_batch::<Cpu>(&loaded.tokenizer, chunk, loaded.config.context_length, &device)
-                        .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+                        .with_context(|| path.display().to_string())?;
                 rows.extend(inference::values(loaded.model.embed_texts(tokens, padding)));
             }
             ("text", lines, rows)

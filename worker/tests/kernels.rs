@@ -108,7 +108,11 @@ fn an_unusable_kernel_cache_url_is_an_error_naming_the_field() {
         .err()
         .unwrap();
     assert!(
-        error.to_string().starts_with("gpu.kernel_cache ftp://host/kernels: "),
-        "{error}"
+        matches!(&error, KernelError::Shared { url, .. } if url == "ftp://host/kernels"),
+        "{error:?}"
     );
+    // The store's own words follow as the cause.
+    let said = store::error_chain(&error);
+    assert!(said.starts_with("gpu.kernel_cache ftp://host/kernels: "), "{said}");
+    assert!(said.contains("ftp"), "{said}");
 }

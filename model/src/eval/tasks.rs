@@ -18,8 +18,12 @@ use datasets::prompt::PromptTemplates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("{0}")]
-    Data(String),
+    #[error(transparent)]
+    Dataset(#[from] datasets::dataset::DatasetError),
+    #[error(transparent)]
+    Tokenizer(#[from] datasets::tokenizer::TokenizerError),
+    #[error("{url}: no images to evaluate")]
+    NoImages { url: String },
     #[error("{url} is a{} dataset; {task} needs a{} one", article(*.found), article(*.wanted))]
     Kind {
         url: String,
@@ -60,7 +64,7 @@ pub fn for_each_batch(
         if seen >= total {
             break;
         }
-        let decoded = dataset.shard(shard).map_err(|e| EvalError::Data(e.to_string()))?;
+        let decoded = dataset.shard(shard)?;
         for row in 0..decoded.rows() {
             if seen >= total {
                 break;
@@ -147,8 +151,7 @@ pub fn class_embeddings<B: Backend>(
             .iter()
             .map(|t| t.replacen("{}", name, 1))
             .collect();
-        let (tokens, padding) = text_batch::<B>(&loaded.tokenizer, &texts, loaded.config.context_length, &device)
-            .map_err(EvalError::Data)?;
+        let (tokens, padding) = text_batch::<B>(&loaded.tokenizer, &texts, loaded.config.context_length, &device)?;
         let mean = loaded.model.embed_texts(tokens, padding).mean_dim(0);
         let norm = mean.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
         classes.push(mean / norm);
@@ -251,15 +254,16 @@ pub fn retrieval<B: Backend>(
                 .model
                 .embed_images(image_batch::<B>(&pictures, loaded.config.image_size as u32, &device)),
         );
-        let (tokens, padding) = text_batch::<B>(&loaded.tokenizer, &captions, loaded.config.context_length, &device)
-            .map_err(EvalError::Data)?;
+        let (tokens, padding) = text_batch::<B>(&loaded.tokenizer, &captions, loaded.config.context_length, &device)?;
         texts.push(loaded.model.embed_texts(tokens, padding));
         samples += batch.len() as u64;
         progress(samples);
         Ok(())
     })?;
     if images.is_empty() {
-        return Err(EvalError::Data(format!("{}: no images to evaluate", dataset.url())));
+        return Err(EvalError::NoImages {
+            url: dataset.url().to_string(),
+        });
     }
     let (images, texts) = (Tensor::cat(images, 0), Tensor::cat(texts, 0));
     let image_to_text = rows(images.clone().matmul(texts.clone().transpose()));
@@ -311,12 +315,7 @@ pub fn captioning<B: Backend>(
                 .caption_image_tokens(image_batch::<B>(&pictures, loaded.config.image_size as u32, &device));
         for (row, sample) in batch.into_iter().enumerate() {
             let ids = generate(&loaded.model, image_tokens.clone().narrow(0, row, 1), generation);
-            let caption = loaded
-                .tokenizer
-                .decode(&ids)
-                .map_err(|e| EvalError::Data(e.to_string()))?
-                .trim()
-                .to_string();
+            let caption = loaded.tokenizer.decode(&ids)?.trim().to_string();
             let references = match &sample.text {
                 Some(text) => vec![text.clone()],
                 None => sample

@@ -203,7 +203,7 @@ fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
 
 #[cfg(not(feature = "cuda"))]
 fn nccl_unique_id() -> Result<Vec<u8>, WorkerError> {
-    Err(WorkerError::Setup(super::NCCL_WITHOUT_CUDA.into()))
+    Err(super::NCCL_WITHOUT_CUDA)
 }
 
 /// Heartbeats every `every` until the worker is done, through every

@@ -28,8 +28,9 @@ use train::{train, Reporting};
 use crate::kernels::Kernels;
 
 #[cfg(not(feature = "cuda"))]
-const NCCL_WITHOUT_CUDA: &str =
-    "cluster.collective = \"nccl\": this coca was built without CUDA (cargo build --features cuda)";
+const NCCL_WITHOUT_CUDA: WorkerError = WorkerError::WithoutCuda {
+    setting: "cluster.collective = \"nccl\"",
+};
 
 /// What a worker is told on its command line.
 #[derive(Debug, Clone)]
@@ -55,8 +56,22 @@ pub enum WorkerError {
     Unreachable { url: String, seconds: u64, message: String },
     #[error("the coordinator refused {call}: {message}")]
     Refused { call: &'static str, message: String },
+    #[error("{setting}: this coca was built without CUDA (cargo build --features cuda)")]
+    WithoutCuda { setting: &'static str },
     #[error("{0}")]
-    Setup(String),
+    Device(String),
+    #[error("data.tokenizer: {url} has {tokens} tokens, more than model.vocab_size = {vocab_size}")]
+    TokenizerTooLarge {
+        url: String,
+        tokens: usize,
+        vocab_size: usize,
+    },
+    #[error("the coordinator named the peer address `{0}`, which is not an address")]
+    PeerAddress(String),
+    #[error("{url} holds step {found}, the coordinator said step {expected}")]
+    ResumedStep { url: String, found: u64, expected: u64 },
+    #[error("the checkpoint writer panicked")]
+    WriterPanicked,
     #[error("cannot start the RPC runtime")]
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
@@ -89,12 +104,27 @@ pub enum WorkerError {
     Collective(#[from] collective::CollectiveError),
     #[error("the GPU's kernels")]
     Kernels(#[from] crate::kernels::KernelError),
-    #[error("step {step}: {message}")]
-    Step { step: u64, message: String },
+    #[error("step {step}")]
+    Step {
+        step: u64,
+        #[source]
+        source: StepError,
+    },
     /// This generation of the ring ended (a peer is gone, the coordinator
     /// recovers or is lost): not this worker's failure, it joins the next.
     #[error("left the ring: {0}")]
     Regroup(String),
+}
+
+/// What failed within a training step, other than the collective.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("its batch")]
+    Batch(#[source] datasets::loader::LoaderError),
+    #[error("evaluation")]
+    Eval(#[source] model::eval::tasks::EvalError),
+    #[error("writing its checkpoint")]
+    Checkpoint(#[source] checkpoint::CheckpointError),
 }
 
 /// How the worker's part ended.
@@ -311,7 +341,7 @@ fn train_on_backend(
                 let (kernels, name) = Kernels::prepare_cuda(&plan.gpu, &options, ordinal)?;
                 reporting.progress.lock().expect("progress").device = format!("cuda:{ordinal} {name}");
                 let device =
-                    model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Setup)?;
+                    model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Device)?;
                 *gpu = Some(PreparedGpu {
                     kernels,
                     device: GpuDevice::Cuda(device),
@@ -326,9 +356,9 @@ fn train_on_backend(
             }
         }
         #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => Err(WorkerError::Setup(
-            "cluster.backend = \"cuda\": this coca was built without CUDA (cargo build --features cuda)".into(),
-        )),
+        Backend::Cuda => Err(WorkerError::WithoutCuda {
+            setting: "cluster.backend = \"cuda\"",
+        }),
     }
 }
 

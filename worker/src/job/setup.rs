@@ -28,11 +28,7 @@ use model::CocaModel;
 use proto::Assignment;
 use store::{LocalCache, Store, StoreOptions};
 
-use super::WorkerError;
-
-fn setup(message: impl Into<String>) -> WorkerError {
-    WorkerError::Setup(message.into())
-}
+use super::{StepError, WorkerError};
 
 /// A store error, on the field that named the store.
 fn store_error(field: impl Into<String>) -> impl FnOnce(store::StoreError) -> WorkerError {
@@ -158,12 +154,11 @@ fn open_data(plan: &JobPlan, options: &StoreOptions) -> Result<JobData, WorkerEr
     let tokenizer_json = store.get(&name).map_err(store_error("data.tokenizer"))?;
     let tokenizer = parse_tokenizer(plan, &tokenizer_json)?;
     if tokenizer.vocab_size() > plan.model.vocab_size {
-        return Err(setup(format!(
-            "data.tokenizer: {} has {} tokens, more than model.vocab_size = {}",
-            plan.tokenizer,
-            tokenizer.vocab_size(),
-            plan.model.vocab_size
-        )));
+        return Err(WorkerError::TokenizerTooLarge {
+            url: plan.tokenizer.clone(),
+            tokens: tokenizer.vocab_size(),
+            vocab_size: plan.model.vocab_size,
+        });
     }
     Ok(JobData {
         sources,
@@ -243,7 +238,7 @@ fn join_nccl(assignment: &Assignment, device: usize) -> Result<Box<dyn Collectiv
 
 #[cfg(not(feature = "cuda"))]
 fn join_nccl(_: &Assignment, _: usize) -> Result<Box<dyn Collective>, WorkerError> {
-    Err(setup(super::NCCL_WITHOUT_CUDA))
+    Err(super::NCCL_WITHOUT_CUDA)
 }
 
 /// Joins the TCP ring of the assignment's peers.
@@ -251,10 +246,7 @@ fn join_ring(assignment: &Assignment, listener: RingListener, patience: Duration
     let peers: Vec<SocketAddr> = assignment
         .peers
         .iter()
-        .map(|peer| {
-            peer.parse()
-                .map_err(|_| setup(format!("peer address `{peer}` is not an address")))
-        })
+        .map(|peer| peer.parse().map_err(|_| WorkerError::PeerAddress(peer.clone())))
         .collect::<Result<_, _>>()?;
     listener
         .connect_within(assignment.rank as usize, &peers, patience, Duration::from_secs(60))
@@ -304,10 +296,11 @@ where
         source,
     })?;
     if meta.step != assignment.start_step {
-        return Err(setup(format!(
-            "{} holds step {}, the coordinator said step {}",
-            assignment.resume_from, meta.step, assignment.start_step
-        )));
+        return Err(WorkerError::ResumedStep {
+            url: assignment.resume_from.clone(),
+            found: meta.step,
+            expected: assignment.start_step,
+        });
     }
     if assignment.rank == 0 {
         tracing::info!(
@@ -402,18 +395,18 @@ impl Snapshot {
     /// report that does not reach the coordinator ends the generation.
     pub fn write(self, report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>) -> Result<(), WorkerError> {
         let step = self.step;
-        let failed = |message: String| WorkerError::Step {
+        let failed = |error: checkpoint::CheckpointError| WorkerError::Step {
             step,
-            message: format!("checkpoint: {message}"),
+            source: StepError::Checkpoint(error),
         };
-        let record = checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.into())
-            .map_err(|e| failed(e.to_string()))?;
+        let record =
+            checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.into()).map_err(failed)?;
         if let Some(meta) = &self.meta {
-            checkpoint::write_meta(&self.root, meta).map_err(|e| failed(e.to_string()))?;
+            checkpoint::write_meta(&self.root, meta).map_err(failed)?;
             self.root
                 .at(&layout::step_dir(step))
                 .put(layout::TOKENIZER, self.tokenizer)
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(e.into()))?;
         }
         let saved = SavedShard {
             record,

@@ -16,7 +16,7 @@ use proto::{BadRecordCount, EvalMetric, SourceTraffic, StepMetrics, WorkerPhase}
 
 use super::client::{Progress, Signals};
 use super::setup::{JobSetup, Snapshot};
-use super::{WorkerError, WorkerOutcome};
+use super::{StepError, WorkerError, WorkerOutcome};
 use crate::kernels::Kernels;
 
 /// How the loop hears from and speaks to the coordinator.
@@ -67,9 +67,7 @@ impl<'scope, 'env> Saves<'scope, 'env> {
     /// Waits for the save being written; its outcome.
     fn wait(&mut self) -> Result<(), WorkerError> {
         match self.writing.take() {
-            Some(writing) => writing
-                .join()
-                .unwrap_or_else(|_| Err(WorkerError::Setup("the checkpoint writer panicked".into()))),
+            Some(writing) => writing.join().unwrap_or_else(|_| Err(WorkerError::WriterPanicked)),
             None => Ok(()),
         }
     }
@@ -117,7 +115,6 @@ where
         Some(_) => WorkerPhase::Compiling,
         None => WorkerPhase::Training,
     };
-    let failed = |step: u64, message: String| WorkerError::Step { step, message };
     // A collective that fails means a peer (or the link to it) is gone.
     let ring_broken =
         |step: u64, error: collective::CollectiveError| WorkerError::Regroup(format!("step {step}: {error}"));
@@ -146,7 +143,10 @@ where
             }
         }
         let step_started = Instant::now();
-        let batch = job.loader.next_batch().map_err(|e| failed(step, e.to_string()))?;
+        let batch = job
+            .loader
+            .next_batch()
+            .map_err(|e| step_failed(step, StepError::Batch(e)))?;
         let batch = batch.to_device::<B>(&job.device);
         let learning_rate = job.train.learning_rate_at(step, total);
         let (next, report) = job
@@ -181,7 +181,7 @@ where
         if let Some(eval) = job.eval.as_mut().filter(|e| e.due(step, total)) {
             let results = eval
                 .run(job.model.valid(), step)
-                .map_err(|e| failed(step, format!("eval: {e}")))?;
+                .map_err(|e| step_failed(step, StepError::Eval(e)))?;
             metrics.evals = results
                 .into_iter()
                 .map(|(name, value)| EvalMetric { name, value })
@@ -246,4 +246,8 @@ fn bad_record_counts(bad: &BadRecords) -> Vec<BadRecordCount> {
             })
         })
         .collect()
+}
+
+fn step_failed(step: u64, source: StepError) -> WorkerError {
+    WorkerError::Step { step, source }
 }

@@ -31,28 +31,35 @@ pub struct KernelCache {
     known: BTreeMap<String, String>,
 }
 
+fn local_failed(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError {
+    let path = path.display().to_string();
+    move |source| KernelError::Local { path, source }
+}
+
 impl KernelCache {
     /// Copies the shared cache into `local` (created if missing) for device
     /// ordinal `device`; returns the cache and the number of files fetched.
     pub fn fetch(shared: Store, local: &Path, device: usize) -> Result<(Self, usize), KernelError> {
-        let failed = |message: String| KernelError::Cache {
+        let shared_failed = |source| KernelError::Shared {
             url: shared.url(),
-            message,
+            source,
         };
         let mut known = BTreeMap::new();
-        for object in shared.list("").map_err(|e| failed(e.to_string()))? {
-            let name = local_name(&object.name, device)
-                .ok_or_else(|| failed(format!("`{}` is not a cache file's name", object.name)))?;
-            let bytes = shared.get(&object.name).map_err(|e| failed(e.to_string()))?;
+        for object in shared.list("").map_err(shared_failed)? {
+            let name = local_name(&object.name, device).ok_or_else(|| KernelError::FileName {
+                url: shared.url(),
+                name: object.name.clone(),
+            })?;
+            let bytes = shared.get(&object.name).map_err(shared_failed)?;
             let path = local.join(&name);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| failed(format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(local_failed(parent))?;
             }
-            std::fs::write(&path, &bytes).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            std::fs::write(&path, &bytes).map_err(local_failed(&path))?;
             known.insert(name, store::sha256_hex(&bytes));
         }
         let fetched = known.len();
-        std::fs::create_dir_all(local).map_err(|e| failed(format!("{}: {e}", local.display())))?;
+        std::fs::create_dir_all(local).map_err(local_failed(local))?;
         Ok((
             Self {
                 shared,
@@ -67,12 +74,8 @@ impl KernelCache {
     /// Uploads every local file that is new or changed since it was fetched
     /// or last published; returns how many.
     pub fn publish(&mut self) -> Result<usize, KernelError> {
-        let failed = |message: String| KernelError::Cache {
-            url: self.shared.url(),
-            message,
-        };
         let mut files = Vec::new();
-        walk(&self.local, &mut files).map_err(|e| failed(format!("{}: {e}", self.local.display())))?;
+        walk(&self.local, &mut files).map_err(local_failed(&self.local))?;
         let mut published = 0;
         for path in files {
             let Some(name) = path
@@ -87,14 +90,17 @@ impl KernelCache {
             if name.ends_with(".lock") {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            let bytes = std::fs::read(&path).map_err(local_failed(&path))?;
             let sha256 = store::sha256_hex(&bytes);
             if self.known.get(&name) == Some(&sha256) {
                 continue;
             }
             self.shared
                 .put(&shared_name(&name, self.device), bytes.into())
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|source| KernelError::Shared {
+                    url: self.shared.url(),
+                    source,
+                })?;
             self.known.insert(name, sha256);
             published += 1;
         }

@@ -21,8 +21,22 @@ pub enum KernelError {
     ConfigAlreadyRead,
     #[error("another logger is installed, so kernel compilations cannot be counted")]
     LoggerTaken,
-    #[error("gpu.kernel_cache {url}: {message}")]
-    Cache { url: String, message: String },
+    #[error("gpu.kernel_cache {url}")]
+    Shared {
+        url: String,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error("gpu.kernel_cache {url}: `{name}` is not a cache file's name")]
+    FileName { url: String, name: String },
+    #[error("the kernel cache's local copy {path}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a rehearsal step")]
+    Rehearsal(#[source] collective::CollectiveError),
     #[error("{0}")]
     Device(String),
 }
@@ -49,7 +63,7 @@ impl Kernels {
     #[cfg(feature = "cuda")]
     pub fn prepare_cuda(gpu: &Gpu, options: &StoreOptions, device: usize) -> Result<(Self, String), KernelError> {
         let prepared_at = std::time::Instant::now();
-        let local = local_dir(gpu)?;
+        let local = local_dir()?;
         // The driver's own cache of the machine code it makes from cubecl's
         // PTX lives in the job's kernel cache too, so a warm start skips that
         // step as well. The driver reads these at its first call, which the
@@ -71,7 +85,7 @@ impl Kernels {
         ordinal: usize,
     ) -> Result<(Self, adapter::WgpuAdapter), KernelError> {
         let prepared_at = std::time::Instant::now();
-        let local = local_dir(gpu)?;
+        let local = local_dir()?;
         // Mesa's Vulkan drivers (RADV, ANV, lavapipe) keep what they compile
         // from SPIR-V on disk: in the job's kernel cache, like CUDA's. Read
         // when the device opens, after this.
@@ -103,7 +117,7 @@ impl Kernels {
     /// compilations if asked to.
     pub fn prepare(gpu: &Gpu, options: &StoreOptions, device: usize, device_name: &str) -> Result<Self, KernelError> {
         let prepared_at = std::time::Instant::now();
-        Self::prepare_in(local_dir(gpu)?, prepared_at, gpu, options, device, device_name)
+        Self::prepare_in(local_dir()?, prepared_at, gpu, options, device, device_name)
     }
 
     fn prepare_in(
@@ -115,9 +129,9 @@ impl Kernels {
         device_name: &str,
     ) -> Result<Self, KernelError> {
         let shared = Store::open(&gpu.kernel_cache, options)
-            .map_err(|e| KernelError::Cache {
+            .map_err(|source| KernelError::Shared {
                 url: gpu.kernel_cache.clone(),
-                message: e.to_string(),
+                source,
             })?
             .at(&folder_name(device_name));
         // A cache that cannot be read costs time, not the job.
@@ -193,13 +207,13 @@ const DRIVER_CACHE: &str = "driver";
 const DRIVER_CACHE_BYTES: u64 = 4 << 30;
 
 /// This process's copy of the kernel cache, where cubecl and the driver keep theirs.
-fn local_dir(gpu: &Gpu) -> Result<tempfile::TempDir, KernelError> {
+fn local_dir() -> Result<tempfile::TempDir, KernelError> {
     tempfile::Builder::new()
         .prefix("coca-kernels-")
         .tempdir()
-        .map_err(|e| KernelError::Cache {
-            url: gpu.kernel_cache.clone(),
-            message: format!("no local directory for it: {e}"),
+        .map_err(|source| KernelError::Local {
+            path: std::env::temp_dir().display().to_string(),
+            source,
         })
 }
 

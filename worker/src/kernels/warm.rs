@@ -85,7 +85,7 @@ where
         let learning_rate = manifest.train.learning_rate_at(step as u64, steps as u64);
         let (next, _) = trainer
             .step(model, &data, learning_rate, &mut collective)
-            .map_err(|e| KernelError::Device(e.to_string()))?;
+            .map_err(KernelError::Rehearsal)?;
         model = next;
         if step == 0 {
             first_step = began.elapsed();
