@@ -1,5 +1,5 @@
 //! The manifest as written: every key optional, unknown keys refused.
-//! serde reads the types; [`super::Manifest`] applies the defaults and the
+//! serde reads the types; the manifest module applies the defaults and the
 //! rules between fields.
 
 use std::ops::Range;
@@ -8,7 +8,7 @@ use serde::de::{self, Visitor};
 use serde::Deserialize;
 use serde_path_to_error::Segment;
 
-use super::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule};
+use super::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule};
 use crate::dataset::DatasetKind;
 use crate::model::closest;
 

@@ -3,6 +3,7 @@
 //! the line and column, and what is wrong; unknown keys are errors with the
 //! closest known key suggested.
 
+mod choice;
 mod error;
 mod file;
 
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule};
 pub use self::error::{Location, ManifestError};
 use self::file::{
     CheckpointFile, ClusterFile, DataFile, EvalFile, GpuFile, JobFile, ManifestFile, SourceFile, TrainFile,
@@ -87,22 +89,6 @@ pub struct Source {
     pub templates: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Cosine,
-    Linear,
-    Constant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Contrastive {
-    Local,
-    Full,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Train {
@@ -124,17 +110,6 @@ pub struct Train {
     pub precision: Precision,
 }
 
-/// `f32`, or `bf16`: mixed precision (matmuls and activations in bf16;
-/// parameters, gradients, their all-reduce, AdamW's moments, losses,
-/// softmaxes and the logit scale in f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    F32,
-    Bf16,
-}
-
 impl Train {
     /// The learning rate of step `step` (0-based) of `steps`: linear warmup,
     /// then the schedule's decay to `end_learning_rate` at the last step.
@@ -152,25 +127,6 @@ impl Train {
             Schedule::Cosine => end + (peak - end) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Cpu,
-    Cuda,
-    /// burn's wgpu backend: Vulkan (Linux, Windows) or Metal (macOS) GPUs
-    /// of any vendor, compiled from the same cubecl kernels as CUDA.
-    Wgpu,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum CollectiveKind {
-    Tcp,
-    Nccl,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,17 +162,6 @@ pub fn replicas_for(replicas: usize, global_batch: usize, world: usize) -> usize
     let micro_batch = global_batch / world.max(1);
     let most = replicas.clamp(1, micro_batch.max(1));
     (1..=most).rev().find(|n| micro_batch % n == 0).unwrap_or(1)
-}
-
-/// How much time cubecl spends choosing the fastest kernel for a shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum AutotuneLevel {
-    Minimal,
-    Balanced,
-    Extensive,
-    Full,
 }
 
 /// How GPU workers (cuda, wgpu) compile and tune their kernels (ignored on the CPU backend).

@@ -5,7 +5,7 @@
 use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
 use burn::backend::wgpu::WgpuDevice;
 
-use super::KernelError;
+use super::error::KernelError;
 
 /// A wgpu adapter: the device burn opens it as, and its name.
 #[derive(Debug, Clone)]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use store::Store;
 
-use super::KernelError;
+use super::error::KernelError;
 
 /// The shared copy's name for any device ordinal.
 const ANY_DEVICE: &str = "any";

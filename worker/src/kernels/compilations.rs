@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::KernelError;
+use super::error::KernelError;
 
 /// Where cubecl's logger sinks write `log` records from.
 const CUBECL_LOG_TARGET: &str = "cubecl_common::config::logger";

@@ -13,7 +13,7 @@ use cubecl_runtime::config::cache::CacheConfig;
 use cubecl_runtime::config::compilation::CompilationLogLevel;
 use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
 
-use super::KernelError;
+use super::error::KernelError;
 
 /// cubecl's configuration for `gpu`, with compiled kernels and autotune
 /// results kept under `cache_dir`.

@@ -1,12 +1,14 @@
 //! GPU kernels: how cubecl compiles and tunes them for a job (`config`),
 //! the job's shared cache of both (`cache`), counting compilations so
 //! that a worker can say what its first steps spent their time on
-//! (`compilations`), and the wgpu backend's adapters (`adapter`).
+//! (`compilations`), the wgpu backend's adapters (`adapter`), and what can
+//! go wrong in any of them (`error`).
 
 pub mod adapter;
 pub mod cache;
 pub mod compilations;
 pub mod config;
+mod error;
 pub mod warm;
 
 use contract::manifest::Gpu;
@@ -14,32 +16,7 @@ use store::{Store, StoreOptions};
 
 use self::cache::KernelCache;
 use self::compilations::Compilations;
-
-#[derive(Debug, thiserror::Error)]
-pub enum KernelError {
-    #[error("cubecl's configuration was read before the job's [gpu] settings could be applied")]
-    ConfigAlreadyRead,
-    #[error("another logger is installed, so kernel compilations cannot be counted")]
-    LoggerTaken,
-    #[error("gpu.kernel_cache {url}")]
-    Shared {
-        url: String,
-        #[source]
-        source: store::StoreError,
-    },
-    #[error("gpu.kernel_cache {url}: `{name}` is not a cache file's name")]
-    FileName { url: String, name: String },
-    #[error("the kernel cache's local copy {path}")]
-    Local {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("a rehearsal step")]
-    Rehearsal(#[source] collective::CollectiveError),
-    #[error("{0}")]
-    Device(String),
-}
+pub use self::error::KernelError;
 
 /// A GPU worker's kernel set-up, made before its first kernel.
 pub struct Kernels {

@@ -13,7 +13,8 @@ use contract::manifest::{Backend, Manifest};
 use model::train::synthetic::synthetic_batch;
 use model::CocaModel;
 
-use super::{KernelError, Kernels};
+use super::error::KernelError;
+use super::Kernels;
 
 /// What warming did.
 #[derive(Debug, Clone)]
