@@ -15,9 +15,7 @@ pub struct AllReduceBenchmark {
 
 impl AllReduceBenchmark {
     pub fn median(&self) -> Duration {
-        let mut times = self.times.clone();
-        times.sort();
-        times[times.len() / 2]
+        crate::median(self.times.clone())
     }
 }
 

@@ -13,3 +13,9 @@ pub mod gpu;
 pub mod local_ranks;
 pub mod step;
 pub mod swarm;
+
+/// The middle of `times` (the upper middle of an even count).
+fn median(mut times: Vec<std::time::Duration>) -> std::time::Duration {
+    times.sort();
+    times[times.len() / 2]
+}

@@ -13,8 +13,8 @@ use collective::{Collective, CollectiveError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalRanksError {
-    #[error("cannot start rank {rank} ({program})")]
-    Spawn {
+    #[error("cannot run rank {rank} ({program})")]
+    Run {
         rank: usize,
         program: String,
         #[source]
@@ -36,9 +36,12 @@ pub enum LocalRanksError {
     Collective(#[from] CollectiveError),
 }
 
+/// How a child rank's last line starts; its measured time in nanoseconds follows.
+const RESULT: &str = "result ";
+
 /// What a child rank prints last: its measured time.
 pub fn report(time: Duration) -> String {
-    format!("result {}", time.as_nanos())
+    format!("{RESULT}{}", time.as_nanos())
 }
 
 /// Starts `world` copies of `program` (`args` plus `--world`, `--child-rank`
@@ -55,7 +58,7 @@ pub fn run(program: &Path, args: &[String], world: usize) -> Result<Duration, Lo
             .args(["--peers", &peers])
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|source| LocalRanksError::Spawn {
+            .map_err(|source| LocalRanksError::Run {
                 rank,
                 program: program.display().to_string(),
                 source,
@@ -67,7 +70,7 @@ pub fn run(program: &Path, args: &[String], world: usize) -> Result<Duration, Lo
     for (rank, child) in ranks.into_iter().enumerate() {
         let waited = child.wait_with_output();
         let outcome = waited
-            .map_err(|source| LocalRanksError::Spawn {
+            .map_err(|source| LocalRanksError::Run {
                 rank,
                 program: program.display().to_string(),
                 source,
@@ -76,7 +79,7 @@ pub fn run(program: &Path, args: &[String], world: usize) -> Result<Duration, Lo
                 let said = String::from_utf8_lossy(&output.stdout).into_owned();
                 let reported = said
                     .lines()
-                    .find_map(|line| line.strip_prefix("result "))
+                    .find_map(|line| line.strip_prefix(RESULT))
                     .and_then(|nanos| nanos.trim().parse().ok())
                     .map(Duration::from_nanos);
                 match reported {

@@ -17,6 +17,8 @@ use model::train::step::{compute_dtype, StepTimings, TrainStep};
 use model::train::synthetic::synthetic_batch;
 use model::CocaModel;
 
+use crate::median;
+
 #[derive(Debug, Clone)]
 pub struct StepBenchmark {
     /// From the start (the model not yet built) to the end of the first step:
@@ -46,11 +48,6 @@ impl StepBenchmark {
     pub fn median_wall(&self) -> Duration {
         median(self.walls.clone())
     }
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
 }
 
 /// What `bench_step` runs.

@@ -28,6 +28,12 @@ pub enum SwarmError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("cannot start the coordinator ({program})")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the coordinator ({program}) did not start")]
     CoordinatorDidNotStart { program: String },
     #[error("the coordinator said it listens on `{0}`, which is not an address")]
@@ -99,11 +105,18 @@ pub fn run(
         .env("COCA_JOB_TOKEN", "swarm")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .map_err(|source| SwarmError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
     let pid = coordinator.id();
     let stdout = coordinator.stdout.take().expect("stdout is piped");
     // The coordinator's first lines say where it listens: "gRPC on ADDRESS, ...".
-    let grpc = BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
+    // The pipe stays open until the coordinator is killed, so that what it
+    // prints later does not fail on a closed pipe.
+    let mut lines = BufReader::new(stdout).lines();
+    let grpc = lines.by_ref().map_while(Result::ok).find_map(|line| {
         let rest = line.split("gRPC on ").nth(1)?;
         rest.split(',').next().map(str::to_string)
     });
