@@ -245,27 +245,24 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    fn apply(&self, file: &mut ManifestFile) {
+    /// Sets the fields the command line gives; returns their paths, whose
+    /// values the file does not hold.
+    fn apply(&self, file: &mut ManifestFile) -> Vec<&'static str> {
+        let mut set = Vec::new();
         if let Some(workers) = self.workers {
             file.cluster.workers = Some(workers);
+            set.push("cluster.workers");
         }
         if let Some(steps) = self.steps {
             file.job.steps = Some(steps);
             file.job.epochs = None;
+            set.push("job.steps");
         }
         if let Some(warmup_steps) = self.warmup_steps {
             file.train.warmup_steps = Some(warmup_steps);
+            set.push("train.warmup_steps");
         }
-    }
-
-    /// Whether the command line, not the file, gave `field` its value.
-    fn sets(&self, field: &str) -> bool {
-        match field {
-            "cluster.workers" => self.workers.is_some(),
-            "job.steps" | "job.epochs" => self.steps.is_some(),
-            "train.warmup_steps" => self.warmup_steps.is_some(),
-            _ => false,
-        }
+        set
     }
 }
 
@@ -306,10 +303,10 @@ impl Manifest {
             message: read.message,
             location: read.span.map(|span| Location::at(text, span.start)),
         })?;
-        overrides.apply(&mut file);
+        let from_command_line = overrides.apply(&mut file);
         Self::from_file(file).map_err(|Invalid { field, message }| ManifestError {
             origin: origin.to_string(),
-            location: (!overrides.sets(&field))
+            location: (!from_command_line.contains(&field.as_str()))
                 .then(|| Location::of_field(text, &field))
                 .flatten(),
             field,
