@@ -205,8 +205,7 @@ async fn meet(channels: &[Client], workers: usize) -> Result<(Vec<String>, u64),
                     worker_id: id,
                     nccl_unique_id: Vec::new(),
                     collective_address: format!("10.{}.{}.{}:29500", i >> 16, (i >> 8) & 255, i & 255),
-                    left_generation: 0,
-                    left_because: String::new(),
+                    ..Default::default()
                 })
                 .await
         }));

@@ -87,29 +87,37 @@ pub struct CheckpointStatus {
     pub committed: u64,
 }
 
-/// One recovery: why the ring was lost and where it went on from.
+/// One recovery: why the ring was lost, how far it had trained, where it
+/// went on from and how long that took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Restart {
     /// The generation the recovery started.
     pub generation: u64,
-    /// Seconds since the Unix epoch.
+    /// When the coordinator learned of the loss, in seconds since the Unix epoch.
     pub at: f64,
     pub cause: String,
-    /// The job's step when the ring was lost.
-    pub lost_at_step: u64,
+    /// The highest step a rank of the lost ring completed: what the
+    /// survivors said when they left it, else the ranks' last step reports.
+    #[serde(alias = "lost_at_step")]
+    pub reached_step: u64,
     /// Where it resumed (the newest committed step), once ranks were assigned.
     pub resumed_step: Option<u64>,
     /// The world it resumed on.
     pub world: Option<usize>,
-    /// From the loss to the new ranks.
-    pub seconds: Option<f64>,
+    /// From the loss to the new ranks being handed out.
+    #[serde(alias = "seconds")]
+    pub ranks_after_seconds: Option<f64>,
+    /// From the loss to the new ring's first completed step (the
+    /// checkpoint's load and the first step included).
+    #[serde(default)]
+    pub training_after_seconds: Option<f64>,
 }
 
 impl Restart {
     /// Steps trained again because of this recovery.
-    pub fn lost_steps(&self) -> u64 {
+    pub fn steps_trained_again(&self) -> u64 {
         self.resumed_step
-            .map_or(0, |resumed| self.lost_at_step.saturating_sub(resumed))
+            .map_or(0, |resumed| self.reached_step.saturating_sub(resumed))
     }
 }
 
@@ -165,6 +173,22 @@ pub struct StatusReport {
     pub previous: Option<Recovered>,
     pub history: Vec<Point>,
     pub evals: Vec<EvalPoint>,
+}
+
+/// The last result of each evaluation metric, grouped by the step that
+/// measured it (oldest first): what the end of a job reports.
+pub fn last_evaluations(evals: &[EvalPoint]) -> Vec<(u64, Vec<(&str, f64)>)> {
+    let mut last: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
+    for point in evals {
+        for (metric, value) in &point.values {
+            last.insert(metric, (point.step, *value));
+        }
+    }
+    let mut by_step: BTreeMap<u64, Vec<(&str, f64)>> = BTreeMap::new();
+    for (metric, (step, value)) in last {
+        by_step.entry(step).or_default().push((metric, value));
+    }
+    by_step.into_iter().collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,5 +257,42 @@ impl std::fmt::Display for Phase {
             Phase::Compiling => "compiling",
             Phase::Training => "training",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: u64, values: &[(&str, f64)]) -> EvalPoint {
+        EvalPoint {
+            step,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_last_evaluations_are_each_metrics_newest_result_with_its_step() {
+        let evals = [
+            point(100, &[("zeroshot_top1", 0.1), ("retrieval_r1", 0.2)]),
+            point(200, &[("zeroshot_top1", 0.3)]),
+            point(300, &[("zeroshot_top1", 0.4), ("caption_loss", 2.5)]),
+        ];
+        assert_eq!(
+            last_evaluations(&evals),
+            [
+                (100, vec![("retrieval_r1", 0.2)]),
+                (300, vec![("caption_loss", 2.5), ("zeroshot_top1", 0.4)]),
+            ]
+        );
+        assert!(last_evaluations(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_journal_of_an_earlier_release_reads_its_restarts() {
+        let line = r#"{"generation":2,"at":3.2,"cause":"lost","lost_at_step":50,"resumed_step":40,"world":1,"seconds":0.5}"#;
+        let restart: Restart = serde_json::from_str(line).unwrap();
+        assert_eq!((restart.reached_step, restart.steps_trained_again()), (50, 10));
+        assert_eq!((restart.ranks_after_seconds, restart.training_after_seconds), (Some(0.5), None));
     }
 }

@@ -93,8 +93,23 @@ pub enum Change {
         step: u64,
         world: usize,
     },
+    /// A rank of the ring that `generation` replaced said it had reached
+    /// `step`, further than its restart record knew.
+    Reached { generation: u64, step: u64 },
+    /// The generation's first step after a recovery completed.
+    TrainingAgain { generation: u64, step: u64 },
     /// Workers that fell silent without a rank in the ring, dropped.
     Dropped(Vec<String>),
+}
+
+/// What a worker asking to join says of the generation it trained in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Left {
+    pub generation: u64,
+    /// Steps it had completed when it left.
+    pub step: u64,
+    /// A broken ring, or a regroup the coordinator asked for.
+    pub because: String,
 }
 
 #[derive(Debug)]
@@ -134,6 +149,7 @@ pub struct Job {
     first_generation: u64,
     /// Every recovery over the job's life, earlier coordinators' included.
     pub restarts: Vec<Restart>,
+    /// When the current recovery began, until its first step is trained.
     recovering_since: Option<Instant>,
     /// The newest committed step (and its URL): where a recovery rewinds to.
     pub newest_commit: Option<(u64, String)>,
@@ -207,10 +223,11 @@ impl Job {
                 "the coordinator restarted (the journal says {state} at step {})",
                 previous.step
             ),
-            lost_at_step: previous.step.max(self.start_step),
+            reached_step: previous.step.max(self.start_step),
             resumed_step: None,
             world: None,
-            seconds: None,
+            ranks_after_seconds: None,
+            training_after_seconds: None,
         };
         self.restarts.push(restart.clone());
         self.recovering_since = Some(now);
@@ -264,12 +281,13 @@ impl Job {
 
     /// Worker `id` asks to join the coming generation at `address`; when
     /// it left the current one (its ring broke), that begins a recovery.
+    /// The step it reached counts for the recovery of the ring it left.
     pub fn ask_to_join(
         &mut self,
         id: &str,
         address: String,
         nccl_unique_id: Vec<u8>,
-        left: Option<(u64, String)>,
+        left: Option<Left>,
         now: Instant,
     ) -> Vec<Change> {
         let generation = self.generation;
@@ -279,9 +297,9 @@ impl Job {
         worker.collective_address = address;
         worker.nccl_unique_id = nccl_unique_id;
         worker.last_heartbeat = now;
-        let broke = match left {
-            Some((left, reason)) if left == generation && worker.rank.is_some() => {
-                Some(format!("{}: {reason}", worker.describe()))
+        let broke = match &left {
+            Some(left) if left.generation == generation && worker.rank.is_some() => {
+                Some(format!("{}: {}", worker.describe(), left.because))
             }
             _ => None,
         };
@@ -302,8 +320,41 @@ impl Job {
             worker.rank = None;
             worker.joining = Some(self.generation);
         }
+        changes.extend(left.and_then(|left| self.reached(left.generation, left.step)));
         changes.extend(self.tick(now));
         changes
+    }
+
+    /// A rank of `generation` completed `step`: the recovery that replaced
+    /// that ring counts its steps trained again from there, if further.
+    fn reached(&mut self, generation: u64, step: u64) -> Option<Change> {
+        let restart = self
+            .restarts
+            .iter_mut()
+            .rev()
+            .find(|r| r.generation == generation + 1)
+            .filter(|r| step > r.reached_step)?;
+        restart.reached_step = step;
+        Some(Change::Reached {
+            generation: restart.generation,
+            step,
+        })
+    }
+
+    /// A rank of the current ring reported `step` done: the first step
+    /// after a recovery ends it (returns the change to journal).
+    pub fn completed_step(&mut self, step: u64, now: Instant) -> Option<Change> {
+        if step <= self.start_step || self.state != JobState::Running {
+            return None;
+        }
+        let generation = self.generation;
+        let restart = self
+            .restarts
+            .last_mut()
+            .filter(|r| r.generation == generation && r.resumed_step.is_some())?;
+        let since = self.recovering_since.take()?;
+        restart.training_after_seconds = Some(now.saturating_duration_since(since).as_secs_f64());
+        Some(Change::TrainingAgain { generation, step })
     }
 
     /// What the watchdog decides at `now`: silent workers are lost (a
@@ -383,7 +434,7 @@ impl Job {
                     reason,
                     "; restart {} at step {}: {}",
                     i + 1,
-                    restart.lost_at_step,
+                    restart.reached_step,
                     restart.cause
                 );
             }
@@ -394,9 +445,17 @@ impl Job {
 
     /// Begins a recovery: a new generation that every worker must join
     /// again, from the newest committed step. Lost workers leave the table.
+    /// The ring had reached the furthest step a rank reported, until a
+    /// survivor says it went further.
     fn recover(&mut self, now: Instant, cause: String) -> Change {
         let timeout = self.policy.heartbeat_timeout;
-        let lost_at_step = self.step();
+        let reached_step = self
+            .workers
+            .values()
+            .filter(|w| w.rank.is_some())
+            .map(|w| w.step)
+            .max()
+            .unwrap_or(self.start_step);
         self.workers
             .retain(|_, w| w.finished.is_some() || now.saturating_duration_since(w.last_heartbeat) <= timeout);
         self.generation += 1;
@@ -416,10 +475,11 @@ impl Job {
             generation: self.generation,
             at: unix_now(),
             cause: cause.clone(),
-            lost_at_step,
+            reached_step,
             resumed_step: None,
             world: None,
-            seconds: None,
+            ranks_after_seconds: None,
+            training_after_seconds: None,
         };
         self.restarts.push(restart.clone());
         self.transition(JobState::Recovering, Some(cause));
@@ -483,18 +543,18 @@ impl Job {
         // The chart shows each step once: what is trained again replaces it.
         self.history.retain(|point| point.step <= start);
         self.evals.retain(|point| point.step <= start);
-        if let Some(since) = self.recovering_since.take() {
+        if let Some(since) = self.recovering_since {
             if let Some(restart) = self.restarts.last_mut() {
                 restart.resumed_step = Some(start);
                 restart.world = Some(world);
-                restart.seconds = Some(now.saturating_duration_since(since).as_secs_f64());
+                restart.ranks_after_seconds = Some(now.saturating_duration_since(since).as_secs_f64());
             }
         }
         let reason = match self.restarts.last().filter(|r| r.generation == self.generation) {
             Some(restart) => format!(
                 "generation {}: {world} workers from step {start} ({} steps trained again)",
                 self.generation,
-                restart.lost_steps()
+                restart.steps_trained_again()
             ),
             None => format!("{world} workers, ranks assigned"),
         };
@@ -737,8 +797,19 @@ mod tests {
         }
     }
 
+    /// Worker `id` asks to join, having left generation `left` at the step
+    /// the coordinator knows of it.
     fn join(job: &mut Job, id: &str, left: Option<u64>, at: Instant) -> Vec<Change> {
-        let left = left.map(|generation| (generation, "ring broken".to_string()));
+        let step = job.workers.get(id).map_or(0, |w| w.step);
+        join_from(job, id, left.map(|generation| (generation, step)), at)
+    }
+
+    fn join_from(job: &mut Job, id: &str, left: Option<(u64, u64)>, at: Instant) -> Vec<Change> {
+        let left = left.map(|(generation, step)| Left {
+            generation,
+            step,
+            because: "ring broken".into(),
+        });
         job.ask_to_join(id, format!("{id}:2"), Vec::new(), left, at)
     }
 
@@ -787,15 +858,17 @@ mod tests {
         let mut job = job_of(policy(3, 2, 2), &[("a", None), ("b", None)], start);
         let first = job.generation;
         job.newest_commit = Some((40, "ckpt/step-00000040".into()));
-        for worker in job.workers.values_mut() {
-            worker.step = 47;
+        assert_eq!(job.completed_step(47, start), None, "no recovery to end");
+        // The last step reports: the silent worker had gone furthest.
+        for (worker, step) in job.workers.values_mut().zip([46, 47]) {
+            worker.step = step;
         }
         heartbeats(&mut job, &["w-1"], secs(start, 8));
         let changes = job.tick(secs(start, 11));
         let [Change::Recovering(restart)] = changes.as_slice() else {
             panic!("{changes:?}")
         };
-        assert_eq!((restart.generation, restart.lost_at_step), (first + 1, 47));
+        assert_eq!((restart.generation, restart.reached_step), (first + 1, 47));
         assert!(
             restart.cause.starts_with("worker w-1 (rank 1, b) lost"),
             "{}",
@@ -808,9 +881,17 @@ mod tests {
             "the lost worker leaves"
         );
         // The survivor's old ring is told to regroup; its new request is not.
+        // The survivor says it had completed step 48 (after its last report).
         assert_eq!(job.command_for("w-0", first), Command::Regroup);
-        assert_eq!(join(&mut job, "w-0", Some(first), secs(start, 12)), []);
+        assert_eq!(
+            join_from(&mut job, "w-0", Some((first, 48)), secs(start, 12)),
+            [Change::Reached {
+                generation: first + 1,
+                step: 48
+            }]
+        );
         assert_eq!(job.command_for("w-0", first), Command::Continue);
+        assert_eq!(job.reached(first, 45), None, "a lower step changes nothing");
         // A replacement arrives: the world is whole, from step 40.
         let id = job.register("c".into(), "cpu".into(), None, secs(start, 15));
         let changes = join(&mut job, &id, None, secs(start, 15));
@@ -827,10 +908,21 @@ mod tests {
         assert_eq!(job.checkpoint.resumed_from.as_deref(), Some("ckpt/step-00000040"));
         let restart = &job.restarts[0];
         assert_eq!(
-            (restart.resumed_step, restart.world, restart.lost_steps()),
-            (Some(40), Some(2), 7)
+            (restart.resumed_step, restart.world, restart.steps_trained_again()),
+            (Some(40), Some(2), 8)
         );
-        assert_eq!(restart.seconds, Some(4.0));
+        assert_eq!(restart.ranks_after_seconds, Some(4.0));
+        // Training again: the new ring's first completed step, checkpoint load included.
+        assert_eq!(job.completed_step(40, secs(start, 17)), None);
+        assert_eq!(
+            job.completed_step(41, secs(start, 18)),
+            Some(Change::TrainingAgain {
+                generation: first + 1,
+                step: 41
+            })
+        );
+        assert_eq!(job.completed_step(42, secs(start, 19)), None, "only the first step");
+        assert_eq!(job.restarts[0].training_after_seconds, Some(7.0));
     }
 
     #[test]
@@ -1014,7 +1106,9 @@ mod tests {
         };
         let mut job = Job::new("test", 100, policy(3, 2, 2), Some(journal("running")));
         let restart = job.coordinator_restarted(Instant::now()).unwrap();
-        assert_eq!((restart.generation, restart.lost_at_step), (5, 30));
+        assert_eq!((restart.generation, restart.reached_step), (5, 30));
+        // A worker of the lost coordinator's ring (generation 4) went further.
+        assert_eq!(job.reached(4, 33), Some(Change::Reached { generation: 5, step: 33 }));
         assert_eq!(job.restarts_left(), 2);
         assert_eq!(job.register("a".into(), "cpu".into(), None, Instant::now()), "w-6");
         let mut job = Job::new("test", 100, policy(3, 2, 2), Some(journal("failed")));

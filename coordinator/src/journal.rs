@@ -44,6 +44,10 @@ pub enum Event {
         world: usize,
         at: f64,
     },
+    /// A rank of the ring `generation` replaced had reached `step`.
+    Reached { generation: u64, step: u64 },
+    /// The first step after the recovery that began `generation` is done.
+    TrainingAgain { generation: u64, step: u64, at: f64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,15 +144,30 @@ pub fn read(path: &Path) -> Result<Recovered, JournalError> {
                 at,
             } => {
                 recovered.generation = recovered.generation.max(generation);
-                if let Some(restart) = recovered.restarts.last_mut().filter(|r| r.generation == generation) {
+                if let Some(restart) = restart_of(&mut recovered, generation) {
                     restart.resumed_step = Some(step);
                     restart.world = Some(world);
-                    restart.seconds = Some(at - restart.at);
+                    restart.ranks_after_seconds = Some(at - restart.at);
+                }
+            }
+            Event::Reached { generation, step } => {
+                if let Some(restart) = restart_of(&mut recovered, generation) {
+                    restart.reached_step = restart.reached_step.max(step);
+                }
+            }
+            Event::TrainingAgain { generation, at, .. } => {
+                if let Some(restart) = restart_of(&mut recovered, generation) {
+                    restart.training_after_seconds = Some(at - restart.at);
                 }
             }
         }
     }
     Ok(recovered)
+}
+
+/// The newest recovery, when it began `generation`.
+fn restart_of(recovered: &mut Recovered, generation: u64) -> Option<&mut Restart> {
+    recovered.restarts.last_mut().filter(|r| r.generation == generation)
 }
 
 #[cfg(test)]
@@ -179,16 +198,24 @@ mod tests {
                 generation: 2,
                 at: 3.2,
                 cause: "worker w-1 lost".into(),
-                lost_at_step: 50,
+                reached_step: 50,
                 resumed_step: None,
                 world: None,
-                seconds: None,
+                ranks_after_seconds: None,
+                training_after_seconds: None,
             }),
+            Event::Reached { generation: 2, step: 52 },
+            Event::Reached { generation: 2, step: 51 },
             Event::Assigned {
                 generation: 2,
                 step: 40,
                 world: 1,
                 at: 3.7,
+            },
+            Event::TrainingAgain {
+                generation: 2,
+                step: 41,
+                at: 4.7,
             },
             Event::State {
                 state: "failed".into(),
@@ -210,15 +237,16 @@ mod tests {
         assert_eq!(recovered.reason.as_deref(), Some("worker w-1 lost"));
         assert_eq!(
             (recovered.step, recovered.last_checkpoint, recovered.events),
-            (50, Some(40), 8)
+            (50, Some(40), 11)
         );
         assert_eq!((recovered.generation, recovered.workers), (2, 1));
         let restart = &recovered.restarts[0];
         assert_eq!(
-            (restart.resumed_step, restart.world, restart.lost_steps()),
-            (Some(40), Some(1), 10)
+            (restart.resumed_step, restart.world, restart.steps_trained_again()),
+            (Some(40), Some(1), 12)
         );
-        assert!((restart.seconds.unwrap() - 0.5).abs() < 1e-9);
+        assert!((restart.ranks_after_seconds.unwrap() - 0.5).abs() < 1e-9);
+        assert!((restart.training_after_seconds.unwrap() - 1.5).abs() < 1e-9);
         // Damage before the last line is an error with its line number.
         std::fs::write(dir.join(FILE), "garbage\n{\"event\":\"step\",\"step\":1,\"at\":0}\n").unwrap();
         let error = read(&dir.join(FILE)).unwrap_err().to_string();

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use contract::status::JobState;
 
-use crate::job::{Job, Worker};
+use crate::job::{Job, Left, Worker};
 use crate::journal::Event;
 use crate::Shared;
 
@@ -78,6 +78,7 @@ impl CoordinatorRpc for Service {
             collective_address,
             left_generation,
             left_because,
+            left_at_step,
         } = request.into_inner();
         let nccl = self.shared.manifest.cluster.collective == contract::manifest::CollectiveKind::Nccl;
         if nccl && nccl_unique_id.is_empty() {
@@ -87,7 +88,11 @@ impl CoordinatorRpc for Service {
         }
         let mut ready = self.shared.ready.subscribe();
         registered(&mut self.shared.job.lock().expect("job state"), &id)?;
-        let left = (left_generation > 0).then_some((left_generation, left_because));
+        let left = (left_generation > 0).then_some(Left {
+            generation: left_generation,
+            step: left_at_step,
+            because: left_because,
+        });
         self.shared
             .decide(|job| job.ask_to_join(&id, collective_address, nccl_unique_id, left, Instant::now()));
         loop {
@@ -146,8 +151,10 @@ impl CoordinatorRpc for Service {
         }
         let before = worker.step;
         let rank = worker.rank.filter(|_| current);
+        let mut changes = Vec::new();
         if current {
             worker.step = worker.step.max(request.step);
+            changes.extend(job.completed_step(request.step, Instant::now()));
             if rank == Some(0) {
                 self.shared.log_metrics(&request.metrics);
             }
@@ -159,6 +166,7 @@ impl CoordinatorRpc for Service {
         let journal_step = (rank == Some(0) && before / 10 != request.step / 10).then(|| job.step());
         let command = job.command_for(&request.worker_id, request.generation);
         drop(job);
+        self.shared.announce(changes);
         if let Some(step) = journal_step {
             self.shared.journal(Event::Step {
                 step,

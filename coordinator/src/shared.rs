@@ -46,6 +46,27 @@ impl Shared {
         let changes = decision(&mut job);
         let transitions = job.transitions[before..].to_vec();
         drop(job);
+        self.announce(changes);
+        let mut ended = false;
+        for transition in transitions {
+            let state = transition.state;
+            match &transition.reason {
+                Some(reason) => tracing::info!("job {} ({reason})", state.name()),
+                None => tracing::info!("job {}", state.name()),
+            }
+            ended |= state.is_terminal();
+            self.journal(Event::State {
+                state: state.name().to_string(),
+                at: transition.at,
+                reason: transition.reason,
+            });
+        }
+        // Rendezvous calls waiting for ranks, or for the end, look again.
+        let _ = self.ready.send(ended);
+    }
+
+    /// Logs and journals what a decision changed besides the job's state.
+    pub(crate) fn announce(&self, changes: Vec<Change>) {
         for change in changes {
             match change {
                 Change::Recovering(restart) => {
@@ -67,25 +88,23 @@ impl Shared {
                     world,
                     at: job::unix_now(),
                 }),
+                Change::Reached { generation, step } => self.journal(Event::Reached { generation, step }),
+                Change::TrainingAgain { generation, step } => {
+                    let seconds = self.job.lock().expect("job state").restarts.last()
+                        .and_then(|restart| restart.training_after_seconds);
+                    tracing::info!(
+                        "training again at step {step} (generation {generation}), {:.1} s after the loss",
+                        seconds.unwrap_or(0.0)
+                    );
+                    self.journal(Event::TrainingAgain {
+                        generation,
+                        step,
+                        at: job::unix_now(),
+                    })
+                }
                 Change::Dropped(ids) => tracing::info!("dropped silent workers {}", ids.join(", ")),
             }
         }
-        let mut ended = false;
-        for transition in transitions {
-            let state = transition.state;
-            match &transition.reason {
-                Some(reason) => tracing::info!("job {} ({reason})", state.name()),
-                None => tracing::info!("job {}", state.name()),
-            }
-            ended |= state.is_terminal();
-            self.journal(Event::State {
-                state: state.name().to_string(),
-                at: transition.at,
-                reason: transition.reason,
-            });
-        }
-        // Rendezvous calls waiting for ranks, or for the end, look again.
-        let _ = self.ready.send(ended);
     }
 
     /// Appends rank 0's step metrics (the job's) to metrics.jsonl.

@@ -13,6 +13,7 @@ use contract::status::{BadRecords, JobState, Losses, Phase, RankTraffic, SourceP
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -216,6 +217,16 @@ pub fn prometheus_text(status: &StatusReport) -> String {
         "Seconds since each worker's last heartbeat",
         points,
     );
+    // Seconds from a loss to the new ring's first step, one observation per recovery.
+    let training_again = Histogram::new(TRAINING_AGAIN_BUCKETS);
+    for seconds in status.restarts.iter().filter_map(|r| r.training_after_seconds) {
+        training_again.observe(seconds);
+    }
+    registry.register(
+        "recovery_training_after_seconds",
+        "Seconds from the loss of a ring to the first step trained by the next",
+        training_again,
+    );
     let points = JobState::ALL.map(|state| {
         let current = f64::from(u8::from(status.state == state));
         (label(&[("state", state.name().into())]), current)
@@ -226,6 +237,9 @@ pub fn prometheus_text(status: &StatusReport) -> String {
     let _ = writeln!(text);
     text
 }
+
+/// From a healthy sub-second CPU recovery to a GPU job reloading many GB.
+const TRAINING_AGAIN_BUCKETS: [f64; 10] = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
 
 type Labels = Vec<(String, String)>;
 
@@ -308,7 +322,7 @@ fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>);
         (
             "steps_lost",
             "Steps trained again after recoveries",
-            Some(status.restarts.iter().map(|r| r.lost_steps() as f64).sum()),
+            Some(status.restarts.iter().map(|r| r.steps_trained_again() as f64).sum()),
         ),
         (
             "rpc_refused_calls",

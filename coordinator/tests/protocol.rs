@@ -431,7 +431,11 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Recovering);
     let told = client.heartbeat(heartbeat(&workers[1], 3, generation)).await.unwrap();
     assert_eq!(told.into_inner().command, Command::Regroup as i32);
-    let rank1_again = rendezvous(join(&workers[1], "127.0.0.1:9012", generation));
+    // Rank 1 had completed step 4 since its last report: the restart counts from there.
+    let rank1_again = rendezvous(RendezvousRequest {
+        left_at_step: 4,
+        ..join(&workers[1], "127.0.0.1:9012", generation)
+    });
     let (a, b) = (rank0_again.await.unwrap(), rank1_again.await.unwrap());
     assert_eq!((a.generation, b.generation), (generation + 1, generation + 1));
     assert_eq!(a.peers, ["127.0.0.1:9011", "127.0.0.1:9012"], "the new listeners");
@@ -445,17 +449,30 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     );
     let restart = &report.restarts[0];
     assert_eq!(
-        (restart.lost_at_step, restart.resumed_step, restart.world),
-        (3, Some(0), Some(2))
+        (restart.reached_step, restart.resumed_step, restart.world),
+        (4, Some(0), Some(2))
     );
+    assert_eq!(restart.training_after_seconds, None, "no step of the new ring yet");
     assert!(
         restart.cause.ends_with("(rank 0, test-host): connection reset by peer"),
         "{}",
         restart.cause
     );
+    // The new ring's first step ends the recovery: training again, timed.
+    client.heartbeat(heartbeat(&workers[0], 1, generation + 1)).await.unwrap();
+    let report = coordinator::status::report(&coordinator.shared);
+    let restart = &report.restarts[0];
+    let (ranks, training) = (
+        restart.ranks_after_seconds.unwrap(),
+        restart.training_after_seconds.expect("timed at the first step"),
+    );
+    assert!(training >= ranks, "training again after {training} s, ranks after {ranks} s");
     let metrics = coordinator::status::prometheus_text(&report);
     assert!(
-        metrics.contains("coca_restarts 1") && metrics.contains("coca_steps_lost 3"),
+        metrics.contains("coca_restarts 1")
+            && metrics.contains("coca_steps_lost 4")
+            && metrics.contains("coca_recovery_training_after_seconds_count 1")
+            && metrics.contains("coca_recovery_training_after_seconds_bucket{le=\"300.0\"} 1"),
         "{metrics}"
     );
     drop(coordinator);
@@ -466,6 +483,10 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     let report = coordinator::status::report(&again.shared);
     assert_eq!(report.generation, generation + 2);
     assert_eq!(report.restarts.len(), 2);
+    // The journal kept the first recovery's figures.
+    let first = &report.restarts[0];
+    assert_eq!((first.reached_step, first.steps_trained_again()), (4, 4));
+    assert!(first.training_after_seconds.is_some_and(|s| s >= first.ranks_after_seconds.unwrap()));
     assert!(report.restarts[1]
         .cause
         .starts_with("the coordinator restarted (the journal says running"));

@@ -165,10 +165,14 @@ pub fn launch(path: &Path, overrides: &Overrides, linger: u64, resume: coordinat
                     bar.set_length(report.total_steps);
                     bar.set_position(report.step);
                     bar.set_message(progress_line(&report));
-                    for restart in report.restarts.iter().skip(recoveries_told) {
-                        let Some(resumed) = restart.resumed_step else { break };
+                    for (i, restart) in report.restarts.iter().enumerate().skip(recoveries_told) {
+                        // Told once the new ring trains, or never will (a later loss, the end).
+                        let later = i + 1 < report.restarts.len();
+                        if restart.training_after_seconds.is_none() && !later && !report.state.is_terminal() {
+                            break;
+                        }
                         recoveries_told += 1;
-                        bar.suspend(|| println!("{}", recovery_line(recoveries_told, restart, resumed)));
+                        bar.suspend(|| println!("{}", recovery_line(recoveries_told, restart)));
                     }
                     let heals = matches!(report.state, JobState::Rendezvous | JobState::Running | JobState::Recovering);
                     if let Some((i, status)) = workers.failed().filter(|_| !report.state.is_terminal()) {
@@ -189,12 +193,18 @@ pub fn launch(path: &Path, overrides: &Overrides, linger: u64, resume: coordinat
     bar.finish_and_clear();
     workers.reap(Duration::from_secs(5));
     let report = coordinator::status::report(&shared);
+    for (i, restart) in report.restarts.iter().enumerate().skip(recoveries_told) {
+        println!("{}", recovery_line(i + 1, restart));
+    }
     print_outcome(&report);
     if let Some(loss) = &report.loss {
         println!(
             "loss {:.4} (contrastive {:.4}, captioning {:.4})",
             loss.total, loss.contrastive, loss.captioning
         );
+    }
+    for line in evaluation_lines(&report) {
+        println!("{line}");
     }
     std::thread::sleep(Duration::from_secs(linger));
     Ok(exit_code(state))
@@ -212,15 +222,39 @@ fn print_outcome(report: &StatusReport) {
     );
 }
 
-/// `recovery N: CAUSE; resumed from step S on W workers after T s (L steps trained again)`.
-fn recovery_line(number: usize, restart: &contract::status::Restart, resumed: u64) -> String {
-    format!(
-        "recovery {number}: {}; resumed from step {resumed} on {} workers after {:.1} s ({} steps trained again)",
-        restart.cause,
-        restart.world.unwrap_or(0),
-        restart.seconds.unwrap_or(0.0),
-        restart.lost_steps()
-    )
+/// `recovery N: CAUSE; reached step R, resumed from step S on W workers (L
+/// steps trained again); ranks after T s, training again after U s`.
+fn recovery_line(number: usize, restart: &contract::status::Restart) -> String {
+    let mut line = format!(
+        "recovery {number}: {}; reached step {}",
+        restart.cause, restart.reached_step
+    );
+    let (Some(resumed), Some(world)) = (restart.resumed_step, restart.world) else {
+        return line + ", no ring formed after it";
+    };
+    line += &format!(
+        ", resumed from step {resumed} on {world} workers ({} steps trained again); ranks after {:.1} s",
+        restart.steps_trained_again(),
+        restart.ranks_after_seconds.unwrap_or(0.0)
+    );
+    match restart.training_after_seconds {
+        Some(seconds) => line + &format!(", training again after {seconds:.1} s"),
+        None => line + ", no step trained after it",
+    }
+}
+
+/// `evaluation at step S: METRIC VALUE, ...`: each metric's last result.
+fn evaluation_lines(report: &StatusReport) -> Vec<String> {
+    contract::status::last_evaluations(&report.evals)
+        .into_iter()
+        .map(|(step, results)| {
+            let results: Vec<String> = results
+                .iter()
+                .map(|(metric, value)| format!("{metric} {value:.4}"))
+                .collect();
+            format!("evaluation at step {step}: {}", results.join(", "))
+        })
+        .collect()
 }
 
 fn progress_line(report: &StatusReport) -> String {
@@ -367,6 +401,9 @@ fn print_status(report: &StatusReport) {
             loss.total, loss.contrastive, loss.captioning
         );
     }
+    for line in evaluation_lines(report) {
+        println!("eval   {line}");
+    }
     if let Some(rate) = report.samples_per_second {
         println!(
             "speed  {rate:.1} samples/s, data wait {:.1}%",
@@ -396,7 +433,7 @@ fn print_status(report: &StatusReport) {
             }
         );
     }
-    let trained_again: u64 = report.restarts.iter().map(|r| r.lost_steps()).sum();
+    let trained_again: u64 = report.restarts.iter().map(|r| r.steps_trained_again()).sum();
     println!(
         "ring   generation {}, {} workers; {} restarts ({trained_again} steps trained again), {} left",
         report.generation,
@@ -405,10 +442,7 @@ fn print_status(report: &StatusReport) {
         report.restarts_left
     );
     for (i, restart) in report.restarts.iter().enumerate() {
-        match restart.resumed_step {
-            Some(resumed) => println!("{}", recovery_line(i + 1, restart, resumed)),
-            None => println!("recovery {}: {} (waiting for the ring)", i + 1, restart.cause),
-        }
+        println!("{}", recovery_line(i + 1, restart));
     }
     for worker in &report.workers {
         let rank = worker.rank.map_or_else(|| "-".to_string(), |rank| rank.to_string());

@@ -34,6 +34,9 @@ pub(super) struct Signals {
     pub register_again: AtomicBool,
     /// The worker has ended: the heartbeat thread ends too.
     pub done: AtomicBool,
+    /// Heartbeat now, not at the next beat: a generation's first step is
+    /// done (the coordinator times a recovery up to it).
+    pub report_now: AtomicBool,
     /// Ends the ring's blocked operations, while a generation trains: a
     /// regroup does not wait for a hung peer's timeout.
     pub interrupt: Mutex<Option<collective::Interrupt>>,
@@ -140,15 +143,24 @@ pub(super) async fn register(client: &Client, options: &WorkerOptions) -> Result
     })
 }
 
+/// The generation a worker trained in and left: the steps it had
+/// completed there, and why it left.
+#[derive(Debug, Clone)]
+pub(super) struct LeftRing {
+    pub generation: u64,
+    pub step: u64,
+    pub because: String,
+}
+
 /// Asks to join the coming generation, listening at `collective_address`,
-/// after leaving generation `left` (with why), and waits for the
+/// after leaving generation `left`, and waits for the
 /// assignment. In an NCCL job every worker sends a unique id; rank 0's
 /// reaches every rank.
 pub(super) async fn rendezvous(
     client: &mut Client,
     registered: &Registered,
     collective_address: SocketAddr,
-    left: Option<(u64, String)>,
+    left: Option<LeftRing>,
 ) -> Result<Assignment, NoAssignment> {
     let nccl_unique_id = match registered.collective {
         CollectiveKind::Tcp => Vec::new(),
@@ -167,13 +179,13 @@ pub(super) async fn rendezvous(
             }
         },
     };
-    let (left_generation, left_because) = left.unwrap_or_default();
     let request = RendezvousRequest {
         worker_id: registered.id.clone(),
         nccl_unique_id,
         collective_address: collective_address.to_string(),
-        left_generation,
-        left_because,
+        left_generation: left.as_ref().map_or(0, |left| left.generation),
+        left_at_step: left.as_ref().map_or(0, |left| left.step),
+        left_because: left.map(|left| left.because).unwrap_or_default(),
     };
     match client.rendezvous(request).await {
         Ok(assignment) => Ok(assignment.into_inner()),
@@ -252,7 +264,7 @@ pub(super) fn spawn_heartbeat(
                 }
             }
             let wake = Instant::now() + every;
-            while Instant::now() < wake {
+            while Instant::now() < wake && !signals.report_now.swap(false, Ordering::SeqCst) {
                 if signals.done.load(Ordering::SeqCst) {
                     return;
                 }

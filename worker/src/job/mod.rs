@@ -20,7 +20,8 @@ use proto::auth::Token;
 use proto::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
 
 use client::{
-    connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, NoAssignment, Progress, Registered, Signals,
+    connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, LeftRing, NoAssignment, Progress, Registered,
+    Signals,
 };
 use setup::JobSetup;
 use train::{train, Reporting};
@@ -201,12 +202,13 @@ struct Generations<'a> {
 
 impl Generations<'_> {
     fn run(&mut self, registered: &mut Registered) -> Result<WorkerOutcome, WorkerError> {
-        let mut left: Option<(u64, String)> = None;
+        // Said in every rendezvous until the next generation ends, to a
+        // coordinator registered with again too: it counts the steps trained again.
+        let mut left: Option<LeftRing> = None;
         loop {
             if self.signals.register_again.swap(false, Ordering::SeqCst) {
                 *registered = self.runtime.block_on(register(self.client, self.options))?;
                 self.progress.lock().expect("progress").id = registered.id.clone();
-                left = None;
                 tracing::info!("worker {}: registered again", registered.id);
             }
             let listener = RingListener::bind(SocketAddr::new(self.options.listen, 0))?;
@@ -214,7 +216,7 @@ impl Generations<'_> {
                 &mut self.client.clone(),
                 registered,
                 listener.local_addr(),
-                left.take(),
+                left.clone(),
             ));
             let assignment = match joined {
                 Ok(assignment) => assignment,
@@ -239,7 +241,11 @@ impl Generations<'_> {
             match self.train(&registered.id, &assignment, listener) {
                 Err(WorkerError::Regroup(why)) => {
                     tracing::warn!("worker {}: generation {generation} ended: {why}", registered.id);
-                    left = Some((generation, why));
+                    left = Some(LeftRing {
+                        generation,
+                        step: self.progress.lock().expect("progress").step,
+                        because: why,
+                    });
                 }
                 ended => return ended,
             }

@@ -192,6 +192,9 @@ where
             progress.step = step;
             progress.metrics.push(metrics);
         }
+        if step == job.start_step + 1 {
+            reporting.signals.report_now.store(true, Ordering::SeqCst);
+        }
         if let Some(checkpointing) = job.checkpointing.as_ref().filter(|c| c.due(step, total)) {
             saves.start(
                 checkpointing.snapshot(step, &job.model, &job.trainer, &job.order),
