@@ -273,27 +273,29 @@ fn a_job_under_random_kills_heals_itself_to_the_undisturbed_runs_parameters() {
         .count();
     assert_eq!(coordinator_restarts, 2, "{restarts:#?}");
     assert!(restarts.len() >= 6, "{restarts:#?}");
-    // Each recovery rewound to a committed step at most a save or two back.
-    let assigned: Vec<&serde_json::Value> = journal.iter().filter(|e| e["event"] == "assigned").collect();
-    let mut lost = Vec::new();
-    for restart in &restarts {
-        let generation = &restart["generation"];
-        if let Some(resumed) = assigned.iter().find(|a| &a["generation"] == generation) {
-            lost.push(
-                restart["lost_at_step"]
-                    .as_u64()
-                    .unwrap()
-                    .saturating_sub(resumed["step"].as_u64().unwrap()),
-            );
+    // What the journal says of each recovery: how far its ring had gone,
+    // where it went on from, how long until the next ring trained.
+    let recovered = coordinator::journal::read(&chaos.dir.join("runs/demo/journal.jsonl")).unwrap();
+    let lost: Vec<u64> = recovered.restarts.iter().map(|r| r.steps_trained_again()).collect();
+    let training_again: Vec<f64> = recovered
+        .restarts
+        .iter()
+        .filter_map(|r| r.training_after_seconds)
+        .collect();
+    for restart in &recovered.restarts {
+        if let (Some(ranks), Some(training)) = (restart.ranks_after_seconds, restart.training_after_seconds) {
+            assert!(training >= ranks, "{restart:?}");
         }
     }
     to_training.sort_by(f64::total_cmp);
     eprintln!(
         "{worker_kills} worker kills ({during_saves} during a save), {coordinator_kills} coordinator kills, {} restarts; \
-         kill to training again: median {:.1} s of {:?}; steps lost per restart: {lost:?}",
+         kill to training again (seen from outside): median {:.1} s of {:?}; training again after (journal): {:?}; \
+         steps trained again per restart: {lost:?}",
         restarts.len(),
         to_training.get(to_training.len() / 2).copied().unwrap_or(f64::NAN),
-        to_training
+        to_training,
+        training_again
     );
 }
 
@@ -359,13 +361,13 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed between two saves (every 10 steps): the steps since the last are trained again.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while job
-        .status()
-        .is_none_or(|s| s["checkpoint"]["last_committed_step"].as_u64() < Some(20))
-    {
+    while job.status().is_none_or(|s| {
+        s["checkpoint"]["last_committed_step"].as_u64() < Some(20) || s["step"].as_u64().is_none_or(|step| step % 10 != 5)
+    }) {
         assert!(Instant::now() < deadline, "the job never committed step 20");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let workers = children(launch.id());
     assert_eq!(workers.len(), 2, "{workers:?}");
@@ -380,14 +382,31 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
         stdout.contains("launch: worker process 1 exited with signal: 9 (SIGKILL); starting a replacement"),
         "{stdout}"
     );
+    // `recovery 1: worker w-0 (rank 0, HOST): step N: lost rank 1 ...; reached step R,
+    // resumed from step S on 2 workers (L steps trained again); ranks after A s, training again after B s`
     let recovery = stdout
         .lines()
         .find(|l| l.starts_with("recovery 1: worker w-"))
         .expect(&stdout);
-    assert!(
-        recovery.contains(" on 2 workers after ") && recovery.ends_with("steps trained again)"),
-        "{recovery}"
-    );
+    let number_after = |text: &str, before: &str| -> f64 {
+        let start = recovery.find(before).unwrap_or_else(|| panic!("no {before:?} in {recovery}")) + before.len();
+        let digits: String = recovery[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        digits.parse().unwrap_or_else(|_| panic!("{text}: no number after {before:?} in {recovery}"))
+    };
+    let survivor_at = number_after("the survivor's step", "): step ") as u64;
+    let reached = number_after("the reached step", "; reached step ") as u64;
+    let resumed = number_after("the resumed step", "resumed from step ") as u64;
+    let trained_again = number_after("the steps trained again", " on 2 workers (") as u64;
+    let ranks_after = number_after("the ranks' time", "ranks after ");
+    let training_after = number_after("the training time", "training again after ");
+    assert!(recovery.contains(" steps trained again); "), "{recovery}");
+    assert!(reached >= survivor_at && resumed <= survivor_at, "{recovery}");
+    assert_eq!(trained_again, reached - resumed, "{recovery}");
+    assert!(trained_again > 0, "killed between two saves: {recovery}");
+    assert!(training_after >= ranks_after, "{recovery}");
     assert!(stdout.contains("job demo: completed at step 400/400"), "{stdout}");
 }
 

@@ -44,8 +44,8 @@ fn status(address: &str) -> Option<serde_json::Value> {
 }
 
 /// Reads `child`'s stdout until a line starting with `prefix`; returns the
-/// address after "http://" in it.
-fn address_from(child: &mut Child, prefix: &str) -> String {
+/// address after "http://" in it, and the rest of its stdout once it ends.
+fn address_from(child: &mut Child, prefix: &str) -> (String, std::thread::JoinHandle<String>) {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let line = lines
@@ -53,9 +53,9 @@ fn address_from(child: &mut Child, prefix: &str) -> String {
         .map(Result::unwrap)
         .find(|line| line.starts_with(prefix))
         .expect("the announced line");
-    std::thread::spawn(move || lines.for_each(drop));
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).map(|line| line + "\n").collect());
     let start = line.rfind("http://").unwrap() + "http://".len();
-    line[start..].trim_end_matches('/').to_string()
+    (line[start..].trim_end_matches('/').to_string(), rest)
 }
 
 #[test]
@@ -87,14 +87,14 @@ fn launch_runs_the_demo_and_the_loss_falls() {
             "--warmup-steps",
             "4",
             "--linger",
-            "2",
+            "5",
         ])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let address = address_from(&mut child, "job demo: status on");
+    let (address, stdout) = address_from(&mut child, "job demo: status on");
     let last: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
     let watcher = {
         let last = last.clone();
@@ -116,9 +116,24 @@ fn launch_runs_the_demo_and_the_loss_falls() {
     watcher.join().unwrap();
     let metrics = http_get(&address, "/metrics").unwrap();
     let page = http_get(&address, "/").unwrap();
+    let told = coca().args(["status", &address]).output().unwrap();
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
+    // The end names the evaluation of the last step, as metrics.jsonl holds it; so does `coca status`.
+    let steps = std::fs::read_to_string(dir.path().join("runs/demo/metrics.jsonl")).unwrap();
+    let final_step: serde_json::Value = serde_json::from_str(steps.lines().last().unwrap()).unwrap();
+    let results = final_step["evals"].as_object().expect("step 20 was evaluated");
+    assert!(results.contains_key("zeroshot_top1"), "{final_step}");
+    let results: Vec<String> = results
+        .iter()
+        .map(|(metric, value)| format!("{metric} {:.4}", value.as_f64().unwrap()))
+        .collect();
+    let evaluation = format!("evaluation at step 20: {}", results.join(", "));
+    let stdout = stdout.join().unwrap();
+    assert!(stdout.contains(&format!("\n{evaluation}\n")), "{stdout}");
+    let told = String::from_utf8_lossy(&told.stdout);
+    assert!(told.contains(&format!("eval   {evaluation}\n")), "{told}");
     let report = last.lock().unwrap().clone().expect("/status answered");
     assert_eq!(report["state"], "completed", "{report}");
     assert_eq!(report["step"], 20);
@@ -384,7 +399,7 @@ fn ctrl_c_stops_the_job_cleanly() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let address = address_from(&mut child, "job demo: status on");
+    let (address, _) = address_from(&mut child, "job demo: status on");
     wait_for(&address, "training", |r| r["step"].as_u64().unwrap_or(0) >= 2);
     let text = coca().args(["status", &format!("http://{address}")]).output().unwrap();
     let shown = String::from_utf8_lossy(&text.stdout);
@@ -467,7 +482,7 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let address = address_from(&mut child, "job demo: status on");
+    let (address, _) = address_from(&mut child, "job demo: status on");
     wait_for(&address, "the end of the job", |r| r["state"] == "completed");
     let dom = rendered(&format!("http://{address}/"), &dir.path().join("chromium"));
     let _ = child.kill();
@@ -719,7 +734,7 @@ fn a_wgpu_job_starts_warm_trains_as_the_cpu_does_and_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let address = address_from(&mut child, "job first: status on");
+    let (address, _) = address_from(&mut child, "job first: status on");
     let started = Instant::now();
     let report = loop {
         match status(&address) {
