@@ -150,6 +150,12 @@ fn every_rule_names_its_field() {
         (with("weight_decay = 0.01", "beta1 = 1.0"), "train.beta1: 1 must be in [0, 1)"),
         (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\ngrad_clip_norm = 0.0"), "train.grad_clip_norm: 0 must be a positive number"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\naccumulation = 0"), "train.accumulation: 0 must be between 1 and the 16 samples each worker steps on"),
+        (
+            with("workers = 2", "workers = 2\nreplicas = 2").replace("lambda_cap = 2.0", "lambda_cap = 2.0\naccumulation = 9"),
+            "train.accumulation: 9 must be between 1 and the 8 samples each replica steps on",
+        ),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
         (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: unknown variant `max`, expected one of `minimal`, `balanced`, `extensive`, `full`"),

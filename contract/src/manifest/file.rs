@@ -91,6 +91,8 @@ pub(super) struct TrainFile {
     pub lambda_cap: Option<f64>,
     pub contrastive: Option<Contrastive>,
     pub precision: Option<Precision>,
+    pub accumulation: Option<usize>,
+    pub grad_clip_norm: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -108,6 +108,12 @@ pub struct Train {
     /// What the towers compute in. Checkpoints are f32 either way, so a
     /// job may resume in the other precision.
     pub precision: Precision,
+    /// Chunks each rank's share of the global batch is processed in (the
+    /// contrastive negatives still span the whole global batch): memory for
+    /// one chunk's activations. Not a resume field.
+    pub accumulation: usize,
+    /// Clips the global gradient's L2 norm to this, after the all-reduce.
+    pub grad_clip_norm: Option<f64>,
 }
 
 impl Train {
@@ -399,6 +405,8 @@ impl Manifest {
             contrastive: train.contrastive.unwrap_or(Contrastive::Local),
             // f32 until bf16 has passed its check on a GPU (scripts/gpu/check.sh).
             precision: train.precision.unwrap_or(Precision::F32),
+            accumulation: train.accumulation.unwrap_or(1),
+            grad_clip_norm: train.grad_clip_norm,
         })
     }
 
@@ -635,6 +643,9 @@ impl Manifest {
                 "train.lambda_con and train.lambda_cap are both 0: nothing to learn",
             ));
         }
+        if let Some(norm) = train.grad_clip_norm.filter(|norm| !(*norm > 0.0 && norm.is_finite())) {
+            return Err(error("train.grad_clip_norm", format!("{norm} must be a positive number")));
+        }
         Ok(())
     }
 
@@ -681,6 +692,16 @@ impl Manifest {
                 format!(
                     "{replicas} does not divide each worker's micro-batch of {micro_batch} (train.global_batch / cluster.workers)"
                 ),
+            ));
+        }
+        // Chunks may differ by a row (a shrunken world's larger share need not split evenly).
+        let rows = micro_batch / replicas;
+        let accumulation = self.train.accumulation;
+        if accumulation == 0 || accumulation > rows {
+            let per = if replicas > 1 { "replica" } else { "worker" };
+            return Err(error(
+                "train.accumulation",
+                format!("{accumulation} must be between 1 and the {rows} samples each {per} steps on"),
             ));
         }
         if cluster.heartbeat_timeout_ms < 2 * cluster.heartbeat_ms {

@@ -7,7 +7,7 @@
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use collective::{Collective, CollectiveError};
 
@@ -87,5 +87,62 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
         self.offset += len;
         let reduced = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
         self.gradients.register(param.id, reduced);
+    }
+}
+
+/// The L2 norm of every gradient in `gradients` together (one read-back).
+pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, gradients: &GradientsParams) -> f32 {
+    let mut squares = SumOfSquares::<B> {
+        gradients,
+        total: None,
+    };
+    module.visit(&mut squares);
+    squares
+        .total
+        .map_or(0.0, |total| total.into_scalar().elem::<f32>().sqrt())
+}
+
+/// Every gradient in `gradients` times `factor`.
+pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    mut gradients: GradientsParams,
+    factor: f32,
+) -> GradientsParams {
+    module.visit(&mut Scale::<B> {
+        gradients: &mut gradients,
+        factor,
+        _backend: Default::default(),
+    });
+    gradients
+}
+
+struct SumOfSquares<'a, B: AutodiffBackend> {
+    gradients: &'a GradientsParams,
+    total: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumOfSquares<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(gradient) = self.gradients.get::<B::InnerBackend, D>(param.id) {
+            let squares = gradient.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(total) => total + squares,
+                None => squares,
+            });
+        }
+    }
+}
+
+struct Scale<'a, B: AutodiffBackend> {
+    gradients: &'a mut GradientsParams,
+    factor: f32,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(gradient) = self.gradients.remove::<B::InnerBackend, D>(param.id) {
+            self.gradients.register(param.id, gradient * self.factor);
+        }
     }
 }

@@ -4,14 +4,14 @@
 use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, FloatDType, Tensor};
 
-use crate::loss::{captioning_loss_sum, LossWeights};
+use crate::loss::{captioning_loss_sum, Heads, LossWeights};
 use crate::state::{Optimizer as AdamWOptimizer, OptimizerRecord};
 use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
-use crate::train::gradients::{all_reduce_mean, DEFAULT_BUCKET_BYTES};
+use crate::train::gradients::{all_reduce_mean, global_norm, scale, DEFAULT_BUCKET_BYTES};
 use crate::{CocaBatch, CocaModel};
 use collective::{Collective, CollectiveError};
 use contract::manifest::Precision;
@@ -20,6 +20,8 @@ use contract::manifest::Precision;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
     pub losses: StepLosses,
+    /// The L2 norm of the reduced gradient, before any clipping.
+    pub gradient_norm: f32,
     pub timings: StepTimings,
 }
 
@@ -62,11 +64,15 @@ pub struct TrainStep<B: AutodiffBackend> {
     bucket_bytes: usize,
     /// What the towers compute in: f32, or bf16 (mixed precision).
     compute: FloatDType,
+    /// Chunks this rank's rows are processed in.
+    accumulation: usize,
+    /// The largest L2 norm the reduced gradient may have.
+    clip_norm: Option<f32>,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
 where
-    CocaModel<B>: AutodiffModule<B>,
+    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
 {
     pub fn new(optimizer: &AdamWConfig, weights: LossWeights, mode: ContrastiveMode) -> Self {
         Self {
@@ -75,6 +81,8 @@ where
             mode,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             compute: FloatDType::F32,
+            accumulation: 1,
+            clip_norm: None,
         }
     }
 
@@ -83,6 +91,21 @@ where
     /// losses and softmaxes, and the logit scale in f32.
     pub fn with_compute(mut self, compute: FloatDType) -> Self {
         self.compute = compute;
+        self
+    }
+
+    /// Processes each rank's rows in `chunks` (at most its rows) with cached
+    /// contrastive features: activations for one chunk at a time, negatives
+    /// from the whole global batch, the same gradient as one pass.
+    pub fn with_accumulation(mut self, chunks: usize) -> Self {
+        self.accumulation = chunks.max(1);
+        self
+    }
+
+    /// Scales the reduced gradient down to an L2 norm of `max_norm` when it
+    /// is larger (as torch's `clip_grad_norm_`).
+    pub fn with_clip_norm(mut self, max_norm: Option<f32>) -> Self {
+        self.clip_norm = max_norm;
         self
     }
 
@@ -108,6 +131,12 @@ where
     /// in sample order, equal rows) and ends with the same parameters as one
     /// rank stepping on the whole batch. The losses reported are those of
     /// the global batch.
+    ///
+    /// With accumulation (GradCache, open_clip's `--accum-freq`): a first
+    /// pass without a graph computes every chunk's embeddings; the
+    /// contrastive loss over the global batch gives their gradients; then
+    /// each chunk is computed again with a graph and its part of both
+    /// losses is back-propagated, the gradients summed over chunks.
     pub fn step(
         &mut self,
         model: CocaModel<B>,
@@ -117,68 +146,190 @@ where
     ) -> Result<(CocaModel<B>, StepReport), CollectiveError> {
         let start = Instant::now();
         let world = collective.world_size() as f32;
-        let computed = CocaBatch {
-            images: batch.images.clone().cast(self.compute),
-            ..batch.clone()
-        };
-        let output = model.forward(&computed, self.weights.heads());
+        let heads = self.weights.heads();
         let read = |loss: Tensor<B, 1>| loss.into_scalar().elem::<f32>();
+        let computed = |part: &CocaBatch<B>| CocaBatch {
+            images: part.images.clone().cast(self.compute),
+            ..part.clone()
+        };
+        let [rows, ..] = batch.images.dims();
+        let parts: Vec<CocaBatch<B>> = chunks(rows, self.accumulation)
+            .map(|(first, len)| batch.rows(first, len))
+            .collect();
 
-        let mut objective: Option<Tensor<B, 1>> = None;
-        let mut captioning = None;
-        if let Some(logits) = output.caption_logits {
-            let [_, len] = batch.tokens.dims();
-            let ignore = batch.padding.clone().narrow(1, 1, len - 1);
-            // The global mean over tokens, split so the mean over ranks is exact.
-            let mut tokens = [read(ignore.clone().bool_not().float().sum())];
+        // The captioning loss is a mean over the global batch's tokens,
+        // split so the mean over ranks is exact.
+        let [_, len] = batch.tokens.dims();
+        let ignore_of = |part: &CocaBatch<B>| part.padding.clone().narrow(1, 1, len - 1);
+        let mut tokens = [0.0];
+        if heads.captioning {
+            tokens = [read(ignore_of(batch).bool_not().float().sum())];
             collective.all_reduce_sum(&mut tokens)?;
-            let loss = captioning_loss_sum(logits, batch.tokens.clone().narrow(1, 1, len - 1), ignore)
-                / (tokens[0] / world).max(1.0);
-            let mut value = [read(loss.clone())];
-            collective.all_reduce_mean(&mut value)?;
-            captioning = Some(value[0]);
-            objective = Some(loss * self.weights.captioning);
         }
-        let mut contrastive = None;
-        if let (Some(image), Some(text)) = (output.image_embedding, output.text_embedding) {
-            let gradients = contrastive_gradients(
-                image.clone(),
-                text.clone(),
+
+        // One chunk: its forward with a graph gives the embeddings too.
+        let mut first_output = None;
+        let contrastive = if heads.contrastive {
+            let (image, text) = if parts.len() == 1 {
+                let output = model.forward(&computed(&parts[0]), heads);
+                let embeddings = (output.image_embedding.clone(), output.text_embedding.clone());
+                first_output = Some(output);
+                (
+                    embeddings.0.expect("the contrastive head"),
+                    embeddings.1.expect("the contrastive head"),
+                )
+            } else {
+                let (image, text) = cached_embeddings(&model.valid(), &parts, self.compute);
+                (Tensor::from_inner(image), Tensor::from_inner(text))
+            };
+            Some(contrastive_gradients(
+                image,
+                text,
                 model.logit_scale.val(),
                 self.weights.contrastive,
                 self.mode,
                 collective,
-            )?;
-            contrastive = Some(gradients.loss);
-            // A surrogate whose gradient through the towers is exactly the
-            // contrastive gradient computed above.
-            let surrogate = (image * Tensor::from_inner(gradients.image)).sum()
-                + (text * Tensor::from_inner(gradients.text)).sum()
-                + (model.logit_scale.val() * Tensor::from_inner(gradients.logit_scale)).sum();
-            objective = Some(match objective {
-                Some(captioning) => captioning + surrogate,
-                None => surrogate,
-            });
+            )?)
+        } else {
+            None
+        };
+
+        let (mut forward, mut backward) = (start.elapsed(), Duration::ZERO);
+        let mut captioning_sum = 0.0;
+        let mut accumulated = GradientsAccumulator::<CocaModel<B>>::new();
+        let mut gradients = None;
+        let mut offset = 0;
+        for (i, part) in parts.iter().enumerate() {
+            let chunk_start = Instant::now();
+            let output = match first_output.take() {
+                Some(output) => output,
+                None => model.forward(&computed(part), heads),
+            };
+            let [part_rows, ..] = part.images.dims();
+            let mut objective: Option<Tensor<B, 1>> = None;
+            if let Some(logits) = output.caption_logits {
+                let targets = part.tokens.clone().narrow(1, 1, len - 1);
+                let loss = captioning_loss_sum(logits, targets, ignore_of(part)) / (tokens[0] / world).max(1.0);
+                captioning_sum += read(loss.clone());
+                objective = Some(loss * self.weights.captioning);
+            }
+            if let (Some(cached), Some(image), Some(text)) =
+                (&contrastive, output.image_embedding, output.text_embedding)
+            {
+                // A surrogate whose gradient through the towers is exactly
+                // the contrastive gradient of this chunk's rows.
+                let rows_of = |gradient: &Tensor<B::InnerBackend, 2>| {
+                    Tensor::from_inner(gradient.clone().narrow(0, offset, part_rows))
+                };
+                let mut surrogate = (image * rows_of(&cached.image)).sum() + (text * rows_of(&cached.text)).sum();
+                if i == 0 {
+                    surrogate = surrogate + (model.logit_scale.val() * Tensor::from_inner(cached.logit_scale.clone())).sum();
+                }
+                objective = Some(match objective {
+                    Some(captioning) => captioning + surrogate,
+                    None => surrogate,
+                });
+            }
+            let objective = objective.expect("at least one loss weight is non-zero");
+            let backward_start = Instant::now();
+            forward += backward_start - chunk_start;
+            let chunk_gradients = GradientsParams::from_grads(objective.backward(), &model);
+            if parts.len() == 1 {
+                gradients = Some(chunk_gradients);
+            } else {
+                accumulated.accumulate(&model, chunk_gradients);
+            }
+            backward += backward_start.elapsed();
+            offset += part_rows;
         }
-        let objective = objective.expect("at least one loss weight is non-zero");
+        let gradients = gradients.unwrap_or_else(|| accumulated.grads());
+
+        let mut captioning = None;
+        if heads.captioning {
+            let mut value = [captioning_sum];
+            collective.all_reduce_mean(&mut value)?;
+            captioning = Some(value[0]);
+        }
+        let contrastive = contrastive.map(|gradients| gradients.loss);
         let losses = StepLosses {
             total: contrastive.unwrap_or(0.0) * self.weights.contrastive
                 + captioning.unwrap_or(0.0) * self.weights.captioning,
             contrastive,
             captioning,
         };
-        let forward_done = Instant::now();
-        let gradients = GradientsParams::from_grads(objective.backward(), &model);
+        let reducing = Instant::now();
         let gradients = all_reduce_mean(&model, gradients, collective, self.bucket_bytes)?;
+        // Every rank holds the same reduced gradient: the same norm, the same clip.
+        let gradient_norm = global_norm(&model, &gradients);
+        let gradients = match self.clip_norm {
+            Some(max_norm) if gradient_norm > max_norm => scale(&model, gradients, max_norm / (gradient_norm + 1e-6)),
+            _ => gradients,
+        };
         let backward_done = Instant::now();
+        backward += backward_done - reducing;
         let model = self.optimizer.step(learning_rate, model, gradients);
         // Backends may run lazily; wait for the update so timings are honest.
         let _ = B::sync(&batch.images.device());
         let timings = StepTimings {
-            forward: forward_done - start,
-            backward: backward_done - forward_done,
+            forward,
+            backward,
             optimizer: backward_done.elapsed(),
         };
-        Ok((model, StepReport { losses, timings }))
+        Ok((
+            model,
+            StepReport {
+                losses,
+                gradient_norm,
+                timings,
+            },
+        ))
+    }
+}
+
+/// `(first row, rows)` of each of `chunks` parts of `rows`, in order; the
+/// first `rows % chunks` parts hold one row more.
+fn chunks(rows: usize, chunks: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunks = chunks.clamp(1, rows.max(1));
+    let (base, extra) = (rows / chunks, rows % chunks);
+    (0..chunks).map(move |i| (i * base + i.min(extra), base + usize::from(i < extra)))
+}
+
+/// Every part's normalised embeddings, without an autodiff graph: [rows, dim] each.
+fn cached_embeddings<B: Backend>(
+    model: &CocaModel<B>,
+    parts: &[CocaBatch<impl AutodiffBackend<InnerBackend = B>>],
+    compute: FloatDType,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let heads = Heads {
+        contrastive: true,
+        captioning: false,
+    };
+    let (images, texts): (Vec<_>, Vec<_>) = parts
+        .iter()
+        .map(|part| {
+            let part = CocaBatch {
+                images: part.images.clone().inner().cast(compute),
+                tokens: part.tokens.clone().inner(),
+                padding: part.padding.clone().inner(),
+            };
+            let output = model.forward(&part, heads);
+            (
+                output.image_embedding.expect("the contrastive head"),
+                output.text_embedding.expect("the contrastive head"),
+            )
+        })
+        .unzip();
+    (Tensor::cat(images, 0), Tensor::cat(texts, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunks_cover_the_rows_in_order_and_differ_by_at_most_one() {
+        assert_eq!(chunks(10, 4).collect::<Vec<_>>(), [(0, 3), (3, 3), (6, 2), (8, 2)]);
+        assert_eq!(chunks(8, 1).collect::<Vec<_>>(), [(0, 8)]);
+        assert_eq!(chunks(3, 5).collect::<Vec<_>>(), [(0, 1), (1, 1), (2, 1)]);
     }
 }
