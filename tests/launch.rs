@@ -148,6 +148,7 @@ fn launch_runs_the_demo_and_the_loss_falls() {
         final_point["loss"]
     );
     assert!(metrics.contains("coca_train_loss{kind=\"contrastive\"}"), "{metrics}");
+    assert!(metrics.contains("coca_train_gradient_norm "), "{metrics}");
     // Each source's progress, and what each rank fetched of it: the demo's 4
     // shards per source split between the 2 ranks' streams, each fetched once.
     let sources = report["sources"].as_array().unwrap();
@@ -199,6 +200,7 @@ fn launch_runs_the_demo_and_the_loss_falls() {
         (Some(4), Some(1e-3)),
         "{fourth}"
     );
+    assert!(fourth["gradient_norm"].as_f64().is_some_and(|norm| norm > 0.0), "{fourth}");
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
     assert!(journal.contains("\"state\":\"completed\""), "{journal}");
     // The demo data was written on first launch.
@@ -592,15 +594,17 @@ fn exported(dir: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, 
 }
 
 /// One worker of two replicas trains what two workers train: the replicas
-/// are ranks of the job. Twice the same layout gives the same bits.
+/// are ranks of the job; so do two workers each accumulating 4 chunks.
+/// Twice the same layout gives the same bits.
 #[test]
 fn replicas_in_one_worker_train_what_two_workers_train() {
-    let run = |workers: usize, replicas: usize| {
+    let run_with = |workers: usize, replicas: usize, accumulation: usize| {
         let dir = tempfile::tempdir().unwrap();
         let job = manifest(dir.path(), 500, 10_000);
         let text = std::fs::read_to_string(&job)
             .unwrap()
             .replace("steps = 300", "steps = 20")
+            .replace("lambda_cap = 2.0", &format!("lambda_cap = 2.0\naccumulation = {accumulation}"))
             .replace("workers = 2", &format!("workers = {workers}\nreplicas = {replicas}"));
         let text = text[..text.find("[eval]").unwrap()].to_string() + &text[text.find("[status]").unwrap()..];
         std::fs::write(&job, text).unwrap();
@@ -609,17 +613,25 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
         let log = String::from_utf8_lossy(&output.stderr).to_string();
         (exported(dir.path(), "runs/demo/checkpoints"), log)
     };
+    let run = |workers: usize, replicas: usize| run_with(workers, replicas, 1);
     let (workers, _) = run(2, 1);
     let (replicas, log) = run(1, 2);
     assert!(log.contains("2 model replicas per worker"), "{log}");
-    let mut worst = 0.0f64;
-    for (name, expected) in &workers {
-        let norm = |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-        let difference = norm(&mut replicas[name].iter().zip(expected).map(|(a, b)| a - b));
-        worst = worst.max(difference / norm(&mut expected.iter().copied()).max(1e-6));
-    }
     // The sums run in another order (see model/tests/data_parallel.rs).
-    assert!(worst < 1e-3, "worst relative difference {worst:e}");
+    let worst = |actual: &std::collections::BTreeMap<String, Vec<f32>>| {
+        let mut worst = 0.0f64;
+        for (name, expected) in &workers {
+            let norm =
+                |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+            let difference = norm(&mut actual[name].iter().zip(expected).map(|(a, b)| a - b));
+            worst = worst.max(difference / norm(&mut expected.iter().copied()).max(1e-6));
+        }
+        worst
+    };
+    assert!(worst(&replicas) < 1e-3, "worst relative difference {:e}", worst(&replicas));
+    let (accumulated, _) = run_with(2, 1, 4);
+    assert!(worst(&accumulated) < 1e-3, "accumulated: worst relative difference {:e}", worst(&accumulated));
+    assert!(accumulated != workers, "the chunks sum in another order: other bits");
     let (again, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");
 }

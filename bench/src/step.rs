@@ -64,6 +64,10 @@ pub struct StepBenchmarkPlan {
     pub replicas: usize,
     /// Profile each part of the network this many times after the steps (0: not).
     pub profile: usize,
+    /// Chunks each replica's rows are processed in (train.accumulation).
+    pub accumulation: usize,
+    /// train.grad_clip_norm.
+    pub clip_norm: Option<f32>,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -87,6 +91,8 @@ where
         precision,
         replicas,
         profile,
+        accumulation,
+        clip_norm,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -100,7 +106,9 @@ where
         LossWeights::default(),
         mode,
     )
-    .with_compute(compute_dtype(precision));
+    .with_compute(compute_dtype(precision))
+    .with_accumulation(accumulation)
+    .with_clip_norm(clip_norm);
     let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let mut measured = Vec::with_capacity(steps);
     let mut walls = Vec::with_capacity(steps);

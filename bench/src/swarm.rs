@@ -268,6 +268,7 @@ async fn swarm(
                     evals: Vec::new(),
                     source_samples: vec![step * 32],
                     traffic: Vec::new(),
+                    gradient_norm: 1.0,
                 };
                 let sent = Instant::now();
                 let reply = client

@@ -152,6 +152,12 @@ pub struct StatusReport {
     pub logit_scale: Option<f64>,
     pub samples_per_second: Option<f64>,
     pub data_wait_share: Option<f64>,
+    /// The latest step's reduced gradient norm, before clipping.
+    pub gradient_norm: Option<f64>,
+    /// train.grad_clip_norm: the norm gradients are clipped to, if any.
+    pub grad_clip_norm: Option<f64>,
+    /// train.accumulation: the chunks each rank's rows are processed in.
+    pub accumulation: usize,
     /// Epochs of each source completed (fractional).
     pub source_epochs: Vec<f64>,
     /// Each source's progress and what the workers fetched from it.

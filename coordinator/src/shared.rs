@@ -123,6 +123,7 @@ impl Shared {
                 "logit_scale": m.logit_scale,
                 "samples_per_second": m.samples_per_second,
                 "data_wait_share": m.data_wait_share,
+                "gradient_norm": m.gradient_norm,
             });
             if !m.evals.is_empty() {
                 line["evals"] = m

@@ -40,6 +40,9 @@ pub fn report(shared: &Shared) -> StatusReport {
         logit_scale: latest.map(|m| m.logit_scale),
         samples_per_second: latest.map(|m| m.samples_per_second),
         data_wait_share: latest.map(|m| m.data_wait_share),
+        gradient_norm: latest.map(|m| m.gradient_norm),
+        grad_clip_norm: shared.plan.train.grad_clip_norm,
+        accumulation: shared.plan.train.accumulation,
         source_epochs: latest.map(|m| m.source_epochs.clone()).unwrap_or_default(),
         sources: source_progress(&job),
         bad_records: job
@@ -253,7 +256,7 @@ fn family(registry: &mut Registry, name: &str, help: &str, points: impl IntoIter
 }
 
 /// The unlabelled gauges: name, help, value (absent ones are left out).
-fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 17] {
+fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>); 18] {
     let lost = status.state == JobState::Failed && status.reason.as_deref().is_some_and(|r| r.contains(" lost:"));
     [
         (
@@ -272,6 +275,11 @@ fn scalars(status: &StatusReport) -> [(&'static str, &'static str, Option<f64>);
             status.learning_rate,
         ),
         ("train_logit_scale", "Contrastive logit scale", status.logit_scale),
+        (
+            "train_gradient_norm",
+            "L2 norm of the latest step's reduced gradient, before clipping",
+            status.gradient_norm,
+        ),
         (
             "train_samples_per_second",
             "Global samples per second",

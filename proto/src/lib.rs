@@ -17,7 +17,8 @@ tonic::include_proto!("coca.v1");
 /// (against `snapshot.txt`) and this number stayed.
 /// 2: NCCL jobs exchange unique ids through the rendezvous.
 /// 4: the assignment carries the typed job plan, not the manifest's text.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: the plan's train section has accumulation and grad_clip_norm.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The compiled `coca.proto` as a `FileDescriptorSet`: what the compatibility
 /// test reads.

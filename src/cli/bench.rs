@@ -149,6 +149,13 @@ pub struct StepArgs {
     /// `f32`, or `bf16` (mixed precision, as the manifest's train.precision).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Process each replica's rows in this many chunks, negatives from the
+    /// whole batch (as the manifest's train.accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub accumulation: usize,
+    /// Clip the gradient's L2 norm to this (as train.grad_clip_norm).
+    #[arg(long, value_name = "NORM")]
+    pub grad_clip_norm: Option<f32>,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -194,6 +201,14 @@ fn this_program() -> anyhow::Result<PathBuf> {
 fn value_name(value: impl clap::ValueEnum) -> String {
     let value = value.to_possible_value().expect("no skipped variants");
     value.get_name().to_string()
+}
+
+/// The process's peak resident memory (Linux), for what a step holds at once.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kilobytes: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kilobytes * 1024)
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -351,6 +366,8 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         precision,
         replicas,
         profile,
+        accumulation,
+        grad_clip_norm,
         parameters_out,
         local_rank,
     } = args;
@@ -374,6 +391,15 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         backend == Backend::Cpu || replicas == 1,
         "--replicas is for the cpu backend"
     );
+    let rows = batch / world / replicas;
+    ensure!(
+        (1..=rows).contains(&accumulation),
+        "--accumulation {accumulation} must be between 1 and the {rows} samples each replica steps on"
+    );
+    ensure!(
+        grad_clip_norm.is_none_or(|norm| norm > 0.0 && norm.is_finite()),
+        "--grad-clip-norm must be a positive number"
+    );
     let config = model.resolve()?;
     let plan = StepBenchmarkPlan {
         batch,
@@ -384,6 +410,8 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         precision,
         replicas,
         profile: if profile { 5 } else { 0 },
+        accumulation,
+        clip_norm: grad_clip_norm,
     };
     let gpu = contract::manifest::Gpu {
         autotune,
@@ -459,6 +487,10 @@ fn step_on_local_ranks(
     args.extend(["--negatives".to_string(), value_name(negatives)]);
     if plan.precision == Precision::Bf16 {
         args.extend(["--precision".to_string(), "bf16".to_string()]);
+    }
+    args.extend(["--accumulation".to_string(), plan.accumulation.to_string()]);
+    if let Some(norm) = plan.clip_norm {
+        args.extend(["--grad-clip-norm".to_string(), norm.to_string()]);
     }
     if let Some(path) = &parameters_out {
         args.extend(["--parameters-out".to_string(), path.display().to_string()]);
@@ -545,8 +577,12 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         Precision::F32 => "f32",
         Precision::Bf16 => "bf16 mixed precision",
     };
+    let accumulation = match plan.accumulation {
+        1 => String::new(),
+        chunks => format!(", {chunks} accumulated chunks"),
+    };
     println!(
-        "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}, {on}",
+        "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}{accumulation}, {on}",
         model.preset, plan.steps, plan.warmup
     );
     println!(
@@ -569,6 +605,9 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         flops / median.as_secs_f64()
     );
     println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
+    if let Some(peak) = peak_resident_bytes() {
+        println!("  peak memory   {:8.1} MB  (resident, this process: VmHWM)", peak as f64 / 1e6);
+    }
     if !report.parts.is_empty() {
         println!(
             "  per part, on its own ({} threads, median of {}):",

@@ -401,6 +401,12 @@ fn print_status(report: &StatusReport) {
             loss.total, loss.contrastive, loss.captioning
         );
     }
+    if let Some(norm) = report.gradient_norm {
+        let clip = report
+            .grad_clip_norm
+            .map_or_else(String::new, |max| format!(", clipped to {max}"));
+        println!("grad   norm {norm:.3}{clip}; {} chunks per rank", report.accumulation);
+    }
     for line in evaluation_lines(report) {
         println!("eval   {line}");
     }

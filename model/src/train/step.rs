@@ -72,7 +72,7 @@ pub struct TrainStep<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> TrainStep<B>
 where
-    CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
+    CocaModel<B>: AutodiffModule<B>,
 {
     pub fn new(optimizer: &AdamWConfig, weights: LossWeights, mode: ContrastiveMode) -> Self {
         Self {
@@ -143,7 +143,10 @@ where
         batch: &CocaBatch<B>,
         learning_rate: f64,
         collective: &mut dyn Collective,
-    ) -> Result<(CocaModel<B>, StepReport), CollectiveError> {
+    ) -> Result<(CocaModel<B>, StepReport), CollectiveError>
+    where
+        CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
+    {
         let start = Instant::now();
         let world = collective.world_size() as f32;
         let heads = self.weights.heads();

@@ -266,6 +266,8 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
     };
     TrainStep::<B>::new(&optimizer, weights, ContrastiveMode::from(train.contrastive))
         .with_compute(compute_dtype(train.precision))
+        .with_accumulation(train.accumulation)
+        .with_clip_norm(train.grad_clip_norm.map(|norm| norm as f32))
 }
 
 /// The model and its training step, from the job's seed or from the

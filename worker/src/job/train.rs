@@ -177,6 +177,7 @@ where
             evals: Vec::new(),
             source_samples: job.order.samples_after(step),
             traffic: source_traffic(&job.loader.traffic()),
+            gradient_norm: f64::from(report.gradient_norm),
         };
         if let Some(eval) = job.eval.as_mut().filter(|e| e.due(step, total)) {
             let results = eval
