@@ -133,10 +133,11 @@ where
     /// the global batch.
     ///
     /// With accumulation (GradCache, open_clip's `--accum-freq`): a first
-    /// pass without a graph computes every chunk's embeddings; the
-    /// contrastive loss over the global batch gives their gradients; then
-    /// each chunk is computed again with a graph and its part of both
-    /// losses is back-propagated, the gradients summed over chunks.
+    /// pass computes every chunk's embeddings (the first chunk's with its
+    /// graph, kept; the others without); the contrastive loss over the
+    /// global batch gives their gradients; then each chunk's part of both
+    /// losses is back-propagated (the others computed again, now with a
+    /// graph), the gradients summed over chunks.
     pub fn step(
         &mut self,
         model: CocaModel<B>,
@@ -170,20 +171,24 @@ where
             collective.all_reduce_sum(&mut tokens)?;
         }
 
-        // One chunk: its forward with a graph gives the embeddings too.
+        // The first chunk's forward keeps its graph for its backward below;
+        // the others' embeddings come without one.
         let mut first_output = None;
         let contrastive = if heads.contrastive {
+            let output = model.forward(&computed(&parts[0]), heads);
+            let image = output.image_embedding.clone().expect("the contrastive head");
+            let text = output.text_embedding.clone().expect("the contrastive head");
+            first_output = Some(output);
             let (image, text) = if parts.len() == 1 {
-                let output = model.forward(&computed(&parts[0]), heads);
-                let embeddings = (output.image_embedding.clone(), output.text_embedding.clone());
-                first_output = Some(output);
-                (
-                    embeddings.0.expect("the contrastive head"),
-                    embeddings.1.expect("the contrastive head"),
-                )
+                (image, text)
             } else {
-                let (image, text) = cached_embeddings(&model.valid(), &parts, self.compute);
-                (Tensor::from_inner(image), Tensor::from_inner(text))
+                let (mut images, mut texts) = cached_embeddings(&model.valid(), &parts[1..], self.compute);
+                images.insert(0, image.inner());
+                texts.insert(0, text.inner());
+                (
+                    Tensor::from_inner(Tensor::cat(images, 0)),
+                    Tensor::from_inner(Tensor::cat(texts, 0)),
+                )
             };
             Some(contrastive_gradients(
                 image,
@@ -297,17 +302,18 @@ fn chunks(rows: usize, chunks: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..chunks).map(move |i| (i * base + i.min(extra), base + usize::from(i < extra)))
 }
 
-/// Every part's normalised embeddings, without an autodiff graph: [rows, dim] each.
+/// Each part's normalised embeddings, without an autodiff graph: image
+/// and text, [rows, dim] each.
 fn cached_embeddings<B: Backend>(
     model: &CocaModel<B>,
     parts: &[CocaBatch<impl AutodiffBackend<InnerBackend = B>>],
     compute: FloatDType,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+) -> (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>) {
     let heads = Heads {
         contrastive: true,
         captioning: false,
     };
-    let (images, texts): (Vec<_>, Vec<_>) = parts
+    parts
         .iter()
         .map(|part| {
             let part = CocaBatch {
@@ -321,8 +327,7 @@ fn cached_embeddings<B: Backend>(
                 output.text_embedding.expect("the contrastive head"),
             )
         })
-        .unzip();
-    (Tensor::cat(images, 0), Tensor::cat(texts, 0))
+        .unzip()
 }
 
 #[cfg(test)]
