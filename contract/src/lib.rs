@@ -4,7 +4,8 @@
 //! derived once from it ([`plan`]); model configurations and presets
 //! ([`model`]); dataset indexes ([`dataset`]);
 //! the global sample order, a pure function of the seed, the sources and
-//! the step ([`sample_order`]), with the counter-based random numbers it
+//! the step ([`sample_order`]), its stream count fitted to the workers'
+//! memory ([`stream_layout`]), with the counter-based random numbers it
 //! and the model's initialisation draw ([`rng`]); and the status document
 //! the coordinator serves and `coca status` reads ([`status`]). The
 //! coordinator validates and describes a job from these alone, without
@@ -17,5 +18,6 @@ pub mod plan;
 pub mod rng;
 pub mod sample_order;
 pub mod status;
+pub mod stream_layout;
 
 pub use model::{Architecture, ModelConfig, ModelConfigError, ParamCounts, PoolerLayout, Preset};

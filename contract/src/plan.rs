@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{DatasetIndex, DatasetKind};
 use crate::manifest::{Backend, Checkpoint, CollectiveKind, Data, Eval, Gpu, Manifest, Train};
 use crate::sample_order::{SampleOrder, SampleOrderError, SourceSize, Streaming};
+use crate::stream_layout::{self, Fit, LayoutError, SourceShards, StreamLayout};
 use crate::ModelConfig;
 
 /// Everything a rank needs to train its part of the job.
@@ -97,6 +98,8 @@ pub enum PlanError {
     Indexes { count: usize, sources: usize },
     #[error("data.streams")]
     Order(#[from] SampleOrderError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
     #[error("not a job plan of this coca release")]
     Json(#[from] serde_json::Error),
 }
@@ -156,9 +159,62 @@ impl JobPlan {
             checkpoint: manifest.checkpoint.clone(),
             eval: manifest.eval.clone(),
         };
-        let order = plan.sample_order()?;
+        // A manifest's own stream count is checked as written first.
+        let mut order = plan.sample_order()?;
+        let shards = plan.source_shards(order.counts_per_batch());
+        let fit = Fit {
+            workers: manifest.cluster.workers,
+            window: data.shuffle_window,
+            shard_memory_bytes: data.shard_memory_bytes,
+        };
+        let layout = match (data.streams, data.accept_refetching) {
+            (Some(_), true) => None,
+            (Some(streams), false) => Some(stream_layout::check(streams, &shards, fit)?),
+            (None, false) => Some(stream_layout::choose(&shards, fit)?),
+            (None, true) => stream_layout::choose(&shards, fit)
+                .ok()
+                .or_else(|| stream_layout::smallest(&shards, fit)),
+        };
+        if let Some(layout) = layout.filter(|layout| data.streams != Some(layout.streams)) {
+            plan.streaming.streams = Some(layout.streams);
+            order = plan.sample_order()?;
+        }
         plan.total_steps = manifest.total_steps(plan.sources[0].index.rows(), order.counts_per_batch()[0]);
         Ok((plan, order))
+    }
+
+    /// What the stream layout weighs of each source: its share of a batch
+    /// (`counts`, the order's) and its shards.
+    fn source_shards(&self, counts: &[usize]) -> Vec<SourceShards> {
+        self.sources
+            .iter()
+            .zip(counts)
+            .map(|(source, &per_batch)| {
+                let shards = &source.index.shards;
+                let filled = shards.iter().filter(|shard| shard.rows > 0).count();
+                let bytes: u64 = shards.iter().map(|shard| shard.bytes).sum();
+                SourceShards {
+                    per_batch,
+                    shards: filled,
+                    mean_bytes: bytes / shards.len().max(1) as u64,
+                    largest_bytes: shards.iter().map(|shard| shard.bytes).max().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// What each of `workers` workers holds at once under this plan's streams.
+    pub fn stream_layout(&self, order: &SampleOrder, workers: usize) -> StreamLayout {
+        let shards = self.source_shards(order.counts_per_batch());
+        StreamLayout::of(order.streams(), workers, self.streaming.window, &shards)
+    }
+
+    /// This plan with `streams` streams (a resumed job keeps those its
+    /// checkpoint was written with), and its order.
+    pub fn with_streams(mut self, streams: usize) -> Result<(Self, SampleOrder), PlanError> {
+        self.streaming.streams = Some(streams);
+        let order = self.sample_order()?;
+        Ok((self, order))
     }
 
     /// The job's global sample order: its seed, mix, global batch and

@@ -261,6 +261,13 @@ impl SampleOrder {
         format!("shard-local v1, {} streams, window {}", self.streams, self.window)
     }
 
+    /// The streams and window of an order [`describe`](Self::describe) wrote.
+    pub fn described_layout(described: &str) -> Option<(usize, usize)> {
+        let rest = described.strip_prefix("shard-local v1, ")?;
+        let (streams, window) = rest.split_once(" streams, window ")?;
+        Some((streams.parse().ok()?, window.parse().ok()?))
+    }
+
     /// The whole global batch of `step`: each source's samples in turn,
     /// each stream's in turn within a source.
     pub fn step_samples(&self, step: u64) -> Vec<SampleRef> {

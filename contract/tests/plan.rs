@@ -83,8 +83,62 @@ fn a_plan_that_does_not_fit_is_refused_by_name() {
 
     // A field this release does not know (a newer coordinator's) is named, not ignored.
     let (plan, _) = JobPlan::new(&manifest, indexes()).unwrap();
-    let newer = plan.to_json().replacen("{", "{\"accumulation\":4,", 1);
+    let newer = plan.to_json().replacen("{", "{\"ema_decay\":0.999,", 1);
     let error = JobPlan::from_json(&newer).unwrap_err();
     let source = std::error::Error::source(&error).unwrap().to_string();
-    assert!(source.contains("unknown field `accumulation`"), "{source}");
+    assert!(source.contains("unknown field `ema_decay`"), "{source}");
+}
+
+/// Shards of about 1000 bytes (`index`): the align source has 8, the jft 4,
+/// 16 samples of each in a batch of 32.
+fn with_data(data: &str) -> Manifest {
+    let text = DEMO.replace("loader_threads = 1", &format!("loader_threads = 1\n{data}"));
+    Manifest::parse(&text, "demo.toml").unwrap()
+}
+
+#[test]
+fn the_stream_count_is_chosen_to_fit_each_workers_shard_memory() {
+    // Plenty of memory: the most streams the batch and the jft source's 4 shards allow.
+    let (plan, order) = JobPlan::new(&with_data(""), indexes()).unwrap();
+    assert_eq!((plan.streaming.streams, order.streams()), (Some(4), 4));
+    // 2 workers, 2 streams each: 2 x (1 align + 1 jft shard of window) + 1 ahead = 5 shards.
+    // 2 workers, 2 streams each: 2 align shards of window each, 1 jft (a stream holds only 1), 1 ahead.
+    assert_eq!(plan.stream_layout(&order, 2).working_set, 2 * (2 * 1003 + 1001) + 1007);
+    // Memory for 6 shards: one stream each (2 align and 2 jft shards of window, 1 ahead: 5015 bytes).
+    let (plan, order) = JobPlan::new(&with_data("shard_memory_bytes = 6000"), indexes()).unwrap();
+    assert_eq!(order.streams(), 2);
+    assert_eq!(plan.stream_layout(&order, 2).streams_per_worker, 1);
+    assert_eq!(order.describe(), "shard-local v1, 2 streams, window 2");
+    // A resumed job keeps its checkpoint's count.
+    let (plan, order) = plan.with_streams(4).unwrap();
+    assert_eq!((plan.streaming.streams, order.streams()), (Some(4), 4));
+}
+
+#[test]
+fn a_stream_layout_that_cannot_fit_is_refused_naming_the_fields() {
+    let error = JobPlan::new(&with_data("streams = 4\nshard_memory_bytes = 6000"), indexes()).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.starts_with("data.streams: 4 streams make each of 2 workers hold about 7021 bytes of shards at once (2 streams x")
+            && message.contains("Set data.streams = 2 (the most that fit)")
+            && message.ends_with("or set data.accept_refetching = true"),
+        "{message}"
+    );
+    let error = JobPlan::new(&with_data("shard_memory_bytes = 2000"), indexes()).unwrap_err();
+    assert!(
+        error.to_string().starts_with(
+            "data.shard_memory_bytes: 2000 bytes cannot hold what a worker reads at once under any stream layout: \
+             at least 5015 bytes"
+        ),
+        "{error}"
+    );
+    // Accepted: as written, or the layout holding the least.
+    let (_, order) = JobPlan::new(
+        &with_data("streams = 4\nshard_memory_bytes = 6000\naccept_refetching = true"),
+        indexes(),
+    )
+    .unwrap();
+    assert_eq!(order.streams(), 4);
+    let (_, order) = JobPlan::new(&with_data("shard_memory_bytes = 2000\naccept_refetching = true"), indexes()).unwrap();
+    assert_eq!(order.streams(), 2);
 }

@@ -3,7 +3,7 @@
 //! Blocking (object store calls): run off the async runtime.
 
 use checkpoint::layout::ResumeFields;
-use checkpoint::Resume;
+use checkpoint::{CheckpointError, Resume};
 use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use contract::manifest::Manifest;
 use contract::plan::{JobPlan, StorePlan};
@@ -42,10 +42,23 @@ pub struct JobStart {
 
 impl JobStart {
     pub fn read(manifest: &Manifest, resume: &Resume) -> Result<Self, CoordinatorError> {
-        let (plan, order) = JobPlan::new(manifest, read_indexes(manifest)?)?;
+        let (mut plan, mut order) = JobPlan::new(manifest, read_indexes(manifest)?)?;
+        let chosen = match choose_start(manifest, &plan, &order, resume) {
+            // A chosen stream count is the job's first start's: a resume keeps it.
+            Err(CoordinatorError::Checkpoint(CheckpointError::Changed { was, .. }))
+                if manifest.data.streams.is_none()
+                    && SampleOrder::described_layout(&was)
+                        .is_some_and(|(_, window)| window == plan.streaming.window) =>
+            {
+                let (streams, _) = SampleOrder::described_layout(&was).expect("matched above");
+                tracing::info!("data.streams: {streams}, the count this job's checkpoints were written with");
+                (plan, order) = plan.with_streams(streams)?;
+                choose_start(manifest, &plan, &order, resume)?
+            }
+            chosen => chosen?,
+        };
         tracing::info!("sample order: {}", order.describe());
-        warn_about_streaming(manifest, &plan, &order);
-        let chosen = choose_start(manifest, &plan, &order, resume)?;
+        describe_streaming(manifest, &plan, &order);
         if let Some(chosen) = &chosen {
             if chosen.step >= plan.total_steps {
                 return Err(CoordinatorError::Complete {
@@ -64,43 +77,38 @@ pub(crate) fn store_options(store: &StorePlan) -> StoreOptions {
     StoreOptions::with_s3(store.s3_endpoint.clone(), store.s3_region.clone())
 }
 
-/// Says when the stream layout will make workers fetch shards more than
-/// once an epoch: a world that does not divide the streams, or a rank's
-/// working set (its streams' windows of shards) larger than its memory.
-fn warn_about_streaming(manifest: &Manifest, plan: &JobPlan, order: &SampleOrder) {
+/// Says which stream layout the job reads with and what a worker holds at
+/// once under it; warns when shards will be fetched more than once an
+/// epoch (a world that does not divide the streams, or re-fetching the
+/// manifest accepted).
+fn describe_streaming(manifest: &Manifest, plan: &JobPlan, order: &SampleOrder) {
     let workers = manifest.cluster.workers;
-    let local = order.is_local_for(workers);
-    if !local {
+    let layout = plan.stream_layout(order, workers);
+    let memory = manifest.data.shard_memory_bytes;
+    let holds = format!(
+        "each of {workers} workers reads {} streams, holding about {} MB of shards at once          (data.shard_memory_bytes = {} MB)",
+        layout.streams_per_worker,
+        layout.working_set >> 20,
+        memory >> 20
+    );
+    match manifest.data.streams {
+        None => tracing::info!(
+            "data.streams: {} chosen: the most that every worker reads on its own and that fit its memory; {holds}",
+            layout.streams
+        ),
+        Some(streams) => tracing::info!("data.streams: {streams}; {holds}"),
+    }
+    if !layout.local {
         tracing::warn!(
             "{workers} workers do not divide the {} data streams: every worker reads every stream's shards \
              (set data.streams to a multiple of cluster.workers to keep shards local)",
-            order.streams()
+            layout.streams
         );
     }
-    let streams_read = if local {
-        order.streams() / workers
-    } else {
-        order.streams()
-    } as u64;
-    let working_set: u64 = plan
-        .sources
-        .iter()
-        .map(|source| {
-            let index = &source.index;
-            let shards = index.shards.len().max(1) as u64;
-            let mean_bytes = index.shards.iter().map(|shard| shard.bytes).sum::<u64>() / shards;
-            let window = (manifest.data.shuffle_window as u64).min(shards.div_ceil(order.streams() as u64));
-            streams_read * window * mean_bytes
-        })
-        .sum();
-    if working_set > manifest.data.shard_memory_bytes {
+    if layout.working_set > memory {
         tracing::warn!(
-            "each worker reads {streams_read} streams a window of {} shards at a time, about {} MB, \
-             more than data.shard_memory_bytes = {} MB: shards will be fetched more than once an epoch \
-             (lower data.streams or data.shuffle_window, or raise data.shard_memory_bytes)",
-            manifest.data.shuffle_window,
-            working_set >> 20,
-            manifest.data.shard_memory_bytes >> 20
+            "data.accept_refetching: a worker's shards do not fit data.shard_memory_bytes: shards will be \
+             fetched more than once an epoch"
         );
     }
 }

@@ -57,6 +57,7 @@ pub(super) struct DataFile {
     pub prefetch_batches: Option<usize>,
     pub max_bad_fraction: Option<f64>,
     pub streams: Option<usize>,
+    pub accept_refetching: Option<bool>,
     pub shuffle_window: Option<usize>,
     pub shard_memory_bytes: Option<u64>,
     pub fetch_ahead_bytes: Option<u64>,

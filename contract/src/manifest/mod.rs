@@ -62,10 +62,14 @@ pub struct Data {
     pub loader_threads: usize,
     pub prefetch_batches: usize,
     pub max_bad_fraction: f64,
-    /// Canonical streams per source (none: the largest count up to 64 the
-    /// batch and the shards allow); ranks that divide it read only their
-    /// own streams' shards.
+    /// Canonical streams per source (none: chosen at the job's first start,
+    /// the most that every worker reads locally and that fit its
+    /// shard_memory_bytes); ranks that divide it read only their own
+    /// streams' shards.
     pub streams: Option<usize>,
+    /// Run a layout whose working set does not fit shard_memory_bytes
+    /// (shards are then fetched more than once an epoch).
+    pub accept_refetching: bool,
     /// Shards a stream shuffles together.
     pub shuffle_window: usize,
     /// Decoded shards a worker keeps in memory.
@@ -504,6 +508,7 @@ impl Manifest {
             prefetch_batches: data.prefetch_batches.unwrap_or(2),
             max_bad_fraction: data.max_bad_fraction.unwrap_or(0.01),
             streams: data.streams,
+            accept_refetching: data.accept_refetching.unwrap_or(false),
             shuffle_window: data.shuffle_window.unwrap_or(2),
             shard_memory_bytes: data.shard_memory_bytes.unwrap_or(1 << 30),
             fetch_ahead_bytes: data.fetch_ahead_bytes.unwrap_or(256 << 20),
