@@ -535,18 +535,21 @@ fn the_status_page_draws_its_charts_from_live_data_in_a_browser() {
 fn the_data_settings_are_checked_against_the_shards_the_workers_and_the_memory() {
     let dir = tempfile::tempdir().unwrap();
     let path = manifest(dir.path(), 200, 10_000);
-    let with_data = |extra: &str| {
-        // Each run starts over: another stream count is another sample order.
-        let _ = std::fs::remove_dir_all(dir.path().join("runs"));
+    let launch = |extra: &str, steps: &str| {
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("loader_threads = 1", &format!("loader_threads = 1\n{extra}"));
         std::fs::write(dir.path().join("streams.toml"), text).unwrap();
         coca()
             .current_dir(dir.path())
-            .args(["launch", "streams.toml", "--steps", "12", "--warmup-steps", "2"])
+            .args(["launch", "streams.toml", "--steps", steps, "--warmup-steps", "2"])
             .output()
             .unwrap()
+    };
+    let with_data = |extra: &str| {
+        // Each run starts over: another stream count is another sample order.
+        let _ = std::fs::remove_dir_all(dir.path().join("runs"));
+        launch(extra, "12")
     };
     // The demo's sources have 4 shards each: 8 streams cannot be dealt.
     let refused = with_data("streams = 8");
@@ -556,15 +559,50 @@ fn the_data_settings_are_checked_against_the_shards_the_workers_and_the_memory()
         stderr.contains("data.streams: data source 0 has 4 shards with rows, fewer than its 8 streams"),
         "{stderr}"
     );
-    // One stream for two workers, and memory for less than a shard: it runs, and says what it costs.
-    let warned = with_data("streams = 1\nshard_memory_bytes = 1000");
+    // Memory for less than a shard: refused at the start, naming the field, unless re-fetching is accepted.
+    let refused = with_data("shard_memory_bytes = 1000");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains(
+            "data.shard_memory_bytes: 1000 bytes cannot hold what a worker reads at once under any stream layout"
+        ),
+        "{stderr}"
+    );
+    let refused = with_data("streams = 4\nshard_memory_bytes = 1000");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("data.streams: 4 streams make each of 2 workers hold about "), "{stderr}");
+    // One stream for two workers, re-fetching accepted: it runs, and says what it costs.
+    let warned = with_data("streams = 1\nshard_memory_bytes = 1000\naccept_refetching = true");
     let stderr = String::from_utf8_lossy(&warned.stderr);
     assert!(warned.status.success(), "{stderr}");
     assert!(
         stderr.contains("2 workers do not divide the 1 data streams: every worker reads every stream's shards"),
         "{stderr}"
     );
-    assert!(stderr.contains("more than data.shard_memory_bytes = 0 MB"), "{stderr}");
+    assert!(
+        stderr.contains("a worker's shards do not fit data.shard_memory_bytes: shards will be fetched more than once"),
+        "{stderr}"
+    );
+    // Without data.streams, the coordinator says what it chose and why.
+    let chosen = with_data("");
+    let stderr = String::from_utf8_lossy(&chosen.stderr);
+    assert!(chosen.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("data.streams: 4 chosen: the most that every worker reads on its own and that fit its memory"),
+        "{stderr}"
+    );
+    // A job resumes under the stream count its checkpoints were written with, not a new choice.
+    assert!(with_data("streams = 2").status.success());
+    let resumed = launch("", "24");
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("data.streams: 2, the count this job's checkpoints were written with"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("resuming from"), "{stderr}");
     // Shards are kept on disk only when asked, in data.cache_dir.
     let cached = with_data("cache_dir = \"shard-cache\"");
     assert!(cached.status.success(), "{}", String::from_utf8_lossy(&cached.stderr));

@@ -107,8 +107,7 @@ fn describe_streaming(manifest: &Manifest, plan: &JobPlan, order: &SampleOrder) 
     }
     if layout.working_set > memory {
         tracing::warn!(
-            "data.accept_refetching: a worker's shards do not fit data.shard_memory_bytes: shards will be \
-             fetched more than once an epoch"
+            "a worker's shards do not fit data.shard_memory_bytes: shards will be fetched more than once an epoch"
         );
     }
 }

@@ -1,7 +1,7 @@
 //! What the loader fetches over a real HTTP server that counts the bytes
 //! it serves: a dataset of 200 shards, memory for a few of them per rank,
 //! one epoch on 1, 2 and 4 ranks. The shard-local order fetches each shard
-//! about once per epoch.
+//! about once per epoch; the stream count chosen for the memory keeps it so.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use contract::dataset::DatasetKind;
 use contract::sample_order::{SampleOrder, SourceSize, Streaming};
+use contract::stream_layout::{self, Fit, SourceShards};
 use datasets::dataset::Dataset;
 use datasets::demo;
 use datasets::loader::{BatchAssembler, LoaderConfig, LoaderSource};
@@ -95,11 +96,8 @@ fn write_dataset(dir: &Path) -> u64 {
     index.shards.iter().map(|shard| shard.bytes).sum()
 }
 
-#[test]
-fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let dataset_bytes = write_dataset(&data);
+/// The demo's tokenizer JSON.
+fn tokenizer_json() -> Vec<u8> {
     let tokenizer_root = Store::memory();
     demo::write(
         &tokenizer_root,
@@ -114,8 +112,66 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
         },
     )
     .unwrap();
-    let json = tokenizer_root.get(demo::TOKENIZER).unwrap();
+    tokenizer_root.get(demo::TOKENIZER).unwrap().to_vec()
+}
+
+/// One epoch of `order` on each of `world` ranks with `shard_memory_bytes`:
+/// the bytes the server sent, checked against the loaders' own count, and
+/// the largest peak of shard memory a rank reached. `ahead`: memory leaves
+/// room to fetch the coming steps' shards with the first step's.
+fn one_epoch(
+    dataset: &Dataset,
+    order: &SampleOrder,
+    world: usize,
+    shard_memory_bytes: u64,
+    ahead: bool,
+    served: &AtomicU64,
+) -> (u64, u64) {
+    let json = tokenizer_json();
     let tokenizer = || TextTokenizer::from_json(std::str::from_utf8(&json).unwrap(), "tokenizer.json").unwrap();
+    let batch = 16;
+    let before = served.load(Ordering::SeqCst);
+    let (mut counted, mut peak) = (0, 0);
+    for rank in 0..world {
+        let config = LoaderConfig {
+            threads: 1,
+            shard_memory_bytes,
+            ..LoaderConfig::new(16, 12)
+        };
+        let sources = vec![LoaderSource {
+            dataset: dataset.clone(),
+            templates: PromptTemplates::clip80(),
+        }];
+        let mut assembler = BatchAssembler::new(sources, order.clone(), tokenizer(), config, 5, rank, world).unwrap();
+        for step in 0..800 / batch as u64 {
+            let samples = assembler.assemble(step).unwrap().samples;
+            assert_eq!(samples.len(), batch / world);
+            if step == 0 && ahead {
+                // The coming steps' shards came with the first step's.
+                let mut first: Vec<usize> = samples.iter().map(|s| dataset.locate(s.row).0).collect();
+                first.sort();
+                first.dedup();
+                assert!(
+                    assembler.traffic().shards[0] > first.len() as u64,
+                    "nothing fetched ahead"
+                );
+            }
+        }
+        let traffic = assembler.traffic();
+        counted += traffic.bytes[0];
+        peak = peak.max(traffic.peak_memory_bytes);
+    }
+    let fetched = served.load(Ordering::SeqCst) - before;
+    // The loader's own count (what the coordinator shows) is the server's.
+    assert_eq!(counted, fetched);
+    (fetched, peak)
+}
+
+#[test]
+fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let dataset_bytes = write_dataset(&data);
     let (url, served) = serve(data.clone());
     let store = Store::open(&url, &StoreOptions::default()).unwrap();
     let dataset = Dataset::open(store).unwrap();
@@ -128,47 +184,11 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
         streams: Some(4),
         window: 1,
     };
-    let batch = 16;
-    let order = SampleOrder::new(5, &sizes, batch, streaming).unwrap();
-    let epoch_steps = 800 / batch as u64;
+    let order = SampleOrder::new(5, &sizes, 16, streaming).unwrap();
     let mut ratios = Vec::new();
     for world in [1, 2, 4] {
-        let before = served.load(Ordering::SeqCst);
-        let (mut counted, mut peak) = (0, 0);
-        for rank in 0..world {
-            let config = LoaderConfig {
-                threads: 1,
-                // Memory for 6 of the 200 shards.
-                shard_memory_bytes: 6 * largest,
-                ..LoaderConfig::new(16, 12)
-            };
-            let sources = vec![LoaderSource {
-                dataset: dataset.clone(),
-                templates: PromptTemplates::clip80(),
-            }];
-            let mut assembler =
-                BatchAssembler::new(sources, order.clone(), tokenizer(), config, 5, rank, world).unwrap();
-            for step in 0..epoch_steps {
-                let samples = assembler.assemble(step).unwrap().samples;
-                assert_eq!(samples.len(), batch / world);
-                if step == 0 {
-                    // The coming steps' shards came with the first step's.
-                    let mut first: Vec<usize> = samples.iter().map(|s| dataset.locate(s.row).0).collect();
-                    first.sort();
-                    first.dedup();
-                    assert!(
-                        assembler.traffic().shards[0] > first.len() as u64,
-                        "nothing fetched ahead"
-                    );
-                }
-            }
-            let traffic = assembler.traffic();
-            counted += traffic.bytes[0];
-            peak = peak.max(traffic.peak_memory_bytes);
-        }
-        let fetched = served.load(Ordering::SeqCst) - before;
-        // The loader's own count (what the coordinator shows) is the server's.
-        assert_eq!(counted, fetched);
+        // Memory for 6 of the 200 shards.
+        let (fetched, peak) = one_epoch(&dataset, &order, world, 6 * largest, true, &served);
         let ratio = fetched as f64 / dataset_bytes as f64;
         ratios.push((
             world,
@@ -181,4 +201,57 @@ fn one_epoch_fetches_each_shard_about_once_on_every_world_size() {
         );
     }
     eprintln!("bytes fetched in one epoch / dataset bytes, by ranks: {ratios:?}");
+}
+
+/// The issue's trial in small: memory for about 5 shards per worker, 2
+/// workers, the default shuffle window and no data.streams. The layout the
+/// coordinator chooses keeps one epoch's traffic to the dataset's bytes;
+/// the count chosen before (the most the batch allows, 16) fetched shards
+/// again and again.
+#[test]
+fn the_chosen_stream_count_fetches_each_shard_once_in_tight_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let dataset_bytes = write_dataset(&data);
+    let (url, served) = serve(data.clone());
+    let dataset = Dataset::open(Store::open(&url, &StoreOptions::default()).unwrap()).unwrap();
+    let shards = &dataset.index().shards;
+    let largest = shards.iter().map(|shard| shard.bytes).max().unwrap();
+    let memory = 5 * largest;
+    let source = SourceShards {
+        per_batch: 16,
+        shards: shards.len(),
+        mean_bytes: dataset_bytes / shards.len() as u64,
+        largest_bytes: largest,
+    };
+    let fit = Fit {
+        workers: 2,
+        window: 2,
+        shard_memory_bytes: memory,
+    };
+    let chosen = stream_layout::choose(&[source], fit).unwrap();
+    assert_eq!((chosen.streams, chosen.streams_per_worker), (4, 2));
+    let sizes = [SourceSize {
+        shard_rows: shards.iter().map(|shard| shard.rows).collect(),
+        weight: 1.0,
+    }];
+    let order_of = |streams: usize| {
+        let streaming = Streaming {
+            streams: Some(streams),
+            window: 2,
+        };
+        SampleOrder::new(5, &sizes, 16, streaming).unwrap()
+    };
+    let (fetched, peak) = one_epoch(&dataset, &order_of(chosen.streams), 2, memory, false, &served);
+    let ratio = fetched as f64 / dataset_bytes as f64;
+    let (before, _) = one_epoch(&dataset, &order_of(16), 2, memory, false, &served);
+    let before = before as f64 / dataset_bytes as f64;
+    eprintln!(
+        "one epoch on 2 workers with memory for 5 shards: {} streams (chosen) fetch {ratio:.3}x the dataset's bytes \
+         (peak {:.1} shards), 16 streams {before:.2}x",
+        chosen.streams,
+        peak as f64 / largest as f64
+    );
+    assert!(ratio <= 1.05, "the chosen layout fetched {ratio:.3}x the dataset's bytes");
+    assert!(before > 1.5, "the test tells layouts apart: 16 streams fetched {before:.2}x");
 }
