@@ -70,9 +70,9 @@ pub enum LayoutError {
          data.shuffle_window = {window} shards of each source, and one fetched ahead), more than \
          data.shard_memory_bytes = {}: shards would be fetched again and again. {}, or set \
          data.accept_refetching = true",
-        megabytes(layout.working_set),
+        readable_bytes(layout.working_set),
         layout.streams_per_worker,
-        megabytes(*memory),
+        readable_bytes(*memory),
         advice(*fitting, layout.working_set)
     )]
     TooLarge {
@@ -88,22 +88,22 @@ pub enum LayoutError {
         "data.shard_memory_bytes: {} cannot hold what a worker reads at once under any stream layout: at least {} (one stream's \
          data.shuffle_window = {window} shards of each source, and one fetched ahead). Raise it to at least \
          that, lower data.shuffle_window, or set data.accept_refetching = true",
-        megabytes(*memory),
-        megabytes(*smallest)
+        readable_bytes(*memory),
+        readable_bytes(*smallest)
     )]
     NothingFits { memory: u64, smallest: u64, window: usize },
 }
 
 fn advice(fitting: Option<usize>, working_set: u64) -> String {
-    let memory = format!("raise data.shard_memory_bytes to at least {}", megabytes(working_set));
+    let memory = format!("raise data.shard_memory_bytes to at least {}", readable_bytes(working_set));
     match fitting {
         Some(streams) => format!("Set data.streams = {streams} (the most that fit) or {memory}"),
         None => format!("No stream count fits: {memory}"),
     }
 }
 
-/// Rounded up: a size said to be needed is never short.
-fn megabytes(bytes: u64) -> String {
+/// A size as people read it, rounded up: a size said to be needed is never short.
+pub fn readable_bytes(bytes: u64) -> String {
     match bytes {
         b if b >= 10 << 20 => format!("{} MB", b.div_ceil(1 << 20)),
         b if b >= 10 << 10 => format!("{} KB", b.div_ceil(1 << 10)),

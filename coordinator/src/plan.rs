@@ -8,6 +8,7 @@ use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
 use contract::manifest::Manifest;
 use contract::plan::{JobPlan, StorePlan};
 use contract::sample_order::SampleOrder;
+use contract::stream_layout::readable_bytes;
 use store::{Store, StoreError, StoreOptions};
 
 use crate::CoordinatorError;
@@ -86,10 +87,10 @@ fn describe_streaming(manifest: &Manifest, plan: &JobPlan, order: &SampleOrder) 
     let layout = plan.stream_layout(order, workers);
     let memory = manifest.data.shard_memory_bytes;
     let holds = format!(
-        "each of {workers} workers reads {} streams, holding about {} MB of shards at once          (data.shard_memory_bytes = {} MB)",
+        "each of {workers} workers reads {} streams, holding about {} of shards at once (data.shard_memory_bytes = {})",
         layout.streams_per_worker,
-        layout.working_set >> 20,
-        memory >> 20
+        readable_bytes(layout.working_set),
+        readable_bytes(memory)
     );
     match manifest.data.streams {
         None => tracing::info!(
