@@ -8,7 +8,8 @@
 #  - Debian's slurm-wlm and munge (a one-node Slurm cluster, for deploy/slurm;
 #    the test writes its own slurm.conf and starts and stops the daemons),
 #  - Debian's mesa-vulkan-drivers (lavapipe: a Vulkan device on the CPU, on
-#    which burn's wgpu backend compiles and runs cubecl kernels as on a GPU).
+#    which burn's wgpu backend compiles and runs cubecl kernels as on a GPU),
+#  - PyPI's Pillow (the evaluation resize is checked against PIL's bytes).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -50,4 +51,8 @@ if ! command -v kubernetes-validate > /dev/null; then
     if command -v pyenv > /dev/null; then pyenv rehash; fi
 fi
 command -v kubernetes-validate > /dev/null || { echo "kubernetes-validate is not on PATH" >&2; exit 1; }
+if ! python3 -c "import PIL" 2> /dev/null; then
+    python3 -m pip install --quiet pillow
+fi
+python3 -c "import PIL" || { echo "Pillow does not import after installing it" >&2; exit 1; }
 echo "test data: ok"

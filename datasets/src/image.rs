@@ -1,13 +1,15 @@
 //! Stored image bytes to model input: decode (JPEG, PNG, WebP), convert to
-//! RGB, crop and resize (random resized crop for training, resize + centre
-//! crop for evaluation), normalise with CLIP's mean and std, lay out as
-//! channel-major f32.
+//! RGB, crop and resize (random resized crop for training; resize + centre
+//! crop for evaluation, in PIL's own bicubic arithmetic), normalise with
+//! CLIP's mean and std, lay out as channel-major f32.
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 pub use image::RgbImage;
 
 use contract::rng::SplitMix64;
+
+use crate::resample::resize_bicubic;
 
 /// CLIP's per-channel pixel mean and standard deviation (RGB, in 0..1).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -93,16 +95,20 @@ pub fn prepare_into(image: &RgbImage, size: u32, crop: Crop, seed: u64, pixels: 
                 }
             };
             let (resized_width, resized_height) = (scaled(width, height), scaled(height, width));
-            let mut resized = Image::new(resized_width, resized_height, PixelType::U8x3);
-            Resizer::new()
-                .resize(&source, &mut resized, &bicubic)
-                .expect("source and destination are both U8x3");
+            // PIL's own arithmetic: evaluation sees open_clip's pixels.
+            let resized = resize_bicubic(
+                image.as_raw(),
+                width as usize,
+                height as usize,
+                resized_width as usize,
+                resized_height as usize,
+            );
             let start = |side: u32| (f64::from(side - size) / 2.0).round_ties_even() as usize;
             let (left, top) = (start(resized_width), start(resized_height));
             let row = 3 * resized_width as usize;
             for (y, out) in square.buffer_mut().chunks_exact_mut(3 * size as usize).enumerate() {
                 let from = (top + y) * row + 3 * left;
-                out.copy_from_slice(&resized.buffer()[from..from + out.len()]);
+                out.copy_from_slice(&resized[from..from + out.len()]);
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod image;
 pub mod import;
 pub mod loader;
 pub mod prompt;
+pub mod resample;
 pub mod shard;
 pub mod tokenizer;
 pub mod writer;
