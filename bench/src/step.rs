@@ -8,13 +8,14 @@ use burn::tensor::backend::AutodiffBackend;
 use collective::{Collective, CollectiveError};
 use contract::manifest::Precision;
 use contract::ModelConfig;
+use datasets::patch_dropout::PatchDropout;
 use model::loss::LossWeights;
 use model::parameters::parameter_values;
 use model::profile::{profile_parts, PartTiming};
 use model::train::contrastive::ContrastiveMode;
 use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, StepTimings, TrainStep};
-use model::train::synthetic::synthetic_batch;
+use model::train::synthetic::{synthetic_batch, with_patch_dropout};
 use model::CocaModel;
 
 use crate::median;
@@ -68,6 +69,8 @@ pub struct StepBenchmarkPlan {
     pub accumulation: usize,
     /// train.grad_clip_norm.
     pub clip_norm: Option<f32>,
+    /// train.patch_dropout: the share of each image's patches dropped.
+    pub patch_dropout: f64,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -93,6 +96,7 @@ where
         profile,
         accumulation,
         clip_norm,
+        patch_dropout,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -100,7 +104,12 @@ where
     let started = Instant::now();
     let mut first_step = Duration::ZERO;
     let mut model = CocaModel::<B>::new(config, seed, device);
-    let data = synthetic_batch::<B>(config, batch, seed, device).rows(collective.rank() * micro, micro);
+    let data = synthetic_batch::<B>(config, batch, seed, device);
+    let data = match PatchDropout::new(config.image_tokens(), patch_dropout) {
+        Some(dropout) => with_patch_dropout(data, dropout, seed),
+        None => data,
+    }
+    .rows(collective.rank() * micro, micro);
     let trainer = TrainStep::new(
         &AdamWConfig::new().with_weight_decay(0.01),
         LossWeights::default(),

@@ -151,6 +151,7 @@ fn every_rule_names_its_field() {
         (with("lambda_con = 1.0\nlambda_cap = 2.0", "lambda_con = 0\nlambda_cap = 0"), "train.lambda_cap: train.lambda_con and train.lambda_cap are both 0: nothing to learn"),
         (with("lambda_cap = 2.0", "lambda_cap = -1.0"), "train.lambda_cap: -1 must be zero or positive"),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\ngrad_clip_norm = 0.0"), "train.grad_clip_norm: 0 must be a positive number"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\npatch_dropout = 1.0"), "train.patch_dropout: 1 must be in [0, 1): the share of patches dropped"),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\naccumulation = 0"), "train.accumulation: 0 must be between 1 and the 16 samples each worker steps on"),
         (
             with("workers = 2", "workers = 2\nreplicas = 2").replace("lambda_cap = 2.0", "lambda_cap = 2.0\naccumulation = 9"),

@@ -12,6 +12,9 @@ pub struct CocaBatch<B: Backend> {
     pub tokens: Tensor<B, 2, Int>,
     /// [batch, context_length], true at padding.
     pub padding: Tensor<B, 2, Bool>,
+    /// [batch, kept]: the patches each image keeps in training (patch
+    /// dropout, ascending); `None`: every patch.
+    pub kept_patches: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> CocaBatch<B> {
@@ -21,6 +24,7 @@ impl<B: Backend> CocaBatch<B> {
             images: self.images.clone().narrow(0, start, len),
             tokens: self.tokens.clone().narrow(0, start, len),
             padding: self.padding.clone().narrow(0, start, len),
+            kept_patches: self.kept_patches.as_ref().map(|kept| kept.clone().narrow(0, start, len)),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod image;
 pub mod import;
 pub mod loader;
+pub mod patch_dropout;
 pub mod prompt;
 pub mod resample;
 pub mod shard;

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use super::dataset::Dataset;
 use super::image::{self, Crop};
+use super::patch_dropout::PatchDropout;
 use super::prompt::PromptTemplates;
 use super::shard::Shard;
 use super::tokenizer::{TextTokenizer, TokenizerError};
@@ -56,6 +57,8 @@ pub struct LoaderConfig {
     pub fetch_ahead_bytes: u64,
     /// A source with more bad rows than this share of it fails the job.
     pub max_bad_fraction: f64,
+    /// Training's patch dropout: the patches each sample keeps.
+    pub patch_dropout: Option<PatchDropout>,
 }
 
 impl LoaderConfig {
@@ -69,6 +72,7 @@ impl LoaderConfig {
             shard_memory_bytes: 1 << 30,
             fetch_ahead_bytes: 256 << 20,
             max_bad_fraction: 0.01,
+            patch_dropout: None,
         }
     }
 }
@@ -109,6 +113,8 @@ pub struct HostBatch {
     pub images: Vec<f32>,
     /// [batch, context], right-padded.
     pub tokens: Vec<u32>,
+    /// [batch, kept]: the patches each image keeps (patch dropout); empty: all.
+    pub kept_patches: Vec<u32>,
     pub image_size: usize,
     pub context: usize,
     pub pad_id: u32,
@@ -135,6 +141,11 @@ impl HostBatch {
             ),
             tokens: Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, shape), device),
             padding: Tensor::<B, 2, Bool>::from_bool(TensorData::new(padding, shape), device),
+            kept_patches: (!self.kept_patches.is_empty()).then(|| {
+                let kept: Vec<i32> = self.kept_patches.iter().map(|&p| p as i32).collect();
+                let per_image = kept.len() / batch;
+                Tensor::<B, 2, Int>::from_data(TensorData::new(kept, [batch, per_image]), device)
+            }),
         }
     }
 }
@@ -326,12 +337,21 @@ impl BatchAssembler {
             }
             pending = retry;
         }
+        // Drawn from each sample's own key, after bad rows were replaced.
+        let kept_patches = match self.config.patch_dropout {
+            Some(dropout) => slots
+                .iter()
+                .flat_map(|&sample| dropout.kept_patches(self.seed ^ sample_key(0x9a7c, sample)))
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(HostBatch {
             step,
             samples: slots,
             texts,
             images,
             tokens,
+            kept_patches,
             image_size: size,
             context,
             pad_id: self.tokenizer.pad_id(),

@@ -10,6 +10,7 @@ use datasets::dataset::Dataset;
 use datasets::demo::{self, DemoSpec};
 use datasets::image::Crop;
 use datasets::loader::{BatchAssembler, HostBatch, Loader, LoaderConfig, LoaderError, LoaderSource};
+use datasets::patch_dropout::PatchDropout;
 use datasets::prompt::PromptTemplates;
 use datasets::shard::{Compression, Content, Record};
 use datasets::tokenizer::TextTokenizer;
@@ -77,9 +78,20 @@ fn slot(batch: &HostBatch, slot: usize) -> (Vec<f32>, Vec<u32>) {
     )
 }
 
+/// Slot `slot`'s kept patches (patch dropout).
+fn kept(batch: &HostBatch, slot: usize) -> &[u32] {
+    let per_image = batch.kept_patches.len() / batch.len();
+    &batch.kept_patches[slot * per_image..(slot + 1) * per_image]
+}
+
 #[test]
 fn rank_batches_partition_the_one_rank_batch_exactly() {
     let root = small_demo();
+    // Patch dropout too: each sample keeps the same patches on any world.
+    let config = || LoaderConfig {
+        patch_dropout: PatchDropout::new(16, 0.5),
+        ..config()
+    };
     let mut whole = assembler(&root, 8, 0, 1, config());
     let mut ranks: Vec<BatchAssembler> = (0..4).map(|rank| assembler(&root, 8, rank, 4, config())).collect();
     for step in 0..6 {
@@ -97,6 +109,8 @@ fn rank_batches_partition_the_one_rank_batch_exactly() {
                     slot(&global, position),
                     "step {step} rank {rank} slot {i}"
                 );
+                assert_eq!(kept(&local, i), kept(&global, position));
+                assert_eq!(kept(&local, i).len(), 8);
             }
         }
     }

@@ -172,7 +172,9 @@ impl<B: Backend> CocaModel<B> {
     /// logits come back in f32, so the losses and softmaxes are f32.
     pub fn forward(&self, batch: &CocaBatch<B>, heads: Heads) -> CocaOutput<B> {
         let compute = batch.images.dtype();
-        let image_tokens = self.image_encoder.forward(batch.images.clone());
+        let image_tokens = self
+            .image_encoder
+            .forward_kept(batch.images.clone(), batch.kept_patches.as_ref());
         let (contrastive_token, caption_tokens) = self.pool(image_tokens, heads);
         let image_embedding = contrastive_token.map(|token| {
             let [batch, _, width] = token.dims();

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param};
 use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use contract::{Architecture, ModelConfig};
 
 use super::block::{layer_norm, Block, BlockConfig};
@@ -56,20 +56,27 @@ impl<B: Backend> VisionTransformer<B> {
 
     /// `images`: [batch, channels, height, width] -> tokens [batch, positions, vision_width].
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.forward_kept(images, None)
+    }
+
+    /// [`forward`](Self::forward) on the patches each image keeps (`kept`:
+    /// [batch, kept], patch dropout in training), after their positions
+    /// are added; a class token stays.
+    pub fn forward_kept(&self, images: Tensor<B, 4>, kept: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {
         let x = self.patch_embedding.forward(patchify(images, self.patch_size));
-        let x = match &self.class_token {
-            Some(token) => {
-                let [batch, _, width] = x.dims();
-                let token = token
-                    .val()
-                    .cast(x.dtype())
-                    .reshape([1, 1, width])
-                    .expand([batch, 1, width]);
-                Tensor::cat(vec![token, x], 1)
-            }
-            None => x,
-        };
-        let x = x.clone() + self.position_embedding.val().cast(x.dtype()).unsqueeze::<3>();
+        let [batch, patches, width] = x.dims();
+        let positions = self.position_embedding.val().cast(x.dtype());
+        // open_clip's class token has the first position.
+        let first_patch = usize::from(self.class_token.is_some());
+        let mut x = x + positions.clone().narrow(0, first_patch, patches).unsqueeze::<3>();
+        if let Some(kept) = kept {
+            let [_, count] = kept.dims();
+            x = x.gather(1, kept.clone().unsqueeze_dim::<3>(2).expand([batch, count, width]));
+        }
+        if let Some(token) = &self.class_token {
+            let token = token.val().cast(x.dtype()).reshape([1, width]) + positions.narrow(0, 0, 1);
+            x = Tensor::cat(vec![token.reshape([1, 1, width]).expand([batch, 1, width]), x], 1);
+        }
         let mut x = match &self.ln_pre {
             Some(ln) => layer_norm(ln, x),
             None => x,

@@ -34,6 +34,7 @@ fn the_cached_decoder_gives_the_training_forwards_logits() {
         images: batch.images.clone(),
         tokens: tokens.clone(),
         padding,
+        kept_patches: None,
     };
     let heads = Heads {
         contrastive: false,

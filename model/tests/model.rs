@@ -40,6 +40,7 @@ fn batch_with_tokens<B: Backend>(images: Tensor<B, 4>, rows: &[Vec<i32>]) -> Coc
         images,
         tokens: Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows.len(), len]), &device),
         padding: Tensor::<B, 2, Bool>::from_bool(TensorData::new(padding, [rows.len(), len]), &device),
+        kept_patches: None,
     }
 }
 
@@ -295,6 +296,7 @@ fn gradients_match_finite_differences() {
         images: batch.images.clone().inner(),
         tokens: batch.tokens.clone().inner(),
         padding: batch.padding.clone().inner(),
+        kept_patches: None,
     };
     for (name, param) in probes {
         let analytic = values(param.grad(&gradients).unwrap());
@@ -409,4 +411,47 @@ fn a_bf16_step_agrees_with_the_f32_step() {
     // AdamW's early updates are about lr * sign(gradient): only gradients
     // near zero can flip under bf16 rounding (cosine 0.998 measured).
     assert!(cosine >= 0.99, "the bf16 update points elsewhere: cosine {cosine}");
+}
+
+/// Patch dropout gathers tokens after their positions are added: keeping
+/// every patch in order is the plain forward bit for bit, keeping them in
+/// reverse order reverses the output (the blocks do not see order but
+/// through positions), a subset keeps as many tokens; open_clip's class
+/// token stays in front.
+#[test]
+fn kept_patches_are_gathered_after_their_positions() {
+    let device = Default::default();
+    let open_clip = ModelConfig {
+        architecture: Architecture::OpenClip,
+        ..tiny()
+    };
+    for config in [tiny(), open_clip] {
+        let model = CocaModel::<Cpu>::new(&config, SEED, &device);
+        let images = synthetic_batch::<Cpu>(&config, 2, 1, &device).images;
+        let patches = config.image_tokens();
+        let class = config.image_positions() - patches;
+        let indices = |order: Vec<i32>| {
+            let count = order.len();
+            let rows = [order.clone(), order].concat();
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::new(rows, [2, count]), &device)
+        };
+        let plain = model.image_encoder.forward(images.clone());
+        let all = model
+            .image_encoder
+            .forward_kept(images.clone(), Some(&indices((0..patches as i32).collect())));
+        assert_eq!(values(all), values(plain.clone()), "every patch in order");
+        let reversed = model
+            .image_encoder
+            .forward_kept(images.clone(), Some(&indices((0..patches as i32).rev().collect())));
+        let flipped = plain.clone().narrow(1, class, patches).flip([1]);
+        let expected = match class {
+            0 => flipped,
+            _ => Tensor::cat(vec![plain.clone().narrow(1, 0, class), flipped], 1),
+        };
+        assert!(max_abs_diff(&values(reversed), &values(expected)) < 1e-4, "reversed");
+        let half = model
+            .image_encoder
+            .forward_kept(images, Some(&indices((0..patches as i32).step_by(2).collect())));
+        assert_eq!(half.dims(), [2, class + patches.div_ceil(2), config.vision_width]);
+    }
 }

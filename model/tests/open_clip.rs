@@ -78,6 +78,7 @@ fn outputs_equal_open_clips_within_1e4() {
         images: pixels.clone(),
         tokens: tokens.clone(),
         padding: padding.clone(),
+        kept_patches: None,
     };
     let weights = LossWeights {
         contrastive: 1.0,

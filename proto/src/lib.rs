@@ -17,7 +17,7 @@ tonic::include_proto!("coca.v1");
 /// (against `snapshot.txt`) and this number stayed.
 /// 2: NCCL jobs exchange unique ids through the rendezvous.
 /// 4: the assignment carries the typed job plan, not the manifest's text.
-/// 5: the plan's train section has accumulation and grad_clip_norm.
+/// 5: the plan's train section has accumulation, grad_clip_norm and patch_dropout.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The compiled `coca.proto` as a `FileDescriptorSet`: what the compatibility

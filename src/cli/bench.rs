@@ -156,6 +156,9 @@ pub struct StepArgs {
     /// Clip the gradient's L2 norm to this (as train.grad_clip_norm).
     #[arg(long, value_name = "NORM")]
     pub grad_clip_norm: Option<f32>,
+    /// Drop this share of each image's patches (as train.patch_dropout).
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub patch_dropout: f64,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -368,6 +371,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         profile,
         accumulation,
         grad_clip_norm,
+        patch_dropout,
         parameters_out,
         local_rank,
     } = args;
@@ -400,6 +404,10 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         grad_clip_norm.is_none_or(|norm| norm > 0.0 && norm.is_finite()),
         "--grad-clip-norm must be a positive number"
     );
+    ensure!(
+        (0.0..1.0).contains(&patch_dropout),
+        "--patch-dropout must be in [0, 1): the share of patches dropped"
+    );
     let config = model.resolve()?;
     let plan = StepBenchmarkPlan {
         batch,
@@ -412,6 +420,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         profile: if profile { 5 } else { 0 },
         accumulation,
         clip_norm: grad_clip_norm,
+        patch_dropout,
     };
     let gpu = contract::manifest::Gpu {
         autotune,
@@ -489,6 +498,7 @@ fn step_on_local_ranks(
         args.extend(["--precision".to_string(), "bf16".to_string()]);
     }
     args.extend(["--accumulation".to_string(), plan.accumulation.to_string()]);
+    args.extend(["--patch-dropout".to_string(), plan.patch_dropout.to_string()]);
     if let Some(norm) = plan.clip_norm {
         args.extend(["--grad-clip-norm".to_string(), norm.to_string()]);
     }
@@ -577,10 +587,13 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
         Precision::F32 => "f32",
         Precision::Bf16 => "bf16 mixed precision",
     };
-    let accumulation = match plan.accumulation {
+    let mut accumulation = match plan.accumulation {
         1 => String::new(),
         chunks => format!(", {chunks} accumulated chunks"),
     };
+    if plan.patch_dropout > 0.0 {
+        accumulation += &format!(", patch dropout {}", plan.patch_dropout);
+    }
     println!(
         "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}{accumulation}, {on}",
         model.preset, plan.steps, plan.warmup

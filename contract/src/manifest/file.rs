@@ -94,6 +94,7 @@ pub(super) struct TrainFile {
     pub precision: Option<Precision>,
     pub accumulation: Option<usize>,
     pub grad_clip_norm: Option<f64>,
+    pub patch_dropout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

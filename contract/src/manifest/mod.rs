@@ -118,6 +118,8 @@ pub struct Train {
     pub accumulation: usize,
     /// Clips the global gradient's L2 norm to this, after the all-reduce.
     pub grad_clip_norm: Option<f64>,
+    /// The share of each image's patches training drops (FLIP); 0: none.
+    pub patch_dropout: f64,
 }
 
 impl Train {
@@ -411,6 +413,7 @@ impl Manifest {
             precision: train.precision.unwrap_or(Precision::F32),
             accumulation: train.accumulation.unwrap_or(1),
             grad_clip_norm: train.grad_clip_norm,
+            patch_dropout: train.patch_dropout.unwrap_or(0.0),
         })
     }
 
@@ -646,6 +649,12 @@ impl Manifest {
             return Err(error(
                 "train.lambda_cap",
                 "train.lambda_con and train.lambda_cap are both 0: nothing to learn",
+            ));
+        }
+        if !(0.0..1.0).contains(&train.patch_dropout) {
+            return Err(error(
+                "train.patch_dropout",
+                format!("{} must be in [0, 1): the share of patches dropped", train.patch_dropout),
             ));
         }
         if let Some(norm) = train.grad_clip_norm.filter(|norm| !(*norm > 0.0 && norm.is_finite())) {

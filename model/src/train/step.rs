@@ -320,6 +320,7 @@ fn cached_embeddings<B: Backend>(
                 images: part.images.clone().inner().cast(compute),
                 tokens: part.tokens.clone().inner(),
                 padding: part.padding.clone().inner(),
+                kept_patches: part.kept_patches.clone().map(|kept| kept.inner()),
             };
             let output = model.forward(&part, heads);
             (

@@ -6,6 +6,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use contract::ModelConfig;
 
 use crate::CocaBatch;
+use datasets::patch_dropout::PatchDropout;
 use contract::rng::SplitMix64;
 
 /// Token ids the synthetic captions use for padding, start and end.
@@ -43,5 +44,21 @@ pub fn synthetic_batch<B: Backend>(config: &ModelConfig, batch: usize, seed: u64
         ),
         tokens: Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, shape), device),
         padding: Tensor::<B, 2, Bool>::from_bool(TensorData::new(padding, shape), device),
+        kept_patches: None,
+    }
+}
+
+/// `batch` with each image keeping the patches `dropout` draws for it
+/// (row `i` from `seed` and `i`), as the loader's batches do in training.
+pub fn with_patch_dropout<B: Backend>(batch: CocaBatch<B>, dropout: PatchDropout, seed: u64) -> CocaBatch<B> {
+    let [rows, ..] = batch.images.dims();
+    let kept: Vec<i32> = (0..rows as u64)
+        .flat_map(|row| dropout.kept_patches(SplitMix64::new(seed ^ row).next_u64()))
+        .map(|patch| patch as i32)
+        .collect();
+    let device = batch.images.device();
+    CocaBatch {
+        kept_patches: Some(Tensor::from_data(TensorData::new(kept, [rows, dropout.kept]), &device)),
+        ..batch
     }
 }

@@ -16,6 +16,7 @@ use contract::plan::JobPlan;
 use contract::sample_order::SampleOrder;
 use datasets::dataset::Dataset;
 use datasets::loader::{BatchAssembler, Loader, LoaderConfig, LoaderSource};
+use datasets::patch_dropout::PatchDropout;
 use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::eval::periodic::PeriodicEval;
@@ -101,6 +102,7 @@ where
             max_bad_fraction: plan.loader.max_bad_fraction,
             shard_memory_bytes: plan.loader.shard_memory_bytes,
             fetch_ahead_bytes: plan.loader.fetch_ahead_bytes,
+            patch_dropout: PatchDropout::new(plan.model.image_tokens(), plan.train.patch_dropout),
             ..LoaderConfig::new(plan.model.image_size as u32, plan.model.context_length)
         };
         let order = data.order.clone();
