@@ -632,17 +632,21 @@ fn exported(dir: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, 
 }
 
 /// One worker of two replicas trains what two workers train: the replicas
-/// are ranks of the job; so do two workers each accumulating 4 chunks.
+/// are ranks of the job; so do two workers each accumulating 4 chunks, and
+/// with patch dropout (each sample keeps its own patches on any layout).
 /// Twice the same layout gives the same bits.
 #[test]
 fn replicas_in_one_worker_train_what_two_workers_train() {
-    let run_with = |workers: usize, replicas: usize, accumulation: usize| {
+    let run_with = |workers: usize, replicas: usize, accumulation: usize, patch_dropout: f64| {
         let dir = tempfile::tempdir().unwrap();
         let job = manifest(dir.path(), 500, 10_000);
         let text = std::fs::read_to_string(&job)
             .unwrap()
             .replace("steps = 300", "steps = 20")
-            .replace("lambda_cap = 2.0", &format!("lambda_cap = 2.0\naccumulation = {accumulation}"))
+            .replace(
+                "lambda_cap = 2.0",
+                &format!("lambda_cap = 2.0\naccumulation = {accumulation}\npatch_dropout = {patch_dropout}"),
+            )
             .replace("workers = 2", &format!("workers = {workers}\nreplicas = {replicas}"));
         let text = text[..text.find("[eval]").unwrap()].to_string() + &text[text.find("[status]").unwrap()..];
         std::fs::write(&job, text).unwrap();
@@ -651,14 +655,15 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
         let log = String::from_utf8_lossy(&output.stderr).to_string();
         (exported(dir.path(), "runs/demo/checkpoints"), log)
     };
-    let run = |workers: usize, replicas: usize| run_with(workers, replicas, 1);
+    let run = |workers: usize, replicas: usize| run_with(workers, replicas, 1, 0.0);
     let (workers, _) = run(2, 1);
     let (replicas, log) = run(1, 2);
     assert!(log.contains("2 model replicas per worker"), "{log}");
     // The sums run in another order (see model/tests/data_parallel.rs).
-    let worst = |actual: &std::collections::BTreeMap<String, Vec<f32>>| {
+    let worst_against = |actual: &std::collections::BTreeMap<String, Vec<f32>>,
+                         reference: &std::collections::BTreeMap<String, Vec<f32>>| {
         let mut worst = 0.0f64;
-        for (name, expected) in &workers {
+        for (name, expected) in reference {
             let norm =
                 |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
             let difference = norm(&mut actual[name].iter().zip(expected).map(|(a, b)| a - b));
@@ -666,10 +671,16 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
         }
         worst
     };
+    let worst = |actual| worst_against(actual, &workers);
     assert!(worst(&replicas) < 1e-3, "worst relative difference {:e}", worst(&replicas));
-    let (accumulated, _) = run_with(2, 1, 4);
+    let (accumulated, _) = run_with(2, 1, 4, 0.0);
     assert!(worst(&accumulated) < 1e-3, "accumulated: worst relative difference {:e}", worst(&accumulated));
     assert!(accumulated != workers, "the chunks sum in another order: other bits");
+    let (dropped, _) = run_with(2, 1, 1, 0.5);
+    let (dropped_replicas, _) = run_with(1, 2, 1, 0.5);
+    let difference = worst_against(&dropped_replicas, &dropped);
+    assert!(difference < 1e-3, "patch dropout: worst relative difference {difference:e}");
+    assert!(worst(&dropped) > 1e-2, "half the patches dropped trains another model");
     let (again, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");
 }
