@@ -364,7 +364,8 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
     // Killed between two saves (every 10 steps): the steps since the last are trained again.
     let deadline = Instant::now() + Duration::from_secs(120);
     while job.status().is_none_or(|s| {
-        s["checkpoint"]["last_committed_step"].as_u64() < Some(20) || s["step"].as_u64().is_none_or(|step| step % 10 != 5)
+        s["checkpoint"]["last_committed_step"].as_u64() < Some(20)
+            || s["step"].as_u64().is_none_or(|step| step % 10 != 5)
     }) {
         assert!(Instant::now() < deadline, "the job never committed step 20");
         std::thread::sleep(Duration::from_millis(5));
@@ -389,12 +390,17 @@ fn coca_launch_replaces_a_dead_worker_and_says_so() {
         .find(|l| l.starts_with("recovery 1: worker w-"))
         .expect(&stdout);
     let number_after = |text: &str, before: &str| -> f64 {
-        let start = recovery.find(before).unwrap_or_else(|| panic!("no {before:?} in {recovery}")) + before.len();
+        let start = recovery
+            .find(before)
+            .unwrap_or_else(|| panic!("no {before:?} in {recovery}"))
+            + before.len();
         let digits: String = recovery[start..]
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.')
             .collect();
-        digits.parse().unwrap_or_else(|_| panic!("{text}: no number after {before:?} in {recovery}"))
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("{text}: no number after {before:?} in {recovery}"))
     };
     let survivor_at = number_after("the survivor's step", "): step ") as u64;
     let reached = number_after("the reached step", "; reached step ") as u64;

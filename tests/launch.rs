@@ -200,7 +200,10 @@ fn launch_runs_the_demo_and_the_loss_falls() {
         (Some(4), Some(1e-3)),
         "{fourth}"
     );
-    assert!(fourth["gradient_norm"].as_f64().is_some_and(|norm| norm > 0.0), "{fourth}");
+    assert!(
+        fourth["gradient_norm"].as_f64().is_some_and(|norm| norm > 0.0),
+        "{fourth}"
+    );
     let journal = std::fs::read_to_string(dir.path().join("runs/demo/journal.jsonl")).unwrap();
     assert!(journal.contains("\"state\":\"completed\""), "{journal}");
     // The demo data was written on first launch.
@@ -572,7 +575,10 @@ fn the_data_settings_are_checked_against_the_shards_the_workers_and_the_memory()
     let refused = with_data("streams = 4\nshard_memory_bytes = 1000");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(stderr.contains("data.streams: 4 streams make each of 2 workers hold about "), "{stderr}");
+    assert!(
+        stderr.contains("data.streams: 4 streams make each of 2 workers hold about "),
+        "{stderr}"
+    );
     // One stream for two workers, re-fetching accepted: it runs, and says what it costs.
     let warned = with_data("streams = 1\nshard_memory_bytes = 1000\naccept_refetching = true");
     let stderr = String::from_utf8_lossy(&warned.stderr);
@@ -664,22 +670,32 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
                          reference: &std::collections::BTreeMap<String, Vec<f32>>| {
         let mut worst = 0.0f64;
         for (name, expected) in reference {
-            let norm =
-                |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+            let norm = |values: &mut dyn Iterator<Item = f32>| values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
             let difference = norm(&mut actual[name].iter().zip(expected).map(|(a, b)| a - b));
             worst = worst.max(difference / norm(&mut expected.iter().copied()).max(1e-6));
         }
         worst
     };
     let worst = |actual| worst_against(actual, &workers);
-    assert!(worst(&replicas) < 1e-3, "worst relative difference {:e}", worst(&replicas));
+    assert!(
+        worst(&replicas) < 1e-3,
+        "worst relative difference {:e}",
+        worst(&replicas)
+    );
     let (accumulated, _) = run_with(2, 1, 4, 0.0);
-    assert!(worst(&accumulated) < 1e-3, "accumulated: worst relative difference {:e}", worst(&accumulated));
+    assert!(
+        worst(&accumulated) < 1e-3,
+        "accumulated: worst relative difference {:e}",
+        worst(&accumulated)
+    );
     assert!(accumulated != workers, "the chunks sum in another order: other bits");
     let (dropped, _) = run_with(2, 1, 1, 0.5);
     let (dropped_replicas, _) = run_with(1, 2, 1, 0.5);
     let difference = worst_against(&dropped_replicas, &dropped);
-    assert!(difference < 1e-3, "patch dropout: worst relative difference {difference:e}");
+    assert!(
+        difference < 1e-3,
+        "patch dropout: worst relative difference {difference:e}"
+    );
     assert!(worst(&dropped) > 1e-2, "half the patches dropped trains another model");
     let (again, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");

@@ -296,9 +296,13 @@ mod tests {
 
     #[test]
     fn a_journal_of_an_earlier_release_reads_its_restarts() {
-        let line = r#"{"generation":2,"at":3.2,"cause":"lost","lost_at_step":50,"resumed_step":40,"world":1,"seconds":0.5}"#;
+        let line =
+            r#"{"generation":2,"at":3.2,"cause":"lost","lost_at_step":50,"resumed_step":40,"world":1,"seconds":0.5}"#;
         let restart: Restart = serde_json::from_str(line).unwrap();
         assert_eq!((restart.reached_step, restart.steps_trained_again()), (50, 10));
-        assert_eq!((restart.ranks_after_seconds, restart.training_after_seconds), (Some(0.5), None));
+        assert_eq!(
+            (restart.ranks_after_seconds, restart.training_after_seconds),
+            (Some(0.5), None)
+        );
     }
 }

@@ -95,7 +95,10 @@ pub enum LayoutError {
 }
 
 fn advice(fitting: Option<usize>, working_set: u64) -> String {
-    let memory = format!("raise data.shard_memory_bytes to at least {}", readable_bytes(working_set));
+    let memory = format!(
+        "raise data.shard_memory_bytes to at least {}",
+        readable_bytes(working_set)
+    );
     match fitting {
         Some(streams) => format!("Set data.streams = {streams} (the most that fit) or {memory}"),
         None => format!("No stream count fits: {memory}"),

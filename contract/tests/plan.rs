@@ -119,8 +119,9 @@ fn a_stream_layout_that_cannot_fit_is_refused_naming_the_fields() {
     let error = JobPlan::new(&with_data("streams = 4\nshard_memory_bytes = 6000"), indexes()).unwrap_err();
     let message = error.to_string();
     assert!(
-        message.starts_with("data.streams: 4 streams make each of 2 workers hold about 7021 bytes of shards at once (2 streams x")
-            && message.contains("Set data.streams = 2 (the most that fit)")
+        message.starts_with(
+            "data.streams: 4 streams make each of 2 workers hold about 7021 bytes of shards at once (2 streams x"
+        ) && message.contains("Set data.streams = 2 (the most that fit)")
             && message.ends_with("or set data.accept_refetching = true"),
         "{message}"
     );
@@ -139,6 +140,10 @@ fn a_stream_layout_that_cannot_fit_is_refused_naming_the_fields() {
     )
     .unwrap();
     assert_eq!(order.streams(), 4);
-    let (_, order) = JobPlan::new(&with_data("shard_memory_bytes = 2000\naccept_refetching = true"), indexes()).unwrap();
+    let (_, order) = JobPlan::new(
+        &with_data("shard_memory_bytes = 2000\naccept_refetching = true"),
+        indexes(),
+    )
+    .unwrap();
     assert_eq!(order.streams(), 2);
 }

@@ -95,9 +95,15 @@ pub enum Change {
     },
     /// A rank of the ring that `generation` replaced said it had reached
     /// `step`, further than its restart record knew.
-    Reached { generation: u64, step: u64 },
+    Reached {
+        generation: u64,
+        step: u64,
+    },
     /// The generation's first step after a recovery completed.
-    TrainingAgain { generation: u64, step: u64 },
+    TrainingAgain {
+        generation: u64,
+        step: u64,
+    },
     /// Workers that fell silent without a rank in the ring, dropped.
     Dropped(Vec<String>),
 }
@@ -1108,7 +1114,13 @@ mod tests {
         let restart = job.coordinator_restarted(Instant::now()).unwrap();
         assert_eq!((restart.generation, restart.reached_step), (5, 30));
         // A worker of the lost coordinator's ring (generation 4) went further.
-        assert_eq!(job.reached(4, 33), Some(Change::Reached { generation: 5, step: 33 }));
+        assert_eq!(
+            job.reached(4, 33),
+            Some(Change::Reached {
+                generation: 5,
+                step: 33
+            })
+        );
         assert_eq!(job.restarts_left(), 2);
         assert_eq!(job.register("a".into(), "cpu".into(), None, Instant::now()), "w-6");
         let mut job = Job::new("test", 100, policy(3, 2, 2), Some(journal("failed")));

@@ -45,9 +45,16 @@ pub enum Event {
         at: f64,
     },
     /// A rank of the ring `generation` replaced had reached `step`.
-    Reached { generation: u64, step: u64 },
+    Reached {
+        generation: u64,
+        step: u64,
+    },
     /// The first step after the recovery that began `generation` is done.
-    TrainingAgain { generation: u64, step: u64, at: f64 },
+    TrainingAgain {
+        generation: u64,
+        step: u64,
+        at: f64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,8 +211,14 @@ mod tests {
                 ranks_after_seconds: None,
                 training_after_seconds: None,
             }),
-            Event::Reached { generation: 2, step: 52 },
-            Event::Reached { generation: 2, step: 51 },
+            Event::Reached {
+                generation: 2,
+                step: 52,
+            },
+            Event::Reached {
+                generation: 2,
+                step: 51,
+            },
             Event::Assigned {
                 generation: 2,
                 step: 40,

@@ -90,7 +90,12 @@ impl Shared {
                 }),
                 Change::Reached { generation, step } => self.journal(Event::Reached { generation, step }),
                 Change::TrainingAgain { generation, step } => {
-                    let seconds = self.job.lock().expect("job state").restarts.last()
+                    let seconds = self
+                        .job
+                        .lock()
+                        .expect("job state")
+                        .restarts
+                        .last()
                         .and_then(|restart| restart.training_after_seconds);
                     tracing::info!(
                         "training again at step {step} (generation {generation}), {:.1} s after the loss",

@@ -459,14 +459,20 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
         restart.cause
     );
     // The new ring's first step ends the recovery: training again, timed.
-    client.heartbeat(heartbeat(&workers[0], 1, generation + 1)).await.unwrap();
+    client
+        .heartbeat(heartbeat(&workers[0], 1, generation + 1))
+        .await
+        .unwrap();
     let report = coordinator::status::report(&coordinator.shared);
     let restart = &report.restarts[0];
     let (ranks, training) = (
         restart.ranks_after_seconds.unwrap(),
         restart.training_after_seconds.expect("timed at the first step"),
     );
-    assert!(training >= ranks, "training again after {training} s, ranks after {ranks} s");
+    assert!(
+        training >= ranks,
+        "training again after {training} s, ranks after {ranks} s"
+    );
     let metrics = coordinator::status::prometheus_text(&report);
     assert!(
         metrics.contains("coca_restarts 1")
@@ -486,7 +492,9 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     // The journal kept the first recovery's figures.
     let first = &report.restarts[0];
     assert_eq!((first.reached_step, first.steps_trained_again()), (4, 4));
-    assert!(first.training_after_seconds.is_some_and(|s| s >= first.ranks_after_seconds.unwrap()));
+    assert!(first
+        .training_after_seconds
+        .is_some_and(|s| s >= first.ranks_after_seconds.unwrap()));
     assert!(report.restarts[1]
         .cause
         .starts_with("the coordinator restarted (the journal says running"));

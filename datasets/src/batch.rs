@@ -24,7 +24,10 @@ impl<B: Backend> CocaBatch<B> {
             images: self.images.clone().narrow(0, start, len),
             tokens: self.tokens.clone().narrow(0, start, len),
             padding: self.padding.clone().narrow(0, start, len),
-            kept_patches: self.kept_patches.as_ref().map(|kept| kept.clone().narrow(0, start, len)),
+            kept_patches: self
+                .kept_patches
+                .as_ref()
+                .map(|kept| kept.clone().narrow(0, start, len)),
         }
     }
 }

@@ -70,11 +70,7 @@ pub fn resize_bicubic(rgb: &[u8], width: usize, height: usize, out_width: usize,
     let vertical = taps(height, out_height);
     // Only the rows the vertical pass reads.
     let first_row = vertical.iter().map(|t| t.first).min().unwrap_or(0);
-    let last_row = vertical
-        .iter()
-        .map(|t| t.first + t.weights.len())
-        .max()
-        .unwrap_or(0);
+    let last_row = vertical.iter().map(|t| t.first + t.weights.len()).max().unwrap_or(0);
     let mut rows = vec![0u8; 3 * out_width * (last_row - first_row)];
     for y in first_row..last_row {
         let line = &rgb[3 * width * y..3 * width * (y + 1)];

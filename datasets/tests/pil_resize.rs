@@ -41,7 +41,10 @@ sys.stdout.buffer.write(resized.crop((left, top, left + size, top + size)).tobyt
 fn centre_crops_are_pils_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let size = 64;
-    for (i, (width, height)) in [(173, 131), (40, 90), (300, 301), (20, 20), (64, 200)].into_iter().enumerate() {
+    for (i, (width, height)) in [(173, 131), (40, 90), (300, 301), (20, 20), (64, 200)]
+        .into_iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("picture-{i}.png"));
         let image = picture(width, height, 7 + i as u64);
         image.save(&path).unwrap();

@@ -252,6 +252,12 @@ fn the_chosen_stream_count_fetches_each_shard_once_in_tight_memory() {
         chosen.streams,
         peak as f64 / largest as f64
     );
-    assert!(ratio <= 1.05, "the chosen layout fetched {ratio:.3}x the dataset's bytes");
-    assert!(before > 1.5, "the test tells layouts apart: 16 streams fetched {before:.2}x");
+    assert!(
+        ratio <= 1.05,
+        "the chosen layout fetched {ratio:.3}x the dataset's bytes"
+    );
+    assert!(
+        before > 1.5,
+        "the test tells layouts apart: 16 streams fetched {before:.2}x"
+    );
 }

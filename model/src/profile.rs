@@ -75,7 +75,10 @@ where
         captioning: true,
     };
     // Each part's inputs, computed once without a graph.
-    let image_tokens = model.image_encoder.forward_kept(batch.images.clone(), batch.kept_patches.as_ref()).detach();
+    let image_tokens = model
+        .image_encoder
+        .forward_kept(batch.images.clone(), batch.kept_patches.as_ref())
+        .detach();
     let (contrastive_token, caption_tokens) = model.pool(image_tokens.clone(), both);
     let (contrastive_token, caption_tokens) = (
         contrastive_token.expect("asked for").detach(),
@@ -106,7 +109,11 @@ where
 
     vec![
         time("image encoder", repeats, &device, || {
-            against(model.image_encoder.forward_kept(leaf(batch.images.clone()), batch.kept_patches.as_ref()))
+            against(
+                model
+                    .image_encoder
+                    .forward_kept(leaf(batch.images.clone()), batch.kept_patches.as_ref()),
+            )
         }),
         time("poolers, image projection", repeats, &device, || {
             let (token, caption) = model.pool(leaf(image_tokens.clone()), both);

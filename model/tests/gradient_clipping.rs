@@ -42,16 +42,18 @@ impl ModuleVisitor<B> for SquaredGradients<'_> {
 
 /// One step; returns the reported gradient norm and AdamW's first moments.
 fn step(clip_norm: Option<f32>) -> (f32, Vec<f32>) {
-    let mut trainer = TrainStep::new(
-        &AdamWConfig::new(),
-        LossWeights::default(),
-        ContrastiveMode::Local,
-    )
-    .with_clip_norm(clip_norm);
+    let mut trainer =
+        TrainStep::new(&AdamWConfig::new(), LossWeights::default(), ContrastiveMode::Local).with_clip_norm(clip_norm);
     let (model, report) = trainer.step(model(), &batch(), 1e-3, &mut Solo).unwrap();
     let record = trainer.optimizer_record();
     let layout = StateLayout::of(&model, &record);
-    let first_moments = read_range(&model, &record, layout.section_len, layout.section_len, 2 * layout.section_len);
+    let first_moments = read_range(
+        &model,
+        &record,
+        layout.section_len,
+        layout.section_len,
+        2 * layout.section_len,
+    );
     (report.gradient_norm, first_moments)
 }
 

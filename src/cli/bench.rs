@@ -210,7 +210,13 @@ fn value_name(value: impl clap::ValueEnum) -> String {
 fn peak_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kilobytes: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kilobytes: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kilobytes * 1024)
 }
 
@@ -619,7 +625,10 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
     );
     println!("  loss          {:.4} -> {:.4}", report.first_loss, report.last_loss);
     if let Some(peak) = peak_resident_bytes() {
-        println!("  peak memory   {:8.1} MB  (resident, this process: VmHWM)", peak as f64 / 1e6);
+        println!(
+            "  peak memory   {:8.1} MB  (resident, this process: VmHWM)",
+            peak as f64 / 1e6
+        );
     }
     if !report.parts.is_empty() {
         println!(

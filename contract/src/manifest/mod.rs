@@ -654,11 +654,17 @@ impl Manifest {
         if !(0.0..1.0).contains(&train.patch_dropout) {
             return Err(error(
                 "train.patch_dropout",
-                format!("{} must be in [0, 1): the share of patches dropped", train.patch_dropout),
+                format!(
+                    "{} must be in [0, 1): the share of patches dropped",
+                    train.patch_dropout
+                ),
             ));
         }
         if let Some(norm) = train.grad_clip_norm.filter(|norm| !(*norm > 0.0 && norm.is_finite())) {
-            return Err(error("train.grad_clip_norm", format!("{norm} must be a positive number")));
+            return Err(error(
+                "train.grad_clip_norm",
+                format!("{norm} must be a positive number"),
+            ));
         }
         Ok(())
     }

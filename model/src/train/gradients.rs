@@ -92,10 +92,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
 
 /// The L2 norm of every gradient in `gradients` together (one read-back).
 pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, gradients: &GradientsParams) -> f32 {
-    let mut squares = SumOfSquares::<B> {
-        gradients,
-        total: None,
-    };
+    let mut squares = SumOfSquares::<B> { gradients, total: None };
     module.visit(&mut squares);
     squares
         .total

@@ -231,7 +231,8 @@ where
                 };
                 let mut surrogate = (image * rows_of(&cached.image)).sum() + (text * rows_of(&cached.text)).sum();
                 if i == 0 {
-                    surrogate = surrogate + (model.logit_scale.val() * Tensor::from_inner(cached.logit_scale.clone())).sum();
+                    surrogate =
+                        surrogate + (model.logit_scale.val() * Tensor::from_inner(cached.logit_scale.clone())).sum();
                 }
                 objective = Some(match objective {
                     Some(captioning) => captioning + surrogate,

@@ -6,8 +6,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use contract::ModelConfig;
 
 use crate::CocaBatch;
-use datasets::patch_dropout::PatchDropout;
 use contract::rng::SplitMix64;
+use datasets::patch_dropout::PatchDropout;
 
 /// Token ids the synthetic captions use for padding, start and end.
 pub const PAD: i32 = 0;

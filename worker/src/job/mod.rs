@@ -20,8 +20,8 @@ use proto::auth::Token;
 use proto::{Assignment, CheckpointShard, FinishRequest, WorkerPhase};
 
 use client::{
-    connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, LeftRing, NoAssignment, Progress, Registered,
-    Signals,
+    connect, register, rendezvous, send_heartbeat, spawn_heartbeat, Client, LeftRing, NoAssignment, Progress,
+    Registered, Signals,
 };
 use setup::JobSetup;
 use train::{train, Reporting};
