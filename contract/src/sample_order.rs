@@ -52,9 +52,9 @@ impl SourceSize {
     }
 }
 
-/// How the order walks the shards: the manifest's `data.streams` (none:
-/// the largest count up to 64 the batch and the shards allow) and
-/// `data.shuffle_window`.
+/// How the order walks the shards: the stream count (none: the largest up
+/// to 64 the batch and the shards allow; a job's plan always names the one
+/// its coordinator chose, `stream_layout`) and `data.shuffle_window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Streaming {
