@@ -117,7 +117,7 @@ pub fn readable_bytes(bytes: u64) -> String {
 /// The stream counts the sources can be dealt to: each divides every
 /// source's share of the batch, none outnumbers a source's shards, at most
 /// [`MAX_AUTO_STREAMS`]; largest first.
-pub fn candidates(sources: &[SourceShards]) -> Vec<usize> {
+fn candidates(sources: &[SourceShards]) -> Vec<usize> {
     let counts: Vec<usize> = sources.iter().map(|source| source.per_batch).collect();
     let fewest_shards = sources.iter().map(|source| source.shards).min().unwrap_or(1);
     (1..=MAX_AUTO_STREAMS.min(fewest_shards))
@@ -126,41 +126,52 @@ pub fn candidates(sources: &[SourceShards]) -> Vec<usize> {
         .collect()
 }
 
+/// Every layout the sources can be dealt to under `fit`, most streams first.
+fn layouts(sources: &[SourceShards], fit: Fit) -> Vec<StreamLayout> {
+    candidates(sources)
+        .into_iter()
+        .map(|streams| StreamLayout::of(streams, fit.workers, fit.window, sources))
+        .collect()
+}
+
+impl Fit {
+    fn holds(&self, layout: &StreamLayout) -> bool {
+        layout.working_set <= self.shard_memory_bytes
+    }
+}
+
 /// The layout for a manifest without `data.streams`: the most streams
 /// (more shards mixed in every batch) that every worker reads locally and
 /// that fit its memory; a layout that fits without locality when no local
 /// one can.
 pub fn choose(sources: &[SourceShards], fit: Fit) -> Result<StreamLayout, LayoutError> {
-    let layouts: Vec<StreamLayout> = candidates(sources)
+    let fitting: Vec<StreamLayout> = layouts(sources, fit)
         .into_iter()
-        .map(|streams| StreamLayout::of(streams, fit.workers, fit.window, sources))
+        .filter(|layout| fit.holds(layout))
         .collect();
-    let fits = |layout: &&StreamLayout| layout.working_set <= fit.shard_memory_bytes;
-    layouts
+    fitting
         .iter()
-        .filter(fits)
         .find(|layout| layout.local)
-        .or_else(|| layouts.iter().find(fits))
+        .or_else(|| fitting.first())
         .copied()
         .ok_or_else(|| LayoutError::NothingFits {
             memory: fit.shard_memory_bytes,
-            smallest: layouts.iter().map(|l| l.working_set).min().unwrap_or(0),
+            smallest: smallest(sources, fit).map_or(0, |layout| layout.working_set),
             window: fit.window,
         })
 }
 
 /// With re-fetching accepted: the layout holding the least at once.
 pub fn smallest(sources: &[SourceShards], fit: Fit) -> Option<StreamLayout> {
-    candidates(sources)
+    layouts(sources, fit)
         .into_iter()
-        .map(|streams| StreamLayout::of(streams, fit.workers, fit.window, sources))
         .min_by_key(|layout| (layout.working_set, std::cmp::Reverse(layout.streams)))
 }
 
 /// Checks a manifest's own `data.streams` against the memory.
 pub fn check(streams: usize, sources: &[SourceShards], fit: Fit) -> Result<StreamLayout, LayoutError> {
     let layout = StreamLayout::of(streams, fit.workers, fit.window, sources);
-    if layout.working_set <= fit.shard_memory_bytes {
+    if fit.holds(&layout) {
         return Ok(layout);
     }
     let fitting = choose(sources, fit).ok().map(|layout| layout.streams);
