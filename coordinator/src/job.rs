@@ -103,6 +103,8 @@ pub enum Change {
     TrainingAgain {
         generation: u64,
         step: u64,
+        /// From the loss.
+        seconds: f64,
     },
     /// Workers that fell silent without a rank in the ring, dropped.
     Dropped(Vec<String>),
@@ -359,8 +361,13 @@ impl Job {
             .last_mut()
             .filter(|r| r.generation == generation && r.resumed_step.is_some())?;
         let since = self.recovering_since.take()?;
-        restart.training_after_seconds = Some(now.saturating_duration_since(since).as_secs_f64());
-        Some(Change::TrainingAgain { generation, step })
+        let seconds = now.saturating_duration_since(since).as_secs_f64();
+        restart.training_after_seconds = Some(seconds);
+        Some(Change::TrainingAgain {
+            generation,
+            step,
+            seconds,
+        })
     }
 
     /// What the watchdog decides at `now`: silent workers are lost (a
@@ -924,7 +931,8 @@ mod tests {
             job.completed_step(41, secs(start, 18)),
             Some(Change::TrainingAgain {
                 generation: first + 1,
-                step: 41
+                step: 41,
+                seconds: 7.0
             })
         );
         assert_eq!(job.completed_step(42, secs(start, 19)), None, "only the first step");

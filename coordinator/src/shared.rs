@@ -89,17 +89,13 @@ impl Shared {
                     at: job::unix_now(),
                 }),
                 Change::Reached { generation, step } => self.journal(Event::Reached { generation, step }),
-                Change::TrainingAgain { generation, step } => {
-                    let seconds = self
-                        .job
-                        .lock()
-                        .expect("job state")
-                        .restarts
-                        .last()
-                        .and_then(|restart| restart.training_after_seconds);
+                Change::TrainingAgain {
+                    generation,
+                    step,
+                    seconds,
+                } => {
                     tracing::info!(
-                        "training again at step {step} (generation {generation}), {:.1} s after the loss",
-                        seconds.unwrap_or(0.0)
+                        "training again at step {step} (generation {generation}), {seconds:.1} s after the loss"
                     );
                     self.journal(Event::TrainingAgain {
                         generation,
