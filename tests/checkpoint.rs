@@ -157,13 +157,19 @@ fn a_checkpoint_of_an_earlier_version_resumes_bit_exactly() {
     assert_eq!(files(&committed(straight.path(), 20)["shards"]), files(&then["shards"]));
 }
 
+/// Also from a job with AdamW's moments sharded (train.shard_optimizer)
+/// into one without, and back: the checkpoint is the same either way.
 #[test]
 fn a_checkpoint_resumes_on_other_world_sizes() {
     let dir = tempfile::tempdir().unwrap();
     // 24 divides among 1, 2, 3 and 4 workers.
-    manifest(dir.path(), 6, &[("global_batch = 32", "global_batch = 24")]);
+    let batch = ("global_batch = 32", "global_batch = 24");
+    manifest(dir.path(), 6, &[batch]);
     ok(&launch(dir.path(), &["--steps", "6", "--workers", "1"]));
-    for (workers, steps, saved_by) in [("4", "12", 1), ("2", "18", 4), ("3", "24", 2)] {
+    for (workers, steps, saved_by, sharded) in [("4", "12", 1, true), ("2", "18", 4, false), ("3", "24", 2, true)] {
+        let sharding = ("lambda_cap = 2.0", "lambda_cap = 2.0\nshard_optimizer = true");
+        let edits: &[(&str, &str)] = if sharded { &[batch, sharding] } else { &[batch] };
+        manifest(dir.path(), 6, edits);
         let stderr = ok(&launch(dir.path(), &["--steps", steps, "--workers", workers]));
         assert!(stderr.contains(&format!("saved by {saved_by} workers")), "{stderr}");
     }

@@ -640,30 +640,34 @@ fn exported(dir: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, 
 /// One worker of two replicas trains what two workers train: the replicas
 /// are ranks of the job; so do two workers each accumulating 4 chunks, and
 /// with patch dropout (each sample keeps its own patches on any layout).
-/// Twice the same layout gives the same bits.
+/// Two workers sharding AdamW's moments save the very checkpoint two
+/// workers without it write. Twice the same layout gives the same bits.
 #[test]
 fn replicas_in_one_worker_train_what_two_workers_train() {
-    let run_with = |workers: usize, replicas: usize, accumulation: usize, patch_dropout: f64| {
+    let run_with = |workers: usize, replicas: usize, train: &str| {
         let dir = tempfile::tempdir().unwrap();
         let job = manifest(dir.path(), 500, 10_000);
         let text = std::fs::read_to_string(&job)
             .unwrap()
             .replace("steps = 300", "steps = 20")
-            .replace(
-                "lambda_cap = 2.0",
-                &format!("lambda_cap = 2.0\naccumulation = {accumulation}\npatch_dropout = {patch_dropout}"),
-            )
+            .replace("lambda_cap = 2.0", &format!("lambda_cap = 2.0\n{train}"))
             .replace("workers = 2", &format!("workers = {workers}\nreplicas = {replicas}"));
         let text = text[..text.find("[eval]").unwrap()].to_string() + &text[text.find("[status]").unwrap()..];
         std::fs::write(&job, text).unwrap();
         let output = coca().arg("launch").arg(&job).current_dir(dir.path()).output().unwrap();
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let log = String::from_utf8_lossy(&output.stderr).to_string();
-        (exported(dir.path(), "runs/demo/checkpoints"), log)
+        let step = dir.path().join("runs/demo/checkpoints/step-00000020");
+        let shards: Vec<Vec<u8>> = (0..workers)
+            .map(|rank| std::fs::read(step.join(format!("rank-{rank:05}-of-{workers:05}.safetensors"))).unwrap())
+            .collect();
+        (exported(dir.path(), "runs/demo/checkpoints"), log, shards)
     };
-    let run = |workers: usize, replicas: usize| run_with(workers, replicas, 1, 0.0);
-    let (workers, _) = run(2, 1);
-    let (replicas, log) = run(1, 2);
+    let run = |workers: usize, replicas: usize| run_with(workers, replicas, "");
+    let (workers, _, shards) = run(2, 1);
+    let (_, _, sharded) = run_with(2, 1, "shard_optimizer = true");
+    assert!(sharded == shards, "the sharded optimizer saved another step 20");
+    let (replicas, log, _) = run(1, 2);
     assert!(log.contains("2 model replicas per worker"), "{log}");
     // The sums run in another order (see model/tests/data_parallel.rs).
     let worst_against = |actual: &std::collections::BTreeMap<String, Vec<f32>>,
@@ -682,22 +686,22 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
         "worst relative difference {:e}",
         worst(&replicas)
     );
-    let (accumulated, _) = run_with(2, 1, 4, 0.0);
+    let (accumulated, _, _) = run_with(2, 1, "accumulation = 4");
     assert!(
         worst(&accumulated) < 1e-3,
         "accumulated: worst relative difference {:e}",
         worst(&accumulated)
     );
     assert!(accumulated != workers, "the chunks sum in another order: other bits");
-    let (dropped, _) = run_with(2, 1, 1, 0.5);
-    let (dropped_replicas, _) = run_with(1, 2, 1, 0.5);
+    let (dropped, _, _) = run_with(2, 1, "patch_dropout = 0.5");
+    let (dropped_replicas, _, _) = run_with(1, 2, "patch_dropout = 0.5");
     let difference = worst_against(&dropped_replicas, &dropped);
     assert!(
         difference < 1e-3,
         "patch dropout: worst relative difference {difference:e}"
     );
     assert!(worst(&dropped) > 1e-2, "half the patches dropped trains another model");
-    let (again, _) = run(1, 2);
+    let (again, _, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");
 }
 

@@ -36,7 +36,7 @@ where
     use model::state::{self, StateLayout};
     let device = Default::default();
     let model = CocaModel::<B>::new(config, 0, &device);
-    let (mut tensors, section_len) = state::tensor_index(&model, &state::OptimizerRecord::new());
+    let (mut tensors, section_len) = state::tensor_index(&model, &state::Moments::Whole(Default::default()));
     for tensor in &mut tensors {
         tensor.optimizer_state = true;
     }
@@ -51,6 +51,7 @@ where
         .collect();
     drop(params);
     let (model, record) = state::apply(model, &tensors, section_len, &values, 1);
+    let record = state::Moments::Whole(record);
     drop(values);
     let root = store::Store::open(&dir.display().to_string(), &store::StoreOptions::default())?;
 

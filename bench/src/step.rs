@@ -71,6 +71,8 @@ pub struct StepBenchmarkPlan {
     pub clip_norm: Option<f32>,
     /// train.patch_dropout: the share of each image's patches dropped.
     pub patch_dropout: f64,
+    /// train.shard_optimizer: AdamW's moments sharded between the ranks.
+    pub shard_optimizer: bool,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -97,6 +99,7 @@ where
         accumulation,
         clip_norm,
         patch_dropout,
+        shard_optimizer,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -117,7 +120,8 @@ where
     )
     .with_compute(compute_dtype(precision))
     .with_accumulation(accumulation)
-    .with_clip_norm(clip_norm);
+    .with_clip_norm(clip_norm)
+    .with_sharded_optimizer(shard_optimizer);
     let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let mut measured = Vec::with_capacity(steps);
     let mut walls = Vec::with_capacity(steps);

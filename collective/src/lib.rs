@@ -12,6 +12,18 @@ pub mod tcp;
 
 pub use error::CollectiveError;
 
+use std::ops::Range;
+
+/// Rank `rank`'s segment of a buffer of `len` values split between `world`
+/// ranks: contiguous, in rank order, lengths differing by at most one (the
+/// first `len % world` segments hold one more). What a reduce-scatter
+/// leaves each rank and an all-gather of segments collects.
+pub fn segment(len: usize, rank: usize, world: usize) -> Range<usize> {
+    let (base, extra) = (len / world, len % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
 /// The world of one rank: every operation is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Solo;
@@ -59,6 +71,31 @@ pub trait Collective {
         self.all_reduce_sum(buffer)?;
         let scale = 1.0 / self.world_size() as f32;
         buffer.iter_mut().for_each(|value| *value *= scale);
+        Ok(())
+    }
+
+    /// Element-wise sum over all ranks of this rank's [`segment`] of
+    /// `buffer`, left in that segment; the rest of `buffer` is unspecified
+    /// afterwards. What a sharded optimizer needs of the gradient: half an
+    /// all-reduce's traffic on a ring.
+    fn reduce_scatter_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(buffer)
+    }
+
+    /// Every rank's [`segment`] of `buffer`, copied into every rank's
+    /// `buffer` (each rank's own segment is what it sends).
+    fn all_gather_segments(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        let (rank, world) = (self.rank(), self.world_size());
+        // Segments differ by at most one value: pad each to the longest.
+        let longest = segment(buffer.len(), 0, world).len();
+        let mut local = buffer[segment(buffer.len(), rank, world)].to_vec();
+        local.resize(longest, 0.0);
+        let gathered = self.all_gather(&local)?;
+        for (owner, padded) in gathered.chunks_exact(longest.max(1)).enumerate().take(world) {
+            let range = segment(buffer.len(), owner, world);
+            let len = range.len();
+            buffer[range].copy_from_slice(&padded[..len]);
+        }
         Ok(())
     }
 

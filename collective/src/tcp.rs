@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use retry::{retry_blocking, RetryPolicy};
 
-use super::{Collective, CollectiveError};
+use super::{segment, Collective, CollectiveError};
 
 /// Identifies coca's ring protocol in the connection handshake.
 const MAGIC: u32 = 0xC0CA_0001;
@@ -351,21 +351,6 @@ pub struct TcpRing {
     timeout: Duration,
 }
 
-/// Splits `len` values into `parts` contiguous ranges differing in length
-/// by at most one.
-fn segments(len: usize, parts: usize) -> Vec<Range<usize>> {
-    let (base, extra) = (len / parts, len % parts);
-    let mut start = 0;
-    (0..parts)
-        .map(|i| {
-            let end = start + base + usize::from(i < extra);
-            let range = start..end;
-            start = end;
-            range
-        })
-        .collect()
-}
-
 /// Two disjoint ranges of one buffer: the first to read, the second to write.
 fn split_pair<'a>(buffer: &'a mut [f32], read: &Range<usize>, write: &Range<usize>) -> (&'a [f32], &'a mut [f32]) {
     if read.start < write.start {
@@ -445,6 +430,38 @@ enum Arrival {
     Store,
 }
 
+impl TcpRing {
+    /// One half of a ring all-reduce over the world's segments of `buffer`
+    /// (n - 1 exchanges): `ReduceScatter` leaves rank r the sum of segment
+    /// r + `shift`; `AllGather`, given rank r holding segment r + `shift`,
+    /// leaves every rank every segment.
+    fn ring_phase(&mut self, buffer: &mut [f32], tag: Tag, shift: usize) -> Result<(), CollectiveError> {
+        let (rank, n, timeout) = (self.rank, self.world, self.timeout);
+        let Some(links) = self.links.as_mut() else {
+            return Ok(());
+        };
+        let total = buffer.len();
+        let parts: Vec<Range<usize>> = (0..n).map(|r| segment(total, r, n)).collect();
+        let arrival = match tag {
+            Tag::ReduceScatter => Arrival::Add,
+            _ => Arrival::Store,
+        };
+        // Reducing, the segment sent first is the one ending n - 1 hops
+        // away; gathering, it is the one held.
+        let first = match tag {
+            Tag::ReduceScatter => rank + shift + n - 1,
+            _ => rank + shift + n,
+        };
+        for step in 0..n - 1 {
+            let send = &parts[(first - step) % n];
+            let receive = &parts[(first + n - step - 1) % n];
+            let (send, receive) = split_pair(buffer, send, receive);
+            links.exchange(tag, total, send, receive, timeout, arrival)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collective for TcpRing {
     fn rank(&self) -> usize {
         self.rank
@@ -469,27 +486,18 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
-        let (rank, n, timeout) = (self.rank, self.world, self.timeout);
-        let Some(links) = self.links.as_mut() else {
-            return Ok(());
-        };
-        let total = buffer.len();
-        let parts = segments(total, n);
-        // Reduce-scatter: after n - 1 steps, rank r holds the sum of segment r + 1.
-        for step in 0..n - 1 {
-            let send = &parts[(rank + n - step) % n];
-            let receive = &parts[(rank + 2 * n - step - 1) % n];
-            let (send, receive) = split_pair(buffer, send, receive);
-            links.exchange(Tag::ReduceScatter, total, send, receive, timeout, Arrival::Add)?;
-        }
-        // All-gather the reduced segments, so every rank ends bit-identical.
-        for step in 0..n - 1 {
-            let send = &parts[(rank + 1 + n - step) % n];
-            let receive = &parts[(rank + n - step) % n];
-            let (send, receive) = split_pair(buffer, send, receive);
-            links.exchange(Tag::AllGather, total, send, receive, timeout, Arrival::Store)?;
-        }
-        Ok(())
+        // The reduce-scatter leaves rank r segment r + 1; the all-gather
+        // spreads them, so every rank ends bit-identical.
+        self.ring_phase(buffer, Tag::ReduceScatter, 1)?;
+        self.ring_phase(buffer, Tag::AllGather, 1)
+    }
+
+    fn reduce_scatter_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        self.ring_phase(buffer, Tag::ReduceScatter, 0)
+    }
+
+    fn all_gather_segments(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        self.ring_phase(buffer, Tag::AllGather, 0)
     }
 
     fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {

@@ -75,6 +75,70 @@ fn all_gather_concatenates_in_rank_order() {
 }
 
 #[test]
+fn segments_tile_the_buffer_in_rank_order() {
+    for (len, world) in [(0, 3), (2, 5), (10, 4), (65_537, 3)] {
+        let segments: Vec<_> = (0..world).map(|rank| collective::segment(len, rank, world)).collect();
+        assert_eq!(segments[0].start, 0);
+        assert_eq!(segments[world - 1].end, len);
+        assert!(segments.windows(2).all(|pair| pair[0].end == pair[1].start));
+        let lengths: Vec<usize> = segments.iter().map(|s| s.len()).collect();
+        assert!(
+            lengths.iter().max().unwrap() - lengths.iter().min().unwrap() <= 1,
+            "{lengths:?}"
+        );
+    }
+}
+
+/// A reduce-scatter then an all-gather of segments is an all-reduce: each
+/// half leaves what it promises, on the ring and by the trait's defaults.
+#[test]
+fn reduce_scatter_and_segment_all_gather_are_the_halves_of_an_all_reduce() {
+    for world in [1, 2, 3, 5] {
+        for len in [1, 3, 7, 1000, 300_007] {
+            let mut expected = vec![0.0f32; len];
+            for rank in 0..world {
+                let values = contribution(rank, len);
+                expected.iter_mut().zip(values).for_each(|(sum, value)| *sum += value);
+            }
+            let results = on_every_rank(rings(world, TIMEOUT).expect("a loopback ring"), |ring| {
+                let (rank, world) = (ring.rank(), ring.world_size());
+                let mut buffer = contribution(rank, len);
+                ring.reduce_scatter_sum(&mut buffer).unwrap();
+                let mine = collective::segment(len, rank, world);
+                let reduced = buffer[mine.clone()].to_vec();
+                // Only the own segment travels in the gather.
+                for (i, value) in buffer.iter_mut().enumerate() {
+                    if !mine.contains(&i) {
+                        *value = f32::NAN;
+                    }
+                }
+                ring.all_gather_segments(&mut buffer).unwrap();
+                (reduced, buffer)
+            });
+            for (rank, (reduced, gathered)) in results.iter().enumerate() {
+                let mine = collective::segment(len, rank, world);
+                assert!(
+                    reduced[..] == expected[mine],
+                    "world {world}, len {len}: rank {rank}'s segment"
+                );
+                assert!(
+                    gathered == &expected,
+                    "world {world}, len {len}: rank {rank} after the gather"
+                );
+            }
+            let mut rehearsal = collective::Rehearsal { world };
+            let mut buffer = contribution(0, len);
+            rehearsal.all_gather_segments(&mut buffer).unwrap();
+            let first = collective::segment(len, 0, world);
+            assert!(
+                buffer[first.clone()] == contribution(0, len)[first],
+                "the default gather keeps rank 0's segment"
+            );
+        }
+    }
+}
+
+#[test]
 fn broadcast_copies_the_root_everywhere() {
     for world in [1, 2, 3, 5] {
         for root in 0..world {

@@ -158,6 +158,9 @@ pub struct StatusReport {
     pub grad_clip_norm: Option<f64>,
     /// train.accumulation: the chunks each rank's rows are processed in.
     pub accumulation: usize,
+    /// train.shard_optimizer: AdamW's moments sharded between the ranks.
+    #[serde(default)]
+    pub shard_optimizer: bool,
     /// Epochs of each source completed (fractional).
     pub source_epochs: Vec<f64>,
     /// Each source's progress and what the workers fetched from it.

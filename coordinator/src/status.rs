@@ -43,6 +43,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         gradient_norm: latest.map(|m| m.gradient_norm),
         grad_clip_norm: shared.plan.train.grad_clip_norm,
         accumulation: shared.plan.train.accumulation,
+        shard_optimizer: shared.plan.train.shard_optimizer,
         source_epochs: latest.map(|m| m.source_epochs.clone()).unwrap_or_default(),
         sources: source_progress(&job),
         bad_records: job

@@ -42,16 +42,37 @@ impl<B: Backend> ModuleVisitor<B> for Parameters {
 /// Trains this rank's share of every global batch; returns the final
 /// parameters, the initial checksum and the reported losses.
 fn train(collective: &mut dyn Collective, mode: ContrastiveMode) -> (Vec<Vec<f32>>, u64, Vec<StepReport>) {
-    train_replicated(collective, mode, 1, 1)
+    train_with(collective, mode, Layout::default())
 }
 
-/// [`train`] with `replicas` model replicas (threads) in this rank, each
-/// processing its rows in `accumulation` chunks.
-fn train_replicated(
+/// How a rank does its part of a step.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Model replicas (threads) in the rank.
+    replicas: usize,
+    /// Chunks each replica's rows are processed in.
+    accumulation: usize,
+    /// AdamW's state sharded between the ranks.
+    sharded: bool,
+    clip_norm: Option<f32>,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            accumulation: 1,
+            sharded: false,
+            clip_norm: None,
+        }
+    }
+}
+
+/// [`train`] in the given layout.
+fn train_with(
     collective: &mut dyn Collective,
     mode: ContrastiveMode,
-    replicas: usize,
-    accumulation: usize,
+    layout: Layout,
 ) -> (Vec<Vec<f32>>, u64, Vec<StepReport>) {
     let config = config();
     let device = Default::default();
@@ -61,8 +82,10 @@ fn train_replicated(
     // Small buckets, so the bucketing itself is exercised.
     let trainer = TrainStep::new(&optimizer, LossWeights::default(), mode)
         .with_bucket_bytes(4096)
-        .with_accumulation(accumulation);
-    let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
+        .with_accumulation(layout.accumulation)
+        .with_sharded_optimizer(layout.sharded)
+        .with_clip_norm(layout.clip_norm);
+    let mut trainer = ReplicatedStep::new(trainer, &model, layout.replicas);
     let micro = GLOBAL_BATCH / collective.world_size();
     let mut losses = Vec::new();
     for step in 0..STEPS {
@@ -75,6 +98,24 @@ fn train_replicated(
     let mut parameters = Parameters(Vec::new());
     model.visit(&mut parameters);
     (parameters.0, checksum, losses)
+}
+
+fn replicas(replicas: usize) -> Layout {
+    Layout {
+        replicas,
+        ..Layout::default()
+    }
+}
+
+fn chunks(accumulation: usize) -> Layout {
+    Layout {
+        accumulation,
+        ..Layout::default()
+    }
+}
+
+fn bits(tensors: &[Vec<f32>]) -> Vec<u32> {
+    tensors.iter().flatten().map(|v| v.to_bits()).collect()
 }
 
 fn train_on_ring(world: usize, mode: ContrastiveMode) -> Vec<(Vec<Vec<f32>>, u64, Vec<StepReport>)> {
@@ -131,8 +172,6 @@ fn ranks_compute_what_one_rank_computes_on_the_whole_batch() {
             }
             // Replicas never drift: bit-identical across ranks.
             for (parameters, _, _) in &ranks[1..] {
-                let bits =
-                    |tensors: &[Vec<f32>]| -> Vec<u32> { tensors.iter().flatten().map(|v| v.to_bits()).collect() };
                 assert!(
                     bits(parameters) == bits(&ranks[0].0),
                     "{mode:?}, world {world}: replicas drifted"
@@ -149,14 +188,14 @@ fn ranks_compute_what_one_rank_computes_on_the_whole_batch() {
 fn replicas_in_a_worker_compute_what_one_rank_computes() {
     let mode = ContrastiveMode::Local;
     let (reference, _, reference_losses) = train(&mut Solo, mode);
-    let (one_worker, _, losses) = train_replicated(&mut Solo, mode, 3, 1);
+    let (one_worker, _, losses) = train_with(&mut Solo, mode, replicas(3));
     let worst = assert_close("1 worker x 3 replicas", &one_worker, &reference);
     eprintln!("1 worker x 3 replicas: worst parameter tensor relative difference {worst:.1e}");
     for (ours, theirs) in losses.iter().zip(&reference_losses) {
         assert!((ours.losses.total - theirs.losses.total).abs() <= 1e-5 * theirs.losses.total.abs());
     }
     let workers = on_every_rank(rings(2, Duration::from_secs(60)).expect("a loopback ring"), |ring| {
-        train_replicated(ring, mode, 3, 1)
+        train_with(ring, mode, replicas(3))
     });
     for (rank, (parameters, _, _)) in workers.iter().enumerate() {
         let worst = assert_close(
@@ -166,9 +205,8 @@ fn replicas_in_a_worker_compute_what_one_rank_computes() {
         );
         eprintln!("2 workers x 3 replicas: worst parameter tensor relative difference {worst:.1e}");
     }
-    let bits = |tensors: &[Vec<f32>]| -> Vec<u32> { tensors.iter().flatten().map(|v| v.to_bits()).collect() };
     assert!(bits(&workers[0].0) == bits(&workers[1].0), "workers drifted");
-    let (again, _, _) = train_replicated(&mut Solo, mode, 3, 1);
+    let (again, _, _) = train_with(&mut Solo, mode, replicas(3));
     assert!(bits(&again) == bits(&one_worker), "the same layout gave other bits");
 }
 
@@ -180,7 +218,7 @@ fn replicas_in_a_worker_compute_what_one_rank_computes() {
 fn accumulated_chunks_compute_what_one_pass_computes() {
     for mode in [ContrastiveMode::Local, ContrastiveMode::Full] {
         let (reference, _, reference_losses) = train(&mut Solo, mode);
-        let (chunked, _, losses) = train_replicated(&mut Solo, mode, 1, 4);
+        let (chunked, _, losses) = train_with(&mut Solo, mode, chunks(4));
         let worst = assert_close(&format!("{mode:?}, 1 rank x 4 chunks"), &chunked, &reference);
         eprintln!("{mode:?}, 1 rank x 4 chunks: worst parameter tensor relative difference {worst:.1e}");
         // The gradient norm too: AdamW's update hides a gradient off by a constant factor.
@@ -195,7 +233,7 @@ fn accumulated_chunks_compute_what_one_pass_computes() {
             }
         }
         let ranks = on_every_rank(rings(2, Duration::from_secs(60)).expect("a loopback ring"), |ring| {
-            train_replicated(ring, mode, 1, 2)
+            train_with(ring, mode, chunks(2))
         });
         for (rank, (parameters, _, _)) in ranks.iter().enumerate() {
             let name = format!("{mode:?}, 2 ranks x 2 chunks, rank {rank}");
@@ -203,6 +241,70 @@ fn accumulated_chunks_compute_what_one_pass_computes() {
             eprintln!("{name}: worst parameter tensor relative difference {worst:.1e}");
         }
     }
+}
+
+/// ZeRO stage 2: AdamW's state sharded between the ranks updates every
+/// element as the whole optimizer does. On one rank and on two the
+/// parameters are bit-identical to the unsharded optimizer's (a sum of two
+/// values is the same in either order); on three, within the N-rank bound,
+/// every rank bit-identical; and clipped, within the same bound.
+#[test]
+fn a_sharded_optimizer_computes_what_the_whole_one_computes() {
+    let mode = ContrastiveMode::Full;
+    let sharded = Layout {
+        sharded: true,
+        ..Layout::default()
+    };
+    let (whole, _, whole_reports) = train(&mut Solo, mode);
+    let (one, _, one_reports) = train_with(&mut Solo, mode, sharded);
+    assert!(bits(&one) == bits(&whole), "1 rank, sharded: other bits");
+    for (ours, theirs) in one_reports.iter().zip(&whole_reports) {
+        let (ours, theirs) = (ours.gradient_norm, theirs.gradient_norm);
+        assert!(
+            (ours - theirs).abs() <= 1e-5 * theirs,
+            "gradient norm {ours} vs {theirs}"
+        );
+    }
+
+    let on_ring = |world: usize, layout: Layout| {
+        on_every_rank(
+            rings(world, Duration::from_secs(60)).expect("a loopback ring"),
+            |ring| train_with(ring, mode, layout),
+        )
+    };
+    let two_whole = on_ring(2, Layout::default());
+    let two_sharded = on_ring(2, sharded);
+    for (rank, (ours, theirs)) in two_sharded.iter().zip(&two_whole).enumerate() {
+        assert!(
+            bits(&ours.0) == bits(&theirs.0),
+            "2 ranks, sharded: rank {rank} has other bits"
+        );
+    }
+
+    let three = on_ring(3, sharded);
+    for (rank, (parameters, _, _)) in three.iter().enumerate() {
+        let worst = assert_close(&format!("3 ranks sharded, rank {rank}"), parameters, &whole);
+        eprintln!("3 ranks sharded: worst parameter tensor relative difference {worst:.1e}");
+        assert!(
+            bits(parameters) == bits(&three[0].0),
+            "3 ranks sharded: rank {rank} drifted"
+        );
+    }
+
+    // Clipped to a quarter of the first step's norm: every step clips.
+    let clip_norm = Some(whole_reports[0].gradient_norm / 4.0);
+    let (clipped, _, _) = train_with(
+        &mut Solo,
+        mode,
+        Layout {
+            clip_norm,
+            ..Layout::default()
+        },
+    );
+    let three_clipped = on_ring(3, Layout { clip_norm, ..sharded });
+    let worst = assert_close("3 ranks sharded, clipped", &three_clipped[0].0, &clipped);
+    eprintln!("3 ranks sharded, clipped: worst parameter tensor relative difference {worst:.1e}");
+    assert!(bits(&clipped) != bits(&whole), "clipping changed nothing");
 }
 
 #[test]

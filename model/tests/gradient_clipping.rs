@@ -45,11 +45,11 @@ fn step(clip_norm: Option<f32>) -> (f32, Vec<f32>) {
     let mut trainer =
         TrainStep::new(&AdamWConfig::new(), LossWeights::default(), ContrastiveMode::Local).with_clip_norm(clip_norm);
     let (model, report) = trainer.step(model(), &batch(), 1e-3, &mut Solo).unwrap();
-    let record = trainer.optimizer_record();
-    let layout = StateLayout::of(&model, &record);
+    let moments = trainer.moments(&model, &mut Solo).unwrap();
+    let layout = StateLayout::of(&model, &moments);
     let first_moments = read_range(
         &model,
-        &record,
+        &moments,
         layout.section_len,
         layout.section_len,
         2 * layout.section_len,

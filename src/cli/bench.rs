@@ -18,6 +18,8 @@ use datasets::dataset::Dataset;
 use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::backend::CpuTrain;
+use model::train::step::TrainStep;
+use model::CocaModel;
 
 use super::ModelArgs;
 
@@ -159,6 +161,10 @@ pub struct StepArgs {
     /// Drop this share of each image's patches (as train.patch_dropout).
     #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
     pub patch_dropout: f64,
+    /// Shard AdamW's moments between the --world ranks (as
+    /// train.shard_optimizer).
+    #[arg(long)]
+    pub shard_optimizer: bool,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -378,6 +384,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         accumulation,
         grad_clip_norm,
         patch_dropout,
+        shard_optimizer,
         parameters_out,
         local_rank,
     } = args;
@@ -400,6 +407,10 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     ensure!(
         backend == Backend::Cpu || replicas == 1,
         "--replicas is for the cpu backend"
+    );
+    ensure!(
+        !shard_optimizer || replicas == 1,
+        "--shard-optimizer shards between --world ranks: leave out --replicas"
     );
     let rows = batch / world / replicas;
     ensure!(
@@ -427,6 +438,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         accumulation,
         clip_norm: grad_clip_norm,
         patch_dropout,
+        shard_optimizer,
     };
     let gpu = contract::manifest::Gpu {
         autotune,
@@ -469,7 +481,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         _ => format!("{replicas} replicas, a thread each (cpu)"),
     };
     print_step(&model, plan, &config, &report, &on);
-    Ok(())
+    print_moments(&model, shard_optimizer, 1)
 }
 
 /// `--world N`: the same benchmark in N processes on the TCP ring.
@@ -505,6 +517,9 @@ fn step_on_local_ranks(
     }
     args.extend(["--accumulation".to_string(), plan.accumulation.to_string()]);
     args.extend(["--patch-dropout".to_string(), plan.patch_dropout.to_string()]);
+    if plan.shard_optimizer {
+        args.push("--shard-optimizer".to_string());
+    }
     if let Some(norm) = plan.clip_norm {
         args.extend(["--grad-clip-norm".to_string(), norm.to_string()]);
     }
@@ -518,6 +533,28 @@ fn step_on_local_ranks(
         model.preset
     );
     println!("  median step   {:8.1} ms  (slowest rank)", ms(median));
+    print_moments(model, plan.shard_optimizer, world)
+}
+
+/// The bytes of AdamW's moments each rank holds: all of them, or with
+/// --shard-optimizer the largest rank's segment.
+fn print_moments(model: &ModelArgs, sharded: bool, world: usize) -> anyhow::Result<()> {
+    let config = model.resolve()?;
+    let parameters = CocaModel::<CpuTrain>::placeholder(&config, &Default::default());
+    let whole = TrainStep::<CpuTrain>::segment(&parameters, 0, 1).end;
+    let held = if sharded {
+        let largest = TrainStep::<CpuTrain>::segment(&parameters, 0, world);
+        largest.end - largest.start
+    } else {
+        whole
+    };
+    let mb = |elements: u64| (2 * 4 * elements) as f64 / 1e6;
+    let how = if sharded { "sharded" } else { "whole on every rank" };
+    println!(
+        "  AdamW moments {:8.1} MB per rank ({how}; {:.1} MB in all)",
+        mb(held),
+        mb(whole)
+    );
     Ok(())
 }
 

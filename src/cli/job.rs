@@ -405,7 +405,15 @@ fn print_status(report: &StatusReport) {
         let clip = report
             .grad_clip_norm
             .map_or_else(String::new, |max| format!(", clipped to {max}"));
-        println!("grad   norm {norm:.3}{clip}; {} chunks per rank", report.accumulation);
+        let sharded = if report.shard_optimizer {
+            "; optimizer sharded"
+        } else {
+            ""
+        };
+        println!(
+            "grad   norm {norm:.3}{clip}; {} chunks per rank{sharded}",
+            report.accumulation
+        );
     }
     for line in evaluation_lines(report) {
         println!("eval   {line}");

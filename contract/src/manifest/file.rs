@@ -95,6 +95,7 @@ pub(super) struct TrainFile {
     pub accumulation: Option<usize>,
     pub grad_clip_norm: Option<f64>,
     pub patch_dropout: Option<f64>,
+    pub shard_optimizer: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

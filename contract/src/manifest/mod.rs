@@ -120,6 +120,10 @@ pub struct Train {
     pub grad_clip_norm: Option<f64>,
     /// The share of each image's patches training drops (FLIP); 0: none.
     pub patch_dropout: f64,
+    /// AdamW's moments sharded between the ranks (ZeRO stage 2): each
+    /// holds 1/N of them. Checkpoints are the same either way, so a job may
+    /// resume with the other setting.
+    pub shard_optimizer: bool,
 }
 
 impl Train {
@@ -414,6 +418,7 @@ impl Manifest {
             accumulation: train.accumulation.unwrap_or(1),
             grad_clip_norm: train.grad_clip_norm,
             patch_dropout: train.patch_dropout.unwrap_or(0.0),
+            shard_optimizer: train.shard_optimizer.unwrap_or(false),
         })
     }
 
@@ -704,6 +709,15 @@ impl Manifest {
             return Err(error(
                 "cluster.replicas",
                 "replicas are for the cpu backend (a GPU runs one)",
+            ));
+        }
+        if replicas > 1 && self.train.shard_optimizer {
+            return Err(error(
+                "cluster.replicas",
+                format!(
+                    "{replicas} replicas with train.shard_optimizer: sharding saves device memory, replicas are a \
+                     CPU worker's threads; use one of them"
+                ),
             ));
         }
         if micro_batch % replicas != 0 {

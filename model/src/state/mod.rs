@@ -5,7 +5,9 @@
 
 mod sharded;
 
-pub use sharded::{encode_shard, load, save_shard, write_initial, JobFacts, SavedShard, StateLayout};
+pub use sharded::{encode_shard, load, load_gathered, save_shard, write_initial, JobFacts, SavedShard, StateLayout};
+
+use std::ops::Range;
 
 use hashbrown::HashMap;
 
@@ -24,6 +26,49 @@ pub type OptimizerRecord<B> = HashMap<ParamId, AdaptorRecord<AdamW, B>>;
 /// The optimizer a trainer steps with.
 pub type Optimizer<B> = OptimizerAdaptor<AdamW, CocaModel<B>, B>;
 
+/// AdamW's moments, as a checkpoint's moment sections read them.
+#[derive(Clone)]
+pub enum Moments<B: AutodiffBackend> {
+    /// burn's record: every tensor's moments, held by this rank.
+    Whole(OptimizerRecord<B>),
+    /// Both moment sections over a range of a section, on the host: what
+    /// a sharded optimizer gathers for one checkpoint shard.
+    Gathered(GatheredMoments),
+}
+
+impl<B: AutodiffBackend> From<OptimizerRecord<B>> for Moments<B> {
+    fn from(record: OptimizerRecord<B>) -> Self {
+        Moments::Whole(record)
+    }
+}
+
+/// AdamW's first and second moments of elements `range` of a section, and
+/// what the whole optimizer says of every tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatheredMoments {
+    pub range: Range<u64>,
+    pub first: Vec<f32>,
+    pub second: Vec<f32>,
+    /// Per tensor, in visiting order: whether AdamW holds moments for it
+    /// (a tensor that never had a gradient has none).
+    pub has_state: Vec<bool>,
+    /// AdamW's step count.
+    pub steps: u64,
+}
+
+impl GatheredMoments {
+    /// Moment `section` (1 or 2) over `[lo, hi)` of a section, which the
+    /// gathered range holds.
+    fn values(&self, section: usize, (lo, hi): (u64, u64)) -> &[f32] {
+        assert!(
+            self.range.start <= lo && hi <= self.range.end,
+            "the moments gathered for a shard cover it"
+        );
+        let values = if section == 1 { &self.first } else { &self.second };
+        &values[(lo - self.range.start) as usize..(hi - self.range.start) as usize]
+    }
+}
+
 /// Module path of the parameter being visited: the stack of module names.
 #[derive(Default)]
 pub(crate) struct PathStack(Vec<String>);
@@ -41,10 +86,10 @@ impl PathStack {
 }
 
 /// The flattened state's tensors (offsets within a section) and the section length.
-pub fn tensor_index<B: AutodiffBackend>(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> (Vec<TensorEntry>, u64) {
+pub fn tensor_index<B: AutodiffBackend>(model: &CocaModel<B>, moments: &Moments<B>) -> (Vec<TensorEntry>, u64) {
     struct Index<'a, B: AutodiffBackend> {
         stack: PathStack,
-        record: &'a OptimizerRecord<B>,
+        moments: &'a Moments<B>,
         entries: Vec<TensorEntry>,
         offset: u64,
     }
@@ -61,7 +106,10 @@ pub fn tensor_index<B: AutodiffBackend>(model: &CocaModel<B>, record: &Optimizer
                 shape: param.val().dims().to_vec(),
                 dtype: "F32".into(),
                 offset: self.offset,
-                optimizer_state: self.record.contains_key(&param.id),
+                optimizer_state: match self.moments {
+                    Moments::Whole(record) => record.contains_key(&param.id),
+                    Moments::Gathered(gathered) => gathered.has_state[self.entries.len()],
+                },
             };
             self.offset += entry.len();
             self.entries.push(entry);
@@ -69,7 +117,7 @@ pub fn tensor_index<B: AutodiffBackend>(model: &CocaModel<B>, record: &Optimizer
     }
     let mut index = Index {
         stack: PathStack::default(),
-        record,
+        moments,
         entries: Vec::new(),
         offset: 0,
     };
@@ -78,7 +126,11 @@ pub fn tensor_index<B: AutodiffBackend>(model: &CocaModel<B>, record: &Optimizer
 }
 
 /// AdamW's step count: the same for every tensor it has stepped.
-pub fn optimizer_steps<B: AutodiffBackend>(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> u64 {
+pub fn optimizer_steps<B: AutodiffBackend>(model: &CocaModel<B>, moments: &Moments<B>) -> u64 {
+    let record = match moments {
+        Moments::Whole(record) => record,
+        Moments::Gathered(gathered) => return gathered.steps,
+    };
     struct Steps<'a, B: AutodiffBackend> {
         record: &'a OptimizerRecord<B>,
         steps: Option<u64>,
@@ -100,13 +152,13 @@ pub fn optimizer_steps<B: AutodiffBackend>(model: &CocaModel<B>, record: &Optimi
 /// values copied once, straight from the backend's data.
 pub fn fill_range<B: AutodiffBackend>(
     model: &CocaModel<B>,
-    record: &OptimizerRecord<B>,
+    moments: &Moments<B>,
     section_len: u64,
     (start, end): (u64, u64),
     out: &mut [u8],
 ) {
     struct Filler<'a, B: AutodiffBackend> {
-        record: &'a OptimizerRecord<B>,
+        moments: &'a Moments<B>,
         section_len: u64,
         range: (u64, u64),
         offset: u64,
@@ -124,9 +176,19 @@ pub fn fill_range<B: AutodiffBackend>(
                     continue;
                 }
                 let target = &mut self.out[4 * (lo - self.range.0) as usize..4 * (hi - self.range.0) as usize];
-                let tensor = match section {
-                    0 => Some(param.val().inner()),
-                    _ => self.record.get(&param.id).map(|record| {
+                let record = match (section, self.moments) {
+                    (0, _) => None,
+                    (_, Moments::Whole(record)) => Some(record),
+                    (_, Moments::Gathered(gathered)) => {
+                        let at = section as u64 * self.section_len;
+                        let values = gathered.values(section, (lo - at, hi - at));
+                        target.copy_from_slice(bytemuck::cast_slice(values));
+                        continue;
+                    }
+                };
+                let tensor = match record {
+                    None => Some(param.val().inner()),
+                    Some(record) => record.get(&param.id).map(|record| {
                         let momentum = record.clone().into_state::<D>().momentum;
                         if section == 1 {
                             momentum.moment_1
@@ -149,7 +211,7 @@ pub fn fill_range<B: AutodiffBackend>(
     }
     assert_eq!(out.len() as u64, 4 * (end - start), "the buffer holds the range");
     model.visit(&mut Filler {
-        record,
+        moments,
         section_len,
         range: (start, end),
         offset: 0,
@@ -160,13 +222,13 @@ pub fn fill_range<B: AutodiffBackend>(
 /// Elements `[start, end)` of the flattened state.
 pub fn read_range<B: AutodiffBackend>(
     model: &CocaModel<B>,
-    record: &OptimizerRecord<B>,
+    moments: &Moments<B>,
     section_len: u64,
     start: u64,
     end: u64,
 ) -> Vec<f32> {
     let mut bytes = vec![0u8; 4 * (end - start) as usize];
-    fill_range(model, record, section_len, (start, end), &mut bytes);
+    fill_range(model, moments, section_len, (start, end), &mut bytes);
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
@@ -185,11 +247,26 @@ pub fn apply<B: AutodiffBackend>(
 where
     CocaModel<B>: AutodiffModule<B>,
 {
+    load_into(model, entries, section_len, values, Some(optimizer_steps))
+}
+
+/// The model with the parameters of a full flattened state, and, given
+/// AdamW's step count, AdamW's state for it.
+fn load_into<B: AutodiffBackend>(
+    model: CocaModel<B>,
+    entries: &[TensorEntry],
+    section_len: u64,
+    values: &[f32],
+    optimizer_steps: Option<u64>,
+) -> (CocaModel<B>, OptimizerRecord<B>)
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
     struct Loader<'a, B: AutodiffBackend> {
         entries: std::slice::Iter<'a, TensorEntry>,
         section_len: usize,
         values: &'a [f32],
-        steps: usize,
+        steps: Option<usize>,
         record: OptimizerRecord<B>,
     }
     impl<B: AutodiffBackend> ModuleMapper<B> for Loader<'_, B> {
@@ -209,9 +286,9 @@ where
             if tensor.is_require_grad() {
                 value = value.require_grad();
             }
-            if entry.optimizer_state {
+            if let (true, Some(steps)) = (entry.optimizer_state, self.steps) {
                 let moment = |s| Tensor::<B::InnerBackend, D>::from_data(section(s), &device);
-                let momentum = AdaptiveMomentumState::new(self.steps, moment(1), moment(2));
+                let momentum = AdaptiveMomentumState::new(steps, moment(1), moment(2));
                 self.record
                     .insert(id, AdaptorRecord::from_state(AdamWState::new(momentum)));
             }
@@ -222,9 +299,35 @@ where
         entries: entries.iter(),
         section_len: section_len as usize,
         values,
-        steps: optimizer_steps as usize,
+        steps: optimizer_steps.map(|steps| steps as usize),
         record: HashMap::new(),
     };
     let model = model.map(&mut loader);
     (model, loader.record)
+}
+
+/// The model with the parameters of a full flattened state, and AdamW's
+/// moments of elements `range` of a section, on the host.
+pub fn apply_gathered<B: AutodiffBackend>(
+    model: CocaModel<B>,
+    entries: &[TensorEntry],
+    section_len: u64,
+    values: &[f32],
+    optimizer_steps: u64,
+    range: Range<u64>,
+) -> (CocaModel<B>, GatheredMoments)
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    let (model, _) = load_into(model, entries, section_len, values, None);
+    let section =
+        |s: u64| values[(s * section_len + range.start) as usize..(s * section_len + range.end) as usize].to_vec();
+    let gathered = GatheredMoments {
+        first: section(1),
+        second: section(2),
+        range,
+        has_state: entries.iter().map(|entry| entry.optimizer_state).collect(),
+        steps: optimizer_steps,
+    };
+    (model, gathered)
 }

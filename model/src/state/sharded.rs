@@ -12,7 +12,7 @@ use checkpoint::layout::{self, Meta, ResumeFields, RngState, ShardRecord, Tensor
 use checkpoint::{shard, CheckpointError};
 use store::Store;
 
-use super::OptimizerRecord;
+use super::{GatheredMoments, Moments, OptimizerRecord};
 use crate::state;
 use crate::CocaModel;
 
@@ -31,12 +31,12 @@ pub struct StateLayout {
 }
 
 impl StateLayout {
-    pub fn of<B: AutodiffBackend>(model: &CocaModel<B>, record: &OptimizerRecord<B>) -> Self {
-        let (tensors, section_len) = state::tensor_index(model, record);
+    pub fn of<B: AutodiffBackend>(model: &CocaModel<B>, moments: &Moments<B>) -> Self {
+        let (tensors, section_len) = state::tensor_index(model, moments);
         Self {
             tensors,
             section_len,
-            optimizer_steps: state::optimizer_steps(model, record),
+            optimizer_steps: state::optimizer_steps(model, moments),
         }
     }
 
@@ -100,10 +100,10 @@ pub fn save_shard<B: AutodiffBackend>(
     rank: usize,
     world: usize,
     model: &CocaModel<B>,
-    record: &OptimizerRecord<B>,
+    moments: &Moments<B>,
 ) -> Result<SavedShard, CheckpointError> {
     let started = Instant::now();
-    let bytes = encode_shard(step, rank, world, model, record);
+    let bytes = encode_shard(step, rank, world, model, moments);
     let record = checkpoint::write_shard(root, step, rank, world, bytes.into())?;
     Ok(SavedShard {
         record,
@@ -113,18 +113,19 @@ pub fn save_shard<B: AutodiffBackend>(
 
 /// This rank's shard of step `step`, copied out of the model and optimizer
 /// as the file's bytes: what an asynchronous save takes before training
-/// goes on, to write on another thread.
+/// goes on, to write on another thread. `moments` hold at least the
+/// shard's part of the moment sections.
 pub fn encode_shard<B: AutodiffBackend>(
     step: u64,
     rank: usize,
     world: usize,
     model: &CocaModel<B>,
-    record: &OptimizerRecord<B>,
+    moments: &Moments<B>,
 ) -> Vec<u8> {
-    let layout = StateLayout::of(model, record);
+    let layout = StateLayout::of(model, moments);
     let range = layout::shard_range(layout.total(), rank, world);
     shard::encode(&layout.tensors, layout.section_len, range, step, |data| {
-        state::fill_range(model, record, layout.section_len, range, data)
+        state::fill_range(model, moments, layout.section_len, range, data)
     })
 }
 
@@ -140,8 +141,8 @@ pub fn write_initial<B: AutodiffBackend>(
     tokenizer_json: &str,
     committed_at: f64,
 ) -> Result<String, CheckpointError> {
-    let record = OptimizerRecord::new();
-    let saved = save_shard(root, 0, 0, 1, model, &record)?;
+    let moments = Moments::Whole(OptimizerRecord::new());
+    let saved = save_shard(root, 0, 0, 1, model, &moments)?;
     root.at(&layout::step_dir(0))
         .put(layout::TOKENIZER, tokenizer_json.as_bytes().to_vec().into())?;
     let facts = JobFacts {
@@ -149,7 +150,7 @@ pub fn write_initial<B: AutodiffBackend>(
         tokenizer_sha256: store::sha256_hex(tokenizer_json.as_bytes()),
         ..JobFacts::default()
     };
-    checkpoint::write_meta(root, &StateLayout::of(model, &record).meta(0, 1, facts))?;
+    checkpoint::write_meta(root, &StateLayout::of(model, &moments).meta(0, 1, facts))?;
     checkpoint::commit(root, 0, vec![saved.record], usize::MAX, committed_at)?;
     Ok(checkpoint::step_url(root, 0))
 }
@@ -162,8 +163,39 @@ pub fn load<B: AutodiffBackend>(
 where
     CocaModel<B>: AutodiffModule<B>,
 {
+    let (meta, values) = read_matching(dir, &model)?;
+    let (model, record) = state::apply(model, &meta.tensors, meta.section_len, &values, meta.optimizer_steps);
+    Ok((model, record, meta))
+}
+
+/// Loads a committed step into `model`; returns the model and AdamW's
+/// moments of the elements `range` of a section (a sharded optimizer's
+/// part), never the whole optimizer state on the device.
+pub fn load_gathered<B: AutodiffBackend>(
+    dir: &Store,
+    model: CocaModel<B>,
+    range: std::ops::Range<u64>,
+) -> Result<(CocaModel<B>, GatheredMoments, Meta), CheckpointError>
+where
+    CocaModel<B>: AutodiffModule<B>,
+{
+    let (meta, values) = read_matching(dir, &model)?;
+    let (model, moments) = state::apply_gathered(
+        model,
+        &meta.tensors,
+        meta.section_len,
+        &values,
+        meta.optimizer_steps,
+        range,
+    );
+    Ok((model, moments, meta))
+}
+
+/// A committed step's meta.json and flattened state, once its tensors are
+/// checked against `model`'s.
+fn read_matching<B: AutodiffBackend>(dir: &Store, model: &CocaModel<B>) -> Result<(Meta, Vec<f32>), CheckpointError> {
     let (meta, values) = checkpoint::read_state(dir)?;
-    let (tensors, section_len) = state::tensor_index(&model, &OptimizerRecord::new());
+    let (tensors, section_len) = state::tensor_index(model, &Moments::Whole(OptimizerRecord::new()));
     let mismatch = |message: String| CheckpointError::Mismatch {
         url: dir.object_url(layout::META),
         message,
@@ -185,6 +217,5 @@ where
             )));
         }
     }
-    let (model, record) = state::apply(model, &meta.tensors, meta.section_len, &values, meta.optimizer_steps);
-    Ok((model, record, meta))
+    Ok((meta, values))
 }

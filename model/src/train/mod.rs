@@ -3,5 +3,6 @@
 pub mod contrastive;
 pub mod gradients;
 pub mod replicas;
+pub mod sharded_adamw;
 pub mod step;
 pub mod synthetic;

@@ -9,7 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 use collective::replicas::replica_group;
 use collective::{Collective, CollectiveError};
 
-use crate::state::OptimizerRecord;
+use crate::state::Moments;
 use crate::train::step::{StepReport, TrainStep};
 use crate::{CocaBatch, CocaModel};
 
@@ -30,6 +30,10 @@ where
     /// on the caller's thread and thread pool).
     pub fn new(trainer: TrainStep<B>, model: &CocaModel<B>, replicas: usize) -> Self {
         assert!(replicas >= 1, "at least one replica");
+        assert!(
+            replicas == 1 || !trainer.is_sharded(),
+            "a sharded optimizer runs without replicas (the manifest refuses both)"
+        );
         let pools = if replicas > 1 {
             (0..replicas)
                 .map(|_| {
@@ -57,9 +61,14 @@ where
         1 + self.others.len()
     }
 
-    /// AdamW's state (every replica's is the same).
-    pub fn optimizer_record(&self) -> OptimizerRecord<B> {
-        self.lead.optimizer_record()
+    /// AdamW's moments as this worker's checkpoint shard needs them (every
+    /// replica's are the same); see [`TrainStep::moments`].
+    pub fn moments(
+        &mut self,
+        model: &CocaModel<B>,
+        collective: &mut dyn Collective,
+    ) -> Result<Moments<B>, CollectiveError> {
+        self.lead.moments(model, collective)
     }
 
     /// One step of the worker's micro-batch, split between the replicas in

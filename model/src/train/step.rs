@@ -4,14 +4,15 @@
 use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer as _};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, FloatDType, Tensor};
 
 use crate::loss::{captioning_loss_sum, Heads, LossWeights};
-use crate::state::{Optimizer as AdamWOptimizer, OptimizerRecord};
+use crate::state::{Moments, Optimizer as AdamWOptimizer};
 use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
 use crate::train::gradients::{all_reduce_mean, global_norm, scale, DEFAULT_BUCKET_BYTES};
+use crate::train::sharded_adamw::{segment_of, ShardedAdamW};
 use crate::{CocaBatch, CocaModel};
 use collective::{Collective, CollectiveError};
 use contract::manifest::Precision;
@@ -56,9 +57,19 @@ pub fn compute_dtype(precision: Precision) -> FloatDType {
     }
 }
 
+/// AdamW, whole on every rank or sharded between them.
+#[derive(Clone)]
+enum Optimizer<B: AutodiffBackend> {
+    /// burn's optimizer: every rank holds every tensor's moments.
+    Replicated(AdamWOptimizer<B>),
+    /// Each rank holds the moments of its segment (ZeRO stage 2).
+    Sharded(ShardedAdamW<B::InnerBackend>),
+}
+
 #[derive(Clone)]
 pub struct TrainStep<B: AutodiffBackend> {
-    optimizer: AdamWOptimizer<B>,
+    config: AdamWConfig,
+    optimizer: Optimizer<B>,
     weights: LossWeights,
     mode: ContrastiveMode,
     bucket_bytes: usize,
@@ -76,7 +87,8 @@ where
 {
     pub fn new(optimizer: &AdamWConfig, weights: LossWeights, mode: ContrastiveMode) -> Self {
         Self {
-            optimizer: optimizer.init(),
+            config: optimizer.clone(),
+            optimizer: Optimizer::Replicated(optimizer.init()),
             weights,
             mode,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
@@ -109,15 +121,73 @@ where
         self
     }
 
-    /// AdamW's state, keyed by the model's ParamIds (for checkpoints).
-    pub fn optimizer_record(&self) -> OptimizerRecord<B> {
-        self.optimizer.to_record()
+    /// Shards AdamW's state between the ranks (ZeRO stage 2): each holds
+    /// the moments of 1/N of the parameters; the gradient is
+    /// reduce-scattered and the updated parameters all-gathered.
+    pub fn with_sharded_optimizer(mut self, sharded: bool) -> Self {
+        self.optimizer = if sharded {
+            Optimizer::Sharded(ShardedAdamW::new(&self.config))
+        } else {
+            Optimizer::Replicated(self.config.init())
+        };
+        self
     }
 
-    /// Continues from saved AdamW state (keyed by this model's ParamIds).
-    pub fn with_optimizer_record(mut self, record: OptimizerRecord<B>) -> Self {
-        self.optimizer = self.optimizer.load_record(record);
+    pub fn is_sharded(&self) -> bool {
+        matches!(self.optimizer, Optimizer::Sharded(_))
+    }
+
+    /// Continues from saved AdamW state: the whole record (keyed by this
+    /// model's ParamIds) of an unsharded optimizer, or a sharded one's
+    /// segment (`state::load_gathered` of [`TrainStep::segment`]).
+    pub fn with_moments(mut self, moments: Moments<B>) -> Self {
+        self.optimizer = match (self.optimizer, moments) {
+            (Optimizer::Replicated(optimizer), Moments::Whole(record)) => {
+                Optimizer::Replicated(optimizer.load_record(record))
+            }
+            (Optimizer::Sharded(optimizer), Moments::Gathered(moments)) => {
+                Optimizer::Sharded(optimizer.with_loaded(moments))
+            }
+            (Optimizer::Replicated(_), Moments::Gathered(_)) => {
+                panic!("an unsharded optimizer loads the whole record, not a segment")
+            }
+            (Optimizer::Sharded(_), Moments::Whole(_)) => {
+                panic!("a sharded optimizer loads its segment, not the whole record")
+            }
+        };
         self
+    }
+
+    /// The elements of a section whose moments rank `rank` of `world`
+    /// keeps when sharded.
+    pub fn segment(model: &CocaModel<B>, rank: usize, world: usize) -> std::ops::Range<u64> {
+        segment_of(model, rank, world)
+    }
+
+    /// AdamW's moments as this rank's checkpoint shard needs them. Every
+    /// rank of `collective` calls it at the same step (a sharded optimizer
+    /// gathers the moments of the shard's range from the ranks holding them).
+    pub fn moments(
+        &mut self,
+        model: &CocaModel<B>,
+        collective: &mut dyn Collective,
+    ) -> Result<Moments<B>, CollectiveError> {
+        match &mut self.optimizer {
+            Optimizer::Replicated(optimizer) => Ok(Moments::Whole(optimizer.to_record())),
+            Optimizer::Sharded(optimizer) => {
+                let section_len = segment_of(model, 0, 1).end;
+                let range = shard_moments(section_len, collective.rank(), collective.world_size());
+                Ok(Moments::Gathered(optimizer.gather(model, range, collective)?))
+            }
+        }
+    }
+
+    /// Elements of each moment section this rank holds.
+    pub fn moment_elements(&self, model: &CocaModel<B>) -> usize {
+        match &self.optimizer {
+            Optimizer::Replicated(_) => segment_of(model, 0, 1).end as usize,
+            Optimizer::Sharded(optimizer) => optimizer.held_elements(),
+        }
     }
 
     /// Size of the gradient all-reduce buckets.
@@ -267,16 +337,29 @@ where
             captioning,
         };
         let reducing = Instant::now();
-        let gradients = all_reduce_mean(&model, gradients, collective, self.bucket_bytes)?;
-        // Every rank holds the same reduced gradient: the same norm, the same clip.
-        let gradient_norm = global_norm(&model, &gradients);
-        let gradients = match self.clip_norm {
-            Some(max_norm) if gradient_norm > max_norm => scale(&model, gradients, max_norm / (gradient_norm + 1e-6)),
-            _ => gradients,
+        let (model, gradient_norm, backward_done) = match &mut self.optimizer {
+            Optimizer::Replicated(optimizer) => {
+                let gradients = all_reduce_mean(&model, gradients, collective, self.bucket_bytes)?;
+                // Every rank holds the same reduced gradient: the same norm, the same clip.
+                let gradient_norm = global_norm(&model, &gradients);
+                let gradients = match self.clip_norm {
+                    Some(max_norm) if gradient_norm > max_norm => {
+                        scale(&model, gradients, max_norm / (gradient_norm + 1e-6))
+                    }
+                    _ => gradients,
+                };
+                let backward_done = Instant::now();
+                backward += backward_done - reducing;
+                let model = optimizer.step(learning_rate, model, gradients);
+                (model, gradient_norm, backward_done)
+            }
+            // The reduction is part of the sharded update.
+            Optimizer::Sharded(optimizer) => {
+                let (model, gradient_norm) =
+                    optimizer.step(model, gradients, learning_rate, self.clip_norm, collective)?;
+                (model, gradient_norm, reducing)
+            }
         };
-        let backward_done = Instant::now();
-        backward += backward_done - reducing;
-        let model = self.optimizer.step(learning_rate, model, gradients);
         // Backends may run lazily; wait for the update so timings are honest.
         let _ = B::sync(&batch.images.device());
         let timings = StepTimings {
@@ -292,6 +375,23 @@ where
                 timings,
             },
         ))
+    }
+}
+
+/// The range of a section a checkpoint shard (rank `rank` of `world`)
+/// holds of either moment section: both moments over it cover the shard.
+fn shard_moments(section_len: u64, rank: usize, world: usize) -> std::ops::Range<u64> {
+    let (start, end) = checkpoint::layout::shard_range(3 * section_len, rank, world);
+    let within = |section: u64| {
+        let begin = section * section_len;
+        start.max(begin).min(begin + section_len) - begin..end.max(begin).min(begin + section_len) - begin
+    };
+    let (first, second) = (within(1), within(2));
+    match (first.is_empty(), second.is_empty()) {
+        (true, true) => 0..0,
+        (false, true) => first,
+        (true, false) => second,
+        (false, false) => first.start.min(second.start)..first.end.max(second.end),
     }
 }
 
@@ -334,7 +434,20 @@ fn cached_embeddings<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::chunks;
+    use super::{chunks, shard_moments};
+
+    #[test]
+    fn a_shard_gathers_the_moments_of_its_range_only() {
+        // Sections of 10: rank 0 of 3 holds params 0..10, rank 1 the first
+        // moments, rank 2 the second.
+        assert_eq!(shard_moments(10, 0, 3), 0..0);
+        assert_eq!(shard_moments(10, 1, 3), 0..10);
+        assert_eq!(shard_moments(10, 2, 3), 0..10);
+        // Of 2: rank 0 params and half the first moments; rank 1 the rest.
+        assert_eq!(shard_moments(10, 0, 2), 0..5);
+        assert_eq!(shard_moments(10, 1, 2), 0..10);
+        assert_eq!(shard_moments(10, 3, 4), 2..10);
+    }
 
     #[test]
     fn chunks_cover_the_rows_in_order_and_differ_by_at_most_one() {

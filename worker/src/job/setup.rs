@@ -21,7 +21,7 @@ use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::eval::periodic::PeriodicEval;
 use model::loss::LossWeights;
-use model::state::{self, JobFacts, SavedShard, StateLayout};
+use model::state::{self, JobFacts, Moments, SavedShard, StateLayout};
 use model::train::contrastive::ContrastiveMode;
 use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, TrainStep};
@@ -270,6 +270,7 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
         .with_compute(compute_dtype(train.precision))
         .with_accumulation(train.accumulation)
         .with_clip_norm(train.grad_clip_norm.map(|norm| norm as f32))
+        .with_sharded_optimizer(train.shard_optimizer)
 }
 
 /// The model and its training step, from the job's seed or from the
@@ -295,10 +296,20 @@ where
         return Ok((model, trainer));
     }
     let dir = Store::open(&assignment.resume_from, options).map_err(store_error("the resumed step"))?;
-    let (model, record, meta) = state::load(&dir, model).map_err(|source| WorkerError::Resume {
+    let resume_failed = |source| WorkerError::Resume {
         url: assignment.resume_from.clone(),
         source,
-    })?;
+    };
+    // A sharded optimizer reads only its segment's moments.
+    let (model, moments, meta) = if trainer.is_sharded() {
+        let (rank, world) = (assignment.rank as usize, assignment.world_size as usize);
+        let segment = TrainStep::segment(&model, rank, world);
+        let (model, moments, meta) = state::load_gathered(&dir, model, segment).map_err(resume_failed)?;
+        (model, Moments::Gathered(moments), meta)
+    } else {
+        let (model, record, meta) = state::load(&dir, model).map_err(resume_failed)?;
+        (model, Moments::Whole(record), meta)
+    };
     if meta.step != assignment.start_step {
         return Err(WorkerError::ResumedStep {
             url: assignment.resume_from.clone(),
@@ -314,7 +325,7 @@ where
             meta.world_size
         );
     }
-    Ok((model, trainer.with_optimizer_record(record)))
+    Ok((model, trainer.with_moments(moments)))
 }
 
 /// Saving this job's checkpoints.
@@ -338,16 +349,22 @@ impl Checkpointing {
 
     /// Copies this rank's shard of `step` (and rank 0's meta.json) out of
     /// the model: training may go on while [`Snapshot::write`] writes it.
+    /// Every rank calls it at the same step (a sharded optimizer gathers
+    /// the shard's moments over `collective`).
     pub fn snapshot<B: AutodiffBackend>(
         &self,
         step: u64,
         model: &CocaModel<B>,
-        trainer: &ReplicatedStep<B>,
+        trainer: &mut ReplicatedStep<B>,
         order: &SampleOrder,
-    ) -> Snapshot {
+        collective: &mut dyn Collective,
+    ) -> Result<Snapshot, collective::CollectiveError>
+    where
+        CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
+    {
         let started = Instant::now();
-        let record = trainer.optimizer_record();
-        let bytes = state::encode_shard(step, self.rank, self.world, model, &record);
+        let moments = trainer.moments(model, collective)?;
+        let bytes = state::encode_shard(step, self.rank, self.world, model, &moments);
         let meta = (self.rank == 0).then(|| {
             let facts = JobFacts {
                 source_samples: order.samples_after(step),
@@ -356,9 +373,9 @@ impl Checkpointing {
                 resume: self.resume.clone(),
                 tokenizer_sha256: self.tokenizer_sha256.clone(),
             };
-            StateLayout::of(model, &record).meta(step, self.world, facts)
+            StateLayout::of(model, &moments).meta(step, self.world, facts)
         });
-        Snapshot {
+        Ok(Snapshot {
             root: self.root.clone(),
             step,
             rank: self.rank,
@@ -367,7 +384,7 @@ impl Checkpointing {
             meta,
             tokenizer: self.tokenizer.clone(),
             started,
-        }
+        })
     }
 }
 

@@ -134,10 +134,10 @@ where
                     .as_ref()
                     .filter(|c| step > job.start_step && !c.due(step, total))
                 {
-                    saves.start(
-                        checkpointing.snapshot(step, &job.model, &job.trainer, &job.order),
-                        reporting.report,
-                    )?;
+                    let snapshot = checkpointing
+                        .snapshot(step, &job.model, &mut job.trainer, &job.order, job.collective.as_mut())
+                        .map_err(|e| ring_broken(step, e))?;
+                    saves.start(snapshot, reporting.report)?;
                 }
                 return Ok(WorkerOutcome::Stopped { step });
             }
@@ -197,10 +197,10 @@ where
             reporting.signals.report_now.store(true, Ordering::SeqCst);
         }
         if let Some(checkpointing) = job.checkpointing.as_ref().filter(|c| c.due(step, total)) {
-            saves.start(
-                checkpointing.snapshot(step, &job.model, &job.trainer, &job.order),
-                reporting.report,
-            )?;
+            let snapshot = checkpointing
+                .snapshot(step, &job.model, &mut job.trainer, &job.order, job.collective.as_mut())
+                .map_err(|e| ring_broken(step, e))?;
+            saves.start(snapshot, reporting.report)?;
         }
     }
     Ok(WorkerOutcome::Completed { step })
