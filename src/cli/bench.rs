@@ -470,6 +470,13 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     if let Some(mut ring) = local_rank.join(false)? {
         let report = run(ring.as_mut())?;
         println!("{}", local_ranks::report(report.median_wall()));
+        if let Some(peak) = peak_resident_bytes() {
+            eprintln!(
+                "  rank {} peak memory {:8.1} MB  (resident: VmHWM)",
+                ring.rank(),
+                peak as f64 / 1e6
+            );
+        }
         return Ok(());
     }
     if world > 1 {
