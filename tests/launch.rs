@@ -640,8 +640,9 @@ fn exported(dir: &Path, checkpoint: &str) -> std::collections::BTreeMap<String, 
 /// One worker of two replicas trains what two workers train: the replicas
 /// are ranks of the job; so do two workers each accumulating 4 chunks, and
 /// with patch dropout (each sample keeps its own patches on any layout).
-/// Two workers sharding AdamW's moments save the very checkpoint two
-/// workers without it write. Twice the same layout gives the same bits.
+/// Two workers sharding AdamW's moments, or computing the towers' blocks
+/// again in the backward pass, save the very checkpoint two workers
+/// without either write. Twice the same layout gives the same bits.
 #[test]
 fn replicas_in_one_worker_train_what_two_workers_train() {
     let run_with = |workers: usize, replicas: usize, train: &str| {
@@ -667,6 +668,8 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
     let (workers, _, shards) = run(2, 1);
     let (_, _, sharded) = run_with(2, 1, "shard_optimizer = true");
     assert!(sharded == shards, "the sharded optimizer saved another step 20");
+    let (_, _, recomputed) = run_with(2, 1, "activation_checkpointing = true");
+    assert!(recomputed == shards, "activation checkpointing saved another step 20");
     let (replicas, log, _) = run(1, 2);
     assert!(log.contains("2 model replicas per worker"), "{log}");
     // The sums run in another order (see model/tests/data_parallel.rs).

@@ -73,6 +73,9 @@ pub struct StepBenchmarkPlan {
     pub patch_dropout: f64,
     /// train.shard_optimizer: AdamW's moments sharded between the ranks.
     pub shard_optimizer: bool,
+    /// train.activation_checkpointing: the towers' blocks computed again
+    /// in the backward pass.
+    pub activation_checkpointing: bool,
 }
 
 /// Runs `warmup + steps` data-parallel training steps of the full CoCa
@@ -100,6 +103,7 @@ where
         clip_norm,
         patch_dropout,
         shard_optimizer,
+        activation_checkpointing,
     } = plan;
     assert!(steps > 0, "at least one measured step");
     let micro = batch / collective.world_size();
@@ -121,7 +125,8 @@ where
     .with_compute(compute_dtype(precision))
     .with_accumulation(accumulation)
     .with_clip_norm(clip_norm)
-    .with_sharded_optimizer(shard_optimizer);
+    .with_sharded_optimizer(shard_optimizer)
+    .with_activation_checkpointing(activation_checkpointing);
     let mut trainer = ReplicatedStep::new(trainer, &model, replicas);
     let mut measured = Vec::with_capacity(steps);
     let mut walls = Vec::with_capacity(steps);

@@ -161,6 +161,9 @@ pub struct StatusReport {
     /// train.shard_optimizer: AdamW's moments sharded between the ranks.
     #[serde(default)]
     pub shard_optimizer: bool,
+    /// train.activation_checkpointing: the towers' blocks computed again.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     /// Epochs of each source completed (fractional).
     pub source_epochs: Vec<f64>,
     /// Each source's progress and what the workers fetched from it.

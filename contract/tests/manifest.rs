@@ -162,6 +162,7 @@ fn every_rule_names_its_field() {
             "cluster.replicas: 2 replicas with train.shard_optimizer: sharding saves device memory, replicas are a CPU worker's threads; use one of them",
         ),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\nshard_optimizer = 1"), "train.shard_optimizer: invalid type: integer `1`, expected a boolean"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\nactivation_checkpointing = \"yes\""), "train.activation_checkpointing: invalid type: string \"yes\", expected a boolean"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
         (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: unknown variant `max`, expected one of `minimal`, `balanced`, `extensive`, `full`"),

@@ -44,6 +44,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         grad_clip_norm: shared.plan.train.grad_clip_norm,
         accumulation: shared.plan.train.accumulation,
         shard_optimizer: shared.plan.train.shard_optimizer,
+        activation_checkpointing: shared.plan.train.activation_checkpointing,
         source_epochs: latest.map(|m| m.source_epochs.clone()).unwrap_or_default(),
         sources: source_progress(&job),
         bad_records: job

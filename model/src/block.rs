@@ -114,6 +114,22 @@ impl BlockConfig {
     }
 }
 
+/// How a tower runs its stack of blocks: straight through ([`Straight`]),
+/// or keeping only each block's input, to compute the rest again in the
+/// backward pass (activation checkpointing, `train::checkpointing`).
+pub trait BlockStack<B: Backend> {
+    fn run(&mut self, blocks: &[Block<B>], x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3>;
+}
+
+/// Each block after the other, every activation in the autodiff graph.
+pub struct Straight;
+
+impl<B: Backend> BlockStack<B> for Straight {
+    fn run(&mut self, blocks: &[Block<B>], x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+        blocks.iter().fold(x, |x, block| block.forward(x, bias.clone()))
+    }
+}
+
 impl<B: Backend> Block<B> {
     /// `bias`: the attention bias (causal, padding), or none for full attention.
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {

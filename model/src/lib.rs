@@ -34,6 +34,7 @@ use burn::tensor::{Bool, FloatDType, Int, Tensor};
 use contract::{Architecture, ModelConfig, ParamCounts, PoolerLayout};
 pub use datasets::batch::CocaBatch;
 
+use self::block::{BlockStack, Straight};
 use self::dense::Dense;
 use self::init::{fan_in_std, Init};
 use self::loss::{captioning_loss, contrastive_loss, Heads, LossWeights, Losses};
@@ -171,10 +172,22 @@ impl<B: Backend> CocaModel<B> {
     /// bf16 for mixed precision: parameters stay f32); embeddings and
     /// logits come back in f32, so the losses and softmaxes are f32.
     pub fn forward(&self, batch: &CocaBatch<B>, heads: Heads) -> CocaOutput<B> {
+        self.forward_with(batch, heads, [&mut Straight, &mut Straight])
+    }
+
+    /// [`forward`](Self::forward), the image encoder's blocks run by
+    /// `stacks[0]`, the unimodal decoder's by `stacks[1]`.
+    pub fn forward_with(
+        &self,
+        batch: &CocaBatch<B>,
+        heads: Heads,
+        stacks: [&mut dyn BlockStack<B>; 2],
+    ) -> CocaOutput<B> {
+        let [vision_stack, text_stack] = stacks;
         let compute = batch.images.dtype();
-        let image_tokens = self
-            .image_encoder
-            .forward_kept(batch.images.clone(), batch.kept_patches.as_ref());
+        let image_tokens =
+            self.image_encoder
+                .forward_with(batch.images.clone(), batch.kept_patches.as_ref(), vision_stack);
         let (contrastive_token, caption_tokens) = self.pool(image_tokens, heads);
         let image_embedding = contrastive_token.map(|token| {
             let [batch, _, width] = token.dims();
@@ -183,9 +196,12 @@ impl<B: Backend> CocaModel<B> {
         });
 
         let embedded = self.text_embedding.forward(batch.tokens.clone()).cast(compute);
-        let unimodal = self
-            .unimodal
-            .forward(embedded, batch.padding.clone(), self.cls_position(&batch.tokens));
+        let unimodal = self.unimodal.forward_with(
+            embedded,
+            batch.padding.clone(),
+            self.cls_position(&batch.tokens),
+            text_stack,
+        );
         let text_embedding = heads
             .contrastive
             .then(|| l2_normalize(unimodal.cls.cast(FloatDType::F32)));

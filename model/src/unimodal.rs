@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use contract::{Architecture, ModelConfig};
 
 use super::attention::causal_padding_bias;
-use super::block::{layer_norm, Block, BlockConfig};
+use super::block::{layer_norm, Block, BlockConfig, BlockStack, Straight};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -94,6 +94,17 @@ impl<B: Backend> UnimodalDecoder<B> {
         padding: Tensor<B, 2, Bool>,
         cls_position: Option<Tensor<B, 1>>,
     ) -> UnimodalOutput<B> {
+        self.forward_with(embedded, padding, cls_position, &mut Straight)
+    }
+
+    /// [`forward`](Self::forward), the blocks run by `stack`.
+    pub fn forward_with(
+        &self,
+        embedded: Tensor<B, 3>,
+        padding: Tensor<B, 2, Bool>,
+        cls_position: Option<Tensor<B, 1>>,
+        stack: &mut dyn BlockStack<B>,
+    ) -> UnimodalOutput<B> {
         let [batch, len, width] = embedded.dims();
         let device = embedded.device();
         let cls = match cls_position {
@@ -104,7 +115,7 @@ impl<B: Backend> UnimodalDecoder<B> {
             .cast(embedded.dtype())
             .reshape([1, 1, width])
             .expand([batch, 1, width]);
-        let mut x = Tensor::cat(vec![embedded, cls], 1);
+        let x = Tensor::cat(vec![embedded, cls], 1);
         let seen = Tensor::<B, 2, Bool>::from_bool(TensorData::new(vec![false; batch], [batch, 1]), &device);
         let hidden_keys = if self.open_clip {
             Tensor::cat(vec![seen, padding], 1)
@@ -112,9 +123,7 @@ impl<B: Backend> UnimodalDecoder<B> {
             Tensor::cat(vec![padding, seen], 1)
         };
         let bias = causal_padding_bias(hidden_keys);
-        for block in &self.blocks {
-            x = block.forward(x, Some(bias.clone()));
-        }
+        let x = stack.run(&self.blocks, x, Some(bias));
         let normed = layer_norm(&self.ln_final, x.clone());
         let states = if self.open_clip { x } else { normed.clone() }.narrow(1, 0, len);
         let cls = normed.narrow(1, len, 1).reshape([batch, width]);

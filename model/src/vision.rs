@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use contract::{Architecture, ModelConfig};
 
-use super::block::{layer_norm, Block, BlockConfig};
+use super::block::{layer_norm, Block, BlockConfig, BlockStack, Straight};
 use super::dense::Dense;
 use super::init::{fan_in_std, Init};
 
@@ -63,6 +63,16 @@ impl<B: Backend> VisionTransformer<B> {
     /// [batch, kept], patch dropout in training), after their positions
     /// are added; a class token stays.
     pub fn forward_kept(&self, images: Tensor<B, 4>, kept: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {
+        self.forward_with(images, kept, &mut Straight)
+    }
+
+    /// [`forward_kept`](Self::forward_kept), the blocks run by `stack`.
+    pub fn forward_with(
+        &self,
+        images: Tensor<B, 4>,
+        kept: Option<&Tensor<B, 2, Int>>,
+        stack: &mut dyn BlockStack<B>,
+    ) -> Tensor<B, 3> {
         let x = self.patch_embedding.forward(patchify(images, self.patch_size));
         let [batch, patches, width] = x.dims();
         let positions = self.position_embedding.val().cast(x.dtype());
@@ -77,14 +87,11 @@ impl<B: Backend> VisionTransformer<B> {
             let token = token.val().cast(x.dtype()).reshape([1, width]) + positions.narrow(0, 0, 1);
             x = Tensor::cat(vec![token.reshape([1, 1, width]).expand([batch, 1, width]), x], 1);
         }
-        let mut x = match &self.ln_pre {
+        let x = match &self.ln_pre {
             Some(ln) => layer_norm(ln, x),
             None => x,
         };
-        for block in &self.blocks {
-            x = block.forward(x, None);
-        }
-        layer_norm(&self.ln_final, x)
+        layer_norm(&self.ln_final, stack.run(&self.blocks, x, None))
     }
 }
 

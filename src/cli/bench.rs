@@ -165,6 +165,10 @@ pub struct StepArgs {
     /// train.shard_optimizer).
     #[arg(long)]
     pub shard_optimizer: bool,
+    /// Compute the towers' blocks again in the backward pass instead of
+    /// keeping their activations (as train.activation_checkpointing).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Write the final parameters here (f32 little-endian, in module
     /// visiting order), to compare runs.
     #[arg(long, value_name = "FILE")]
@@ -385,6 +389,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         grad_clip_norm,
         patch_dropout,
         shard_optimizer,
+        activation_checkpointing,
         parameters_out,
         local_rank,
     } = args;
@@ -439,6 +444,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         clip_norm: grad_clip_norm,
         patch_dropout,
         shard_optimizer,
+        activation_checkpointing,
     };
     let gpu = contract::manifest::Gpu {
         autotune,
@@ -526,6 +532,9 @@ fn step_on_local_ranks(
     args.extend(["--patch-dropout".to_string(), plan.patch_dropout.to_string()]);
     if plan.shard_optimizer {
         args.push("--shard-optimizer".to_string());
+    }
+    if plan.activation_checkpointing {
+        args.push("--activation-checkpointing".to_string());
     }
     if let Some(norm) = plan.clip_norm {
         args.extend(["--grad-clip-norm".to_string(), norm.to_string()]);
@@ -643,6 +652,9 @@ fn print_step(model: &ModelArgs, plan: StepBenchmarkPlan, config: &ModelConfig, 
     };
     if plan.patch_dropout > 0.0 {
         accumulation += &format!(", patch dropout {}", plan.patch_dropout);
+    }
+    if plan.activation_checkpointing {
+        accumulation += ", activation checkpointing";
     }
     println!(
         "bench step: preset {} batch {batch}, {} steps after {} warm-up, {precision}{accumulation}, {on}",

@@ -96,6 +96,7 @@ pub(super) struct TrainFile {
     pub grad_clip_norm: Option<f64>,
     pub patch_dropout: Option<f64>,
     pub shard_optimizer: Option<bool>,
+    pub activation_checkpointing: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -124,6 +124,10 @@ pub struct Train {
     /// holds 1/N of them. Checkpoints are the same either way, so a job may
     /// resume with the other setting.
     pub shard_optimizer: bool,
+    /// The towers' blocks computed again in the backward pass instead of
+    /// their activations kept: the same gradients, activations for one
+    /// block at a time. Not a resume field.
+    pub activation_checkpointing: bool,
 }
 
 impl Train {
@@ -419,6 +423,7 @@ impl Manifest {
             grad_clip_norm: train.grad_clip_norm,
             patch_dropout: train.patch_dropout.unwrap_or(0.0),
             shard_optimizer: train.shard_optimizer.unwrap_or(false),
+            activation_checkpointing: train.activation_checkpointing.unwrap_or(false),
         })
     }
 

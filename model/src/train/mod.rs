@@ -1,5 +1,6 @@
 //! Training: one optimisation step of the CoCa objective.
 
+pub mod checkpointing;
 pub mod contrastive;
 pub mod gradients;
 pub mod replicas;

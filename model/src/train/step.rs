@@ -10,6 +10,7 @@ use burn::tensor::{ElementConversion, FloatDType, Tensor};
 
 use crate::loss::{captioning_loss_sum, Heads, LossWeights};
 use crate::state::{Moments, Optimizer as AdamWOptimizer};
+use crate::train::checkpointing;
 use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
 use crate::train::gradients::{all_reduce_mean, global_norm, scale, DEFAULT_BUCKET_BYTES};
 use crate::train::sharded_adamw::{segment_of, ShardedAdamW};
@@ -79,6 +80,8 @@ pub struct TrainStep<B: AutodiffBackend> {
     accumulation: usize,
     /// The largest L2 norm the reduced gradient may have.
     clip_norm: Option<f32>,
+    /// The towers' blocks computed again in the backward pass.
+    activation_checkpointing: bool,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
@@ -95,6 +98,7 @@ where
             compute: FloatDType::F32,
             accumulation: 1,
             clip_norm: None,
+            activation_checkpointing: false,
         }
     }
 
@@ -118,6 +122,14 @@ where
     /// is larger (as torch's `clip_grad_norm_`).
     pub fn with_clip_norm(mut self, max_norm: Option<f32>) -> Self {
         self.clip_norm = max_norm;
+        self
+    }
+
+    /// Keeps only each tower block's input in the forward pass and
+    /// computes the block again in the backward pass: activations for one
+    /// block at a time (`train::checkpointing`).
+    pub fn with_activation_checkpointing(mut self, checkpointing: bool) -> Self {
+        self.activation_checkpointing = checkpointing;
         self
     }
 
@@ -226,6 +238,15 @@ where
             images: part.images.clone().cast(self.compute),
             ..part.clone()
         };
+        let forward_pass = |part: &CocaBatch<B>| {
+            let part = computed(part);
+            if self.activation_checkpointing {
+                let (output, checkpoints) = checkpointing::forward(&model, &part, heads);
+                (output, Some(checkpoints))
+            } else {
+                (model.forward(&part, heads), None)
+            }
+        };
         let [rows, ..] = batch.images.dims();
         let parts: Vec<CocaBatch<B>> = chunks(rows, self.accumulation)
             .map(|(first, len)| batch.rows(first, len))
@@ -245,10 +266,10 @@ where
         // the others' embeddings come without one.
         let mut first_output = None;
         let contrastive = if heads.contrastive {
-            let output = model.forward(&computed(&parts[0]), heads);
+            let (output, checkpoints) = forward_pass(&parts[0]);
             let image = output.image_embedding.clone().expect("the contrastive head");
             let text = output.text_embedding.clone().expect("the contrastive head");
-            first_output = Some(output);
+            first_output = Some((output, checkpoints));
             let (image, text) = if parts.len() == 1 {
                 (image, text)
             } else {
@@ -279,9 +300,9 @@ where
         let mut offset = 0;
         for (i, part) in parts.iter().enumerate() {
             let chunk_start = Instant::now();
-            let output = match first_output.take() {
-                Some(output) => output,
-                None => model.forward(&computed(part), heads),
+            let (output, checkpoints) = match first_output.take() {
+                Some(first) => first,
+                None => forward_pass(part),
             };
             let [part_rows, ..] = part.images.dims();
             let mut objective: Option<Tensor<B, 1>> = None;
@@ -312,11 +333,11 @@ where
             let objective = objective.expect("at least one loss weight is non-zero");
             let backward_start = Instant::now();
             forward += backward_start - chunk_start;
-            let chunk_gradients = GradientsParams::from_grads(objective.backward(), &model);
-            if parts.len() == 1 {
-                gradients = Some(chunk_gradients);
-            } else {
-                accumulated.accumulate(&model, chunk_gradients);
+            let grads = objective.backward();
+            match checkpoints {
+                Some(checkpoints) => checkpoints.backward(&model, grads, &mut accumulated),
+                None if parts.len() == 1 => gradients = Some(GradientsParams::from_grads(grads, &model)),
+                None => accumulated.accumulate(&model, GradientsParams::from_grads(grads, &model)),
             }
             backward += backward_start.elapsed();
             offset += part_rows;

@@ -271,6 +271,7 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
         .with_accumulation(train.accumulation)
         .with_clip_norm(train.grad_clip_norm.map(|norm| norm as f32))
         .with_sharded_optimizer(train.shard_optimizer)
+        .with_activation_checkpointing(train.activation_checkpointing)
 }
 
 /// The model and its training step, from the job's seed or from the
