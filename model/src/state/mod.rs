@@ -36,12 +36,6 @@ pub enum Moments<B: AutodiffBackend> {
     Gathered(GatheredMoments),
 }
 
-impl<B: AutodiffBackend> From<OptimizerRecord<B>> for Moments<B> {
-    fn from(record: OptimizerRecord<B>) -> Self {
-        Moments::Whole(record)
-    }
-}
-
 /// AdamW's first and second moments of elements `range` of a section, and
 /// what the whole optimizer says of every tensor.
 #[derive(Debug, Clone, PartialEq)]

@@ -286,12 +286,6 @@ impl<B: Backend> ShardedAdamW<B> {
             steps: self.steps,
         })
     }
-
-    /// Elements of one section of AdamW's moments this rank holds (for the
-    /// benchmark's bytes per rank); before its first step, none.
-    pub fn held_elements(&self) -> usize {
-        self.place.as_ref().map_or(0, |place| place.segment.len())
-    }
 }
 
 /// Each tensor's range of a section, in visiting order.

@@ -194,14 +194,6 @@ where
         }
     }
 
-    /// Elements of each moment section this rank holds.
-    pub fn moment_elements(&self, model: &CocaModel<B>) -> usize {
-        match &self.optimizer {
-            Optimizer::Replicated(_) => segment_of(model, 0, 1).end as usize,
-            Optimizer::Sharded(optimizer) => optimizer.held_elements(),
-        }
-    }
-
     /// Size of the gradient all-reduce buckets.
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
         self.bucket_bytes = bytes;
