@@ -160,6 +160,49 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
         ],
     ));
     assert!(!captioned[0]["caption"].as_str().unwrap().is_empty(), "{captioned}");
+    // open_clip's generation options; each bad one refused by name.
+    let caption_with = |options: &[&str]| {
+        let mut args = vec!["caption", "--checkpoint", "model.safetensors", "--json"];
+        args.extend_from_slice(options);
+        args.push("sheet.png");
+        coca(path, &args)
+    };
+    let sampled = json(&caption_with(&[
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "5",
+        "--repetition-penalty",
+        "1.3",
+        "--min-len",
+        "2",
+        "--stop",
+        "circle",
+    ]));
+    let words = sampled[0]["caption"].as_str().unwrap().split_whitespace().count();
+    assert!(words >= 2, "{sampled}");
+    for (options, message) in [
+        (
+            &["--stop", "red circle"][..],
+            "--stop \"red circle\": `red circle` is 2 tokens of this tokenizer, not one",
+        ),
+        (
+            &["--temperature", "1", "--top-k", "0"][..],
+            "--top-k must be at least 1",
+        ),
+        (
+            &["--repetition-penalty", "0"][..],
+            "--repetition-penalty must be a positive number (1: off)",
+        ),
+        (&["--min-len", "40"][..], "--min-len 40 is more than --max-len 32"),
+    ] {
+        let refused = caption_with(options);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(message),
+            "{options:?}: {stderr}"
+        );
+    }
     let missing = coca(path, &["caption", "--checkpoint", "model.safetensors", "nowhere.png"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read nowhere.png"));

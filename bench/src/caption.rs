@@ -19,17 +19,15 @@ pub fn bench_caption<B: burn::tensor::backend::Backend>(
     let images = synthetic_batch::<B>(config, 1, 0, &device).images;
     let image_tokens = model.caption_image_tokens(images);
     let time = |cache: bool| {
+        let strategy = if beams > 1 {
+            Strategy::Beam(beams)
+        } else {
+            Strategy::Greedy
+        };
+        // No token ends the caption: every run generates max_len tokens.
         let generation = Generation {
-            strategy: if beams > 1 {
-                Strategy::Beam(beams)
-            } else {
-                Strategy::Greedy
-            },
-            max_len,
-            bos: 1,
-            // No token ends the caption: every run generates max_len tokens.
-            eos: u32::MAX,
             cache,
+            ..Generation::new(strategy, max_len, 1, u32::MAX)
         };
         let started = Instant::now();
         let tokens = generate(&model, image_tokens.clone(), &generation);

@@ -31,6 +31,8 @@ pub enum TokenizerError {
     MissingSpecial { origin: String, token: &'static str },
     #[error("cannot tokenize `{text}`: {message}")]
     Encode { text: String, message: String },
+    #[error("`{text}` is {count} tokens of this tokenizer, not one")]
+    NotOneToken { text: String, count: usize },
 }
 
 pub struct TextTokenizer {
@@ -155,6 +157,21 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// The one token `text` is (as a word in a caption is encoded).
+    pub fn single_token(&self, text: &str) -> Result<u32, TokenizerError> {
+        let encoding = self.inner.encode(text, false).map_err(|error| TokenizerError::Encode {
+            text: text.chars().take(80).collect(),
+            message: error.to_string(),
+        })?;
+        match encoding.get_ids() {
+            [id] => Ok(*id),
+            ids => Err(TokenizerError::NotOneToken {
+                text: text.chars().take(80).collect(),
+                count: ids.len(),
+            }),
+        }
+    }
+
     /// The text of `ids`, without special tokens and padding.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         // CLIP's padding id is an ordinary token (`!`), not a special one.
@@ -169,6 +186,16 @@ impl TextTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_word_is_one_token_or_an_error_naming_it() {
+        let clip = TextTokenizer::clip().unwrap();
+        let full_stop = clip.single_token(".").unwrap();
+        let framed = clip.encode("a dog.", 8).unwrap();
+        assert_eq!(framed[3], full_stop, "{framed:?}");
+        let error = clip.single_token("a dog").unwrap_err().to_string();
+        assert_eq!(error, "`a dog` is 2 tokens of this tokenizer, not one");
+    }
 
     fn corpus() -> Vec<String> {
         let colours = ["red", "green", "blue", "yellow", "purple", "orange"];

@@ -1,6 +1,8 @@
-//! Caption generation from one image: greedy, beam search, or nucleus
-//! sampling, with the decoder's key/value cache or (to measure what it
-//! saves) recomputing the whole prefix for every token.
+//! Caption generation from one image: greedy, beam search, or sampling
+//! (nucleus and top-k), with open_clip's logit processors (repetition
+//! penalty, minimum length, a stop token), with the decoder's key/value
+//! cache or (to measure what it saves) recomputing the whole prefix for
+//! every token.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -15,11 +17,13 @@ pub enum Strategy {
     /// Beam search with this many beams; scores are summed log-probabilities
     /// divided by length^0.6 when finished hypotheses are compared.
     Beam(usize),
-    /// Nucleus sampling: the smallest set of tokens whose probability
-    /// reaches `top_p`, at `temperature`, drawn with a seeded generator.
+    /// Sampling at `temperature` from the smallest set of tokens whose
+    /// probability reaches `top_p` (nucleus), among the `top_k` most
+    /// likely when set, drawn with a seeded generator.
     Sample {
         temperature: f32,
         top_p: f32,
+        top_k: Option<usize>,
         seed: u64,
     },
 }
@@ -33,6 +37,59 @@ pub struct Generation {
     pub eos: u32,
     /// Keep the decoder's keys and values (false: recompute the prefix).
     pub cache: bool,
+    /// The logit of every token the caption already holds is divided by
+    /// this (multiplied where negative), as open_clip's and Hugging Face's
+    /// `repetition_penalty`; 1: off.
+    pub repetition_penalty: f32,
+    /// Tokens generated before `<eos>` (or `stop`) may end the caption.
+    pub min_len: usize,
+    /// A token that ends the caption once generated, kept in it (a full
+    /// stop, say), besides `<eos>`.
+    pub stop: Option<u32>,
+}
+
+impl Generation {
+    /// Greedy or another `strategy` without the logit processors: no
+    /// repetition penalty, no minimum length, no stop token but `<eos>`.
+    pub fn new(strategy: Strategy, max_len: usize, bos: u32, eos: u32) -> Self {
+        Self {
+            strategy,
+            max_len,
+            bos,
+            eos,
+            cache: true,
+            repetition_penalty: 1.0,
+            min_len: 0,
+            stop: None,
+        }
+    }
+
+    /// The logits of the token after `generated` (the caption so far,
+    /// without `<bos>`), as the processors leave them.
+    fn process(&self, mut logits: Vec<f32>, generated: &[u32]) -> Vec<f32> {
+        if self.repetition_penalty != 1.0 {
+            let mut seen: Vec<u32> = generated.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for token in seen {
+                if let Some(logit) = logits.get_mut(token as usize) {
+                    *logit = if *logit < 0.0 {
+                        *logit * self.repetition_penalty
+                    } else {
+                        *logit / self.repetition_penalty
+                    };
+                }
+            }
+        }
+        if generated.len() < self.min_len {
+            for token in std::iter::once(self.eos).chain(self.stop) {
+                if let Some(logit) = logits.get_mut(token as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        logits
+    }
 }
 
 /// Length penalty exponent for comparing finished beams (as in GNMT).
@@ -55,16 +112,26 @@ pub fn generate<B: Backend>(model: &CocaModel<B>, image_tokens: Tensor<B, 3>, ge
             };
             for _ in 0..max_len {
                 let logits = decoder.next_logits(&[tokens.clone()]).remove(0);
+                let logits = generation.process(logits, &tokens[1..]);
                 let next = match (strategy, random.as_mut()) {
-                    (Strategy::Sample { temperature, top_p, .. }, Some(random)) => {
-                        sample(&logits, temperature, top_p, random)
-                    }
+                    (
+                        Strategy::Sample {
+                            temperature,
+                            top_p,
+                            top_k,
+                            ..
+                        },
+                        Some(random),
+                    ) => sample(&logits, temperature, top_p, top_k, random),
                     _ => argmax(&logits),
                 };
                 if next == generation.eos {
                     break;
                 }
                 tokens.push(next);
+                if Some(next) == generation.stop {
+                    break;
+                }
             }
             tokens.split_off(1)
         }
@@ -147,14 +214,14 @@ fn log_probabilities(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|l| l - log_sum).collect()
 }
 
-fn sample(logits: &[f32], temperature: f32, top_p: f32, random: &mut SplitMix64) -> u32 {
+fn sample(logits: &[f32], temperature: f32, top_p: f32, top_k: Option<usize>, random: &mut SplitMix64) -> u32 {
     let scaled: Vec<f32> = logits.iter().map(|l| l / temperature.max(1e-6)).collect();
     let probabilities: Vec<f32> = log_probabilities(&scaled).into_iter().map(f32::exp).collect();
     let mut order: Vec<usize> = (0..probabilities.len()).collect();
     order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
     let mut nucleus = Vec::new();
     let mut mass = 0.0;
-    for i in order {
+    for i in order.into_iter().take(top_k.unwrap_or(usize::MAX).max(1)) {
         nucleus.push(i);
         mass += probabilities[i];
         if mass >= top_p {
@@ -187,8 +254,8 @@ fn beam_search<B: Backend>(
         let sequences: Vec<Vec<u32>> = alive.iter().map(|(t, _)| t.clone()).collect();
         let logits = decoder.next_logits(&sequences);
         let mut candidates: Vec<(usize, u32, f64)> = Vec::new();
-        for (row, row_logits) in logits.iter().enumerate() {
-            let log_p = log_probabilities(row_logits);
+        for (row, row_logits) in logits.into_iter().enumerate() {
+            let log_p = log_probabilities(&generation.process(row_logits, &alive[row].0[1..]));
             let mut order: Vec<usize> = (0..log_p.len()).collect();
             order.sort_by(|&a, &b| log_p[b].total_cmp(&log_p[a]).then(a.cmp(&b)));
             for &token in order.iter().take(beams) {
@@ -204,6 +271,9 @@ fn beam_search<B: Backend>(
             }
             let mut tokens = alive[row].0.clone();
             if token == generation.eos {
+                finished.push((tokens, score));
+            } else if Some(token) == generation.stop {
+                tokens.push(token);
                 finished.push((tokens, score));
             } else {
                 tokens.push(token);

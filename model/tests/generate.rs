@@ -70,11 +70,8 @@ fn beam_one_is_greedy_and_the_cache_changes_nothing() {
     let run = |strategy, cache, image: usize| {
         let tokens = model.caption_image_tokens(batch.images.clone().narrow(0, image, 1));
         let generation = Generation {
-            strategy,
-            max_len: 12,
-            bos: 1,
-            eos: 2,
             cache,
+            ..Generation::new(strategy, 12, 1, 2)
         };
         generate(&model, tokens, &generation)
     };
@@ -90,6 +87,7 @@ fn beam_one_is_greedy_and_the_cache_changes_nothing() {
         let sample = Strategy::Sample {
             temperature: 1.0,
             top_p: 0.9,
+            top_k: None,
             seed: 7,
         };
         assert_eq!(
@@ -98,4 +96,82 @@ fn beam_one_is_greedy_and_the_cache_changes_nothing() {
             "seeded sampling repeats"
         );
     }
+}
+
+/// open_clip's generation options, each against plain greedy decoding of a
+/// fixed model with no `<eos>` (12 tokens, some repeated).
+#[test]
+fn each_generation_option_does_what_it_says() {
+    let config = Preset::Tiny.config();
+    let model = model();
+    let images = synthetic_batch::<B>(&config, 1, 3, &Default::default()).images;
+    let image_tokens = model.caption_image_tokens(images);
+    let caption = |generation: Generation| generate(&model, image_tokens.clone(), &generation);
+    let plain = Generation::new(Strategy::Greedy, 12, 1, u32::MAX);
+    let greedy = caption(plain);
+    assert_eq!(greedy.len(), 12);
+
+    // A token first generated at `at`: a stop there keeps it and ends.
+    let at = (2..greedy.len())
+        .find(|&i| !greedy[..i].contains(&greedy[i]))
+        .expect("a token new at some position");
+    let stop = Generation {
+        stop: Some(greedy[at]),
+        ..plain
+    };
+    assert_eq!(caption(stop), greedy[..=at]);
+    // As <eos> it ends the caption before it; a minimum length holds both off.
+    let eos = Generation {
+        eos: greedy[at],
+        ..plain
+    };
+    assert_eq!(caption(eos), greedy[..at]);
+    for ended in [eos, stop] {
+        let long = caption(Generation {
+            min_len: at + 3,
+            ..ended
+        });
+        assert!(long.len() >= at + 3, "{long:?}");
+        assert!(!long[..at + 3].contains(&greedy[at]), "{long:?}");
+    }
+
+    // A repetition penalty: fewer repeated tokens.
+    let repeats = |tokens: &[u32]| tokens.len() - tokens.iter().collect::<std::collections::HashSet<_>>().len();
+    let penalized = caption(Generation {
+        repetition_penalty: 100.0,
+        ..plain
+    });
+    assert!(repeats(&greedy) > 0, "{greedy:?}");
+    assert!(
+        repeats(&penalized) < repeats(&greedy),
+        "{penalized:?} against {greedy:?}"
+    );
+
+    // Top-k: k = 1 is greedy at any temperature and seed; at a high
+    // temperature k = 2 draws the first token from 2, without it from many.
+    let sample = |top_k, seed| Generation {
+        strategy: Strategy::Sample {
+            temperature: 50.0,
+            top_p: 1.0,
+            top_k,
+            seed,
+        },
+        ..plain
+    };
+    for seed in 0..3 {
+        assert_eq!(caption(sample(Some(1), seed)), greedy, "seed {seed}");
+    }
+    let first_tokens = |top_k| {
+        (0..24)
+            .map(|seed| {
+                caption(Generation {
+                    max_len: 1,
+                    ..sample(top_k, seed)
+                })[0]
+            })
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(first_tokens(Some(2)), 2);
+    assert!(first_tokens(None) > 10);
 }

@@ -96,6 +96,21 @@ pub struct GenerationArgs {
     /// Nucleus sampling: the smallest set of tokens reaching this probability.
     #[arg(long, default_value_t = 0.9, requires = "temperature")]
     top_p: f32,
+    /// Top-k sampling: only the K most likely tokens (with --top-p: the
+    /// nucleus among them).
+    #[arg(long, value_name = "K", requires = "temperature")]
+    top_k: Option<usize>,
+    /// Divide the logit of every token the caption already holds by this
+    /// (multiply where negative), as open_clip's repetition_penalty; 1: off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Tokens generated before the caption may end.
+    #[arg(long, default_value_t = 0)]
+    min_len: usize,
+    /// End the caption once this word (one token of the tokenizer) is
+    /// generated, kept in it: `--stop .` ends at the first full stop.
+    #[arg(long, value_name = "WORD")]
+    stop: Option<String>,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -110,9 +125,11 @@ impl GenerationArgs {
             (Some(temperature), _) => {
                 anyhow::ensure!(temperature > 0.0, "--temperature must be above 0");
                 anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
+                anyhow::ensure!(self.top_k != Some(0), "--top-k must be at least 1");
                 Strategy::Sample {
                     temperature,
                     top_p: self.top_p,
+                    top_k: self.top_k,
                     seed: self.seed,
                 }
             }
@@ -120,12 +137,36 @@ impl GenerationArgs {
             (None, 1) => Strategy::Greedy,
             (None, beams) => Strategy::Beam(beams),
         };
+        anyhow::ensure!(
+            self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+            "--repetition-penalty must be a positive number (1: off)"
+        );
+        anyhow::ensure!(
+            self.min_len <= self.max_len,
+            "--min-len {} is more than --max-len {}",
+            self.min_len,
+            self.max_len
+        );
+        let stop = match &self.stop {
+            Some(word) => Some(
+                loaded
+                    .tokenizer
+                    .single_token(word)
+                    .with_context(|| format!("--stop {word:?}"))?,
+            ),
+            None => None,
+        };
         Ok(Generation {
-            strategy,
-            max_len: self.max_len,
-            bos: loaded.tokenizer.bos_id(),
-            eos: loaded.tokenizer.eos_id(),
             cache: !self.no_cache,
+            repetition_penalty: self.repetition_penalty,
+            min_len: self.min_len,
+            stop,
+            ..Generation::new(
+                strategy,
+                self.max_len,
+                loaded.tokenizer.bos_id(),
+                loaded.tokenizer.eos_id(),
+            )
         })
     }
 }
