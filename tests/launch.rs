@@ -704,6 +704,18 @@ fn replicas_in_one_worker_train_what_two_workers_train() {
         "patch dropout: worst relative difference {difference:e}"
     );
     assert!(worst(&dropped) > 1e-2, "half the patches dropped trains another model");
+    // The image tower locked but its head: on either layout its blocks keep
+    // their initial bits, so the two runs agree on them exactly.
+    let lock = "lock_image = true\nlock_image_unlocked_groups = 1";
+    let (locked, log, _) = run_with(2, 1, lock);
+    assert!(log.contains("parameters train; the gradient all-reduce moves"), "{log}");
+    let (locked_replicas, _, _) = run_with(1, 2, lock);
+    let block = |name: &String| name.starts_with("image_encoder.blocks.");
+    assert!(locked.keys().filter(|name| block(name)).count() > 0);
+    for name in locked.keys().filter(|name| block(name)) {
+        assert!(locked[name] == locked_replicas[name], "{name} is locked but moved");
+        assert!(locked[name] != workers[name], "{name}: the unlocked job trains it");
+    }
     let (again, _, _) = run(1, 2);
     assert!(again == replicas, "the same layout gave other bits");
 }

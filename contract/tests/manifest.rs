@@ -163,6 +163,13 @@ fn every_rule_names_its_field() {
         ),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\nshard_optimizer = 1"), "train.shard_optimizer: invalid type: integer `1`, expected a boolean"),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\nactivation_checkpointing = \"yes\""), "train.activation_checkpointing: invalid type: string \"yes\", expected a boolean"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\nlock_image_unlocked_groups = 1"), "train.lock_image_unlocked_groups: 1 needs train.lock_image = true"),
+        (
+            with("lambda_cap = 2.0", "lambda_cap = 2.0\nlock_text = true\nlock_text_unlocked_groups = 4"),
+            "train.lock_text_unlocked_groups: 4 leaves nothing locked: the text tower has 4 groups (its stem, 2 blocks, its head)",
+        ),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\nimage_layer_decay = 0"), "train.image_layer_decay: 0 must be in (0, 1] (1: off)"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\ntext_layer_decay = 1.5"), "train.text_layer_decay: 1.5 must be in (0, 1] (1: off)"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
         (DEMO.to_string() + "\n[gpu]\nautotune = \"max\"\n", "gpu.autotune: unknown variant `max`, expected one of `minimal`, `balanced`, `extensive`, `full`"),

@@ -97,6 +97,12 @@ pub(super) struct TrainFile {
     pub patch_dropout: Option<f64>,
     pub shard_optimizer: Option<bool>,
     pub activation_checkpointing: Option<bool>,
+    pub lock_image: Option<bool>,
+    pub lock_image_unlocked_groups: Option<usize>,
+    pub lock_text: Option<bool>,
+    pub lock_text_unlocked_groups: Option<usize>,
+    pub image_layer_decay: Option<f64>,
+    pub text_layer_decay: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -128,6 +128,18 @@ pub struct Train {
     /// their activations kept: the same gradients, activations for one
     /// block at a time. Not a resume field.
     pub activation_checkpointing: bool,
+    /// The image tower (encoder, poolers, projection) frozen, but its last
+    /// `lock_image_unlocked_groups` groups (stem, each block, head), as
+    /// open_clip's `--lock-image`. Not a resume field.
+    pub lock_image: bool,
+    pub lock_image_unlocked_groups: usize,
+    /// The text tower (embeddings, unimodal decoder, projection) frozen, but
+    /// its last `lock_text_unlocked_groups` groups.
+    pub lock_text: bool,
+    pub lock_text_unlocked_groups: usize,
+    /// Layer-wise learning-rate decay of each tower's groups (1: off).
+    pub image_layer_decay: f64,
+    pub text_layer_decay: f64,
 }
 
 impl Train {
@@ -424,6 +436,12 @@ impl Manifest {
             patch_dropout: train.patch_dropout.unwrap_or(0.0),
             shard_optimizer: train.shard_optimizer.unwrap_or(false),
             activation_checkpointing: train.activation_checkpointing.unwrap_or(false),
+            lock_image: train.lock_image.unwrap_or(false),
+            lock_image_unlocked_groups: train.lock_image_unlocked_groups.unwrap_or(0),
+            lock_text: train.lock_text.unwrap_or(false),
+            lock_text_unlocked_groups: train.lock_text_unlocked_groups.unwrap_or(0),
+            image_layer_decay: train.image_layer_decay.unwrap_or(1.0),
+            text_layer_decay: train.text_layer_decay.unwrap_or(1.0),
         })
     }
 
@@ -675,6 +693,51 @@ impl Manifest {
                 "train.grad_clip_norm",
                 format!("{norm} must be a positive number"),
             ));
+        }
+        self.validate_towers()
+    }
+
+    /// Locking and layer decay: each tower has its blocks + 2 groups (stem,
+    /// blocks, head).
+    fn validate_towers(&self) -> Result<(), Invalid> {
+        let train = &self.train;
+        for (tower, locked, unlocked, decay, blocks) in [
+            (
+                "image",
+                train.lock_image,
+                train.lock_image_unlocked_groups,
+                train.image_layer_decay,
+                self.model.vision_layers,
+            ),
+            (
+                "text",
+                train.lock_text,
+                train.lock_text_unlocked_groups,
+                train.text_layer_decay,
+                self.model.unimodal_layers,
+            ),
+        ] {
+            let groups = blocks + 2;
+            if unlocked > 0 && !locked {
+                return Err(error(
+                    &format!("train.lock_{tower}_unlocked_groups"),
+                    format!("{unlocked} needs train.lock_{tower} = true"),
+                ));
+            }
+            if unlocked >= groups {
+                return Err(error(
+                    &format!("train.lock_{tower}_unlocked_groups"),
+                    format!(
+                        "{unlocked} leaves nothing locked: the {tower} tower has {groups} groups (its stem, {blocks} blocks, its head)"
+                    ),
+                ));
+            }
+            if !(decay > 0.0 && decay <= 1.0) {
+                return Err(error(
+                    &format!("train.{tower}_layer_decay"),
+                    format!("{decay} must be in (0, 1] (1: off)"),
+                ));
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod checkpointing;
 pub mod contrastive;
 pub mod gradients;
+pub mod parameter_groups;
 pub mod replicas;
 pub mod sharded_adamw;
 pub mod step;

@@ -153,7 +153,8 @@ impl<B: Backend> ShardedAdamW<B> {
     }
 
     /// Averages `gradients` (this rank's) over the ranks, clips their
-    /// global norm to `clip_norm`, and steps AdamW on this rank's segment;
+    /// global norm to `clip_norm`, and steps AdamW on this rank's segment,
+    /// each tensor at `scales` (in visiting order) of `learning_rate`;
     /// returns `model` with every rank's updated parameters, and the norm of
     /// the reduced gradient before clipping. Every rank of `collective`
     /// calls it, with the same parameters.
@@ -162,6 +163,7 @@ impl<B: Backend> ShardedAdamW<B> {
         model: CocaModel<AB>,
         gradients: GradientsParams,
         learning_rate: f64,
+        scales: &[f64],
         clip_norm: Option<f32>,
         collective: &mut dyn Collective,
     ) -> Result<(CocaModel<AB>, f32), CollectiveError>
@@ -204,8 +206,8 @@ impl<B: Backend> ShardedAdamW<B> {
                     TensorData::new(mine[local.clone()].to_vec(), [local.len()]),
                     &parameter.device(),
                 );
-                let (updated, state) =
-                    SimpleOptimizer::<B>::step(adamw, learning_rate, parameter, gradient, piece.state.take());
+                let rate = learning_rate * scales[piece.tensor];
+                let (updated, state) = SimpleOptimizer::<B>::step(adamw, rate, parameter, gradient, piece.state.take());
                 piece.state = state;
                 updated
             } else {

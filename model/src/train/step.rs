@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer as _};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, FloatDType, Tensor};
@@ -13,6 +13,7 @@ use crate::state::{Moments, Optimizer as AdamWOptimizer};
 use crate::train::checkpointing;
 use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
 use crate::train::gradients::{all_reduce_mean, global_norm, scale, DEFAULT_BUCKET_BYTES};
+use crate::train::parameter_groups::ParameterGroups;
 use crate::train::sharded_adamw::{segment_of, ShardedAdamW};
 use crate::{CocaBatch, CocaModel};
 use collective::{Collective, CollectiveError};
@@ -82,6 +83,11 @@ pub struct TrainStep<B: AutodiffBackend> {
     clip_norm: Option<f32>,
     /// The towers' blocks computed again in the backward pass.
     activation_checkpointing: bool,
+    /// Layer-wise learning-rate decay (locking is the model's: locked
+    /// parameters have no gradient).
+    groups: ParameterGroups,
+    /// Each parameter tensor's share of the learning rate, from the first step on.
+    learning_rate_scales: Option<Vec<f64>>,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
@@ -99,6 +105,8 @@ where
             accumulation: 1,
             clip_norm: None,
             activation_checkpointing: false,
+            groups: ParameterGroups::default(),
+            learning_rate_scales: None,
         }
     }
 
@@ -130,6 +138,15 @@ where
     /// block at a time (`train::checkpointing`).
     pub fn with_activation_checkpointing(mut self, checkpointing: bool) -> Self {
         self.activation_checkpointing = checkpointing;
+        self
+    }
+
+    /// Steps each tower's groups at their layer-decayed share of the
+    /// learning rate. Locked groups must be locked in the model too
+    /// ([`ParameterGroups::lock`]).
+    pub fn with_parameter_groups(mut self, groups: ParameterGroups) -> Self {
+        self.groups = groups;
+        self.learning_rate_scales = None;
         self
     }
 
@@ -350,6 +367,11 @@ where
             captioning,
         };
         let reducing = Instant::now();
+        let groups = self.groups;
+        let scales = self.learning_rate_scales.get_or_insert_with(|| {
+            let scales = groups.learning_rate_scales(&model);
+            scales.into_iter().map(|scale| scale.unwrap_or(1.0)).collect()
+        });
         let (model, gradient_norm, backward_done) = match &mut self.optimizer {
             Optimizer::Replicated(optimizer) => {
                 let gradients = all_reduce_mean(&model, gradients, collective, self.bucket_bytes)?;
@@ -363,13 +385,16 @@ where
                 };
                 let backward_done = Instant::now();
                 backward += backward_done - reducing;
-                let model = optimizer.step(learning_rate, model, gradients);
+                let mut model = model;
+                for (scale, gradients) in by_learning_rate(&model, gradients, scales) {
+                    model = optimizer.step(learning_rate * scale, model, gradients);
+                }
                 (model, gradient_norm, backward_done)
             }
             // The reduction is part of the sharded update.
             Optimizer::Sharded(optimizer) => {
                 let (model, gradient_norm) =
-                    optimizer.step(model, gradients, learning_rate, self.clip_norm, collective)?;
+                    optimizer.step(model, gradients, learning_rate, scales, self.clip_norm, collective)?;
                 (model, gradient_norm, reducing)
             }
         };
@@ -389,6 +414,46 @@ where
             },
         ))
     }
+}
+
+/// `gradients` split by the share of the learning rate each parameter
+/// tensor trains at (`scales`, in visiting order): one optimizer step each.
+fn by_learning_rate<B: AutodiffBackend>(
+    model: &CocaModel<B>,
+    gradients: GradientsParams,
+    scales: &[f64],
+) -> Vec<(f64, GradientsParams)> {
+    if scales.iter().all(|&scale| scale == 1.0) {
+        return vec![(1.0, gradients)];
+    }
+    struct Split<'a> {
+        gradients: GradientsParams,
+        scales: std::slice::Iter<'a, f64>,
+        groups: Vec<(f64, GradientsParams)>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Split<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let scale = *self.scales.next().expect("a scale per parameter tensor");
+            let Some(gradient) = self.gradients.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let at = match self.groups.iter().position(|(s, _)| *s == scale) {
+                Some(at) => at,
+                None => {
+                    self.groups.push((scale, GradientsParams::new()));
+                    self.groups.len() - 1
+                }
+            };
+            self.groups[at].1.register(param.id, gradient);
+        }
+    }
+    let mut split = Split {
+        gradients,
+        scales: scales.iter(),
+        groups: Vec::new(),
+    };
+    model.visit(&mut split);
+    split.groups
 }
 
 /// The range of a section a checkpoint shard (rank `rank` of `world`)

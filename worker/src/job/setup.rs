@@ -23,6 +23,7 @@ use model::eval::periodic::PeriodicEval;
 use model::loss::LossWeights;
 use model::state::{self, JobFacts, Moments, SavedShard, StateLayout};
 use model::train::contrastive::ContrastiveMode;
+use model::train::parameter_groups::ParameterGroups;
 use model::train::replicas::ReplicatedStep;
 use model::train::step::{compute_dtype, TrainStep};
 use model::CocaModel;
@@ -272,6 +273,7 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
         .with_clip_norm(train.grad_clip_norm.map(|norm| norm as f32))
         .with_sharded_optimizer(train.shard_optimizer)
         .with_activation_checkpointing(train.activation_checkpointing)
+        .with_parameter_groups(ParameterGroups::of(train))
 }
 
 /// The model and its training step, from the job's seed or from the
@@ -293,8 +295,12 @@ where
         CocaModel::<B>::placeholder(&plan.model, device)
     };
     let trainer = train_step::<B>(&plan.train);
+    let groups = ParameterGroups::of(&plan.train);
+    if assignment.rank == 0 && !groups.is_plain() {
+        tracing::info!("train: {}", groups.describe(&model));
+    }
     if assignment.resume_from.is_empty() {
-        return Ok((model, trainer));
+        return Ok((groups.lock(model), trainer));
     }
     let dir = Store::open(&assignment.resume_from, options).map_err(store_error("the resumed step"))?;
     let resume_failed = |source| WorkerError::Resume {
@@ -326,7 +332,7 @@ where
             meta.world_size
         );
     }
-    Ok((model, trainer.with_moments(moments)))
+    Ok((groups.lock(model), trainer.with_moments(moments)))
 }
 
 /// Saving this job's checkpoints.
