@@ -203,6 +203,67 @@ fn a_trained_demo_model_classifies_retrieves_and_captions() {
             "{options:?}: {stderr}"
         );
     }
+    // Zero-shot on a folder of class folders, read in place: ImageNet-1k's
+    // classes and names from WordNet-id folders, or the folder names.
+    for (folder, images) in [("n01440764", ["a.png", "b.png"].as_slice()), ("n01443537", &["c.png"])] {
+        let dir = path.join("imagenet").join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        for image in images {
+            std::fs::copy(path.join("sheet.png"), dir.join(image)).unwrap();
+        }
+        std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    }
+    let imagenet = evaluate(
+        path,
+        "zeroshot",
+        "model.safetensors",
+        "imagenet",
+        &["--classes", "imagenet1k"],
+    );
+    assert_eq!(
+        (imagenet["samples"].as_u64(), imagenet["classes"].as_u64()),
+        (Some(3), Some(1000))
+    );
+    assert_eq!(imagenet["templates"], 80);
+    let per_class = &imagenet["per_class"];
+    assert_eq!(
+        (per_class[0]["class"].as_str(), per_class[0]["total"].as_u64()),
+        (Some("tench"), Some(2))
+    );
+    assert_eq!(
+        (per_class[1]["class"].as_str(), per_class[1]["total"].as_u64()),
+        (Some("goldfish"), Some(1))
+    );
+    let named = evaluate(path, "zeroshot", "model.safetensors", "imagenet", &[]);
+    assert_eq!(named["classes"], 2);
+    assert_eq!(named["per_class"][1]["class"], "n01443537");
+    std::fs::create_dir_all(path.join("imagenet/cat")).unwrap();
+    for (data, message) in [
+        (
+            "imagenet",
+            "imagenet/cat: not an ImageNet WordNet id (like n01440764), and imagenet holds 3 class folders, not 1000",
+        ),
+        (
+            "data/demo/jft-heldout",
+            "--classes names the classes of a folder of class folders; data/demo/jft-heldout is a dataset with its own",
+        ),
+    ] {
+        let refused = coca(
+            path,
+            &[
+                "eval",
+                "zeroshot",
+                "--checkpoint",
+                "model.safetensors",
+                "--data",
+                data,
+                "--classes",
+                "imagenet1k",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(message), "{stderr}");
+    }
     let missing = coca(path, &["caption", "--checkpoint", "model.safetensors", "nowhere.png"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read nowhere.png"));

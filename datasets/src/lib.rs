@@ -12,6 +12,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod demo;
 pub mod image;
+pub mod imagenet;
 pub mod import;
 pub mod loader;
 pub mod patch_dropout;

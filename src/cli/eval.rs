@@ -1,14 +1,16 @@
 //! `coca eval` and `coca caption`: what a trained model does, from an
 //! export file or a committed checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use contract::dataset::INDEX_FILE;
 use datasets::dataset::Dataset;
+use datasets::import::{ImageFolder, ImportOptions};
 use datasets::prompt::PromptTemplates;
 use model::backend::Cpu;
-use model::eval::tasks;
+use model::eval::tasks::{self, Labelled};
 use model::generate::{generate, Generation, Strategy};
 use model::inference::{self, Loaded};
 
@@ -16,14 +18,22 @@ use super::StoreArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
-    /// Zero-shot classification of a jft dataset: top-1/top-5 accuracy,
+    /// Zero-shot classification of a jft dataset, or of a folder of class
+    /// folders read in place (ImageNet's layout): top-1/top-5 accuracy,
     /// per-class accuracy and the confusion matrix as a PNG.
     Zeroshot {
         #[command(flatten)]
         model: ModelSource,
-        /// The dataset (a path or store URL).
+        /// The dataset (a path or store URL), or a local folder with one
+        /// folder of images per class.
         #[arg(long)]
         data: String,
+        /// A class folder's classes: `imagenet1k` (ImageNet-1k's, built in:
+        /// folders named by WordNet id, or 1000 folders in class order), or
+        /// a class-name file (one per line, in folder order); by default the
+        /// folder names.
+        #[arg(long, value_name = "imagenet1k|FILE")]
+        classes: Option<String>,
         /// Prompt templates: clip80, simple, or a file (one per line, with {}).
         #[arg(long, default_value = "clip80")]
         templates: String,
@@ -215,10 +225,11 @@ impl EvalCommand {
             EvalCommand::Zeroshot {
                 model,
                 data,
+                classes,
                 templates: spec,
                 confusion,
                 options,
-            } => zeroshot(model, data, spec, confusion, options),
+            } => zeroshot(model, data, classes, spec, confusion, options),
             EvalCommand::Retrieval { model, data, options } => retrieval(model, data, options),
             EvalCommand::Caption {
                 model,
@@ -235,15 +246,42 @@ impl EvalCommand {
 fn zeroshot(
     model: ModelSource,
     data: String,
+    classes: Option<String>,
     spec: String,
     confusion: Option<PathBuf>,
     options: EvalOptions,
 ) -> anyhow::Result<()> {
     let loaded = load(&model)?;
-    let dataset = dataset(&data, &model.store)?;
+    // A local folder that is no coca dataset is read in place, as class folders.
+    let local = Path::new(&data);
+    let folder = (local.is_dir() && !local.join(INDEX_FILE).exists())
+        .then(|| match classes.as_deref() {
+            Some("imagenet1k") => ImageFolder::imagenet1k(local, options.limit),
+            classes => {
+                let options = ImportOptions {
+                    classes: classes.map(PathBuf::from),
+                    limit: options.limit,
+                };
+                ImageFolder::open(local, &options)
+            }
+        })
+        .transpose()
+        .with_context(|| format!("--data {data}"))?;
+    anyhow::ensure!(
+        folder.is_some() || classes.is_none(),
+        "--classes names the classes of a folder of class folders; {data} is a dataset with its own"
+    );
+    let opened;
+    let source = match &folder {
+        Some(folder) => Labelled::Folder(folder),
+        None => {
+            opened = dataset(&data, &model.store)?;
+            Labelled::Dataset(&opened)
+        }
+    };
     let templates = templates(&spec, &model.store)?;
-    let bar = bar(&dataset, options.limit);
-    let report = tasks::zero_shot(&loaded, &dataset, &templates, options.batch, options.limit, &|n| {
+    let bar = super::data::progress(Some(source.total(options.limit)));
+    let report = tasks::zero_shot(&loaded, source, &templates, options.batch, options.limit, &|n| {
         bar.set_position(n)
     })?;
     bar.finish_and_clear();

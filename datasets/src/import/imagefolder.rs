@@ -1,6 +1,7 @@
 //! One sub-folder per class (`src/cat/001.jpg`): a jft dataset whose
 //! classes are the folder names, sorted ('_' read as a space), unless a
-//! class list (`name<TAB>parent` lines, in folder order) names them.
+//! class list (`name<TAB>parent` lines, in folder order) names them, or
+//! ImageNet-1k's classes ([`ImageFolder::imagenet1k`]).
 
 use std::path::{Path, PathBuf};
 
@@ -18,19 +19,7 @@ pub struct ImageFolder {
 
 impl ImageFolder {
     pub fn open(src: &Path, options: &ImportOptions) -> Result<Self, ImportError> {
-        let entries = std::fs::read_dir(src).map_err(|error| ImportError::io(src, error))?;
-        let mut folders: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| path.is_dir())
-            .collect();
-        folders.sort();
-        if folders.is_empty() {
-            return Err(ImportError::file(
-                src,
-                "no class folders here (expected src/<class>/<image>)",
-            ));
-        }
+        let folders = class_folders(src)?;
         let classes = match &options.classes {
             Some(path) => {
                 let classes = read_classes(path)?;
@@ -59,9 +48,59 @@ impl ImageFolder {
                 })
                 .collect(),
         };
+        Self::with_files(src, classes, folders.into_iter().enumerate(), options.limit)
+    }
+
+    /// ImageNet-1k's 1000 classes (OpenAI's names) for a folder in its
+    /// usual layout: each folder named by its class's WordNet id (any
+    /// subset of them, as a validation set split by class), or exactly
+    /// 1000 folders of any names, in class-index order.
+    pub fn imagenet1k(src: &Path, limit: Option<u64>) -> Result<Self, ImportError> {
+        let known = crate::imagenet::classes();
+        let folders = class_folders(src)?;
+        let name = |folder: &Path| folder.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let by_id: Result<Vec<(usize, PathBuf)>, PathBuf> = folders
+            .iter()
+            .map(
+                |folder| match known.binary_search_by(|(id, _)| (*id).cmp(name(folder).as_str())) {
+                    Ok(label) => Ok((label, folder.clone())),
+                    Err(_) => Err(folder.clone()),
+                },
+            )
+            .collect();
+        let labelled = match by_id {
+            Ok(labelled) => labelled,
+            Err(_) if folders.len() == known.len() => folders.into_iter().enumerate().collect(),
+            Err(folder) => {
+                return Err(ImportError::file(
+                    &folder,
+                    format!(
+                        "not an ImageNet WordNet id (like n01440764), and {} holds {} class folders, not 1000",
+                        src.display(),
+                        folders.len()
+                    ),
+                ))
+            }
+        };
+        let classes = known
+            .iter()
+            .map(|(_, name)| ClassName {
+                name: name.to_string(),
+                parent: None,
+            })
+            .collect();
+        Self::with_files(src, classes, labelled.into_iter(), limit)
+    }
+
+    fn with_files(
+        src: &Path,
+        classes: Vec<ClassName>,
+        labelled: impl Iterator<Item = (usize, PathBuf)>,
+        limit: Option<u64>,
+    ) -> Result<Self, ImportError> {
         let mut files = Vec::new();
-        for (label, folder) in folders.iter().enumerate() {
-            let entries = std::fs::read_dir(folder).map_err(|error| ImportError::io(folder, error))?;
+        for (label, folder) in labelled {
+            let entries = std::fs::read_dir(&folder).map_err(|error| ImportError::io(&folder, error))?;
             let mut images: Vec<PathBuf> = entries
                 .filter_map(Result::ok)
                 .map(|entry| entry.path())
@@ -70,7 +109,7 @@ impl ImageFolder {
             images.sort();
             files.extend(images.into_iter().map(|path| (label, path)));
         }
-        if let Some(limit) = options.limit {
+        if let Some(limit) = limit {
             files.truncate(limit as usize);
         }
         Ok(Self {
@@ -79,6 +118,29 @@ impl ImageFolder {
             src: src.to_path_buf(),
         })
     }
+
+    /// (label, image file), by class then file name.
+    pub fn files(&self) -> &[(usize, PathBuf)] {
+        &self.files
+    }
+}
+
+/// The class folders under `src`, sorted.
+fn class_folders(src: &Path) -> Result<Vec<PathBuf>, ImportError> {
+    let entries = std::fs::read_dir(src).map_err(|error| ImportError::io(src, error))?;
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    folders.sort();
+    if folders.is_empty() {
+        return Err(ImportError::file(
+            src,
+            "no class folders here (expected src/<class>/<image>)",
+        ));
+    }
+    Ok(folders)
 }
 
 impl Importer for ImageFolder {

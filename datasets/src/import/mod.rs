@@ -95,7 +95,7 @@ impl ImportError {
         }
     }
 
-    fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
         ImportError::Io {
             path: path.display().to_string(),
             source,

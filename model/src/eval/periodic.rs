@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use contract::manifest::Eval;
 use contract::ModelConfig;
 
-use super::tasks::{retrieval, zero_shot, EvalError};
+use super::tasks::{retrieval, zero_shot, EvalError, Labelled};
 use crate::inference::Loaded;
 use crate::CocaModel;
 use datasets::dataset::Dataset;
@@ -61,7 +61,14 @@ impl PeriodicEval {
         let mut results = Vec::new();
         let mut outcome = Ok(());
         if let Some((dataset, templates)) = &self.zeroshot {
-            match zero_shot(&loaded, dataset, templates, 64, Some(self.limit), &quiet) {
+            match zero_shot(
+                &loaded,
+                Labelled::Dataset(dataset),
+                templates,
+                64,
+                Some(self.limit),
+                &quiet,
+            ) {
                 Ok(report) => {
                     results.push(("zeroshot_top1".to_string(), report.top1));
                     results.push(("zeroshot_top5".to_string(), report.top5));

@@ -14,6 +14,7 @@ use crate::generate::{generate, Generation};
 use crate::inference::{image_batch, text_batch, Loaded};
 use datasets::dataset::Dataset;
 use datasets::image::{self, RgbImage};
+use datasets::import::{ImageFolder, ImportError, Importer};
 use datasets::prompt::PromptTemplates;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum EvalError {
     Dataset(#[from] datasets::dataset::DatasetError),
     #[error(transparent)]
     Tokenizer(#[from] datasets::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Folder(#[from] datasets::import::ImportError),
     #[error("{url}: no images to evaluate")]
     NoImages { url: String },
     #[error("{url} is a{} dataset; {task} needs a{} one", article(*.found), article(*.wanted))]
@@ -50,6 +53,38 @@ pub struct Sample {
 
 /// Visits the dataset's samples in order, `batch` at a time, up to `limit`;
 /// undecodable images are skipped and counted. Returns the skipped count.
+/// [`for_each_batch`] over an image folder's files, read in place.
+fn for_each_file_batch(
+    folder: &ImageFolder,
+    batch: usize,
+    limit: Option<u64>,
+    mut visit: impl FnMut(Vec<Sample>) -> Result<(), EvalError>,
+) -> Result<u64, EvalError> {
+    let total = Labelled::Folder(folder).total(limit) as usize;
+    let mut skipped = 0u64;
+    let mut pending = Vec::new();
+    for (label, path) in &folder.files()[..total] {
+        let bytes = std::fs::read(path).map_err(|error| ImportError::io(path, error))?;
+        let Ok(picture) = image::decode(&bytes) else {
+            skipped += 1;
+            continue;
+        };
+        pending.push(Sample {
+            key: path.display().to_string(),
+            image: picture,
+            text: None,
+            labels: vec![*label],
+        });
+        if pending.len() == batch {
+            visit(std::mem::take(&mut pending))?;
+        }
+    }
+    if !pending.is_empty() {
+        visit(pending)?;
+    }
+    Ok(skipped)
+}
+
 pub fn for_each_batch(
     dataset: &Dataset,
     batch: usize,
@@ -159,29 +194,53 @@ pub fn class_embeddings<B: Backend>(
     Ok(Tensor::cat(classes, 0))
 }
 
+/// Labelled images to classify.
+pub enum Labelled<'a> {
+    /// A jft dataset.
+    Dataset(&'a Dataset),
+    /// A folder of class folders, its images read in place.
+    Folder(&'a ImageFolder),
+}
+
+impl Labelled<'_> {
+    /// Images to classify, at most `limit`.
+    pub fn total(&self, limit: Option<u64>) -> u64 {
+        let all = match self {
+            Labelled::Dataset(dataset) => dataset.index().rows(),
+            Labelled::Folder(folder) => folder.files().len() as u64,
+        };
+        limit.map_or(all, |limit| limit.min(all))
+    }
+}
+
 pub fn zero_shot<B: Backend>(
     loaded: &Loaded<B>,
-    dataset: &Dataset,
+    source: Labelled,
     templates: &PromptTemplates,
     batch: usize,
     limit: Option<u64>,
     progress: &dyn Fn(u64),
 ) -> Result<ZeroShot, EvalError> {
-    check_kind(dataset, "zero-shot classification", DatasetKind::Jft)?;
-    let index = dataset.index();
-    let names: Vec<String> = (0..index.classes.len())
-        .map(|c| {
-            index
-                .class_names(c)
-                .and_then(|n| n.first().map(|s| s.to_string()))
-                .unwrap_or_default()
-        })
-        .collect();
+    let names: Vec<String> = match source {
+        Labelled::Dataset(dataset) => {
+            check_kind(dataset, "zero-shot classification", DatasetKind::Jft)?;
+            let index = dataset.index();
+            (0..index.classes.len())
+                .map(|c| {
+                    index
+                        .class_names(c)
+                        .and_then(|n| n.first().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                })
+                .collect()
+        }
+        Labelled::Folder(folder) => folder.classes().into_iter().map(|class| class.name).collect(),
+    };
     let classes = class_embeddings(loaded, &names, templates)?;
     let device = classes.device();
     let mut confusion = vec![vec![0u64; names.len()]; names.len()];
     let (mut samples, mut top1, mut top5) = (0u64, 0u64, 0u64);
-    let skipped = for_each_batch(dataset, batch, limit, |batch| {
+    let classify = |batch: Vec<Sample>| {
         let images: Vec<RgbImage> = batch.iter().map(|s| s.image.clone()).collect();
         let embedded = loaded
             .model
@@ -201,7 +260,11 @@ pub fn zero_shot<B: Backend>(
         }
         progress(samples);
         Ok(())
-    })?;
+    };
+    let skipped = match source {
+        Labelled::Dataset(dataset) => for_each_batch(dataset, batch, limit, classify)?,
+        Labelled::Folder(folder) => for_each_file_batch(folder, batch, limit, classify)?,
+    };
     let per_class = names
         .iter()
         .enumerate()
