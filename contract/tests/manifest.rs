@@ -139,6 +139,7 @@ fn every_rule_names_its_field() {
         (with("loader_threads = 1", "loader_threads = 0"), "data.loader_threads: must be at least 1"),
         (with("loader_threads = 1", "loader_threads = 1\nstreams = 5"), "data.streams: 5 streams do not divide data source 0's 16 samples of every global batch"),
         (with("loader_threads = 1", "loader_threads = 1\nstreams = 0"), "data.streams: must be at least 1"),
+        (with("loader_threads = 1", "loader_threads = 1\nmax_image_pixels = 0"), "data.max_image_pixels: must be at least 1"),
         (with("loader_threads = 1", "loader_threads = 1\nshuffle_window = 0"), "data.shuffle_window: must be at least 1 shard"),
         (with("loader_threads = 1", "loader_threads = 1\nshard_memory_bytes = 0"), "data.shard_memory_bytes: must be at least 1"),
         (with("global_batch = 32", "global_batch = 33"), "train.global_batch: 33 is not divisible by cluster.workers = 2"),

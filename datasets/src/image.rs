@@ -21,6 +21,8 @@ pub enum ImageError {
     Decode(String),
     #[error("empty image ({width}x{height})")]
     Empty { width: u32, height: u32 },
+    #[error("{width}x{height} pixels is more than the {max_pixels} an image may have (data.max_image_pixels)")]
+    TooLarge { width: u32, height: u32, max_pixels: u64 },
 }
 
 /// How an image is cropped to the model's square input.
@@ -45,9 +47,40 @@ impl Crop {
     }
 }
 
-/// Decodes any supported format to RGB.
+/// Decodes any supported format to RGB, refusing more pixels than PIL does.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
-    let image = image::load_from_memory(bytes).map_err(|error| ImageError::Decode(error.to_string()))?;
+    decode_within(bytes, contract::manifest::MAX_IMAGE_PIXELS)
+}
+
+/// Decodes any supported format to RGB. An image whose header claims more
+/// than `max_pixels` is refused before its pixels are allocated (a
+/// decompression bomb: a few bytes of PNG can claim 100,000 x 100,000).
+pub fn decode_within(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    let undecodable = |error: &dyn std::fmt::Display| ImageError::Decode(error.to_string());
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|error| undecodable(&error))
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(|error| undecodable(&error))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    let mut reader = reader()?;
+    // The header's size holds for the decoder too; its allocations stay
+    // within the pixels allowed (and image's own default).
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    limits.max_alloc = limits
+        .max_alloc
+        .map(|default| default.max(max_pixels.saturating_mul(4)));
+    reader.limits(limits);
+    let image = reader.decode().map_err(|error| undecodable(&error))?;
     let rgb = image.into_rgb8();
     if rgb.width() == 0 || rgb.height() == 0 {
         return Err(ImageError::Empty {
@@ -160,6 +193,67 @@ mod tests {
     use super::*;
     use image::{ImageFormat, Rgb};
     use std::io::Cursor;
+
+    /// A PNG of a few dozen bytes whose header claims `width` x `height`
+    /// RGB pixels (its data: an empty zlib stream).
+    fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &byte in bytes {
+                crc ^= u32::from(byte);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        for (kind, data) in [
+            (
+                &b"IHDR"[..],
+                [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat(),
+            ),
+            (b"IDAT", vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]),
+            (b"IEND", Vec::new()),
+        ] {
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let chunk = [kind, &data].concat();
+            png.extend_from_slice(&chunk);
+            png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+        }
+        png
+    }
+
+    #[test]
+    fn an_image_claiming_too_many_pixels_is_refused_before_it_is_allocated() {
+        let bomb = png_claiming(100_000, 100_000);
+        assert!(bomb.len() < 100);
+        let refused = decode(&bomb).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "100000x100000 pixels is more than the 178956970 an image may have (data.max_image_pixels)"
+        );
+        // The limit is the caller's: a 64 x 64 image passes at 4096, not at 4095.
+        let mut bytes = Vec::new();
+        halves(64, 64)
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .unwrap();
+        assert_eq!(decode_within(&bytes, 4096).unwrap().dimensions(), (64, 64));
+        assert_eq!(
+            decode_within(&bytes, 4095).unwrap_err(),
+            ImageError::TooLarge {
+                width: 64,
+                height: 64,
+                max_pixels: 4095
+            }
+        );
+        // Under the limit, a header without pixels is an ordinary undecodable image.
+        assert!(matches!(decode(&png_claiming(16, 16)), Err(ImageError::Decode(_))));
+    }
 
     /// Left half red, right half blue.
     fn halves(width: u32, height: u32) -> RgbImage {

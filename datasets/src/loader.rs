@@ -57,6 +57,8 @@ pub struct LoaderConfig {
     pub fetch_ahead_bytes: u64,
     /// A source with more bad rows than this share of it fails the job.
     pub max_bad_fraction: f64,
+    /// An image claiming more pixels is a bad record, never allocated.
+    pub max_image_pixels: u64,
     /// Training's patch dropout: the patches each sample keeps.
     pub patch_dropout: Option<PatchDropout>,
 }
@@ -72,6 +74,7 @@ impl LoaderConfig {
             shard_memory_bytes: 1 << 30,
             fetch_ahead_bytes: 256 << 20,
             max_bad_fraction: 0.01,
+            max_image_pixels: contract::manifest::MAX_IMAGE_PIXELS,
             patch_dropout: None,
         }
     }
@@ -532,7 +535,7 @@ impl BatchAssembler {
                 }
             }
         };
-        let decoded_image = match image::decode(record.image) {
+        let decoded_image = match image::decode_within(record.image, self.config.max_image_pixels) {
             Ok(decoded_image) => decoded_image,
             Err(error) => {
                 return Outcome::Bad {

@@ -56,6 +56,7 @@ pub(super) struct DataFile {
     pub loader_threads: Option<usize>,
     pub prefetch_batches: Option<usize>,
     pub max_bad_fraction: Option<f64>,
+    pub max_image_pixels: Option<u64>,
     pub streams: Option<usize>,
     pub accept_refetching: Option<bool>,
     pub shuffle_window: Option<usize>,

@@ -62,6 +62,9 @@ pub struct Data {
     pub loader_threads: usize,
     pub prefetch_batches: usize,
     pub max_bad_fraction: f64,
+    /// The most pixels an image may claim: a larger one is a bad record,
+    /// refused before its pixels are allocated.
+    pub max_image_pixels: u64,
     /// Canonical streams per source (none: chosen at the job's first start,
     /// the most that every worker reads locally and that fit its
     /// shard_memory_bytes); ranks that divide it read only their own
@@ -304,6 +307,10 @@ struct Invalid {
     message: String,
 }
 
+/// The most pixels an image may have by default: what PIL refuses as a
+/// decompression bomb (twice `Image.MAX_IMAGE_PIXELS`).
+pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
 fn error(field: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid {
         field: field.into(),
@@ -538,6 +545,7 @@ impl Manifest {
             loader_threads: data.loader_threads.unwrap_or(2),
             prefetch_batches: data.prefetch_batches.unwrap_or(2),
             max_bad_fraction: data.max_bad_fraction.unwrap_or(0.01),
+            max_image_pixels: data.max_image_pixels.unwrap_or(MAX_IMAGE_PIXELS),
             streams: data.streams,
             accept_refetching: data.accept_refetching.unwrap_or(false),
             shuffle_window: data.shuffle_window.unwrap_or(2),
@@ -743,6 +751,9 @@ impl Manifest {
     }
 
     fn validate_data(&self) -> Result<(), Invalid> {
+        if self.data.max_image_pixels == 0 {
+            return Err(error("data.max_image_pixels", "must be at least 1"));
+        }
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err(error(
                 "data.max_bad_fraction",

@@ -101,6 +101,7 @@ where
             threads: plan.loader.threads,
             prefetch_batches: plan.loader.prefetch_batches,
             max_bad_fraction: plan.loader.max_bad_fraction,
+            max_image_pixels: plan.loader.max_image_pixels,
             shard_memory_bytes: plan.loader.shard_memory_bytes,
             fetch_ahead_bytes: plan.loader.fetch_ahead_bytes,
             patch_dropout: PatchDropout::new(plan.model.image_tokens(), plan.train.patch_dropout),
