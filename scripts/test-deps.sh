@@ -9,7 +9,8 @@
 #    the test writes its own slurm.conf and starts and stops the daemons),
 #  - Debian's mesa-vulkan-drivers (lavapipe: a Vulkan device on the CPU, on
 #    which burn's wgpu backend compiles and runs cubecl kernels as on a GPU),
-#  - PyPI's Pillow (the evaluation resize is checked against PIL's bytes).
+#  - PyPI's Pillow (the evaluation resize is checked against PIL's bytes),
+#  - PyPI's tensorboard (its own reader reads the job's event files back).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -55,4 +56,8 @@ if ! python3 -c "import PIL" 2> /dev/null; then
     python3 -m pip install --quiet pillow
 fi
 python3 -c "import PIL" || { echo "Pillow does not import after installing it" >&2; exit 1; }
+if ! python3 -c "import tensorboard" 2> /dev/null; then
+    python3 -m pip install --quiet tensorboard
+fi
+python3 -c "import tensorboard" || { echo "tensorboard does not import after installing it" >&2; exit 1; }
 echo "test data: ok"

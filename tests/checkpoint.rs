@@ -74,7 +74,11 @@ fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
     // A constant rate after warmup: the 20-step job is the 40-step job stopped at 20.
     let constant = [("schedule = \"cosine\"", "schedule = \"constant\"")];
     manifest(straight.path(), 20, &constant);
-    manifest(resumed.path(), 20, &constant);
+    let tensorboard = (
+        "[status]",
+        "[logging]\ntensorboard = \"runs/demo/tensorboard\"\n\n[status]",
+    );
+    manifest(resumed.path(), 20, &[constant[0], tensorboard]);
     ok(&launch(straight.path(), &["--steps", "40"]));
     ok(&launch(resumed.path(), &["--steps", "20"]));
     let stderr = ok(&launch(resumed.path(), &["--steps", "40"]));
@@ -98,6 +102,58 @@ fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
         committed(straight.path(), 40)["shards"],
         committed(resumed.path(), 40)["shards"]
     );
+
+    // TensorBoard's own reader finds every step once, across the two
+    // coordinators' files, with metrics.jsonl's values (as f32).
+    let events = tensorboard_scalars(&resumed.path().join("runs/demo/tensorboard"));
+    assert_eq!(
+        std::fs::read_dir(resumed.path().join("runs/demo/tensorboard"))
+            .unwrap()
+            .count(),
+        2,
+        "a file per coordinator"
+    );
+    for (tag, key) in [
+        ("train/loss", "loss"),
+        ("train/captioning", "captioning"),
+        ("train/learning_rate", "learning_rate"),
+        ("train/gradient_norm", "gradient_norm"),
+        ("train/samples_per_second", "samples_per_second"),
+    ] {
+        let expected: Vec<(u64, f32)> = b
+            .iter()
+            .map(|m| (m["step"].as_u64().unwrap(), m[key].as_f64().unwrap() as f32))
+            .collect();
+        assert_eq!(events[tag], expected, "{tag}");
+    }
+    let evaluated: Vec<(u64, f32)> = b
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m["evals"]["zeroshot_top1"].as_f64()? as f32)))
+        .collect();
+    assert!(!evaluated.is_empty());
+    assert_eq!(events["eval/zeroshot_top1"], evaluated);
+}
+
+/// Every scalar of the TensorBoard run in `dir`, read by TensorBoard's
+/// EventAccumulator (Python's `tensorboard`, from scripts/test-deps.sh):
+/// tag -> (step, value) in step order.
+fn tensorboard_scalars(dir: &Path) -> std::collections::HashMap<String, Vec<(u64, f32)>> {
+    let script = "import json, sys\n\
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+run = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n\
+run.Reload()\n\
+print(json.dumps({t: [[e.step, e.value] for e in run.Scalars(t)] for t in run.Tags()['scalars']}))";
+    let output = Command::new("python3").args(["-c", script]).arg(dir).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let read: std::collections::HashMap<String, Vec<(u64, f64)>> = serde_json::from_slice(&output.stdout).unwrap();
+    read.into_iter()
+        .map(|(tag, values)| {
+            (
+                tag,
+                values.into_iter().map(|(step, value)| (step, value as f32)).collect(),
+            )
+        })
+        .collect()
 }
 
 /// A checkpoint written by coca at protocol 3 (the manifest crossed the

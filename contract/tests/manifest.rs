@@ -177,6 +177,8 @@ fn every_rule_names_its_field() {
         (DEMO.to_string() + "\n[gpu]\nlog_compilations = 1\n", "gpu.log_compilations: invalid type: integer `1`, expected a boolean"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cache = \"\"\n", "gpu.kernel_cache: is empty (the URL of a directory)"),
         (DEMO.to_string() + "\n[gpu]\nkernel_cahce = \"x\"\n", "gpu.kernel_cahce: unknown key; did you mean `kernel_cache`?"),
+        (DEMO.to_string() + "\n[logging]\ntensorboard = \" \"\n", "logging.tensorboard: is empty (a directory path or store URL)"),
+        (DEMO.to_string() + "\n[logging]\ntensorbord = \"tb\"\n", "logging.tensorbord: unknown key; did you mean `tensorboard`?"),
         (with("backend = \"cpu\"", "backend = \"tpu\""), "cluster.backend: unknown variant `tpu`, expected one of `cpu`, `cuda`, `wgpu`"),
         (with("backend = \"cpu\"\ncollective = \"tcp\"", "backend = \"wgpu\"\ncollective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),
         (with("backend = \"cpu\"", "backend = \"wgpu\"\nreplicas = 2"), "cluster.replicas: replicas are for the cpu backend (a GPU runs one)"),

@@ -12,6 +12,7 @@ mod plan;
 mod service;
 mod shared;
 pub mod status;
+mod tensorboard;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,6 +31,7 @@ use journal::{Event, Journal};
 pub use plan::IndexError;
 use plan::JobStart;
 pub use shared::Shared;
+use store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -56,6 +58,8 @@ pub enum CoordinatorError {
     },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error("logging.tensorboard ({url})")]
+    TensorBoard { url: String, source: store::StoreError },
     #[error("resume")]
     Checkpoint(#[from] checkpoint::CheckpointError),
     /// Not a failure: the checkpoint is the job's last step.
@@ -131,8 +135,31 @@ impl Coordinator {
             .open(Path::new(&manifest.job.dir).join(METRICS_FILE))
             .map_err(|e| tracing::warn!("no {METRICS_FILE} in {}: {e}", manifest.job.dir))
             .ok();
+        // The event file is written once now, so a store that refuses it
+        // fails the job before it trains.
+        let tensorboard = match &manifest.logging.tensorboard {
+            Some(url) => {
+                let failed = |source| CoordinatorError::TensorBoard {
+                    url: url.clone(),
+                    source,
+                };
+                let store = Store::open(url, &plan::store_options(&start.plan.store)).map_err(failed)?;
+                let mut log = tensorboard::EventLog::new(store, job.start_step, job::unix_now());
+                let (log, flushed) = tokio::task::spawn_blocking(move || {
+                    let flushed = log.flush();
+                    (log, flushed)
+                })
+                .await
+                .expect("the first TensorBoard flush does not panic");
+                flushed.map_err(failed)?;
+                tracing::info!("TensorBoard events: {}", log.url());
+                Some(log)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             job: Mutex::new(job),
+            tensorboard: Mutex::new(tensorboard),
             manifest,
             plan_json: start.plan.to_json(),
             plan: start.plan,
@@ -216,6 +243,8 @@ impl Coordinator {
                         .all(|w| w.finished.is_some() || w.last_heartbeat.elapsed() > timeout);
                     if all_done || tokio::time::Instant::now() >= deadline {
                         self.stop_grpc().await;
+                        let shared = self.shared.clone();
+                        let _ = tokio::task::spawn_blocking(move || shared.flush_tensorboard()).await;
                         return state;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;

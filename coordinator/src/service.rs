@@ -228,6 +228,8 @@ impl CoordinatorRpc for Service {
             progress.committed += 1;
         }
         tracing::info!("committed step {step} ({bytes} bytes, slowest save {seconds:.2} s)");
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.flush_tensorboard());
         self.shared.journal(Event::Checkpoint {
             step,
             at: crate::job::unix_now(),

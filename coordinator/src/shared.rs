@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::job::{self, Change, Job};
 use crate::journal::{Event, Journal};
+use crate::tensorboard::EventLog;
 use crate::METRICS_FILE;
 
 /// State shared by the gRPC service, the status endpoint and the watchdog.
@@ -24,6 +25,8 @@ pub struct Shared {
     pub(crate) journal: Mutex<Journal>,
     /// `<job.dir>/metrics.jsonl`: every step's metrics, appended across resumes.
     pub(crate) metrics_log: Mutex<Option<std::fs::File>>,
+    /// `[logging] tensorboard`: the same metrics as TensorBoard events.
+    pub(crate) tensorboard: Mutex<Option<EventLog>>,
     /// Bumped when ranks are assigned and when the job ends.
     pub(crate) ready: watch::Sender<bool>,
     pub(crate) guard: Guard,
@@ -82,12 +85,18 @@ impl Shared {
                     generation,
                     step,
                     world,
-                } => self.journal(Event::Assigned {
-                    generation,
-                    step,
-                    world,
-                    at: job::unix_now(),
-                }),
+                } => {
+                    // Steps after the one the ring goes on from are trained again.
+                    if let Some(log) = self.tensorboard.lock().expect("tensorboard").as_mut() {
+                        log.resumed_from(step);
+                    }
+                    self.journal(Event::Assigned {
+                        generation,
+                        step,
+                        world,
+                        at: job::unix_now(),
+                    })
+                }
                 Change::Reached { generation, step } => self.journal(Event::Reached { generation, step }),
                 Change::TrainingAgain {
                     generation,
@@ -138,6 +147,24 @@ impl Shared {
         if let Err(error) = file.write_all(lines.as_bytes()) {
             tracing::warn!("cannot append to {METRICS_FILE}: {error}");
             *log = None;
+        }
+        drop(log);
+        if let Some(events) = self.tensorboard.lock().expect("tensorboard").as_mut() {
+            let now = job::unix_now();
+            for m in metrics {
+                events.record(m, now);
+            }
+        }
+    }
+
+    /// Puts the TensorBoard file (on checkpoint commits and at the end);
+    /// a store that fails is logged, and the next flush tries again.
+    /// Blocks on the store: not from the async runtime's threads.
+    pub(crate) fn flush_tensorboard(&self) {
+        if let Some(events) = self.tensorboard.lock().expect("tensorboard").as_mut() {
+            if let Err(error) = events.flush() {
+                tracing::warn!("cannot write {}: {error}", events.url());
+            }
         }
     }
 

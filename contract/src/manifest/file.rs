@@ -32,6 +32,8 @@ pub(super) struct ManifestFile {
     #[serde(default)]
     pub status: StatusFile,
     #[serde(default)]
+    pub logging: LoggingFile,
+    #[serde(default)]
     pub auth: AuthFile,
     #[serde(default)]
     pub recovery: RecoveryFile,
@@ -153,6 +155,12 @@ pub(super) struct StatusFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct LoggingFile {
+    pub tensorboard: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct AuthFile {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
@@ -234,6 +242,7 @@ fn unknown_key(key: &str, parent: &[Segment]) -> Option<String> {
         ["eval"] => keys_of::<EvalFile>(),
         ["gpu"] => keys_of::<GpuFile>(),
         ["status"] => keys_of::<StatusFile>(),
+        ["logging"] => keys_of::<LoggingFile>(),
         ["auth"] => keys_of::<AuthFile>(),
         ["recovery"] => keys_of::<RecoveryFile>(),
         _ => return None,

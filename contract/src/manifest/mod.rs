@@ -32,6 +32,7 @@ pub struct Manifest {
     pub eval: Option<Eval>,
     pub gpu: Gpu,
     pub status: Status,
+    pub logging: Logging,
     pub auth: Auth,
     pub recovery: Recovery,
 }
@@ -241,6 +242,14 @@ pub struct Status {
     pub bind: SocketAddr,
 }
 
+/// What the coordinator logs besides the journal and metrics.jsonl.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Logging {
+    /// Where TensorBoard event files go (a path or store URL): one run
+    /// per job, continued across resumes.
+    pub tensorboard: Option<String>,
+}
+
 /// What the coordinator may do when a worker is lost: rewind to the newest
 /// committed checkpoint and go on, at most `max_restarts` times.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,6 +375,17 @@ impl Manifest {
         let status = Status {
             bind: address("status.bind", file.status.bind, "127.0.0.1:7071")?,
         };
+        if file
+            .logging
+            .tensorboard
+            .as_deref()
+            .is_some_and(|url| url.trim().is_empty())
+        {
+            return Err(error("logging.tensorboard", "is empty (a directory path or store URL)"));
+        }
+        let logging = Logging {
+            tensorboard: file.logging.tensorboard,
+        };
         let auth = Auth {
             token_env: file.auth.token_env.unwrap_or_else(|| "COCA_JOB_TOKEN".into()),
             token_file: file.auth.token_file,
@@ -386,6 +406,7 @@ impl Manifest {
             eval,
             gpu,
             status,
+            logging,
             auth,
             recovery,
         };
