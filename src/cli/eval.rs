@@ -106,8 +106,8 @@ pub struct GenerationArgs {
     /// Nucleus sampling: the smallest set of tokens reaching this probability.
     #[arg(long, default_value_t = 0.9, requires = "temperature")]
     top_p: f32,
-    /// Top-k sampling: only the K most likely tokens (with --top-p: the
-    /// nucleus among them).
+    /// Top-k sampling: only the K most likely tokens; the nucleus of
+    /// --top-p is taken among them (--top-p 1: top-k alone).
     #[arg(long, value_name = "K", requires = "temperature")]
     top_k: Option<usize>,
     /// Divide the logit of every token the caption already holds by this
