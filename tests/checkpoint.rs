@@ -72,13 +72,15 @@ fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
     let straight = tempfile::tempdir().unwrap();
     let resumed = tempfile::tempdir().unwrap();
     // A constant rate after warmup: the 20-step job is the 40-step job stopped at 20.
-    let constant = [("schedule = \"cosine\"", "schedule = \"constant\"")];
-    manifest(straight.path(), 20, &constant);
+    let constant = ("schedule = \"cosine\"", "schedule = \"constant\"");
+    // Both keep a moving average of the parameters, which resumes too.
+    let ema = ("lambda_cap = 2.0", "lambda_cap = 2.0\nema_decay = 0.9");
+    manifest(straight.path(), 20, &[constant, ema]);
     let tensorboard = (
         "[status]",
         "[logging]\ntensorboard = \"runs/demo/tensorboard\"\n\n[status]",
     );
-    manifest(resumed.path(), 20, &[constant[0], tensorboard]);
+    manifest(resumed.path(), 20, &[constant, ema, tensorboard]);
     ok(&launch(straight.path(), &["--steps", "40"]));
     ok(&launch(resumed.path(), &["--steps", "20"]));
     let stderr = ok(&launch(resumed.path(), &["--steps", "40"]));
@@ -101,6 +103,68 @@ fn a_stopped_and_resumed_job_equals_the_straight_one_bit_for_bit() {
     assert_eq!(
         committed(straight.path(), 40)["shards"],
         committed(resumed.path(), 40)["shards"]
+    );
+
+    // The moving average of step 40: the same bytes, recorded in meta.json.
+    let average = |dir: &Path| std::fs::read(dir.join("runs/demo/checkpoints/step-00000040/ema.safetensors")).unwrap();
+    assert!(
+        average(straight.path()) == average(resumed.path()),
+        "the moving average resumed otherwise"
+    );
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(resumed.path().join("runs/demo/checkpoints/step-00000040/meta.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["ema"]["decay"], 0.9);
+    // --weights ema exports it; the default exports the parameters.
+    let export = |weights: &str| {
+        let out = resumed.path().join(format!("{weights}.safetensors"));
+        let status = Command::new(env!("CARGO_BIN_EXE_coca"))
+            .args([
+                "export",
+                "--checkpoint",
+                "runs/demo/checkpoints",
+                "--weights",
+                weights,
+                "--out",
+            ])
+            .arg(&out)
+            .current_dir(resumed.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let bytes = std::fs::read(out).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.data().to_vec()))
+            .collect();
+        tensors.sort();
+        tensors
+    };
+    let (model, averaged) = (export("model"), export("ema"));
+    let stored = safetensors::SafeTensors::deserialize(&average(resumed.path()))
+        .unwrap()
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect::<std::collections::BTreeMap<_, _>>();
+    assert!(
+        averaged.iter().all(|(name, data)| &stored[name] == data),
+        "--weights ema exports the average"
+    );
+    assert!(model != averaged, "the average is not the parameters");
+    // The decay is a resume field.
+    manifest(
+        resumed.path(),
+        20,
+        &[constant, ("lambda_cap = 2.0", "lambda_cap = 2.0\nema_decay = 0.5")],
+    );
+    let stderr = failed(&launch(resumed.path(), &["--steps", "50"]));
+    assert!(
+        stderr.contains("was written with train.ema_decay = 0.9; this manifest has 0.5"),
+        "{stderr}"
     );
 
     // TensorBoard's own reader finds every step once, across the two

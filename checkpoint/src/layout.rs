@@ -24,6 +24,8 @@ pub const COMMITTED: &str = "COMMITTED";
 /// The tokenizer the step was trained with (rank 0 copies it), so a step
 /// serves evaluation on its own.
 pub const TOKENIZER: &str = "tokenizer.json";
+/// The parameters' moving average, when the job keeps one (rank 0 writes it).
+pub const EMA: &str = "ema.safetensors";
 pub const FORMAT: &str = "coca-checkpoint";
 pub const VERSION: u32 = 1;
 /// The three sections of the flattened state, in order; tensor names in
@@ -108,6 +110,9 @@ pub struct Meta {
     pub section_len: u64,
     pub tensors: Vec<TensorEntry>,
     pub shards: Vec<ShardRange>,
+    /// The step's EMA file, when the job keeps one (`train.ema_decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<crate::ema::EmaRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +175,9 @@ pub struct ResumeFields {
     /// its own data, seed and batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<String>,
+    /// train.ema_decay: a step holds the moving average it kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
 }
 
 impl ResumeFields {
@@ -191,6 +199,7 @@ impl ResumeFields {
             global_batch: plan.train.global_batch,
             order: order.describe(),
             imported: None,
+            ema_decay: plan.train.ema_decay,
         }
     }
 
@@ -235,6 +244,10 @@ impl ResumeFields {
         if self.seed != now.seed {
             return differ("job.seed", self.seed.to_string(), now.seed.to_string());
         }
+        if self.ema_decay != now.ema_decay {
+            let decay = |decay: Option<f64>| decay.map_or("none".to_string(), |d| d.to_string());
+            return differ("train.ema_decay", decay(self.ema_decay), decay(now.ema_decay));
+        }
         if self.global_batch != now.global_batch {
             return differ(
                 "train.global_batch",
@@ -268,6 +281,7 @@ mod tests {
             global_batch: 64,
             order: "shard-local v1, 4 streams, window 2".into(),
             imported: None,
+            ema_decay: None,
         };
         let import = ResumeFields {
             model: job.model.clone(),

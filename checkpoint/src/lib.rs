@@ -6,6 +6,7 @@
 //! crate only turns its parameters and optimizer into the flat state.
 //! Blocking (object store calls): run off an async runtime.
 
+pub mod ema;
 mod error;
 pub mod layout;
 pub mod location;

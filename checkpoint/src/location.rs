@@ -244,6 +244,7 @@ mod tests {
             global_batch: 1,
             order: "test order".into(),
             imported: None,
+            ema_decay: None,
         }
     }
 
@@ -307,6 +308,7 @@ mod tests {
                 start: range.0,
                 end: range.1,
             }],
+            ema: None,
         };
         crate::write_meta(root, &meta).unwrap();
         commit(root, step, vec![record], 10, 0.0).unwrap();

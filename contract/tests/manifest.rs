@@ -170,6 +170,7 @@ fn every_rule_names_its_field() {
             "train.lock_text_unlocked_groups: 4 leaves nothing locked: the text tower has 4 groups (its stem, 2 blocks, its head)",
         ),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\nimage_layer_decay = 0"), "train.image_layer_decay: 0 must be in (0, 1] (1: off)"),
+        (with("lambda_cap = 2.0", "lambda_cap = 2.0\nema_decay = 1.0"), "train.ema_decay: 1 must be in (0, 1)"),
         (with("lambda_cap = 2.0", "lambda_cap = 2.0\ntext_layer_decay = 1.5"), "train.text_layer_decay: 1.5 must be in (0, 1] (1: off)"),
         (with("workers = 2", "workers = 0"), "cluster.workers: must be at least 1"),
         (with("collective = \"tcp\"", "collective = \"nccl\""), "cluster.collective: nccl needs cluster.backend = \"cuda\""),

@@ -18,7 +18,8 @@ tonic::include_proto!("coca.v1");
 /// 2: NCCL jobs exchange unique ids through the rendezvous.
 /// 4: the assignment carries the typed job plan, not the manifest's text.
 /// 5: the plan's train section has accumulation, grad_clip_norm and patch_dropout.
-/// 6: the plan's train section has shard_optimizer, activation_checkpointing, tower locking and layer decay;
+/// 6: the plan's train section has shard_optimizer, activation_checkpointing, tower locking, layer decay
+///    and ema_decay;
 ///    its loader section max_image_pixels.
 pub const PROTOCOL_VERSION: u32 = 6;
 

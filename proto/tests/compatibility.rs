@@ -537,14 +537,14 @@ fn any_change_to_the_job_plans_fields_needs_a_new_version() {
     assert_eq!(now.plan[".eval.retrieval"], "string");
     let mut changed = now.clone();
     changed.plan.remove(".train.learning_rate");
-    changed.plan.insert(".train.ema_decay".into(), "number".into());
+    changed.plan.insert(".train.nesterov".into(), "number".into());
     changed.plan.insert(".seed".into(), "string".into());
     assert_eq!(
         compare(&now, &changed).0,
         [
             "job plan: `.seed` changed type: number -> string",
             "job plan: `.train.learning_rate` was removed",
-            "job plan: `.train.ema_decay` was added (a worker refuses a plan with a field it does not know)",
+            "job plan: `.train.nesterov` was added (a worker refuses a plan with a field it does not know)",
         ]
     );
 }

@@ -75,6 +75,9 @@ pub struct ModelSource {
     /// or one step directory.
     #[arg(long)]
     checkpoint: String,
+    /// `ema`: the step's moving average of the parameters (train.ema_decay).
+    #[arg(long, value_enum, default_value = "model")]
+    weights: Weights,
     #[command(flatten)]
     pub(super) store: StoreArgs,
 }
@@ -184,22 +187,51 @@ impl GenerationArgs {
 /// The state of the committed step a checkpoint URL names: a step
 /// directory, `step` under a location, or the location's newest step whose
 /// shards are all whole (damaged ones are skipped, by name). Read once.
-pub fn read_step(checkpoint: &str, step: Option<u64>, store: &StoreArgs) -> anyhow::Result<checkpoint::NamedState> {
-    let named = checkpoint::read_named(checkpoint, store.open(checkpoint)?, step)?;
+/// With `Weights::Ema`, its parameters are the step's moving average.
+pub fn read_step(
+    checkpoint: &str,
+    step: Option<u64>,
+    weights: Weights,
+    store: &StoreArgs,
+) -> anyhow::Result<checkpoint::NamedState> {
+    let mut named = checkpoint::read_named(checkpoint, store.open(checkpoint)?, step)?;
     for skipped in &named.skipped {
         tracing::info!("skipping {skipped}");
     }
+    if weights == Weights::Ema {
+        let average = checkpoint::ema::read(&named.dir, &named.meta)?.with_context(|| {
+            format!(
+                "--weights ema: step {} of {checkpoint} holds no moving average (its job had no train.ema_decay)",
+                named.meta.step
+            )
+        })?;
+        named.values[..average.len()].copy_from_slice(&average);
+    }
     Ok(named)
+}
+
+/// Which parameters of a step to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    /// The trained parameters.
+    Model,
+    /// Their exponential moving average (`train.ema_decay`).
+    Ema,
 }
 
 pub fn load(source: &ModelSource) -> anyhow::Result<Loaded<Cpu>> {
     let device = Default::default();
     let loaded = if source.checkpoint.ends_with(".safetensors") {
+        anyhow::ensure!(
+            source.weights == Weights::Model,
+            "--weights ema reads a checkpoint's moving average; {} is an export (export it with --weights ema)",
+            source.checkpoint
+        );
         let (store, name) = source.store.open_object(&source.checkpoint)?;
         let bytes = store.get(&name)?;
         inference::from_export::<Cpu>(&bytes, &source.checkpoint, &device)?
     } else {
-        let named = read_step(&source.checkpoint, None, &source.store)?;
+        let named = read_step(&source.checkpoint, None, source.weights, &source.store)?;
         inference::from_state::<Cpu>(&named.dir, named.meta, &named.values, &device)?
     };
     tracing::info!("model: step {} of {}", loaded.step, loaded.origin);

@@ -28,9 +28,10 @@ pub fn export(
     step: Option<u64>,
     out: &str,
     format: ExportFormat,
+    weights: super::eval::Weights,
     store: &StoreArgs,
 ) -> anyhow::Result<u8> {
-    let checkpoint::NamedState { dir, meta, values, .. } = super::eval::read_step(checkpoint, step, store)?;
+    let checkpoint::NamedState { dir, meta, values, .. } = super::eval::read_step(checkpoint, step, weights, store)?;
     if format == ExportFormat::OpenClip {
         return export_open_clip(&dir.object_url(""), &meta, &values, out, store);
     }

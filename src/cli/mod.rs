@@ -91,6 +91,9 @@ enum Command {
         /// coca's own names, or open_clip's state dict.
         #[arg(long, value_enum, default_value = "coca")]
         format: export::ExportFormat,
+        /// `ema`: the step's moving average of the parameters (train.ema_decay).
+        #[arg(long, value_enum, default_value = "model")]
+        weights: eval::Weights,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -179,8 +182,9 @@ impl Cli {
                 step,
                 out,
                 format,
+                weights,
                 store,
-            } => export::export(&checkpoint, step, &out, format, &store),
+            } => export::export(&checkpoint, step, &out, format, weights, &store),
             Command::Launch {
                 manifest,
                 overrides,

@@ -106,6 +106,7 @@ pub(super) struct TrainFile {
     pub lock_text_unlocked_groups: Option<usize>,
     pub image_layer_decay: Option<f64>,
     pub text_layer_decay: Option<f64>,
+    pub ema_decay: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -144,6 +144,9 @@ pub struct Train {
     /// Layer-wise learning-rate decay of each tower's groups (1: off).
     pub image_layer_decay: f64,
     pub text_layer_decay: f64,
+    /// An exponential moving average of the parameters, kept with this
+    /// decay on every rank and stored in checkpoints (a resume field).
+    pub ema_decay: Option<f64>,
 }
 
 impl Train {
@@ -470,6 +473,7 @@ impl Manifest {
             lock_text_unlocked_groups: train.lock_text_unlocked_groups.unwrap_or(0),
             image_layer_decay: train.image_layer_decay.unwrap_or(1.0),
             text_layer_decay: train.text_layer_decay.unwrap_or(1.0),
+            ema_decay: train.ema_decay,
         })
     }
 
@@ -722,6 +726,9 @@ impl Manifest {
                 "train.grad_clip_norm",
                 format!("{norm} must be a positive number"),
             ));
+        }
+        if let Some(decay) = train.ema_decay.filter(|decay| !(*decay > 0.0 && *decay < 1.0)) {
+            return Err(error("train.ema_decay", format!("{decay} must be in (0, 1)")));
         }
         self.validate_towers()
     }

@@ -89,6 +89,8 @@ impl StateLayout {
             section_len: self.section_len,
             shards: self.shards(world),
             tensors: self.tensors,
+            // Rank 0 records its EMA file once written.
+            ema: None,
         }
     }
 }

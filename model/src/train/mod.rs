@@ -2,6 +2,7 @@
 
 pub mod checkpointing;
 pub mod contrastive;
+pub mod ema;
 pub mod gradients;
 pub mod parameter_groups;
 pub mod replicas;

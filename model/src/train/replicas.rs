@@ -61,6 +61,11 @@ where
         1 + self.others.len()
     }
 
+    /// The moving average's decay and values (every replica's are the same).
+    pub fn ema(&self) -> Option<(f64, &[f32])> {
+        self.lead.ema()
+    }
+
     /// AdamW's moments as this worker's checkpoint shard needs them (every
     /// replica's are the same); see [`TrainStep::moments`].
     pub fn moments(

@@ -12,6 +12,7 @@ use crate::loss::{captioning_loss_sum, Heads, LossWeights};
 use crate::state::{Moments, Optimizer as AdamWOptimizer};
 use crate::train::checkpointing;
 use crate::train::contrastive::{contrastive_gradients, ContrastiveMode};
+use crate::train::ema::Ema;
 use crate::train::gradients::{all_reduce_mean, global_norm, scale, DEFAULT_BUCKET_BYTES};
 use crate::train::parameter_groups::ParameterGroups;
 use crate::train::sharded_adamw::{segment_of, ShardedAdamW};
@@ -88,6 +89,8 @@ pub struct TrainStep<B: AutodiffBackend> {
     groups: ParameterGroups,
     /// Each parameter tensor's share of the learning rate, from the first step on.
     learning_rate_scales: Option<Vec<f64>>,
+    /// The parameters' moving average, when kept.
+    ema: Option<Ema>,
 }
 
 impl<B: AutodiffBackend> TrainStep<B>
@@ -107,6 +110,7 @@ where
             activation_checkpointing: false,
             groups: ParameterGroups::default(),
             learning_rate_scales: None,
+            ema: None,
         }
     }
 
@@ -148,6 +152,24 @@ where
         self.groups = groups;
         self.learning_rate_scales = None;
         self
+    }
+
+    /// Keeps a moving average of the parameters with `decay` (none: not).
+    pub fn with_ema(mut self, decay: Option<f64>) -> Self {
+        self.ema = decay.map(Ema::new);
+        self
+    }
+
+    /// Continues the moving average from a checkpoint's.
+    pub fn with_ema_values(mut self, values: Vec<f32>) -> Self {
+        self.ema = self.ema.map(|ema| ema.with_values(values));
+        self
+    }
+
+    /// The moving average's decay and values, once it has any.
+    pub fn ema(&self) -> Option<(f64, &[f32])> {
+        let ema = self.ema.as_ref()?;
+        Some((ema.decay, ema.values()?))
     }
 
     /// Shards AdamW's state between the ranks (ZeRO stage 2): each holds
@@ -240,6 +262,9 @@ where
         CocaModel<B>: AutodiffModule<B, InnerModule = CocaModel<B::InnerBackend>>,
     {
         let start = Instant::now();
+        if let Some(ema) = &mut self.ema {
+            ema.start(&model);
+        }
         let world = collective.world_size() as f32;
         let heads = self.weights.heads();
         let read = |loss: Tensor<B, 1>| loss.into_scalar().elem::<f32>();
@@ -398,6 +423,9 @@ where
                 (model, gradient_norm, reducing)
             }
         };
+        if let Some(ema) = &mut self.ema {
+            ema.update(&model);
+        }
         // Backends may run lazily; wait for the update so timings are honest.
         let _ = B::sync(&batch.images.device());
         let timings = StepTimings {

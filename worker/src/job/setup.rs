@@ -275,6 +275,7 @@ pub(crate) fn train_step<B: AutodiffBackend>(train: &Train) -> TrainStep<B> {
         .with_sharded_optimizer(train.shard_optimizer)
         .with_activation_checkpointing(train.activation_checkpointing)
         .with_parameter_groups(ParameterGroups::of(train))
+        .with_ema(train.ema_decay)
 }
 
 /// The model and its training step, from the job's seed or from the
@@ -325,6 +326,13 @@ where
             expected: assignment.start_step,
         });
     }
+    // The moving average goes on from the step's; a job started from an
+    // import (which binds only the model) starts its own.
+    let ema = checkpoint::ema::read(&dir, &meta).map_err(resume_failed)?;
+    let trainer = match ema {
+        Some(values) if plan.train.ema_decay.is_some() => trainer.with_ema_values(values),
+        _ => trainer,
+    };
     if assignment.rank == 0 {
         tracing::info!(
             "resumed from {} (step {}, saved by {} workers)",
@@ -383,6 +391,13 @@ impl Checkpointing {
             };
             StateLayout::of(model, &moments).meta(step, self.world, facts)
         });
+        let ema = (self.rank == 0)
+            .then(|| trainer.ema())
+            .flatten()
+            .map(|(decay, values)| {
+                let tensors = meta.as_ref().map_or(&[][..], |meta| &meta.tensors[..]);
+                (decay, checkpoint::ema::encode(tensors, values))
+            });
         Ok(Snapshot {
             root: self.root.clone(),
             step,
@@ -390,6 +405,7 @@ impl Checkpointing {
             world: self.world,
             bytes,
             meta,
+            ema,
             tokenizer: self.tokenizer.clone(),
             started,
         })
@@ -405,6 +421,8 @@ pub(super) struct Snapshot {
     bytes: Vec<u8>,
     /// Rank 0's meta.json.
     meta: Option<checkpoint::layout::Meta>,
+    /// Rank 0's EMA file, and the decay it was kept with.
+    ema: Option<(f64, Vec<u8>)>,
     tokenizer: store::Bytes,
     started: Instant,
 }
@@ -430,8 +448,11 @@ impl Snapshot {
         };
         let record =
             checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.into()).map_err(failed)?;
-        if let Some(meta) = &self.meta {
-            checkpoint::write_meta(&self.root, meta).map_err(failed)?;
+        if let Some(mut meta) = self.meta {
+            if let Some((decay, bytes)) = self.ema {
+                meta.ema = Some(checkpoint::ema::write(&self.root, step, decay, bytes).map_err(failed)?);
+            }
+            checkpoint::write_meta(&self.root, &meta).map_err(failed)?;
             self.root
                 .at(&layout::step_dir(step))
                 .put(layout::TOKENIZER, self.tokenizer)
