@@ -159,17 +159,32 @@ impl Shard {
             origin: origin.to_string(),
             message: error.to_string(),
         };
-        let reader = FileReader::try_new(Cursor::new(bytes), None).map_err(format)?;
-        let mut batches = Vec::new();
-        let mut starts = Vec::new();
-        let mut rows = 0;
-        for batch in reader {
-            let batch = batch.map_err(format)?;
-            starts.push(rows);
-            rows += batch.num_rows();
-            batches.push(Columns::of(&batch, kind, origin)?);
-        }
-        Ok(Self { batches, starts, rows })
+        // arrow's IPC reader panics on some malformed buffers (an offset
+        // past the end) instead of failing: a damaged shard is an error here.
+        let read = std::panic::catch_unwind(|| -> Result<Self, ShardError> {
+            let reader = FileReader::try_new(Cursor::new(bytes), None).map_err(format)?;
+            let mut batches = Vec::new();
+            let mut starts = Vec::new();
+            let mut rows = 0;
+            for batch in reader {
+                let batch = batch.map_err(format)?;
+                starts.push(rows);
+                rows += batch.num_rows();
+                batches.push(Columns::of(&batch, kind, origin)?);
+            }
+            Ok(Self { batches, starts, rows })
+        });
+        read.unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("malformed buffers");
+            Err(ShardError::Format {
+                origin: origin.to_string(),
+                message: format!("damaged Arrow data ({message})"),
+            })
+        })
     }
 
     pub fn rows(&self) -> usize {
