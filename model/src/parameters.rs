@@ -41,6 +41,33 @@ pub fn parameter_values<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
     values.0
 }
 
+/// Every float parameter as (module path, element count), in visiting
+/// order, without reading a value.
+pub fn parameter_layout<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, usize)> {
+    struct Layout {
+        stack: PathStack,
+        tensors: Vec<(String, usize)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Layout {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.tensors
+                .push((self.stack.path(), param.val().shape().num_elements()));
+        }
+    }
+    let mut layout = Layout {
+        stack: PathStack::default(),
+        tensors: Vec::new(),
+    };
+    module.visit(&mut layout);
+    layout.tensors
+}
+
 /// Every float parameter as (module path, shape, values), in visiting order.
 pub fn named_parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     struct Named {

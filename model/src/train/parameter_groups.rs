@@ -11,12 +11,12 @@
 //! `g` of `G` trains at `decay^(G - 1 - g)` of the learning rate: the head
 //! at the full rate, each group below it at `decay` times the one above.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use contract::manifest::Train;
 
-use crate::state::PathStack;
+use crate::parameters::parameter_layout;
 use crate::CocaModel;
 
 /// How one tower trains.
@@ -112,9 +112,9 @@ impl ParameterGroups {
     /// rate, or `None` when it is locked.
     pub fn learning_rate_scales<B: Backend>(&self, model: &CocaModel<B>) -> Vec<Option<f64>> {
         let (image_blocks, text_blocks) = (model.image_encoder.blocks.len(), model.unimodal.blocks.len());
-        paths(model)
+        parameter_layout(model)
             .iter()
-            .map(|path| match self.place(path, image_blocks, text_blocks) {
+            .map(|(path, _)| match self.place(path, image_blocks, text_blocks) {
                 None => Some(1.0),
                 Some(Place { tower, group, groups }) => {
                     let locked = tower.locked && group + tower.unlocked_groups < groups;
@@ -148,14 +148,14 @@ impl ParameterGroups {
     /// What trains, for the job's log: parameters trainable of all, and the
     /// bytes the gradient all-reduce moves each step.
     pub fn describe<B: Backend>(&self, model: &CocaModel<B>) -> String {
-        let sizes = sizes(model);
+        let layout = parameter_layout(model);
         let scales = self.learning_rate_scales(model);
-        let all: usize = sizes.iter().sum();
-        let trainable: usize = sizes
+        let all: usize = layout.iter().map(|(_, size)| size).sum();
+        let trainable: usize = layout
             .iter()
             .zip(&scales)
             .filter(|(_, scale)| scale.is_some())
-            .map(|(size, _)| size)
+            .map(|((_, size), _)| size)
             .sum();
         let mb = |elements: usize| (4 * elements) as f64 / 1e6;
         format!(
@@ -164,42 +164,4 @@ impl ParameterGroups {
             mb(all)
         )
     }
-}
-
-/// Every parameter tensor's module path, in visiting order.
-fn paths<B: Backend>(model: &CocaModel<B>) -> Vec<String> {
-    struct Paths {
-        stack: PathStack,
-        paths: Vec<String>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Paths {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
-            self.paths.push(self.stack.path());
-        }
-    }
-    let mut paths = Paths {
-        stack: PathStack::default(),
-        paths: Vec::new(),
-    };
-    model.visit(&mut paths);
-    paths.paths
-}
-
-/// Every parameter tensor's element count, in visiting order.
-fn sizes<B: Backend>(model: &CocaModel<B>) -> Vec<usize> {
-    struct Sizes(Vec<usize>);
-    impl<B: Backend> ModuleVisitor<B> for Sizes {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push(param.val().shape().num_elements());
-        }
-    }
-    let mut sizes = Sizes(Vec::new());
-    model.visit(&mut sizes);
-    sizes.0
 }

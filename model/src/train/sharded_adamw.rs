@@ -16,6 +16,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use collective::{segment, Collective, CollectiveError};
 
+use crate::parameters::parameter_layout;
 use crate::state::GatheredMoments;
 use crate::CocaModel;
 
@@ -292,16 +293,14 @@ impl<B: Backend> ShardedAdamW<B> {
 
 /// Each tensor's range of a section, in visiting order.
 fn tensor_ranges<B: AutodiffBackend>(model: &CocaModel<B>) -> Vec<Range<usize>> {
-    struct Ranges(Vec<Range<usize>>);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Ranges {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let start = self.0.last().map_or(0, |range| range.end);
-            self.0.push(start..start + param.val().shape().num_elements());
-        }
-    }
-    let mut ranges = Ranges(Vec::new());
-    model.visit(&mut ranges);
-    ranges.0
+    let mut start = 0;
+    parameter_layout(model)
+        .into_iter()
+        .map(|(_, len)| {
+            start += len;
+            start - len..start
+        })
+        .collect()
 }
 
 /// Every tensor's gradient in one section-long buffer (zeros where a
