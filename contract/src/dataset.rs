@@ -1,6 +1,7 @@
-//! A dataset's index: what a prefix of Arrow shards holds. Written last by
-//! every writer, so a dataset without one is unfinished; read once by the
-//! coordinator, validated, and pinned by its fingerprint.
+//! A dataset's index: what a prefix of Arrow shards (or a source of
+//! WebDataset tars) holds. Written last by every writer, so a dataset
+//! without one is unfinished; read once by the coordinator, validated, and
+//! pinned by its fingerprint.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,23 @@ impl std::fmt::Display for DatasetKind {
     }
 }
 
+/// How a dataset's shards are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    /// Arrow IPC files, as coca writes them.
+    #[default]
+    Arrow,
+    /// WebDataset tars read in place: a shard's rows are its samples in tar order.
+    Tar,
+}
+
+impl Container {
+    fn is_arrow(&self) -> bool {
+        *self == Container::Arrow
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardEntry {
@@ -47,12 +65,45 @@ pub struct ClassName {
     pub parent: Option<String>,
 }
 
+impl ClassName {
+    /// A class-name list: one name per line, optionally `name<TAB>parent`;
+    /// blank lines and `#` comments are ignored. An error gives the line
+    /// (1-based) where there is one.
+    pub fn parse_list(text: &str) -> Result<Vec<ClassName>, (Option<u64>, &'static str)> {
+        let mut classes = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, parent) = match line.split_once('\t') {
+                Some((name, parent)) => (name.trim(), Some(parent.trim().to_string()).filter(|p| !p.is_empty())),
+                None => (line, None),
+            };
+            if name.is_empty() {
+                return Err((Some(number as u64 + 1), "empty class name"));
+            }
+            classes.push(ClassName {
+                name: name.to_string(),
+                parent,
+            });
+        }
+        if classes.is_empty() {
+            return Err((None, "no class names"));
+        }
+        Ok(classes)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetIndex {
     pub format: String,
     pub version: u32,
     pub kind: DatasetKind,
+    /// Absent in Arrow datasets' indexes (as before tar sources existed).
+    #[serde(default, skip_serializing_if = "Container::is_arrow")]
+    pub container: Container,
     pub shards: Vec<ShardEntry>,
     /// Class names by label index (jft only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -83,6 +134,7 @@ impl DatasetIndex {
             format: FORMAT.to_string(),
             version: VERSION,
             kind,
+            container: Container::Arrow,
             shards: Vec::new(),
             classes,
             skipped: Default::default(),
@@ -199,12 +251,7 @@ impl DatasetIndex {
     /// A stable content hash (FNV-1a of the canonical JSON), to pin the
     /// dataset a job planned from.
     pub fn fingerprint(&self) -> u64 {
-        serde_json::to_string(self)
-            .expect("an index always serialises")
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-                (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-            })
+        crate::rng::fnv1a(&serde_json::to_string(self).expect("an index always serialises"))
     }
 }
 

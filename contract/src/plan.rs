@@ -6,9 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{DatasetIndex, DatasetKind};
+use crate::dataset::{Container, DatasetIndex, DatasetKind};
 use crate::manifest::{Backend, Checkpoint, CollectiveKind, Data, Eval, Gpu, Manifest, Train};
 use crate::sample_order::{SampleOrder, SampleOrderError, SourceSize, Streaming};
+use crate::shard_pattern::TarSource;
 use crate::stream_layout::{self, Fit, LayoutError, SourceShards, StreamLayout};
 use crate::ModelConfig;
 
@@ -47,6 +48,17 @@ pub struct PlannedSource {
     /// For jft: `clip80`, `simple`, or the URL/path of a templates file.
     pub templates: String,
     pub index: DatasetIndex,
+}
+
+impl PlannedSource {
+    /// Where the shards the index names are: the URL itself, or a tar
+    /// source's base (the pattern was checked with the manifest).
+    pub fn shards_url(&self) -> String {
+        match self.index.container {
+            Container::Arrow => self.url.clone(),
+            Container::Tar => TarSource::parse(&self.url).map_or_else(|_| self.url.clone(), |tars| tars.base),
+        }
+    }
 }
 
 /// How a worker's loader reads and keeps shards (the manifest's `[data]`).

@@ -4,12 +4,14 @@
 
 use checkpoint::layout::ResumeFields;
 use checkpoint::{CheckpointError, Resume};
-use contract::dataset::{DatasetIndex, DatasetKind, INDEX_FILE};
-use contract::manifest::Manifest;
+use contract::dataset::{Container, DatasetIndex, DatasetKind, INDEX_FILE};
+use contract::manifest::{Manifest, Source, SourceFormat};
 use contract::plan::{JobPlan, StorePlan};
 use contract::sample_order::SampleOrder;
+use contract::shard_pattern::{PatternError, TarSource};
 use contract::stream_layout::readable_bytes;
 use store::{Store, StoreError, StoreOptions};
+use webdataset::{IndexBuild, IndexPlace, TarIndexError};
 
 use crate::CoordinatorError;
 
@@ -18,6 +20,14 @@ use crate::CoordinatorError;
 pub enum IndexError {
     #[error("no dataset here (no {INDEX_FILE})")]
     Missing,
+    #[error("no dataset here (no {INDEX_FILE}), but .tar files: set format = \"webdataset\" to read them in place")]
+    TarsWithoutFormat,
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    #[error(transparent)]
+    TarIndex(#[from] TarIndexError),
+    #[error("{url} is not a tar source's index")]
+    NotTarIndex { url: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{INDEX_FILE} is not UTF-8")]
@@ -157,7 +167,11 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<DatasetIndex>, CoordinatorErr
             url: source.url.clone(),
             source: error,
         };
-        let parsed = read_index(&source.url, &options).map_err(failed)?;
+        let parsed = match source.format {
+            SourceFormat::Arrow => read_index(&source.url, &options),
+            SourceFormat::Webdataset => tar_index(source, &manifest.job.dir, &options),
+        }
+        .map_err(failed)?;
         if parsed.kind != source.kind {
             return Err(failed(IndexError::Kind {
                 is: parsed.kind,
@@ -196,9 +210,84 @@ fn read_indexes(manifest: &Manifest) -> Result<Vec<DatasetIndex>, CoordinatorErr
 fn read_index(url: &str, options: &StoreOptions) -> Result<DatasetIndex, IndexError> {
     let store = Store::open(url, options)?;
     let bytes = store.get(INDEX_FILE).map_err(|e| match e {
-        StoreError::NotFound { .. } => IndexError::Missing,
+        StoreError::NotFound { .. } => {
+            let listed = store.list("").unwrap_or_default();
+            match listed.iter().any(|object| object.name.ends_with(".tar")) {
+                true => IndexError::TarsWithoutFormat,
+                false => IndexError::Missing,
+            }
+        }
         other => other.into(),
     })?;
     let json = String::from_utf8(bytes.to_vec()).map_err(|_| IndexError::NotUtf8)?;
     Ok(DatasetIndex::parse(&json, &store.object_url(INDEX_FILE))?)
+}
+
+/// Tars (and the loader's memory) read at once while building an index.
+const INDEX_THREADS: usize = 4;
+
+/// A WebDataset source's index: the one kept beside its tars or in the
+/// job's directory, else built now by reading every tar once and kept.
+fn tar_index(source: &Source, job_dir: &str, options: &StoreOptions) -> Result<DatasetIndex, IndexError> {
+    let tars = TarSource::parse(&source.url)?;
+    let data = Store::open(&tars.base, options)?;
+    let job_dir = Store::open(job_dir, options)?;
+    let place = IndexPlace {
+        source: &tars,
+        data: &data,
+        job_dir: Some(&job_dir),
+    };
+    if let Some((index, url)) = place.read()? {
+        if index.container != Container::Tar {
+            return Err(IndexError::NotTarIndex { url });
+        }
+        tracing::info!(
+            "{}: {} tars, {} samples (index {url})",
+            source.url,
+            index.shards.len(),
+            index.rows()
+        );
+        return Ok(index);
+    }
+    let classes = match &source.classes {
+        Some(url) => Some(webdataset::index::read_class_list(url, options)?),
+        None => None,
+    };
+    tracing::info!(
+        "{}: no index yet; reading every tar once to build it (`coca data index` builds it ahead)",
+        source.url
+    );
+    let build = IndexBuild {
+        kind: source.kind,
+        classes,
+        threads: INDEX_THREADS,
+    };
+    let report = build.run(&tars, &data, &|done, total| {
+        if done % (total / 10).max(1) == 0 || done == total {
+            tracing::info!("{}: indexed {done} of {total} tars", source.url);
+        }
+    })?;
+    for (url, why) in report.left_out.iter().chain(&report.truncated) {
+        tracing::warn!("{url}: {why}");
+    }
+    if report.incomplete > 0 {
+        tracing::warn!(
+            "{}: {} samples lack their image or {}; the loader counts them as bad records",
+            source.url,
+            report.incomplete,
+            if source.kind == DatasetKind::Align {
+                "caption"
+            } else {
+                "class"
+            }
+        );
+    }
+    let url = place.write(&report.index)?;
+    tracing::info!(
+        "{}: {} tars, {} samples (index written to {url})",
+        source.url,
+        report.index.shards.len(),
+        report.index.rows()
+    );
+    Ok(report.index)
 }

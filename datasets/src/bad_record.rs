@@ -16,6 +16,8 @@ pub enum BadRecord {
     NoLabels,
     UndecodableImage,
     UntokenizableText,
+    /// A tar sample without its image, caption or class file.
+    IncompleteSample,
 }
 
 impl BadRecord {
@@ -28,6 +30,7 @@ impl BadRecord {
             BadRecord::NoLabels => "no labels",
             BadRecord::UndecodableImage => "undecodable image",
             BadRecord::UntokenizableText => "untokenizable text",
+            BadRecord::IncompleteSample => "incomplete sample",
         }
     }
 }
@@ -42,6 +45,9 @@ pub enum Caption<'a> {
 
 /// A record's caption, or why it has none (with the detail to log).
 pub fn caption<'a>(record: &RecordRef<'a>, index: &'a DatasetIndex) -> Result<Caption<'a>, (BadRecord, String)> {
+    if let Some(problem) = &record.problem {
+        return Err(problem.clone());
+    }
     match index.kind {
         DatasetKind::Align => {
             let text = record.text.unwrap_or_default().trim();

@@ -1,6 +1,6 @@
 //! Reads a dataset: its index, and shards verified against it.
 
-use contract::dataset::{DatasetIndex, DatasetIndexError, INDEX_FILE};
+use contract::dataset::{Container, DatasetIndex, DatasetIndexError, INDEX_FILE};
 use store::{LocalCache, Store, StoreError};
 
 use super::shard::{Shard, ShardError};
@@ -47,7 +47,8 @@ impl Dataset {
         Ok(Self::with_index(store, DatasetIndex::parse(json, &url)?))
     }
 
-    /// A dataset with an index read (and pinned) elsewhere.
+    /// A dataset with an index read (and pinned) elsewhere; `store` holds
+    /// the shards the index names (a tar source's base).
     pub fn with_index(store: Store, index: DatasetIndex) -> Self {
         let starts = index.shard_starts();
         Self {
@@ -109,7 +110,10 @@ impl Dataset {
                 bytes
             }
         };
-        let decoded = Shard::decode(bytes, self.index.kind, &url)?;
+        let decoded = match self.index.container {
+            Container::Arrow => Shard::decode(bytes, self.index.kind, &url)?,
+            Container::Tar => Shard::from_tar(bytes, &self.index),
+        };
         if decoded.rows() as u64 != entry.rows {
             return Err(DatasetError::RowCount {
                 url,

@@ -1,6 +1,6 @@
-//! One shard: an Arrow IPC file of records. Columns: `key` (utf8),
+//! One shard: an Arrow IPC file of records (columns: `key` (utf8),
 //! `image` (binary: encoded JPEG/PNG/WebP), then `text` (utf8, align) or
-//! `labels` (list<int32>, jft).
+//! `labels` (list<int32>, jft)), or a WebDataset tar read in place.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -11,7 +11,10 @@ use arrow_ipc::reader::FileReader;
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
 use arrow_schema::{ArrowError, DataType, Field, Schema};
 use bytes::Bytes;
-use contract::dataset::DatasetKind;
+use contract::dataset::{DatasetIndex, DatasetKind};
+use webdataset::{Label, TarShard};
+
+use crate::bad_record::BadRecord;
 
 /// Rows per Arrow record batch inside a shard.
 const BATCH_ROWS: usize = 256;
@@ -123,10 +126,23 @@ pub fn encode(kind: DatasetKind, records: &[Record], compression: Compression) -
 /// A decoded shard, its records addressable by row.
 #[derive(Debug)]
 pub struct Shard {
-    batches: Vec<Columns>,
-    /// First row of every batch.
-    starts: Vec<usize>,
+    stored: Stored,
     rows: usize,
+}
+
+#[derive(Debug)]
+enum Stored {
+    Arrow {
+        batches: Vec<Columns>,
+        /// First row of every batch.
+        starts: Vec<usize>,
+    },
+    Tar {
+        tar: TarShard,
+        kind: DatasetKind,
+        /// Class ids of class names (jft), by name.
+        ids: std::collections::HashMap<String, i32>,
+    },
 }
 
 #[derive(Debug)]
@@ -149,6 +165,9 @@ pub struct RecordRef<'a> {
     pub image: &'a [u8],
     pub text: Option<&'a str>,
     pub labels: Option<Vec<i32>>,
+    /// Why the record cannot be used, where its container says so (a
+    /// tar sample without its image or caption, a class name not listed).
+    pub problem: Option<(BadRecord, String)>,
 }
 
 impl Shard {
@@ -172,7 +191,10 @@ impl Shard {
                 rows += batch.num_rows();
                 batches.push(Columns::of(&batch, kind, origin)?);
             }
-            Ok(Self { batches, starts, rows })
+            Ok(Self {
+                stored: Stored::Arrow { batches, starts },
+                rows,
+            })
         });
         read.unwrap_or_else(|panic| {
             let message = panic
@@ -187,15 +209,36 @@ impl Shard {
         })
     }
 
+    /// A WebDataset tar's samples, as rows; `index` gives the class
+    /// names a sample's class name is looked up in.
+    pub fn from_tar(bytes: Bytes, index: &DatasetIndex) -> Self {
+        let tar = TarShard::parse(bytes);
+        let ids = (index.classes.iter().zip(0..))
+            .map(|(class, id)| (class.name.clone(), id))
+            .collect();
+        Self {
+            rows: tar.len(),
+            stored: Stored::Tar {
+                tar,
+                kind: index.kind,
+                ids,
+            },
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
 
     pub fn record(&self, row: usize) -> RecordRef<'_> {
         assert!(row < self.rows, "row {row} is outside a shard of {} rows", self.rows);
-        let batch = self.starts.partition_point(|&start| start <= row) - 1;
-        let columns = &self.batches[batch];
-        let i = row - self.starts[batch];
+        let (batches, starts) = match &self.stored {
+            Stored::Arrow { batches, starts } => (batches, starts),
+            Stored::Tar { tar, kind, ids } => return tar_record(tar, row, *kind, ids),
+        };
+        let batch = starts.partition_point(|&start| start <= row) - 1;
+        let columns = &batches[batch];
+        let i = row - starts[batch];
         let (text, labels) = match &columns.content {
             ContentColumn::Text(texts) => (Some(texts.value(i)), None),
             ContentColumn::Labels(lists) => {
@@ -212,7 +255,44 @@ impl Shard {
             image: columns.images.value(i),
             text,
             labels,
+            problem: None,
         }
+    }
+}
+
+fn tar_record<'a>(
+    tar: &'a TarShard,
+    row: usize,
+    kind: DatasetKind,
+    ids: &std::collections::HashMap<String, i32>,
+) -> RecordRef<'a> {
+    let sample = tar.sample(row);
+    let mut problem = sample
+        .missing(kind == DatasetKind::Align)
+        .map(|missing| (BadRecord::IncompleteSample, missing));
+    let labels = match (kind, &sample.label) {
+        (DatasetKind::Jft, Some(Label::Ids(stored))) => {
+            let fitting: Option<Vec<i32>> = stored.iter().map(|&id| i32::try_from(id).ok()).collect();
+            if fitting.is_none() {
+                problem.get_or_insert((BadRecord::BadLabel, format!("labels {stored:?} are not classes")));
+            }
+            fitting
+        }
+        (DatasetKind::Jft, Some(Label::Name(name))) => match ids.get(name) {
+            Some(&id) => Some(vec![id]),
+            None => {
+                problem.get_or_insert((BadRecord::BadLabel, format!("class `{name}` is not in the class list")));
+                None
+            }
+        },
+        _ => None,
+    };
+    RecordRef {
+        key: &sample.key,
+        image: tar.image(row).unwrap_or_default(),
+        text: sample.text.as_deref().filter(|_| kind == DatasetKind::Align),
+        labels,
+        problem,
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
 use contract::dataset::DatasetKind;
+use contract::shard_pattern::TarSource;
 use datasets::bad_record::{self, BadRecord, Caption};
 use datasets::dataset::Dataset;
 use datasets::demo::{self, DemoSpec};
@@ -18,6 +19,7 @@ use datasets::{corpus, image as pixels};
 use image::{imageops, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use store::{Store, StoreOptions};
+use webdataset::{IndexBuild, IndexPlace};
 
 use super::StoreArgs;
 
@@ -49,6 +51,28 @@ pub enum DataCommand {
         sheet: PathBuf,
         #[arg(long, default_value_t = 16)]
         samples: usize,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Build the index of WebDataset tar shards read in place (every tar
+    /// read once: samples, size, SHA-256), beside the tars; a job then
+    /// starts without building it. The URL is a prefix of tars, one tar,
+    /// or a brace pattern (`s3://b/laion/{00000..41407}.tar`).
+    Index {
+        url: String,
+        #[arg(long, value_enum, default_value_t = KindArg::Align)]
+        kind: KindArg,
+        /// jft: the class names, one per line in id order (default:
+        /// classes.txt beside the tars, else the names the samples hold).
+        #[arg(long)]
+        classes: Option<String>,
+        /// Tars fetched and read at once (each is held in memory).
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// The job's directory (its `job.dir`): where the index goes when
+        /// the tars' store is read-only (http).
+        #[arg(long)]
+        job_dir: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -99,6 +123,12 @@ pub struct ImportArgs {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    Align,
+    Jft,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum CompressionArg {
     None,
     Lz4,
@@ -121,6 +151,14 @@ impl DataCommand {
                 samples,
                 store,
             } => inspect(&store.open(&url)?, &sheet, samples),
+            DataCommand::Index {
+                url,
+                kind,
+                classes,
+                threads,
+                job_dir,
+                store,
+            } => index(&url, kind, classes, threads, job_dir, &store),
             DataCommand::Tokenizer {
                 data,
                 vocab_size,
@@ -230,6 +268,71 @@ fn tokenizer(
         tokenizer.vocab_size(),
         texts.len()
     );
+    Ok(())
+}
+
+fn index(
+    url: &str,
+    kind: KindArg,
+    classes: Option<String>,
+    threads: usize,
+    job_dir: Option<String>,
+    store: &StoreArgs,
+) -> anyhow::Result<()> {
+    let kind = match kind {
+        KindArg::Align => DatasetKind::Align,
+        KindArg::Jft => DatasetKind::Jft,
+    };
+    let tars = TarSource::parse(url)?;
+    let data = store.open(&tars.base)?;
+    let job_dir = job_dir.map(|dir| store.open(&dir)).transpose()?;
+    let classes = match (&classes, kind) {
+        (Some(_), DatasetKind::Align) => anyhow::bail!("--classes: an align source has captions, not classes"),
+        (Some(url), DatasetKind::Jft) => Some(webdataset::index::read_class_list(url, &store.options())?),
+        (None, _) => None,
+    };
+    let build = IndexBuild { kind, classes, threads };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tars, {per_sec}, eta {eta}").expect("a valid template"),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let report = build.run(&tars, &data, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let place = IndexPlace {
+        source: &tars,
+        data: &data,
+        job_dir: job_dir.as_ref(),
+    };
+    let written = place.write(&report.index)?;
+    let index = &report.index;
+    let bytes: u64 = index.shards.iter().map(|shard| shard.bytes).sum();
+    println!(
+        "{} tars, {} samples, {:.1} MB: {written}",
+        index.shards.len(),
+        index.rows(),
+        bytes as f64 / 1e6
+    );
+    if kind == DatasetKind::Jft {
+        println!("{} classes", index.classes.len());
+    }
+    for (url, why) in &report.truncated {
+        println!("truncated: {url}: {why} (the samples before the cut are indexed)");
+    }
+    for (url, why) in &report.left_out {
+        println!("left out: {url}: {why}");
+    }
+    if report.incomplete > 0 {
+        println!(
+            "incomplete: {} samples lack their image or {} (training counts them as bad records)",
+            report.incomplete,
+            if kind == DatasetKind::Align { "caption" } else { "class" }
+        );
+    }
     Ok(())
 }
 

@@ -3,6 +3,17 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a data source's shards are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    /// Arrow shards with their index.json, as `coca data import` writes them.
+    Arrow,
+    /// WebDataset tars (img2dataset's output) read in place.
+    Webdataset,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {

@@ -8,7 +8,7 @@ use serde::de::{self, Visitor};
 use serde::Deserialize;
 use serde_path_to_error::Segment;
 
-use super::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule};
+use super::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule, SourceFormat};
 use crate::dataset::DatasetKind;
 use crate::model::closest;
 
@@ -75,6 +75,8 @@ pub(super) struct DataFile {
 pub(super) struct SourceFile {
     pub url: Option<String>,
     pub kind: Option<DatasetKind>,
+    pub format: Option<SourceFormat>,
+    pub classes: Option<String>,
     pub weight: Option<f64>,
     pub templates: Option<String>,
 }

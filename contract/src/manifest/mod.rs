@@ -11,13 +11,14 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule};
+pub use self::choice::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision, Schedule, SourceFormat};
 pub use self::error::{Location, ManifestError};
 use self::file::{
     CheckpointFile, ClusterFile, DataFile, EvalFile, GpuFile, JobFile, ManifestFile, SourceFile, TrainFile,
 };
 use crate::dataset::DatasetKind;
 use crate::sample_order::{self, SampleOrderError};
+use crate::shard_pattern::TarSource;
 use crate::{ModelConfig, Preset};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,8 +91,16 @@ pub struct Data {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {
+    /// Arrow: the dataset's prefix. WebDataset: a prefix of tars, one tar,
+    /// or a brace pattern (`s3://b/laion/{00000..41407}.tar`).
     pub url: String,
     pub kind: DatasetKind,
+    /// Default: webdataset when the URL has braces or ends in `.tar`.
+    pub format: SourceFormat,
+    /// A jft webdataset source's class list (one name per line), used
+    /// when its index is built; `None`: classes.txt beside the tars, else
+    /// the class names the samples hold, sorted.
+    pub classes: Option<String>,
     pub weight: f64,
     /// For jft: `clip80`, `simple`, or the URL/path of a templates file.
     pub templates: String,
@@ -602,9 +611,28 @@ impl Manifest {
                 "only jft sources use prompt templates",
             ));
         }
+        let format = source.format.unwrap_or_else(|| {
+            let tars = url.contains('{') || url.trim_end_matches('/').ends_with(".tar");
+            if tars {
+                SourceFormat::Webdataset
+            } else {
+                SourceFormat::Arrow
+            }
+        });
+        if format == SourceFormat::Webdataset {
+            TarSource::parse(&url).map_err(|e| error(format!("{path}.url"), e.to_string()))?;
+        }
+        if source.classes.is_some() && (format, kind) != (SourceFormat::Webdataset, DatasetKind::Jft) {
+            return Err(error(
+                format!("{path}.classes"),
+                "only jft webdataset sources take a class list (an Arrow dataset's index has its classes)",
+            ));
+        }
         Ok(Source {
             url,
             kind,
+            format,
+            classes: source.classes,
             weight,
             templates: source.templates.unwrap_or_else(|| "clip80".into()),
         })

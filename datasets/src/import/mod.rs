@@ -180,32 +180,13 @@ fn align_item(key: String, image: Vec<u8>, text: &str, at: impl FnOnce() -> Stri
     })
 }
 
-/// Reads a class-name list: one name per line, optionally `name<TAB>parent`;
-/// blank lines and `#` comments are ignored.
+/// Reads a class-name list ([`ClassName::parse_list`]).
 fn read_classes(path: &Path) -> Result<Vec<ClassName>, ImportError> {
     let text = std::fs::read_to_string(path).map_err(|error| ImportError::io(path, error))?;
-    let mut classes = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, parent) = match line.split_once('\t') {
-            Some((name, parent)) => (name.trim(), Some(parent.trim().to_string()).filter(|p| !p.is_empty())),
-            None => (line, None),
-        };
-        if name.is_empty() {
-            return Err(ImportError::line(path, number as u64 + 1, "empty class name"));
-        }
-        classes.push(ClassName {
-            name: name.to_string(),
-            parent,
-        });
-    }
-    if classes.is_empty() {
-        return Err(ImportError::file(path, "no class names"));
-    }
-    Ok(classes)
+    ClassName::parse_list(&text).map_err(|(line, message)| match line {
+        Some(line) => ImportError::line(path, line, message),
+        None => ImportError::file(path, message),
+    })
 }
 
 /// Files under `dir` (or `src` itself, when a file) ending in `extension`, sorted.

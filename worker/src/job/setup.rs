@@ -139,7 +139,7 @@ where
 fn open_data(plan: &JobPlan, options: &StoreOptions) -> Result<JobData, WorkerError> {
     let mut sources = Vec::new();
     for (source, i) in plan.sources.iter().zip(0..) {
-        let store = Store::open(&source.url, options).map_err(store_error(format!("data.source[{i}]")))?;
+        let store = Store::open(&source.shards_url(), options).map_err(store_error(format!("data.source[{i}]")))?;
         let mut dataset = Dataset::with_index(store, source.index.clone());
         if let Some(dir) = &plan.loader.cache_dir {
             let cache = LocalCache::new(dir, plan.loader.cache_bytes).map_err(store_error("data.cache_dir"))?;
