@@ -277,6 +277,127 @@ fn a_checkpoint_of_an_earlier_version_resumes_bit_exactly() {
     assert_eq!(files(&committed(straight.path(), 20)["shards"]), files(&then["shards"]));
 }
 
+/// The demo's samples as WebDataset tars made by the system's `tar`, one
+/// tar per Arrow shard and in its order (`{key}.png` with `{key}.txt`, or
+/// `{key}.cls` and classes.txt beside). `coca data index` indexes the
+/// align tars ahead; the coordinator indexes the jft ones at the job's
+/// start. The job on the tars, stopped and resumed, ends with the straight
+/// Arrow job's parameters, bit for bit.
+#[test]
+fn a_job_on_tars_read_in_place_resumes_to_the_arrow_jobs_parameters() {
+    use datasets::dataset::Dataset;
+    let (arrow, tars) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let constant = ("schedule = \"cosine\"", "schedule = \"constant\"");
+    manifest(arrow.path(), 10, &[constant]);
+    ok(&launch(arrow.path(), &["--steps", "20"]));
+
+    let demo = arrow.path().join("data/demo");
+    let stage = tars.path().join("stage");
+    let mut shard_counts = Vec::new();
+    for kind in ["align", "jft"] {
+        let store = store::Store::open(demo.join(kind).to_str().unwrap(), &Default::default()).unwrap();
+        let dataset = Dataset::open(store).unwrap();
+        let out = tars.path().join("data/tars").join(kind);
+        std::fs::create_dir_all(&out).unwrap();
+        for shard in 0..dataset.index().shards.len() {
+            let decoded = dataset.shard(shard).unwrap();
+            let folder = stage.join(format!("{kind}-{shard}"));
+            std::fs::create_dir_all(&folder).unwrap();
+            let mut names = Vec::new();
+            for row in 0..decoded.rows() {
+                let record = decoded.record(row);
+                let (extension, data) = match (record.text, record.labels) {
+                    (Some(text), _) => ("txt", text.to_string()),
+                    (_, Some(labels)) => ("cls", labels.iter().map(i32::to_string).collect::<Vec<_>>().join(" ")),
+                    _ => unreachable!("a record has a text or labels"),
+                };
+                for (name, bytes) in [
+                    (format!("{}.png", record.key), record.image.to_vec()),
+                    (format!("{}.{extension}", record.key), data.into_bytes()),
+                ] {
+                    std::fs::write(folder.join(&name), bytes).unwrap();
+                    names.push(name);
+                }
+            }
+            let status = Command::new("tar")
+                .arg("-cf")
+                .arg(out.join(format!("{shard:05}.tar")))
+                .arg("-C")
+                .arg(&folder)
+                .args(&names)
+                .status()
+                .unwrap();
+            assert!(status.success(), "tar -cf");
+        }
+        if kind == "jft" {
+            let classes: Vec<String> = dataset
+                .index()
+                .classes
+                .iter()
+                .map(|class| format!("{}\t{}", class.name, class.parent.clone().unwrap_or_default()))
+                .collect();
+            std::fs::write(out.join("classes.txt"), classes.join("\n")).unwrap();
+        }
+        shard_counts.push(dataset.index().shards.len());
+    }
+    copy_dir(&demo, &tars.path().join("data/demo"));
+
+    let align = format!("data/tars/align/{{00000..{:05}}}.tar", shard_counts[0] - 1);
+    let indexed = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(["data", "index", &align])
+        .current_dir(tars.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&indexed.stdout);
+    assert!(
+        indexed.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&indexed.stderr)
+    );
+    assert!(
+        printed.starts_with(&format!("{} tars, ", shard_counts[0])) && printed.contains("coca-tar-index-"),
+        "{printed}"
+    );
+    let sources = [
+        ("url = \"data/demo/align\"", format!("url = \"{align}\"")),
+        (
+            "url = \"data/demo/jft\"",
+            "url = \"data/tars/jft\"\nformat = \"webdataset\"".to_string(),
+        ),
+    ];
+    manifest(
+        tars.path(),
+        10,
+        &[constant, (sources[0].0, &sources[0].1), (sources[1].0, &sources[1].1)],
+    );
+    let stderr = ok(&launch(tars.path(), &["--steps", "10"]));
+    assert!(stderr.contains("no index yet; reading every tar once"), "{stderr}");
+    assert!(tars.path().join("data/tars/jft/coca-tar-index.json").exists());
+    let stderr = ok(&launch(tars.path(), &["--steps", "20"]));
+    assert!(
+        stderr.contains("step-00000010 (step 10, saved by 2 workers)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        committed(arrow.path(), 20)["shards"],
+        committed(tars.path(), 20)["shards"],
+        "the job on tars trained other parameters than the job on Arrow shards"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// Also from a job with AdamW's moments sharded (train.shard_optimizer)
 /// into one without, and back: the checkpoint is the same either way.
 #[test]

@@ -1,7 +1,8 @@
 //! What the loader fetches over a real HTTP server that counts the bytes
 //! it serves: a dataset of 200 shards, memory for a few of them per rank,
 //! one epoch on 1, 2 and 4 ranks. The shard-local order fetches each shard
-//! about once per epoch; the stream count chosen for the memory keeps it so.
+//! about once per epoch; the stream count chosen for the memory keeps it so,
+//! for Arrow shards and for WebDataset tars read in place.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use contract::dataset::DatasetKind;
 use contract::sample_order::{SampleOrder, SourceSize, Streaming};
+use contract::shard_pattern::TarSource;
 use contract::stream_layout::{self, Fit, SourceShards};
 use datasets::dataset::Dataset;
 use datasets::demo;
@@ -20,6 +22,7 @@ use datasets::shard::{Compression, Content, Record};
 use datasets::tokenizer::TextTokenizer;
 use datasets::writer::DatasetWriter;
 use store::{Store, StoreOptions};
+use webdataset::{IndexBuild, IndexPlace};
 
 /// Serves the files under `root` over HTTP/1.1 (GET only), counting the body bytes sent.
 fn serve(root: PathBuf) -> (String, Arc<AtomicU64>) {
@@ -61,6 +64,12 @@ fn answer(stream: std::net::TcpStream, root: &Path, served: &AtomicU64) {
             .trim_start_matches("/data/")
             .to_string();
         let head = request.starts_with("HEAD");
+        if !head && !request.starts_with("GET") {
+            // Read-only, as a plain web server is.
+            let _ =
+                writer.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return;
+        }
         match std::fs::read(root.join(&path)) {
             Ok(body) => {
                 let header = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
@@ -260,4 +269,93 @@ fn the_chosen_stream_count_fetches_each_shard_once_in_tight_memory() {
         before > 1.5,
         "the test tells layouts apart: 16 streams fetched {before:.2}x"
     );
+}
+
+/// The same 800 samples as 200 WebDataset tars (`{key}.png`, `{key}.txt`).
+fn write_tars(dir: &Path) -> u64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut bytes = 0;
+    for shard in 0..200 {
+        let mut builder = tar::Builder::new(Vec::new());
+        for index in shard * 4..shard * 4 + 4 {
+            let sample = demo::captioned(3, index, 16);
+            for (extension, data) in [("png", sample.png), ("txt", sample.text.into_bytes())] {
+                let mut header = tar::Header::new_ustar();
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                builder
+                    .append_data(&mut header, format!("{}.{extension}", sample.key), data.as_slice())
+                    .unwrap();
+            }
+        }
+        let tar = builder.into_inner().unwrap();
+        bytes += tar.len() as u64;
+        std::fs::write(dir.join(format!("{shard:05}.tar")), tar).unwrap();
+    }
+    bytes
+}
+
+/// Tars over HTTP as webdataset users serve them: the index built through
+/// the server from a brace pattern (HTTP lists nothing), kept in the job's
+/// directory (the server takes no writes); one epoch on 2 workers in tight
+/// memory fetches each tar about once.
+#[test]
+fn a_tar_source_over_http_fetches_each_tar_once_an_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar_bytes = write_tars(&dir.path().join("data"));
+    let (url, served) = serve(dir.path().join("data"));
+    let source = TarSource::parse(&format!("{url}/{{00000..00199}}.tar")).unwrap();
+    let store = Store::open(&source.base, &StoreOptions::default()).unwrap();
+    let build = IndexBuild {
+        kind: DatasetKind::Align,
+        classes: None,
+        threads: 4,
+    };
+    let index = build.run(&source, &store, &|_, _| {}).unwrap().index;
+    assert_eq!(served.load(Ordering::SeqCst), tar_bytes, "indexing reads each tar once");
+    assert_eq!(index.rows(), 800);
+    let job_dir = Store::open(dir.path().join("job").to_str().unwrap(), &StoreOptions::default()).unwrap();
+    let place = IndexPlace {
+        source: &source,
+        data: &store,
+        job_dir: Some(&job_dir),
+    };
+    let written = place.write(&index).unwrap();
+    assert!(written.contains("/job/data-indexes/"), "{written}");
+    assert_eq!(place.read().unwrap().unwrap(), (index.clone(), written));
+
+    let dataset = Dataset::with_index(store, index);
+    let shards = &dataset.index().shards;
+    let largest = shards.iter().map(|shard| shard.bytes).max().unwrap();
+    let memory = 5 * largest;
+    let fit = Fit {
+        workers: 2,
+        window: 2,
+        shard_memory_bytes: memory,
+    };
+    let layout = SourceShards {
+        per_batch: 16,
+        shards: shards.len(),
+        mean_bytes: tar_bytes / shards.len() as u64,
+        largest_bytes: largest,
+    };
+    let chosen = stream_layout::choose(&[layout], fit).unwrap();
+    let sizes = [SourceSize {
+        shard_rows: shards.iter().map(|shard| shard.rows).collect(),
+        weight: 1.0,
+    }];
+    let streaming = Streaming {
+        streams: Some(chosen.streams),
+        window: 2,
+    };
+    let order = SampleOrder::new(5, &sizes, 16, streaming).unwrap();
+    let (fetched, peak) = one_epoch(&dataset, &order, 2, memory, false, &served);
+    let ratio = fetched as f64 / tar_bytes as f64;
+    eprintln!(
+        "one epoch of 200 tars on 2 workers with memory for 5: {} streams fetch {ratio:.3}x the tars' bytes (peak {:.1} tars)",
+        chosen.streams,
+        peak as f64 / largest as f64
+    );
+    assert!(ratio <= 1.05, "{ratio:.3}x the tars' bytes in one epoch");
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use contract::dataset::{ClassName, DatasetIndex, DatasetKind, ShardEntry};
+use contract::dataset::{ClassName, Container, DatasetIndex, DatasetKind, ShardEntry};
 use contract::manifest::Manifest;
 use contract::plan::JobPlan;
 use prost::Message as _;
@@ -102,7 +102,7 @@ fn plan_paths() -> BTreeMap<String, String> {
         s3_endpoint = "http://127.0.0.1:8333"
         s3_region = "eu"
         [[data.source]]
-        url = "data/align"
+        url = "data/align/{0..3}.tar"
         kind = "align"
         weight = 0.5
         [[data.source]]
@@ -139,7 +139,10 @@ fn plan_paths() -> BTreeMap<String, String> {
         name: "cat".into(),
         parent: Some("animal".into()),
     }];
-    let indexes = vec![index(DatasetKind::Align, Vec::new()), index(DatasetKind::Jft, classes)];
+    // The align source is WebDataset tars read in place.
+    let mut tars = index(DatasetKind::Align, Vec::new());
+    tars.container = Container::Tar;
+    let indexes = vec![tars, index(DatasetKind::Jft, classes)];
     let (plan, _) = JobPlan::new(&manifest, indexes).expect("the example plan");
     let mut paths = BTreeMap::new();
     walk(
