@@ -6,6 +6,12 @@
         SRC_DIR (e.g. Debian's mate-backgrounds, /usr/share/backgrounds/mate/nature)
         into OUT_DIR/photo/, an imagefolder for `coca data import`.
 
+    scripts/bench_photos.py tars OUT_DIR [--per-tar 64]
+        The crops as WebDataset tars in OUT_DIR/tars/ ({key}.jpg and a
+        caption {key}.txt per sample, --per-tar samples each), as
+        img2dataset writes them: `coca bench data` reads them in place, and
+        `coca data import --format webdataset` makes the same samples Arrow.
+
     scripts/bench_photos.py pil OUT_DIR [--image-size 224] [--seconds 10]
         The per-core rate of open_clip's training transform done with PIL:
         decode, RandomResizedCrop(scale 0.9-1, bicubic), to float, normalise
@@ -49,6 +55,26 @@ def crops(src, out, count):
     print(f"{out}/photo: {written} JPEGs")
 
 
+def tars(out, per_tar):
+    import io
+    import tarfile
+
+    files = sorted(glob.glob(os.path.join(out, "photo", "*.jpg")))
+    os.makedirs(os.path.join(out, "tars"), exist_ok=True)
+    count = 0
+    for start in range(0, len(files), per_tar):
+        with tarfile.open(os.path.join(out, "tars", f"{count:05}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for path in files[start : start + per_tar]:
+                key = os.path.splitext(os.path.basename(path))[0]
+                caption = f"a nature photo, crop {key}".encode()
+                for name, data in [(f"{key}.jpg", open(path, "rb").read()), (f"{key}.txt", caption)]:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        count += 1
+    print(f"{out}/tars: {count} tars of up to {per_tar} samples ({{00000..{count - 1:05}}}.tar)")
+
+
 def random_resized_crop(image, size, rng):
     area = image.width * image.height
     for _ in range(10):
@@ -80,13 +106,16 @@ def pil(out, size, seconds):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["crops", "pil"])
+    parser.add_argument("mode", choices=["crops", "tars", "pil"])
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--count", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--per-tar", type=int, default=64)
     args = parser.parse_args()
     if args.mode == "crops":
         crops(args.paths[0], args.paths[1], args.count)
+    elif args.mode == "tars":
+        tars(args.paths[0], args.per_tar)
     else:
         pil(args.paths[0], args.image_size, args.seconds)

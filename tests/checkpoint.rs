@@ -358,6 +358,27 @@ fn a_job_on_tars_read_in_place_resumes_to_the_arrow_jobs_parameters() {
         printed.starts_with(&format!("{} tars, ", shard_counts[0])) && printed.contains("coca-tar-index-"),
         "{printed}"
     );
+    // Tars without format = "webdataset", and a pattern naming a tar that
+    // is not there: refused at the start, by name.
+    let unsaid = ("url = \"data/demo/jft\"", "url = \"data/tars/jft\"");
+    manifest(tars.path(), 10, &[unsaid]);
+    let stderr = failed(&launch(tars.path(), &["--steps", "10"]));
+    assert!(
+        stderr.contains("data.source[1] (data/tars/jft)")
+            && stderr.contains("but .tar files: set format = \"webdataset\" to read them in place"),
+        "{stderr}"
+    );
+    let missing = (
+        "url = \"data/demo/align\"",
+        "url = \"data/tars/align/{00000..00999}.tar\"",
+    );
+    manifest(tars.path(), 10, &[missing]);
+    let stderr = failed(&launch(tars.path(), &["--steps", "10"]));
+    assert!(
+        stderr.contains("data.source[0] (data/tars/align/{00000..00999}.tar)")
+            && stderr.contains(".tar: not found, and the source's pattern names it"),
+        "{stderr}"
+    );
     let sources = [
         ("url = \"data/demo/align\"", format!("url = \"{align}\"")),
         (

@@ -8,6 +8,8 @@ pub struct DataBenchmark {
     pub samples: usize,
     pub seconds: f64,
     pub threads: usize,
+    /// Bytes of shards fetched, the unmeasured first batch's included.
+    pub fetched_bytes: u64,
 }
 
 impl DataBenchmark {
@@ -57,9 +59,11 @@ pub fn bench_data(
     for step in 1..=batches as u64 {
         assembler.assemble(step)?;
     }
+    let seconds = started.elapsed().as_secs_f64();
     Ok(DataBenchmark {
         samples: batch * batches,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         threads,
+        fetched_bytes: assembler.traffic().bytes[0],
     })
 }

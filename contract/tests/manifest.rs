@@ -1,7 +1,9 @@
 //! Every manifest rule, table-driven: a change to the demo manifest and the
 //! exact error it must give.
 
-use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Overrides, Precision, Schedule};
+use contract::manifest::{
+    AutotuneLevel, Backend, CollectiveKind, Length, Manifest, Overrides, Precision, Schedule, SourceFormat,
+};
 
 const DEMO: &str = include_str!("../../deploy/local/demo.toml");
 
@@ -116,6 +118,26 @@ fn replicas_are_what_the_manifest_says_while_they_split_the_micro_batch() {
 }
 
 #[test]
+fn a_source_of_tars_is_webdataset_by_its_url_or_by_its_format() {
+    let format_of = |text: &str| {
+        let manifest = Manifest::parse(text, "m.toml").unwrap();
+        (manifest.data.sources[0].format, manifest.data.sources[1].format)
+    };
+    assert_eq!(format_of(DEMO), (SourceFormat::Arrow, SourceFormat::Arrow));
+    let pattern = with("url = \"data/demo/align\"", "url = \"s3://b/laion/{00000..00009}.tar\"");
+    assert_eq!(format_of(&pattern), (SourceFormat::Webdataset, SourceFormat::Arrow));
+    let one = with("url = \"data/demo/align\"", "url = \"shards/00000.tar\"");
+    assert_eq!(format_of(&one).0, SourceFormat::Webdataset);
+    let prefix = with(
+        "url = \"data/demo/jft\"",
+        "url = \"data/tars\"\nformat = \"webdataset\"\nclasses = \"data/classes.txt\"",
+    );
+    assert_eq!(format_of(&prefix).1, SourceFormat::Webdataset);
+    let manifest = Manifest::parse(&prefix, "m.toml").unwrap();
+    assert_eq!(manifest.data.sources[1].classes.as_deref(), Some("data/classes.txt"));
+}
+
+#[test]
 fn every_rule_names_its_field() {
     let cases: Vec<(String, &str)> = vec![
         (with("[job]", "[jobs]"), "jobs: unknown section; did you mean `[job]`?"),
@@ -135,6 +157,9 @@ fn every_rule_names_its_field() {
         (with("weight = 0.5", "weight = 0.0"), "data.source[0].weight: 0 must be a positive number"),
         (with("kind = \"align\"", "kind = \"align\"\ntemplates = \"simple\""), "data.source[0].templates: only jft sources use prompt templates"),
         (with("url = \"data/demo/jft\"", "uri = \"data/demo/jft\""), "data.source[1].uri: unknown key; did you mean `url`?"),
+        (with("url = \"data/demo/align\"", "url = \"data/{0..}.tar\""), "data.source[0].url: data/{0..}.tar: `{0..}`: `` is not a whole number"),
+        (with("kind = \"align\"", "kind = \"align\"\nformat = \"parquet\""), "data.source[0].format: unknown variant `parquet`, expected `arrow` or `webdataset`"),
+        (with("kind = \"jft\"", "kind = \"jft\"\nclasses = \"classes.txt\""), "data.source[1].classes: only jft webdataset sources take a class list (an Arrow dataset's index has its classes)"),
         (with("weight = 0.5", "weight = 0.001"), "data.source: data source 0: weight 0.001 gives it no sample of a global batch of 32; raise its weight or the batch"),
         (with("loader_threads = 1", "loader_threads = 0"), "data.loader_threads: must be at least 1"),
         (with("loader_threads = 1", "loader_threads = 1\nstreams = 5"), "data.streams: 5 streams do not divide data source 0's 16 samples of every global batch"),

@@ -14,7 +14,6 @@ use collective::{Collective, Solo};
 use contract::manifest::{AutotuneLevel, Backend, CollectiveKind, Contrastive, Precision};
 use contract::ModelConfig;
 use datasets::corpus;
-use datasets::dataset::Dataset;
 use datasets::prompt::PromptTemplates;
 use datasets::tokenizer::TextTokenizer;
 use model::backend::CpuTrain;
@@ -86,9 +85,11 @@ pub enum BenchCommand {
     /// Training samples per second (decode, random resized crop,
     /// normalise, tokenize) from a dataset's shards, and per loader thread.
     Data {
-        /// The dataset (a path or a store URL).
-        #[arg(long)]
-        url: String,
+        /// The dataset (a path or a store URL): Arrow shards, or WebDataset
+        /// tars (a brace pattern, one tar, or a prefix with a tar index).
+        /// Repeat to compare: each is run in turn, the first the baseline.
+        #[arg(long = "url", required = true)]
+        urls: Vec<String>,
         #[arg(long, default_value_t = 224)]
         image_size: u32,
         /// Loader threads (default: every core).
@@ -245,13 +246,13 @@ impl BenchCommand {
                 seconds,
             } => coordinator(workers, heartbeat_ms, seconds),
             BenchCommand::Data {
-                url,
+                urls,
                 image_size,
                 threads,
                 batch,
                 batches,
                 store,
-            } => data(url, image_size, threads, batch, batches, store),
+            } => data(urls, image_size, threads, batch, batches, store),
             BenchCommand::Step(args) => step(args),
             BenchCommand::Allreduce {
                 world,
@@ -345,7 +346,7 @@ fn coordinator(workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Resul
 }
 
 fn data(
-    url: String,
+    urls: Vec<String>,
     image_size: u32,
     threads: Option<usize>,
     batch: usize,
@@ -354,18 +355,37 @@ fn data(
 ) -> anyhow::Result<()> {
     ensure!(batch >= 1 && batches >= 1, "--batch and --batches must be at least 1");
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let dataset = Dataset::open(store.open(&url)?)?;
-    // Tokenizing is part of the work measured; any trained tokenizer does.
-    let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
-    let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
-    let report = bench::data::bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
-    println!(
-        "data: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {:.1} per core ({threads} threads)",
-        report.samples,
-        report.seconds,
-        report.samples_per_second(),
-        report.per_core()
-    );
+    let mut baseline = None;
+    for url in &urls {
+        let dataset = super::data::open_any(url, &store)?;
+        let (rows, bytes) = (
+            dataset.index().rows(),
+            dataset.index().shards.iter().map(|s| s.bytes).sum::<u64>(),
+        );
+        // Tokenizing is part of the work measured; any trained tokenizer does.
+        let texts = corpus::texts(&dataset, &PromptTemplates::clip80())?;
+        let tokenizer = TextTokenizer::train(texts.iter().take(20_000), 1000)?;
+        let report = bench::data::bench_data(dataset, tokenizer, image_size, threads, batch, batches)?;
+        let per_core = report.per_core();
+        let versus = baseline.map_or(String::new(), |first: f64| {
+            format!(", {:.2}x the first", per_core / first)
+        });
+        baseline.get_or_insert(per_core);
+        println!(
+            "data {url}: {} samples at {image_size}px in {:.2} s: {:.1} samples/s, {per_core:.1} per core ({threads} threads){versus}",
+            report.samples,
+            report.seconds,
+            report.samples_per_second(),
+        );
+        let read = (batch * (batches + 1)) as f64 / rows as f64;
+        println!(
+            "  fetched {:.1} MB of the dataset's {:.1} MB ({:.3}x) reading {:.2} epochs' samples",
+            report.fetched_bytes as f64 / 1e6,
+            bytes as f64 / 1e6,
+            report.fetched_bytes as f64 / bytes as f64,
+            read
+        );
+    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
-use contract::dataset::DatasetKind;
+use contract::dataset::{Container, DatasetKind, INDEX_FILE};
 use contract::shard_pattern::TarSource;
 use datasets::bad_record::{self, BadRecord, Caption};
 use datasets::dataset::Dataset;
@@ -150,7 +150,7 @@ impl DataCommand {
                 sheet,
                 samples,
                 store,
-            } => inspect(&store.open(&url)?, &sheet, samples),
+            } => inspect(open_any(&url, &store)?, &sheet, samples),
             DataCommand::Index {
                 url,
                 kind,
@@ -352,8 +352,39 @@ pub(super) fn progress(total: Option<u64>) -> ProgressBar {
     bar
 }
 
-fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Result<()> {
-    let dataset = Dataset::open(root.clone())?;
+/// The dataset at `url`: Arrow shards with their index.json, else
+/// WebDataset tars with the index kept for them (built now, in memory, if
+/// there is none).
+pub(super) fn open_any(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {
+    let arrow = TarSource::parse(url)?.pattern.is_none() && store.open(url)?.exists(INDEX_FILE)?;
+    if arrow {
+        return Ok(Dataset::open(store.open(url)?)?);
+    }
+    let tars = TarSource::parse(url)?;
+    let data = store.open(&tars.base)?;
+    let place = IndexPlace {
+        source: &tars,
+        data: &data,
+        job_dir: None,
+    };
+    let index = match place.read()? {
+        Some((index, _)) => index,
+        None => {
+            eprintln!(
+                "{url}: no index.json and no tar index; indexing its tars (as align; `coca data index` keeps one)"
+            );
+            let build = IndexBuild {
+                kind: DatasetKind::Align,
+                classes: None,
+                threads: 4,
+            };
+            build.run(&tars, &data, &|_, _| {})?.index
+        }
+    };
+    Ok(Dataset::with_index(data, index))
+}
+
+fn inspect(dataset: Dataset, sheet: &std::path::Path, samples: usize) -> anyhow::Result<()> {
     let index = dataset.index();
     let bytes: u64 = index.shards.iter().map(|shard| shard.bytes).sum();
     println!("dataset   {}", dataset.url());
@@ -364,13 +395,18 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
         index.shards.len(),
         bytes as f64 / (1 << 20) as f64
     );
-    let schema = datasets::shard::schema(index.kind);
-    let columns: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| format!("{}: {}", f.name(), f.data_type()))
-        .collect();
-    println!("schema    {}", columns.join(", "));
+    match index.container {
+        Container::Arrow => {
+            let schema = datasets::shard::schema(index.kind);
+            let columns: Vec<String> = schema
+                .fields()
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                .collect();
+            println!("schema    {}", columns.join(", "));
+        }
+        Container::Tar => println!("format    WebDataset tars, read in place"),
+    }
     println!("source    {}", index.source);
     if index.kind == DatasetKind::Jft {
         let names: Vec<String> = (0..index.classes.len())
@@ -388,8 +424,12 @@ fn inspect(root: &Store, sheet: &std::path::Path, samples: usize) -> anyhow::Res
             }
         );
     }
+    let noted = match index.container {
+        Container::Arrow => "skipped at import",
+        Container::Tar => "met when indexed",
+    };
     for (reason, count) in &index.skipped {
-        println!("skipped at import: {count} {reason}");
+        println!("{noted}: {count} {reason}");
     }
 
     let Verified {

@@ -27,6 +27,8 @@ pub enum TarIndexError {
     Store(#[from] StoreError),
     #[error("{url}: cannot list its objects ({detail}); name the shards with a brace pattern, e.g. {url}/{{00000..00099}}.tar")]
     List { url: String, detail: String },
+    #[error("{url}: not found, and the source's pattern names it")]
+    Missing { url: String },
     #[error("{url}: no .tar shards here")]
     NoShards { url: String },
     #[error("{url}: no tar holds a readable sample; first: {first}")]
@@ -93,7 +95,13 @@ impl IndexBuild {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(name) = names.get(i) else { return };
                     let summary = store.get(name).map(|bytes| summarize(name, bytes, self.kind));
+                    let failed = summary.is_err();
                     summaries.lock().expect("summaries")[i] = Some(summary);
+                    if failed {
+                        // The first failure ends the build: no other tar is fetched.
+                        next.store(names.len(), Ordering::Relaxed);
+                        return;
+                    }
                     progress(done.fetch_add(1, Ordering::Relaxed) + 1, names.len());
                 });
             }
@@ -108,7 +116,10 @@ impl IndexBuild {
         };
         let (mut ids, mut class_names) = (BTreeSet::new(), BTreeSet::new());
         for summary in summaries.into_inner().expect("summaries").into_iter().flatten() {
-            let summary = summary?;
+            let summary = summary.map_err(|error| match error {
+                StoreError::NotFound { url } => TarIndexError::Missing { url },
+                other => other.into(),
+            })?;
             let url = store.object_url(&summary.name);
             if let Some(at) = &summary.truncated {
                 report.truncated.push((url.clone(), at.clone()));
