@@ -1,15 +1,16 @@
-//! WebDataset tar shards (open_clip's format): files grouped by key (the
-//! name up to its first dot), an image (.jpg/.jpeg/.png/.webp) and a text
-//! (.txt, or .json with a `caption` or `text` field). An align dataset.
-//! `src` is one .tar or a folder of them, read in name order.
+//! WebDataset tar shards (open_clip's format) converted into Arrow shards:
+//! samples as `webdataset::TarShard` groups them (an image and a
+//! `.txt` or `.json` caption; see that module). An align dataset. `src` is
+//! one .tar or a folder of them, read in name order. Tars can also be read
+//! in place (a `format = "webdataset"` source), without this copy.
 
-use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use contract::dataset::{ClassName, DatasetKind};
+use webdataset::TarShard;
 
-use super::{align_item, files_with_extension, has_image_extension, ImportError, Importer, Item};
+use super::{align_item, files_with_extension, ImportError, Importer, Item};
 
 pub struct WebDataset {
     tars: Vec<PathBuf>,
@@ -21,12 +22,6 @@ impl WebDataset {
             tars: files_with_extension(src, "tar")?,
         })
     }
-}
-
-#[derive(Default)]
-struct Sample {
-    image: Option<Vec<u8>>,
-    text: Option<String>,
 }
 
 impl Importer for WebDataset {
@@ -44,42 +39,16 @@ impl Importer for WebDataset {
 
     fn run(&mut self, sink: &mut dyn FnMut(Item) -> Result<(), ImportError>) -> Result<(), ImportError> {
         for tar_path in &self.tars {
-            let file = std::fs::File::open(tar_path).map_err(|error| ImportError::io(tar_path, error))?;
-            let mut archive = tar::Archive::new(file);
-            let bad_tar = |error: std::io::Error| ImportError::file(tar_path, format!("not a readable tar: {error}"));
-            // Samples are contiguous in a WebDataset tar, but keep them by key to be safe with any order.
-            let mut samples: BTreeMap<String, Sample> = BTreeMap::new();
-            for entry in archive.entries().map_err(bad_tar)? {
-                let mut entry = entry.map_err(bad_tar)?;
-                if !entry.header().entry_type().is_file() {
-                    continue;
-                }
-                let name = entry.path().map_err(bad_tar)?.to_string_lossy().to_string();
-                let Some((key, extension)) = split_key(&name) else {
-                    continue;
-                };
-                let mut bytes = Vec::new();
-                entry.read_to_end(&mut bytes).map_err(bad_tar)?;
-                let sample = samples.entry(key.to_string()).or_default();
-                if has_image_extension(Path::new(&name)) {
-                    sample.image = Some(bytes);
-                } else if extension == "txt" {
-                    sample.text = Some(String::from_utf8_lossy(&bytes).to_string());
-                } else if extension == "json" && sample.text.is_none() {
-                    let value: serde_json::Value = serde_json::from_slice(&bytes)
-                        .map_err(|error| ImportError::file(tar_path, format!("{name}: not JSON: {error}")))?;
-                    sample.text = ["caption", "text"]
-                        .iter()
-                        .find_map(|field| value.get(field).and_then(|v| v.as_str()).map(str::to_string));
-                }
+            let bytes = std::fs::read(tar_path).map_err(|error| ImportError::io(tar_path, error))?;
+            // The same grouping and conventions as tars read in place.
+            let tar = TarShard::parse(Bytes::from(bytes));
+            if let Some(why) = tar.truncated() {
+                return Err(ImportError::file(tar_path, format!("not a readable tar: {why}")));
             }
-            for (key, sample) in samples {
-                let at = || format!("{} sample `{key}`", tar_path.display());
-                match sample {
-                    Sample {
-                        image: Some(image),
-                        text: Some(text),
-                    } => sink(align_item(key.clone(), image, &text, at))?,
+            for (row, sample) in tar.samples().iter().enumerate() {
+                let at = || format!("{} sample `{}`", tar_path.display(), sample.key);
+                match (tar.image(row), &sample.text) {
+                    (Some(image), Some(text)) => sink(align_item(sample.key.clone(), image.to_vec(), text, at))?,
                     _ => sink(Item::Skipped {
                         reason: "incomplete sample",
                         at: at(),
@@ -89,11 +58,4 @@ impl Importer for WebDataset {
         }
         Ok(())
     }
-}
-
-/// `dir/000123.jpg` -> (`dir/000123`, `jpg`): the key ends at the first dot of the file name.
-fn split_key(name: &str) -> Option<(&str, &str)> {
-    let start = name.rfind('/').map_or(0, |slash| slash + 1);
-    let dot = start + name[start..].find('.')?;
-    Some((&name[..dot], &name[dot + 1..]))
 }
