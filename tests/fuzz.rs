@@ -1,11 +1,13 @@
 //! Mutation fuzzing on stable Rust: every parser a user's bytes reach is fed
 //! real inputs with bits flipped, bytes replaced, inserted and cut, and
 //! truncated, from a seeded generator. Each must return (no panic) and, on
-//! bad input, an error that says something. `COCA_FUZZ_CASES=N` runs N
-//! cases per target instead of CI's few hundred (`cargo test --release
-//! --test fuzz` for long runs).
+//! bad input, an error that says something, and none may hang (the
+//! slowest case is reported; one past a minute fails). `COCA_FUZZ_CASES=N`
+//! runs N cases per target instead of CI's few hundred (`cargo test
+//! --release --test fuzz` for long runs).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
 
 use contract::rng::SplitMix64;
 
@@ -53,12 +55,23 @@ fn mutate(seed: &[u8], random: &mut SplitMix64) -> Vec<u8> {
 /// test naming the target, the seed input and the case (to replay it).
 fn fuzz(target: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8]) -> Result<(), String>) {
     let mut errors = 0u64;
+    let mut slowest = Duration::ZERO;
     for (index, seed) in seeds.iter().enumerate() {
-        assert!(parse(seed).is_ok(), "{target}: seed {index} is not valid to begin with");
+        if let Err(error) = parse(seed) {
+            panic!("{target}: seed {index} is not valid to begin with: {error}");
+        }
         for case in 0..cases() {
             let mut random = SplitMix64::new(case ^ (index as u64) << 32);
             let input = mutate(seed, &mut random);
-            match catch_unwind(AssertUnwindSafe(|| parse(&input))) {
+            let started = Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| parse(&input)));
+            let took = started.elapsed();
+            slowest = slowest.max(took);
+            assert!(
+                took < Duration::from_secs(60),
+                "{target}: seed {index}, case {case} ran {took:?}: a hang"
+            );
+            match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(message)) => {
                     assert!(
@@ -75,7 +88,7 @@ fn fuzz(target: &str, seeds: &[Vec<u8>], parse: impl Fn(&[u8]) -> Result<(), Str
         }
     }
     eprintln!(
-        "{target}: {} cases, {errors} refused with an error",
+        "{target}: {} cases, {errors} refused with an error, slowest {slowest:?}",
         cases() * seeds.len() as u64
     );
 }
@@ -190,14 +203,24 @@ fn checkpoint_metadata_and_shards() {
     });
 }
 
+const OPEN_CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/open_clip");
+
 #[test]
 fn image_decoding() {
     let picture = image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 10, y as u8 * 15, 128]));
-    let mut png = Vec::new();
-    picture
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    fuzz("image", &[png], |bytes| {
+    let encoded = |format| {
+        let mut bytes = Vec::new();
+        picture.write_to(&mut std::io::Cursor::new(&mut bytes), format).unwrap();
+        bytes
+    };
+    // Real photos (open_clip's fixture) and small encodings of each format.
+    let seeds = [
+        encoded(image::ImageFormat::Png),
+        encoded(image::ImageFormat::Jpeg),
+        encoded(image::ImageFormat::WebP),
+        std::fs::read(format!("{OPEN_CLIP}/photo-0.jpg")).unwrap(),
+    ];
+    fuzz("image", &seeds, |bytes| {
         datasets::image::decode(bytes)
             .map(|_| ())
             .map_err(|error| error.to_string())
@@ -219,5 +242,94 @@ fn the_tokenizer_on_any_text() {
             .map_err(|error| error.to_string())?;
         assert_eq!(ids.len(), 77, "a context's worth of ids, whatever the text");
         Ok(())
+    });
+}
+
+/// WebDataset tars as the loader and the index builder read them in place:
+/// whatever the bytes, samples come out or the tar counts as cut short,
+/// and every record reads.
+#[test]
+fn webdataset_tars() {
+    let image = std::fs::read(format!("{OPEN_CLIP}/photo-2.png")).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let files: [(&str, &[u8]); 7] = [
+        ("s/000.png", &image),
+        ("s/000.txt", b"a caption"),
+        ("s/000.cls", b"1 2"),
+        ("s/001.jpg", &image),
+        ("s/001.json", br#"{"caption": "from json", "label": "cat"}"#),
+        ("s/002.webp", &image),
+        ("s/002.cls", b"dog"),
+    ];
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, data).unwrap();
+    }
+    let seed = builder.into_inner().unwrap();
+    let store = store::Store::open("memory://fuzz-tars", &store::StoreOptions::default()).unwrap();
+    let source = contract::shard_pattern::TarSource::parse("0.tar").unwrap();
+    for kind in [
+        contract::dataset::DatasetKind::Align,
+        contract::dataset::DatasetKind::Jft,
+    ] {
+        let classes = ["cat", "dog", "bird"].map(|name| contract::dataset::ClassName {
+            name: name.into(),
+            parent: None,
+        });
+        let build = webdataset::IndexBuild {
+            kind,
+            classes: Some(classes.to_vec()),
+            threads: 1,
+        };
+        fuzz(&format!("{kind} tar"), &[seed.clone()], |bytes| {
+            store.put("0.tar", bytes.to_vec().into()).unwrap();
+            let index = build
+                .run(&source, &store, &|_, _| {})
+                .map_err(|error| error.to_string())?
+                .index;
+            let shard = datasets::shard::Shard::from_tar(bytes.to_vec().into(), &index);
+            assert_eq!(
+                shard.rows() as u64,
+                index.rows(),
+                "the index counts what the loader reads"
+            );
+            for row in 0..shard.rows() {
+                let record = shard.record(row);
+                let _ = (
+                    record.key.len(),
+                    record.image.len(),
+                    record.text,
+                    record.labels,
+                    record.problem,
+                );
+            }
+            Ok(())
+        });
+    }
+}
+
+/// open_clip's state dicts at `coca import open-clip`: the safetensors
+/// header (where lengths, shapes and offsets are) mutated in front of the
+/// fixture's tensor data, and the model JSON.
+#[test]
+fn open_clip_state_dicts_and_configs() {
+    let weights = std::fs::read(format!("{OPEN_CLIP}/open_clip.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let (header, data) = weights.split_at(8 + header_len);
+    let config_json = std::fs::read_to_string(format!("{OPEN_CLIP}/config.json")).unwrap();
+    let config = model::open_clip::config_from_json(&config_json, "config.json").unwrap();
+    fuzz("open_clip safetensors", &[header.to_vec()], |bytes| {
+        let file = [bytes, data].concat();
+        model::open_clip::import::<model::backend::Cpu>(&config, &file, "open_clip.safetensors", &Default::default())
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    });
+    fuzz("open_clip model JSON", &[config_json.into_bytes()], |bytes| {
+        model::open_clip::config_from_json(&String::from_utf8_lossy(bytes), "config.json")
+            .map(|_| ())
+            .map_err(|error| error.to_string())
     });
 }

@@ -178,6 +178,10 @@ impl Shard {
             origin: origin.to_string(),
             message: error.to_string(),
         };
+        check_lengths(&bytes).map_err(|message| ShardError::Format {
+            origin: origin.to_string(),
+            message,
+        })?;
         // arrow's IPC reader panics on some malformed buffers (an offset
         // past the end) instead of failing: a damaged shard is an error here.
         let read = std::panic::catch_unwind(|| -> Result<Self, ShardError> {
@@ -258,6 +262,39 @@ impl Shard {
             problem: None,
         }
     }
+}
+
+/// The lengths an Arrow IPC file's footer and blocks claim, against the
+/// file's own: arrow's reader allocates what they claim before reading, so
+/// a damaged 3 KB shard claiming a 2 GB block took seconds and gigabytes.
+fn check_lengths(bytes: &[u8]) -> Result<(), String> {
+    let len = bytes.len();
+    let tail = len.checked_sub(10).ok_or("shorter than an Arrow file's footer")?;
+    let footer_len = i32::from_le_bytes(bytes[tail..tail + 4].try_into().expect("4 bytes"));
+    let footer_start = usize::try_from(footer_len)
+        .ok()
+        .and_then(|footer_len| tail.checked_sub(footer_len))
+        .ok_or_else(|| format!("its footer claims {footer_len} bytes of a {len}-byte file"))?;
+    let footer = arrow_ipc::root_as_footer(&bytes[footer_start..tail]).map_err(|e| format!("its footer: {e}"))?;
+    let blocks = footer
+        .recordBatches()
+        .into_iter()
+        .chain(footer.dictionaries())
+        .flatten();
+    for block in blocks {
+        let end = [block.offset(), i64::from(block.metaDataLength()), block.bodyLength()]
+            .into_iter()
+            .try_fold(0i64, |sum, part| if part < 0 { None } else { sum.checked_add(part) });
+        if end.is_none_or(|end| end > len as i64) {
+            return Err(format!(
+                "a block at byte {} claims {} + {} bytes of a {len}-byte file",
+                block.offset(),
+                block.metaDataLength(),
+                block.bodyLength()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn tar_record<'a>(
@@ -383,6 +420,45 @@ mod tests {
                 assert_eq!(Content::Labels(record.labels.unwrap()), records[row].content);
             }
         }
+    }
+
+    /// Found by tests/fuzz.rs: a block claiming a terabyte was allocated
+    /// (zeroed) before the read failed.
+    #[test]
+    fn lengths_past_the_end_are_refused_before_anything_is_allocated() {
+        let mut bytes = encode(DatasetKind::Jft, &records(3), Compression::None).unwrap();
+        let len = bytes.len();
+        let footer_len = i32::from_le_bytes(bytes[len - 10..len - 6].try_into().unwrap()) as usize;
+        let footer_start = len - 10 - footer_len;
+        let block = *arrow_ipc::root_as_footer(&bytes[footer_start..len - 10])
+            .unwrap()
+            .recordBatches()
+            .unwrap()
+            .get(0);
+        // The block as stored: offset, metadata length, padding, body length.
+        let mut stored = block.offset().to_le_bytes().to_vec();
+        stored.extend(block.metaDataLength().to_le_bytes());
+        stored.extend([0; 4]);
+        let at = footer_start
+            + bytes[footer_start..]
+                .windows(16)
+                .position(|w| w[..12] == stored[..12])
+                .unwrap();
+        bytes[at + 16..at + 24].copy_from_slice(&(1i64 << 40).to_le_bytes());
+        let error = Shard::decode(Bytes::from(bytes.clone()), DatasetKind::Jft, "s").unwrap_err();
+        assert!(
+            error.to_string().contains(&format!(
+                "claims {} + 1099511627776 bytes of a {len}-byte file",
+                block.metaDataLength()
+            )),
+            "{error}"
+        );
+        bytes[len - 10..len - 6].copy_from_slice(&i32::MAX.to_le_bytes());
+        let error = Shard::decode(Bytes::from(bytes), DatasetKind::Jft, "s").unwrap_err();
+        assert!(
+            error.to_string().contains("its footer claims 2147483647 bytes"),
+            "{error}"
+        );
     }
 
     #[test]
