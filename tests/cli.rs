@@ -194,6 +194,13 @@ fn bench_coordinator_meets_a_swarm_against_a_coordinator_process() {
     let heartbeats = figure(&text, "heartbeats:");
     assert!((24.0..=24.0 * 6.0).contains(&heartbeats), "{text}");
     assert!(figure(&text, "coordinator CPU:") >= 0.0, "{text}");
+    // One lost: the 23 survivors and the spare all got the new ring's ranks.
+    assert!(
+        text.contains(
+            "recovery: one worker lost, its neighbour reports the broken ring; 24 assignments of the new ring"
+        ),
+        "{text}"
+    );
 }
 
 /// A fresh directory under the system temp dir for one test.

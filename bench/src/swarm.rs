@@ -1,7 +1,9 @@
 //! `coca bench coordinator`: a swarm of simulated workers (tasks, not
 //! processes) registering, heartbeating and reporting metrics against a
 //! real `coca coordinator` process over loopback, whose CPU time is read
-//! from /proc.
+//! from /proc; then one worker is lost, its ring neighbour reports the
+//! broken ring, and every other worker (and a spare that replaces the lost
+//! one) regroups: the recovery is timed until the last assignment arrives.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,7 +14,9 @@ use std::time::{Duration, Instant};
 use contract::manifest::{Manifest, ManifestError};
 use proto::auth::{AuthError, Bearer, Token};
 use proto::coordinator_client::CoordinatorClient;
-use proto::{HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION};
+use proto::{
+    Command as Reply, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION,
+};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -50,6 +54,8 @@ pub enum SwarmError {
     Task(#[from] tokio::task::JoinError),
     #[error("no heartbeat succeeded")]
     NoHeartbeat,
+    #[error("the recovery did not hand out every assignment within {0:?}")]
+    RecoveryTimeout(Duration),
 }
 
 pub struct SwarmReport {
@@ -60,6 +66,9 @@ pub struct SwarmReport {
     pub max: Duration,
     /// Coordinator CPU seconds per wall second while heartbeating.
     pub coordinator_cores: f64,
+    /// From the broken ring's report to each new assignment's arrival
+    /// (every survivor's and the spare's), sorted.
+    pub recovery: Vec<Duration>,
 }
 
 /// CPU seconds a process has used (user + system), from /proc.
@@ -217,6 +226,34 @@ async fn meet(channels: &[Client], workers: usize) -> Result<(Vec<String>, u64),
     Ok((ids, generation))
 }
 
+/// Asks for a rank and waits for it, heartbeating meanwhile (from the
+/// ring it left, `generation`) as a real worker does, so that a long
+/// rendezvous does not make it silent.
+async fn join(
+    client: &mut Client,
+    request: RendezvousRequest,
+    generation: u64,
+    heartbeat_ms: u64,
+) -> Result<(), tonic::Status> {
+    let mut beating = client.clone();
+    let heartbeat = HeartbeatRequest {
+        worker_id: request.worker_id.clone(),
+        phase: WorkerPhase::Starting as i32,
+        generation,
+        ..Default::default()
+    };
+    let rendezvous = client.rendezvous(request);
+    tokio::pin!(rendezvous);
+    loop {
+        tokio::select! {
+            reply = &mut rendezvous => return reply.map(|_| ()),
+            () = tokio::time::sleep(Duration::from_millis(heartbeat_ms)) => {
+                beating.heartbeat(heartbeat.clone()).await?;
+            }
+        }
+    }
+}
+
 async fn swarm(
     grpc: &str,
     workers: usize,
@@ -238,21 +275,61 @@ async fn swarm(
     let (ids, generation) = meet(&channels, workers).await?;
     let registered_in = started.elapsed();
 
+    // The spare that replaces the lost worker waits for the next generation.
+    let mut spare_client = channels[0].clone();
+    let spare_id = spare_client
+        .register(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host: "sim-spare".into(),
+            device: "simulated".into(),
+            preferred_rank: None,
+        })
+        .await?
+        .into_inner()
+        .worker_id;
+
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let assigned = Arc::new(Mutex::new(Vec::new()));
+    let broken_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let cpu_before = cpu_seconds(pid)?;
     let window = Instant::now();
     let deadline = window + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
+    {
+        let assigned = assigned.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = RendezvousRequest {
+                worker_id: spare_id,
+                collective_address: "10.255.255.255:29500".into(),
+                ..Default::default()
+            };
+            join(&mut spare_client, request, 0, heartbeat_ms).await?;
+            assigned.lock().expect("assigned").push(Instant::now());
+            Ok::<(), tonic::Status>(())
+        }));
+    }
     for (i, id) in ids.into_iter().enumerate() {
         let mut client = channels[i % channels.len()].clone();
-        let latencies = latencies.clone();
+        let (latencies, assigned, broken_at) = (latencies.clone(), assigned.clone(), broken_at.clone());
         // Spread the heartbeats over the period, as independent workers do.
         let offset = Duration::from_millis(heartbeat_ms * i as u64 / workers as u64);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             let mut step = 0;
             let mut mine = Vec::new();
-            while Instant::now() < deadline {
+            let regroup = loop {
+                if Instant::now() >= deadline {
+                    match i {
+                        // Worker 0 is lost: silent from the deadline on.
+                        0 => return Ok(()),
+                        // Its ring neighbour reports the broken ring.
+                        1 => {
+                            *broken_at.lock().expect("broken_at") = Some(Instant::now());
+                            break "ring broke: rank 0 lost (simulated)";
+                        }
+                        _ => {}
+                    }
+                }
                 step += 1;
                 let metrics = StepMetrics {
                     step,
@@ -281,19 +358,52 @@ async fn swarm(
                         generation,
                     })
                     .await;
-                if reply.is_ok() {
-                    mine.push(sent.elapsed());
+                if let Ok(reply) = &reply {
+                    if sent < deadline {
+                        mine.push(sent.elapsed());
+                    }
+                    if reply.get_ref().command == Reply::Regroup as i32 {
+                        break "regroup";
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(heartbeat_ms).saturating_sub(sent.elapsed())).await;
-            }
+            };
             latencies.lock().expect("latencies").extend(mine);
+            let request = RendezvousRequest {
+                worker_id: id,
+                collective_address: format!("10.{}.{}.{}:29501", i >> 16, (i >> 8) & 255, i & 255),
+                left_generation: generation,
+                left_because: regroup.into(),
+                left_at_step: step,
+                ..Default::default()
+            };
+            join(&mut client, request, generation, heartbeat_ms).await?;
+            assigned.lock().expect("assigned").push(Instant::now());
+            Ok(())
         }));
     }
-    for task in tasks {
-        task.await?;
-    }
+    tokio::time::sleep_until(deadline.into()).await;
     let wall = window.elapsed().as_secs_f64();
     let coordinator_cores = (cpu_seconds(pid)? - cpu_before) / wall;
+    let limit = Duration::from_secs(60) + Duration::from_millis(heartbeat_ms);
+    let recovered = tokio::time::timeout(limit, async {
+        for task in tasks {
+            task.await??;
+        }
+        Ok::<(), SwarmError>(())
+    });
+    recovered.await.map_err(|_| SwarmError::RecoveryTimeout(limit))??;
+    let broken_at = broken_at
+        .lock()
+        .expect("broken_at")
+        .expect("worker 1 reported the broken ring");
+    let mut recovery: Vec<Duration> = assigned
+        .lock()
+        .expect("assigned")
+        .iter()
+        .map(|at| at.saturating_duration_since(broken_at))
+        .collect();
+    recovery.sort();
     let mut latencies = std::mem::take(&mut *latencies.lock().expect("latencies"));
     if latencies.is_empty() {
         return Err(SwarmError::NoHeartbeat);
@@ -307,5 +417,6 @@ async fn swarm(
         p99: at(0.99),
         max: *latencies.last().expect("not empty"),
         coordinator_cores,
+        recovery,
     })
 }

@@ -43,6 +43,18 @@ impl Tag {
     }
 }
 
+/// A rank's place in the ring: what it needs to join it (a world of
+/// thousands hands each rank its two neighbours, not every address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbours {
+    pub rank: usize,
+    pub world: usize,
+    /// The listening address of rank `rank - 1` (mod world), which dials us.
+    pub prev: SocketAddr,
+    /// The listening address of rank `rank + 1` (mod world), which we dial.
+    pub next: SocketAddr,
+}
+
 /// A bound listening socket: bind every rank first, share the addresses,
 /// then `connect`.
 pub struct RingListener {
@@ -68,20 +80,37 @@ impl RingListener {
     /// i's listening address. Waits up to `timeout` for the neighbours;
     /// every later operation also fails after `timeout` without progress.
     pub fn connect(self, rank: usize, peers: &[SocketAddr], timeout: Duration) -> Result<TcpRing, CollectiveError> {
-        self.connect_within(rank, peers, timeout, timeout)
+        let world = peers.len();
+        let neighbours = (rank < world).then(|| Neighbours {
+            rank,
+            world,
+            prev: peers[(rank + world - 1) % world],
+            next: peers[(rank + 1) % world],
+        });
+        match neighbours {
+            Some(neighbours) => self.connect_within(neighbours, timeout, timeout),
+            None => Err(CollectiveError::Setup(format!(
+                "rank {rank} is outside a world of {world}"
+            ))),
+        }
     }
 
-    /// [`RingListener::connect`], waiting only `patience` for the
-    /// neighbours: a job that heals gives up on a neighbour that died
-    /// before it connected about when the coordinator declares it lost.
+    /// Joins the ring as `neighbours.rank`, knowing only its two neighbours'
+    /// addresses, waiting only `patience` for them: a job that heals gives
+    /// up on a neighbour that died before it connected about when the
+    /// coordinator declares it lost.
     pub fn connect_within(
         self,
-        rank: usize,
-        peers: &[SocketAddr],
+        neighbours: Neighbours,
         patience: Duration,
         timeout: Duration,
     ) -> Result<TcpRing, CollectiveError> {
-        let world = peers.len();
+        let Neighbours {
+            rank,
+            world,
+            prev,
+            next,
+        } = neighbours;
         if rank >= world {
             return Err(CollectiveError::Setup(format!(
                 "rank {rank} is outside a world of {world}"
@@ -99,9 +128,8 @@ impl RingListener {
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + patience;
         let (next, prev) = thread::scope(|scope| {
-            let accepting =
-                scope.spawn(|| accept(&self.listener, prev_rank, peers[prev_rank], world, deadline, timeout));
-            let next = dial(rank, next_rank, peers[next_rank], world, deadline, timeout);
+            let accepting = scope.spawn(|| accept(&self.listener, prev_rank, prev, world, deadline, timeout));
+            let next = dial(rank, next_rank, next, world, deadline, timeout);
             let prev = accepting.join().expect("the accepting thread does not panic");
             (next, prev)
         });

@@ -153,6 +153,12 @@ pub struct Job {
     pub policy: RecoveryPolicy,
     /// The ring's incarnation; calls from an older one are told apart.
     pub generation: u64,
+    /// The current generation's collective addresses, by rank (set once
+    /// when ranks are assigned: each rendezvous reply takes two of them).
+    pub ring: Vec<String>,
+    /// Workers waiting for the current generation, as last counted: exact
+    /// after every watchdog run, counted up by joins in between.
+    joined: usize,
     /// This coordinator's first generation.
     first_generation: u64,
     /// Every recovery over the job's life, earlier coordinators' included.
@@ -181,6 +187,8 @@ impl Job {
         Self {
             name: name.to_string(),
             world_size: policy.target_world,
+            ring: Vec::new(),
+            joined: 0,
             total_steps,
             start_step: 0,
             state: JobState::Pending,
@@ -324,12 +332,20 @@ impl Job {
             }
             _ => {}
         }
+        let generation = self.generation;
         if let Some(worker) = self.workers.get_mut(id) {
+            let newly = worker.joining != Some(generation) && worker.finished.is_none();
             worker.rank = None;
-            worker.joining = Some(self.generation);
+            worker.joining = Some(generation);
+            self.joined += usize::from(newly);
         }
         changes.extend(left.and_then(|left| self.reached(left.generation, left.step)));
-        changes.extend(self.tick(now));
+        // The whole watchdog only once the count says the world may be
+        // complete: running it on every join made a rendezvous of N workers
+        // cost N^2 (its periodic run assigns ranks too, e.g. to a reduced world).
+        if self.joined >= self.policy.target_world {
+            changes.extend(self.tick(now));
+        }
         changes
     }
 
@@ -478,6 +494,7 @@ impl Job {
             worker.joining = waiting.then_some(self.generation);
             worker.rank = None;
         }
+        self.joined = self.ready().count();
         self.pending_failure = None;
         self.recovering_since = Some(now);
         self.start_step = self.newest_commit.as_ref().map_or(self.start_step, |(step, _)| *step);
@@ -502,8 +519,9 @@ impl Job {
     /// The world the current generation can start with now, if any: the
     /// whole target once that many workers asked, or fewer (at least
     /// min_workers) once a recovery has waited replacement_timeout.
-    fn ready_world(&self, now: Instant) -> Option<usize> {
+    fn ready_world(&mut self, now: Instant) -> Option<usize> {
         let ready = self.ready().count();
+        self.joined = ready;
         if ready >= self.policy.target_world {
             return Some(self.policy.target_world);
         }
@@ -551,6 +569,13 @@ impl Job {
             }
         }
         self.world_size = world;
+        let mut ring: Vec<(usize, String)> = self
+            .workers
+            .values()
+            .filter_map(|w| w.rank.map(|rank| (rank, w.collective_address.clone())))
+            .collect();
+        ring.sort();
+        self.ring = ring.into_iter().map(|(_, address)| address).collect();
         self.checkpoint_reports.clear();
         let start = self.start_step;
         // The chart shows each step once: what is trained again replaces it.

@@ -106,16 +106,13 @@ impl CoordinatorRpc for Service {
                 let nccl_unique_id = job.nccl_unique_id().map(<[u8]>::to_vec);
                 let assigned = joining == Some(job.generation) && job.state != JobState::Recovering;
                 if let Some(rank) = rank.filter(|_| assigned && (!nccl || nccl_unique_id.is_some())) {
-                    let mut peers: Vec<(usize, String)> = job
-                        .workers
-                        .values()
-                        .filter_map(|w| w.rank.map(|r| (r, w.collective_address.clone())))
-                        .collect();
-                    peers.sort();
+                    let world = job.ring.len();
+                    let neighbour = |offset: usize| job.ring[(rank + offset) % world].clone();
                     return Ok(Response::new(Assignment {
                         rank: rank as u32,
                         world_size: job.world_size as u32,
-                        peers: peers.into_iter().map(|(_, address)| address).collect(),
+                        prev_peer: neighbour(world - 1),
+                        next_peer: neighbour(1),
                         start_step: job.start_step,
                         nccl_unique_id: nccl_unique_id.unwrap_or_default(),
                         resume_from: job.checkpoint.resumed_from.clone().unwrap_or_default(),

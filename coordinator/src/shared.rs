@@ -49,6 +49,13 @@ impl Shared {
         let changes = decision(&mut job);
         let transitions = job.transitions[before..].to_vec();
         drop(job);
+        // Rendezvous calls waiting for ranks, or for the end, look again
+        // only when either may have come: waking thousands of them on every
+        // join made a rendezvous quadratic in the world.
+        let wake = !transitions.is_empty()
+            || changes
+                .iter()
+                .any(|change| matches!(change, Change::Assigned { .. } | Change::Dropped(_)));
         self.announce(changes);
         let mut ended = false;
         for transition in transitions {
@@ -64,8 +71,9 @@ impl Shared {
                 reason: transition.reason,
             });
         }
-        // Rendezvous calls waiting for ranks, or for the end, look again.
-        let _ = self.ready.send(ended);
+        if wake {
+            let _ = self.ready.send(ended);
+        }
     }
 
     /// Logs and journals what a decision changed besides the job's state.

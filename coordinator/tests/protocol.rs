@@ -270,7 +270,15 @@ async fn rendezvous_ranks_heartbeats_and_completion() {
     );
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!((a.rank, b.rank), (0, 1));
-    assert_eq!(a.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    // Each rank is told its two ring neighbours (in a ring of 2, the other both ways).
+    assert_eq!(
+        (a.prev_peer.as_str(), a.next_peer.as_str()),
+        ("127.0.0.1:9002", "127.0.0.1:9002")
+    );
+    assert_eq!(
+        (b.prev_peer.as_str(), b.next_peer.as_str()),
+        ("127.0.0.1:9001", "127.0.0.1:9001")
+    );
     // The job plan: every rank receives the same, derived once.
     let plan = a.job_plan().unwrap();
     assert_eq!(
@@ -438,7 +446,11 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     });
     let (a, b) = (rank0_again.await.unwrap(), rank1_again.await.unwrap());
     assert_eq!((a.generation, b.generation), (generation + 1, generation + 1));
-    assert_eq!(a.peers, ["127.0.0.1:9011", "127.0.0.1:9012"], "the new listeners");
+    assert_eq!(
+        (a.next_peer.as_str(), b.next_peer.as_str()),
+        ("127.0.0.1:9012", "127.0.0.1:9011"),
+        "the new listeners"
+    );
     // Nothing was committed: the next ring starts over from step 0.
     assert_eq!((a.start_step, a.resume_from.as_str()), (0, ""));
 

@@ -21,7 +21,8 @@ tonic::include_proto!("coca.v1");
 /// 6: the plan's train section has shard_optimizer, activation_checkpointing, tower locking, layer decay
 ///    and ema_decay;
 ///    its loader section max_image_pixels.
-/// 7: a source's pinned index may say `container = "tar"` (WebDataset tars read in place).
+/// 7: a source's pinned index may say `container = "tar"` (WebDataset tars read in place);
+///    an assignment names the rank's two ring neighbours (prev_peer, next_peer), not every peer.
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The compiled `coca.proto` as a `FileDescriptorSet`: what the compatibility

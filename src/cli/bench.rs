@@ -342,6 +342,17 @@ fn coordinator(workers: usize, heartbeat_ms: u64, seconds: u64) -> anyhow::Resul
         ms(report.max)
     );
     println!("coordinator CPU: {:.2} cores", report.coordinator_cores);
+    let recovery = &report.recovery;
+    if let (Some(first), Some(last)) = (recovery.first(), recovery.last()) {
+        println!(
+            "recovery: one worker lost, its neighbour reports the broken ring; {} assignments of the new ring \
+             (the survivors and a spare) handed out in {:.2} s (first {:.2} s, median {:.2} s)",
+            recovery.len(),
+            last.as_secs_f64(),
+            first.as_secs_f64(),
+            recovery[recovery.len() / 2].as_secs_f64()
+        );
+    }
     Ok(())
 }
 

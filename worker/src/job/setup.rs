@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use checkpoint::layout::{self, ResumeFields};
-use collective::tcp::{RingListener, TcpRing};
+use collective::tcp::{Neighbours, RingListener, TcpRing};
 use collective::Collective;
 use contract::manifest::{CollectiveKind, Eval, Train};
 use contract::plan::JobPlan;
@@ -245,15 +245,19 @@ fn join_nccl(_: &Assignment, _: usize) -> Result<Box<dyn Collective>, WorkerErro
     Err(super::NCCL_WITHOUT_CUDA)
 }
 
-/// Joins the TCP ring of the assignment's peers.
+/// Joins the TCP ring between the assignment's two neighbours.
 fn join_ring(assignment: &Assignment, listener: RingListener, patience: Duration) -> Result<TcpRing, WorkerError> {
-    let peers: Vec<SocketAddr> = assignment
-        .peers
-        .iter()
-        .map(|peer| peer.parse().map_err(|_| WorkerError::PeerAddress(peer.clone())))
-        .collect::<Result<_, _>>()?;
+    let address = |peer: &String| -> Result<SocketAddr, WorkerError> {
+        peer.parse().map_err(|_| WorkerError::PeerAddress(peer.clone()))
+    };
+    let neighbours = Neighbours {
+        rank: assignment.rank as usize,
+        world: assignment.world_size as usize,
+        prev: address(&assignment.prev_peer)?,
+        next: address(&assignment.next_peer)?,
+    };
     listener
-        .connect_within(assignment.rank as usize, &peers, patience, Duration::from_secs(60))
+        .connect_within(neighbours, patience, Duration::from_secs(60))
         .map_err(|e| WorkerError::Regroup(e.to_string()))
 }
 
