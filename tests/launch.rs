@@ -900,3 +900,152 @@ fn close(a: &[f64], b: &[f64], a_name: &str, b_name: &str) {
         );
     }
 }
+
+/// A client holding the job's token but not following the protocol, during
+/// a live job of two workers: a thousand registrations, heartbeats for a
+/// real rank with steps beyond the job and going back and with sources the
+/// job does not have, a checkpoint report naming a file outside the step,
+/// a garbage listening address, a stranger reporting failure. Each is
+/// refused or harmless; the job ends with the parameters of the same job
+/// left alone, bit for bit.
+#[test]
+fn a_hostile_client_with_the_token_leaves_a_live_job_undisturbed() {
+    use proto::coordinator_client::CoordinatorClient;
+    use proto::{CheckpointShard, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, StepMetrics};
+
+    let (quiet, busy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [quiet.path(), busy.path()] {
+        let job = manifest(dir, 200, 5000);
+        let text = std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("steps = 300", "steps = 20")
+            .replace(
+                "url = \"runs/demo/checkpoints\"\nevery = 100",
+                "url = \"runs/demo/checkpoints\"\nevery = 10",
+            );
+        std::fs::write(&job, text).unwrap();
+        let made = coca()
+            .args(["data", "demo", "--out", "data/demo"])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+    }
+    let alone = coca()
+        .args(["launch", "job.toml"])
+        .current_dir(quiet.path())
+        .output()
+        .unwrap();
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+
+    let (mut coordinator, grpc, address, _said) = start_coordinator(busy.path(), &busy.path().join("job.toml"));
+    let mut workers = [
+        start_worker(busy.path(), &grpc, "the-token"),
+        start_worker(busy.path(), &grpc, "the-token"),
+    ];
+    let report = wait_for(&address, "training", |r| r["step"].as_u64().unwrap_or(0) >= 2);
+    let generation = report["generation"].as_u64().unwrap();
+    let rank0 = report["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["rank"] == 0)
+        .map(|w| w["id"].as_str().unwrap().to_string())
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refusals = runtime.block_on(async {
+        let bearer = proto::auth::Bearer::new(&proto::auth::Token::new("the-token")).unwrap();
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = CoordinatorClient::with_interceptor(channel, bearer);
+        let mut refusals = Vec::new();
+        let mut stranger = String::new();
+        for _ in 0..1000 {
+            let request = RegisterRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                host: "intruder".into(),
+                device: "cpu".into(),
+                preferred_rank: Some(0),
+            };
+            match client.register(request).await {
+                Ok(reply) => stranger = reply.into_inner().worker_id,
+                Err(status) => {
+                    refusals.push(status.message().to_string());
+                    break;
+                }
+            }
+        }
+        let beat = |step: u64, metrics: Vec<StepMetrics>| HeartbeatRequest {
+            worker_id: rank0.clone(),
+            step,
+            metrics,
+            generation,
+            ..Default::default()
+        };
+        let foreign = StepMetrics {
+            step: 20,
+            source_epochs: vec![0.5; 9],
+            ..Default::default()
+        };
+        for request in [beat(1_000_000, vec![]), beat(0, vec![]), beat(20, vec![foreign])] {
+            refusals.push(client.heartbeat(request).await.unwrap_err().message().to_string());
+        }
+        let shard = CheckpointShard {
+            worker_id: rank0.clone(),
+            step: 10,
+            file: "../../job.toml".into(),
+            bytes: 1,
+            sha256: "0".repeat(64),
+            seconds: 0.0,
+            generation,
+        };
+        refusals.push(client.report_checkpoint(shard).await.unwrap_err().message().to_string());
+        let join = RendezvousRequest {
+            worker_id: stranger.clone(),
+            collective_address: "nowhere".into(),
+            ..Default::default()
+        };
+        refusals.push(client.rendezvous(join).await.unwrap_err().message().to_string());
+        let failed = FinishRequest {
+            worker_id: stranger,
+            step: 3,
+            ok: false,
+            message: "pretending the job broke".into(),
+        };
+        client.finish(failed).await.unwrap();
+        refusals
+    });
+    assert_eq!(refusals.len(), 6, "{refusals:?}");
+    for (refusal, says) in refusals.iter().zip([
+        "workers are registered, the most this job takes",
+        "step 1000000 is beyond the job's 20 steps",
+        "is behind step",
+        // (or, had rank 0 already reported step 20, that its metrics are not after it)
+        "source_epochs has 9 values for the job's 2 sources",
+        "file `../../job.toml` is not rank 0's shard of a world of 2",
+        "collective_address `nowhere` is not an IP address and port",
+    ]) {
+        let late = says.starts_with("source_epochs") && refusal.contains("metrics of step 20 are outside");
+        assert!(refusal.contains(says) || late, "`{refusal}` lacks `{says}`");
+    }
+    assert_eq!(coordinator.wait().unwrap().code(), Some(0), "the job completed");
+    for worker in &mut workers {
+        let _ = worker.wait();
+    }
+    let committed = |dir: &Path| {
+        let path = dir.join("runs/demo/checkpoints/step-00000020/COMMITTED");
+        let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        value["shards"].clone()
+    };
+    assert_eq!(
+        committed(quiet.path()),
+        committed(busy.path()),
+        "the disturbed job trained otherwise"
+    );
+}

@@ -152,6 +152,31 @@ pub fn commit(
     committed_at: f64,
 ) -> Result<u64, CheckpointError> {
     let bytes = shards.iter().map(|s| s.bytes).sum();
+    // Never a step with a missing or partial shard: what the ranks
+    // reported must be there, at its size, with the step's meta.json.
+    let dir = root.at(&layout::step_dir(step));
+    let present: std::collections::HashMap<String, u64> = dir
+        .list("")?
+        .into_iter()
+        .map(|object| (object.name, object.bytes))
+        .collect();
+    let expected = shards
+        .iter()
+        .map(|shard| (shard.file.as_str(), Some(shard.bytes)))
+        .chain([(layout::META, None)]);
+    for (file, bytes) in expected {
+        let problem = match (present.get(file), bytes) {
+            (None, _) => "missing".to_string(),
+            (Some(&found), Some(reported)) if found != reported => {
+                format!("{found} bytes, its rank reported {reported}")
+            }
+            _ => continue,
+        };
+        return Err(CheckpointError::Damaged {
+            url: dir.object_url(file),
+            message: format!("{problem}; step {step} is not committed"),
+        });
+    }
     let committed = Committed {
         step,
         committed_at,

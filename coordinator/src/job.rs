@@ -663,6 +663,12 @@ impl Job {
     /// job then stops, and fails once every rank has said goodbye).
     pub fn finish(&mut self, id: &str, step: u64, ok: bool, message: String, now: Instant) {
         let Some(worker) = self.workers.get_mut(id) else { return };
+        if self.state == JobState::Running && worker.rank.is_none() {
+            // Not in the training ring (a spare, or a caller that never
+            // joined): it leaves, and the ring goes on whatever it says.
+            self.workers.remove(id);
+            return;
+        }
         worker.step = worker.step.max(step);
         worker.finished = Some((ok, message.clone()));
         let failure = (!ok).then(|| format!("{} failed at step {step}: {message}", worker.describe()));

@@ -5,6 +5,7 @@
 //! reads ([`journal`]), the status endpoint ([`status`]) and worker
 //! processes on this machine for `coca launch` ([`local_workers`]).
 
+mod bounds;
 pub mod job;
 pub mod journal;
 pub mod local_workers;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use contract::status::JobState;
 
+use crate::bounds;
 use crate::job::{Job, Left, Worker};
 use crate::journal::Event;
 use crate::Shared;
@@ -41,6 +42,15 @@ impl CoordinatorRpc for Service {
                 refused = Some(format!("the job is {} and takes no new workers", job.state.name()));
                 return Vec::new();
             }
+            let limit = bounds::max_workers(job.policy.target_world);
+            if job.workers.len() >= limit {
+                refused = Some(format!(
+                    "{} workers are registered, the most this job takes (2 x cluster.workers + 64); \
+                     a worker that leaves makes room",
+                    job.workers.len()
+                ));
+                return Vec::new();
+            }
             id = job.register(
                 request.host.clone(),
                 request.device.clone(),
@@ -53,7 +63,7 @@ impl CoordinatorRpc for Service {
             Vec::new()
         });
         if let Some(message) = refused {
-            return Err(Status::failed_precondition(message));
+            return Err(Status::resource_exhausted(message));
         }
         self.shared.journal(Event::Worker {
             id: id.clone(),
@@ -72,6 +82,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<Assignment>, Status> {
+        bounds::rendezvous(request.get_ref(), self.shared.job.lock().expect("job state").generation)?;
         let RendezvousRequest {
             worker_id: id,
             nccl_unique_id,
@@ -138,7 +149,11 @@ impl CoordinatorRpc for Service {
         }
         // Progress counts from the current ring only: an older one's steps are trained again.
         let current = request.generation == job.generation;
+        let (total_steps, sources) = (job.total_steps, self.shared.plan.sources.len());
         let worker = registered(&mut job, &request.worker_id)?;
+        if current {
+            bounds::heartbeat(&request, worker.step, total_steps, sources)?;
+        }
         worker.last_heartbeat = Instant::now();
         worker.phase = WorkerPhase::try_from(request.phase)
             .unwrap_or(WorkerPhase::Starting)
@@ -191,6 +206,7 @@ impl CoordinatorRpc for Service {
             let rank = registered(&mut job, &shard.worker_id)?
                 .rank
                 .ok_or_else(|| Status::failed_precondition("a checkpoint before rendezvous"))?;
+            bounds::checkpoint_shard(&shard, rank, job.world_size, job.total_steps)?;
             let record = ShardRecord {
                 file: shard.file,
                 bytes: shard.bytes,
@@ -236,7 +252,16 @@ impl CoordinatorRpc for Service {
 
     async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
         let request = request.into_inner();
-        registered(&mut self.shared.job.lock().expect("job state"), &request.worker_id)?;
+        {
+            let mut job = self.shared.job.lock().expect("job state");
+            let total_steps = job.total_steps;
+            let worker = registered(&mut job, &request.worker_id)?;
+            bounds::finish(request.step, total_steps)?;
+            // A finish said again (a retried call) changes nothing.
+            if worker.finished.is_some() {
+                return Ok(Response::new(FinishReply {}));
+            }
+        }
         let mut ended = None;
         self.shared.decide(|job| {
             job.finish(

@@ -11,7 +11,8 @@ use coordinator::{Coordinator, Resume};
 use proto::auth::Token;
 use proto::coordinator_client::CoordinatorClient;
 use proto::{
-    Command, FinishRequest, HeartbeatRequest, RegisterRequest, RendezvousRequest, WorkerPhase, PROTOCOL_VERSION,
+    BadRecordCount, CheckpointShard, Command, EvalMetric, FinishRequest, HeartbeatRequest, RegisterRequest,
+    RendezvousRequest, StepMetrics, WorkerPhase, PROTOCOL_VERSION,
 };
 use tonic::transport::Channel;
 
@@ -23,6 +24,10 @@ fn manifest(dir: &Path, timeout_ms: u64) -> Manifest {
 
 /// [`manifest`] with `max_restarts` recoveries allowed.
 fn manifest_with(dir: &Path, timeout_ms: u64, max_restarts: u32) -> Manifest {
+    Manifest::parse(&manifest_text(dir, timeout_ms, max_restarts), "test manifest").unwrap()
+}
+
+fn manifest_text(dir: &Path, timeout_ms: u64, max_restarts: u32) -> String {
     for (name, kind, classes) in [
         ("align", "align", ""),
         ("jft", "jft", r#", "classes": [{"name": "cat"}]"#),
@@ -34,7 +39,7 @@ fn manifest_with(dir: &Path, timeout_ms: u64, max_restarts: u32) -> Manifest {
         );
         std::fs::write(dir.join(name).join("index.json"), index).unwrap();
     }
-    let text = format!(
+    format!(
         r#"
 [job]
 name = "protocol"
@@ -63,8 +68,7 @@ bind = "127.0.0.1:0"
 max_restarts = {max_restarts}
 "#,
         dir = dir.display()
-    );
-    Manifest::parse(&text, "test manifest").unwrap()
+    )
 }
 
 /// Presents a token, or none.
@@ -513,4 +517,263 @@ async fn a_broken_ring_regroups_into_the_next_generation_and_the_journal_counts_
     let mut client = self::client(&again, Some("t")).await;
     let id = client.register(register()).await.unwrap().into_inner().worker_id;
     assert_eq!(id, "w-2", "ids go on from the earlier coordinator's");
+}
+
+/// A client holding the job's token but not following the protocol (a bug,
+/// or hostile) during a running job: every call out of bounds is refused,
+/// naming what is wrong; the job goes on as if it never came, and its
+/// journal holds only what was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_out_of_bounds_are_refused_by_name_and_the_job_goes_on_undisturbed() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = manifest_text(dir.path(), 5000, 0)
+        + &format!("[checkpoint]\nurl = \"{}/ckpt\"\nevery = 1\n", dir.path().display());
+    let coordinator = Coordinator::start(
+        Manifest::parse(&text, "m.toml").unwrap(),
+        Token::new("t"),
+        Resume::Latest,
+    )
+    .await
+    .unwrap();
+    let mut client = client(&coordinator, Some("t")).await;
+    let first = client.register(register()).await.unwrap().into_inner().worker_id;
+    let second = client.register(register()).await.unwrap().into_inner().worker_id;
+    let caller = client.clone();
+    let rendezvous = |id: String, address: &'static str| {
+        let mut client = caller.clone();
+        tokio::spawn(async move { client.rendezvous(join(&id, address, 0)).await.unwrap().into_inner() })
+    };
+    let (a, b) = (
+        rendezvous(first.clone(), "127.0.0.1:9001"),
+        rendezvous(second.clone(), "127.0.0.1:9002"),
+    );
+    let (a, _) = (a.await.unwrap(), b.await.unwrap());
+    let generation = a.generation;
+    fn refused<T>(result: Result<T, tonic::Status>, code: tonic::Code, message: &str) {
+        let status = result.err().unwrap_or_else(|| panic!("accepted; expected `{message}`"));
+        assert_eq!(status.code(), code, "{}", status.message());
+        assert!(
+            status.message().contains(message),
+            "`{}` lacks `{message}`",
+            status.message()
+        );
+    }
+
+    // A worker registering thousands of times: the table stops at 2 x 2 + 64.
+    let mut accepted = 2;
+    let mut last = None;
+    for _ in 0..1000 {
+        match client.register(register()).await {
+            Ok(reply) => {
+                accepted += 1;
+                last = Some(reply.into_inner().worker_id);
+            }
+            Err(status) => {
+                refused(
+                    Err::<(), _>(status),
+                    tonic::Code::ResourceExhausted,
+                    "68 workers are registered, the most this job takes",
+                );
+                break;
+            }
+        }
+    }
+    assert_eq!(accepted, 68);
+    let stranger = last.unwrap();
+
+    let with = |edit: &dyn Fn(&mut RendezvousRequest)| {
+        let mut request = join(&stranger, "127.0.0.1:9100", 0);
+        edit(&mut request);
+        request
+    };
+    let mut call = client.clone();
+    refused(
+        call.rendezvous(with(&|r| r.collective_address = "my-laptop".into()))
+            .await,
+        tonic::Code::InvalidArgument,
+        "collective_address `my-laptop` is not an IP address and port",
+    );
+    refused(
+        call.rendezvous(with(&|r| r.nccl_unique_id = vec![7; 4096])).await,
+        tonic::Code::InvalidArgument,
+        "nccl_unique_id has 4096 bytes; NCCL's is 128",
+    );
+    refused(
+        call.rendezvous(with(&|r| r.left_generation = generation + 5)).await,
+        tonic::Code::InvalidArgument,
+        "is after the job's generation",
+    );
+
+    let metrics = |step: u64| StepMetrics {
+        step,
+        source_epochs: vec![0.1, 0.1],
+        ..Default::default()
+    };
+    let beat = |step: u64, metrics: Vec<StepMetrics>| HeartbeatRequest {
+        metrics,
+        ..heartbeat(&first, step, generation)
+    };
+    refused(
+        call.heartbeat(beat(999, vec![])).await,
+        tonic::Code::InvalidArgument,
+        "step 999 is beyond the job's 5 steps",
+    );
+    call.heartbeat(beat(3, vec![metrics(1), metrics(2), metrics(3)]))
+        .await
+        .unwrap();
+    refused(
+        call.heartbeat(beat(1, vec![])).await,
+        tonic::Code::InvalidArgument,
+        "step 1 is behind step 3",
+    );
+    refused(
+        call.heartbeat(beat(4, vec![metrics(2)])).await,
+        tonic::Code::InvalidArgument,
+        "metrics of step 2 are outside the steps 4..=4",
+    );
+    refused(
+        call.heartbeat(beat(4, vec![metrics(4), metrics(4)])).await,
+        tonic::Code::InvalidArgument,
+        "metrics of step 4 are outside",
+    );
+    let mut wrong = metrics(4);
+    wrong.source_epochs = vec![0.0; 5];
+    refused(
+        call.heartbeat(beat(4, vec![wrong])).await,
+        tonic::Code::InvalidArgument,
+        "step 4: source_epochs has 5 values for the job's 2 sources",
+    );
+    let mut wrong = metrics(4);
+    wrong.bad_records = vec![BadRecordCount {
+        source: 7,
+        reason: "x".into(),
+        count: 1,
+    }];
+    refused(
+        call.heartbeat(beat(4, vec![wrong])).await,
+        tonic::Code::InvalidArgument,
+        "step 4: bad_records names source 7; the job has 2",
+    );
+    let mut wrong = metrics(4);
+    wrong.evals = (0..100)
+        .map(|i| EvalMetric {
+            name: format!("e{i}"),
+            value: 0.0,
+        })
+        .collect();
+    refused(
+        call.heartbeat(beat(4, vec![wrong])).await,
+        tonic::Code::InvalidArgument,
+        "step 4: 100 evals entries, more than 64",
+    );
+    // A message over gRPC's 4 MB limit never reaches the job.
+    let mut huge = metrics(4);
+    huge.evals = vec![EvalMetric {
+        name: "x".repeat(5 << 20),
+        value: 0.0,
+    }];
+    refused(
+        call.heartbeat(beat(4, vec![huge])).await,
+        tonic::Code::OutOfRange,
+        "message length too large",
+    );
+
+    let shard = |worker: &str, file: &str, step: u64, sha256: &str| CheckpointShard {
+        worker_id: worker.into(),
+        step,
+        file: file.into(),
+        bytes: 10,
+        sha256: sha256.into(),
+        seconds: 0.1,
+        generation,
+    };
+    let sha = "0".repeat(64);
+    refused(
+        call.report_checkpoint(shard(&first, "../../etc/passwd", 2, &sha)).await,
+        tonic::Code::InvalidArgument,
+        "file `../../etc/passwd` is not rank 0's shard of a world of 2 (`rank-00000-of-00002.safetensors`)",
+    );
+    refused(
+        call.report_checkpoint(shard(&first, "rank-00000-of-00002.safetensors", 99, &sha))
+            .await,
+        tonic::Code::InvalidArgument,
+        "step 99 is not a step of the job's 1..=5",
+    );
+    refused(
+        call.report_checkpoint(shard(&first, "rank-00000-of-00002.safetensors", 2, "zz"))
+            .await,
+        tonic::Code::InvalidArgument,
+        "sha256 `zz` is not a hex SHA-256",
+    );
+    refused(
+        call.report_checkpoint(shard(&stranger, "rank-00000-of-00002.safetensors", 2, &sha))
+            .await,
+        tonic::Code::FailedPrecondition,
+        "a checkpoint before rendezvous",
+    );
+    // Both ranks report shards that were never written: nothing is committed.
+    call.report_checkpoint(shard(&first, "rank-00000-of-00002.safetensors", 2, &sha))
+        .await
+        .unwrap();
+    refused(
+        call.report_checkpoint(shard(&second, "rank-00001-of-00002.safetensors", 2, &sha))
+            .await,
+        tonic::Code::Unavailable,
+        "rank-00000-of-00002.safetensors: missing; step 2 is not committed",
+    );
+    assert!(!dir.path().join("ckpt/step-00000002/COMMITTED").exists());
+
+    refused(
+        call.finish(FinishRequest {
+            worker_id: first.clone(),
+            step: 999,
+            ok: true,
+            message: String::new(),
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "step 999 is beyond the job's 5 steps",
+    );
+    // A caller outside the ring says it failed: it leaves, the ring goes on;
+    // said again, it is a stranger.
+    let failed = |id: &str| FinishRequest {
+        worker_id: id.into(),
+        step: 5,
+        ok: false,
+        message: "hostile".into(),
+    };
+    call.finish(failed(&stranger)).await.unwrap();
+    refused(
+        call.finish(failed(&stranger)).await,
+        tonic::Code::NotFound,
+        &format!("unknown worker {stranger}"),
+    );
+    assert_eq!(coordinator.shared.job.lock().unwrap().state, JobState::Running);
+
+    // The ring finishes as if none of this had come.
+    for id in [&first, &second] {
+        call.heartbeat(heartbeat(id, 5, generation)).await.unwrap();
+        call.finish(FinishRequest {
+            worker_id: id.clone(),
+            step: 5,
+            ok: true,
+            message: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(coordinator.finished(Duration::from_secs(1)).await, JobState::Completed);
+    let report = coordinator::status::report(&coordinator.shared);
+    let states: Vec<&str> = report.transitions.iter().map(|t| t.state.name()).collect();
+    assert_eq!(states, ["pending", "rendezvous", "running", "completed"]);
+    drop(coordinator);
+    // The journal: only the accepted registrations, and the job's own end.
+    let journal = std::fs::read_to_string(dir.path().join("run/journal.jsonl")).unwrap();
+    let registered = journal
+        .lines()
+        .filter(|line| line.contains(r#""event":"worker""#))
+        .count();
+    assert_eq!(registered, 68, "{journal}");
+    let recovered = coordinator::journal::read(&dir.path().join("run/journal.jsonl")).unwrap();
+    assert_eq!(recovered.state.as_deref(), Some("completed"));
 }
