@@ -108,12 +108,7 @@ impl IndexBuild {
         });
         let mut index = DatasetIndex::new(self.kind, Vec::new(), &format!("webdataset tars {}", source.url));
         index.container = Container::Tar;
-        let mut report = IndexReport {
-            index: index.clone(),
-            left_out: Vec::new(),
-            truncated: Vec::new(),
-            incomplete: 0,
-        };
+        let (mut left_out, mut truncated, mut incomplete) = (Vec::new(), Vec::new(), 0);
         let (mut ids, mut class_names) = (BTreeSet::new(), BTreeSet::new());
         for summary in summaries.into_inner().expect("summaries").into_iter().flatten() {
             let summary = summary.map_err(|error| match error {
@@ -122,16 +117,16 @@ impl IndexBuild {
             })?;
             let url = store.object_url(&summary.name);
             if let Some(at) = &summary.truncated {
-                report.truncated.push((url.clone(), at.clone()));
+                truncated.push((url.clone(), at.clone()));
                 *index.skipped.entry("truncated tar".into()).or_default() += 1;
             }
             if summary.samples == 0 {
                 let why = summary.truncated.unwrap_or_else(|| "it holds no sample".into());
-                report.left_out.push((url, why));
+                left_out.push((url, why));
                 *index.skipped.entry("tar without samples".into()).or_default() += 1;
                 continue;
             }
-            report.incomplete += summary.incomplete;
+            incomplete += summary.incomplete;
             ids.extend(summary.ids);
             class_names.extend(summary.names);
             index.shards.push(ShardEntry {
@@ -142,7 +137,7 @@ impl IndexBuild {
             });
         }
         if index.shards.is_empty() {
-            let first = report.left_out.first().map(|(url, why)| format!("{url}: {why}"));
+            let first = left_out.first().map(|(url, why)| format!("{url}: {why}"));
             return Err(TarIndexError::NoSamples {
                 url: source.url.clone(),
                 first: first.unwrap_or_default(),
@@ -152,8 +147,12 @@ impl IndexBuild {
             index.classes = self.classes(source, store, &ids, class_names)?;
         }
         index.validate(&source.url)?;
-        report.index = index;
-        Ok(report)
+        Ok(IndexReport {
+            index,
+            left_out,
+            truncated,
+            incomplete,
+        })
     }
 
     fn classes(
