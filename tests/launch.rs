@@ -1049,3 +1049,107 @@ fn a_hostile_client_with_the_token_leaves_a_live_job_undisturbed() {
         "the disturbed job trained otherwise"
     );
 }
+
+/// gRPC over TLS with certificates made here by `openssl`: a CA, and the
+/// coordinator's certificate it signed for 127.0.0.1. `coca launch` of a
+/// job with `auth.tls_*` trains over TLS; a worker trusting another CA is
+/// refused at once, naming the certificate problem; a plain-HTTP worker
+/// gets nowhere; a key file without a key is refused at start by field.
+#[test]
+fn grpc_over_tls_verifies_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let openssl = |args: &str| {
+        let output = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(&format!(
+        "req -x509 {key} -keyout ca.key -out ca.pem -days 2 -subj /CN=coca-test-ca"
+    ));
+    openssl(&format!(
+        "req -x509 {key} -keyout other.key -out other.pem -days 2 -subj /CN=someone-else"
+    ));
+    openssl(&format!(
+        "req {key} -keyout coordinator.key -out coordinator.csr -subj /CN=coordinator"
+    ));
+    std::fs::write(
+        dir.path().join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl("x509 -req -in coordinator.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out coordinator.pem -days 2 -extfile san.cnf");
+    let job = manifest(dir.path(), 200, 5000);
+    let with_tls = |key: &str| {
+        let text = std::fs::read_to_string(&job).unwrap();
+        let text = text.split("\n[auth]").next().unwrap().to_string();
+        let auth = format!("\n[auth]\ntls_cert = \"coordinator.pem\"\ntls_key = \"{key}\"\ntls_ca = \"ca.pem\"\n");
+        std::fs::write(&job, text + &auth).unwrap();
+    };
+    with_tls("coordinator.key");
+    let trained = coca()
+        .args(["launch", "job.toml", "--steps", "20"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let metrics = std::fs::read_to_string(dir.path().join("runs/demo/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 20);
+
+    // Another CA, and plain HTTP, against a coordinator serving TLS.
+    let (mut coordinator, grpc, _, _) = start_coordinator(dir.path(), &job);
+    let worker = |url: &str, ca: &str| {
+        let mut command = coca();
+        command
+            .args(["worker", "--coordinator", url, "--connect-timeout", "3"])
+            .current_dir(dir.path())
+            .env("COCA_JOB_TOKEN", "the-token");
+        if !ca.is_empty() {
+            command.args(["--ca", ca]);
+        }
+        command.output().unwrap()
+    };
+    let started = Instant::now();
+    let untrusted = worker(&format!("https://{grpc}"), "other.pem");
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success());
+    assert!(
+        said.contains(&format!("TLS to the coordinator at https://{grpc}: the coordinator's certificate does not verify against --ca other.pem"))
+            && said.contains("UnknownIssuer"),
+        "{said}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a bad certificate is not retried"
+    );
+    let plain = worker(&format!("http://{grpc}"), "");
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("speaks TLS: use https:// and --ca"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let no_ca = worker(&format!("https://{grpc}"), "");
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("--ca FILE is needed"));
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+
+    with_tls("ca.pem");
+    let refused = coca()
+        .args(["launch", "job.toml", "--steps", "30"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("auth.tls_key (ca.pem): no PEM private key in it"),
+        "{said}"
+    );
+}

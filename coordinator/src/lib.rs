@@ -57,6 +57,12 @@ pub enum CoordinatorError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("{field} ({path}): {message}")]
+    Tls {
+        field: &'static str,
+        path: String,
+        message: String,
+    },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error("logging.tensorboard ({url})")]
@@ -126,6 +132,7 @@ impl Coordinator {
         let restarted = job
             .coordinator_restarted(std::time::Instant::now())
             .map(|restart| (restart, job.start_step));
+        let identity = manifest.auth.tls.as_ref().map(tls_identity).transpose()?;
         let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
         let status_listener = bind(manifest.status.bind, "status.bind").await?;
         let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
@@ -178,7 +185,7 @@ impl Coordinator {
             tracing::warn!("{}: the job goes on from step {from}", restart.cause);
             shared.journal(Event::Restart(restart));
         }
-        let grpc_shutdown = serve_grpc(&shared, grpc_listener);
+        let grpc_shutdown = serve_grpc(&shared, grpc_listener, identity)?;
         serve_status(&shared, status_listener);
         spawn_watchdog(&shared);
         tracing::info!(
@@ -290,12 +297,27 @@ fn supervise(shared: Arc<Shared>, what: &'static str, outcome: Result<(), String
 fn serve_grpc(
     shared: &Arc<Shared>,
     listener: tokio::net::TcpListener,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    identity: Option<tonic::transport::Identity>,
+) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), CoordinatorError> {
     let service = service::Service { shared: shared.clone() };
     let guard = shared.guard.clone();
     let interceptor = move |request| guard.check(request);
     let (stop, stop_serving) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = identity {
+        let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        builder = builder.tls_config(tls).map_err(|error| CoordinatorError::Tls {
+            field: "auth.tls_cert",
+            path: shared
+                .manifest
+                .auth
+                .tls
+                .as_ref()
+                .map_or_else(String::new, |tls| tls.cert.clone()),
+            message: store::error_chain(&error),
+        })?;
+    }
+    let server = builder
         .add_service(CoordinatorServer::with_interceptor(service, interceptor))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             let _ = stop_serving.await;
@@ -305,7 +327,26 @@ fn serve_grpc(
         let outcome = server.await.map_err(|e| e.to_string());
         supervise(shared, "gRPC server", outcome);
     });
-    (stop, serving)
+    Ok((stop, serving))
+}
+
+/// The coordinator's certificate and key, read and checked as PEM.
+fn tls_identity(tls: &contract::manifest::Tls) -> Result<tonic::transport::Identity, CoordinatorError> {
+    let read = |field: &'static str, path: &str, marker: &str, what: &str| {
+        let failed = |message: String| CoordinatorError::Tls {
+            field,
+            path: path.to_string(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|error| failed(error.to_string()))?;
+        if !String::from_utf8_lossy(&pem).contains(marker) {
+            return Err(failed(format!("no PEM {what} in it")));
+        }
+        Ok(pem)
+    };
+    let cert = read("auth.tls_cert", &tls.cert, "-----BEGIN CERTIFICATE-----", "certificate")?;
+    let key = read("auth.tls_key", &tls.key, "PRIVATE KEY-----", "private key")?;
+    Ok(tonic::transport::Identity::from_pem(cert, key))
 }
 
 /// Serves /status, /metrics and the page for as long as the process lives.

@@ -20,11 +20,13 @@ pub struct LocalWorkers {
 
 impl LocalWorkers {
     /// Starts `count` `<program> worker` processes against the coordinator
-    /// at `coordinator` (its gRPC URL), the token in `token_env`.
+    /// at `coordinator` (its gRPC URL; an https one verified against `ca`),
+    /// the token in `token_env`.
     pub fn spawn(
         program: &Path,
         count: usize,
         coordinator: &str,
+        ca: Option<&str>,
         listen: IpAddr,
         token_env: &str,
         token: &Token,
@@ -46,7 +48,9 @@ impl LocalWorkers {
                     .to_string(),
             ]
             .map(String::from)
-            .to_vec(),
+            .into_iter()
+            .chain(ca.into_iter().flat_map(|ca| ["--ca".to_string(), ca.to_string()]))
+            .collect(),
             token_env: token_env.to_string(),
             token: token.clone(),
         };

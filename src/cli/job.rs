@@ -135,10 +135,16 @@ pub fn launch(path: &Path, overrides: &Overrides, linger: u64, resume: coordinat
         manifest.job.name,
         coordinator.status_address()
     );
+    // With TLS, local workers verify the coordinator as remote ones do.
+    let (scheme, ca) = match &manifest.auth.tls {
+        Some(tls) => ("https", Some(tls.ca.as_str())),
+        None => ("http", None),
+    };
     let mut workers = LocalWorkers::spawn(
         &std::env::current_exe()?,
         manifest.cluster.workers,
-        &format!("http://{}", coordinator.grpc_address()),
+        &format!("{scheme}://{}", coordinator.grpc_address()),
+        ca,
         manifest.cluster.worker_host,
         &manifest.auth.token_env,
         &token,
@@ -299,6 +305,7 @@ pub fn worker(
     coordinator: Option<&str>,
     listen: Option<std::net::IpAddr>,
     token_env: &str,
+    ca: Option<std::path::PathBuf>,
     connect_timeout: u64,
     device: Option<usize>,
     cores: Option<usize>,
@@ -337,6 +344,7 @@ pub fn worker(
     }
     let options = WorkerOptions {
         coordinator: found.coordinator.clone(),
+        ca,
         token: Token::new(&token),
         listen,
         host,

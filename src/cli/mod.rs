@@ -129,6 +129,10 @@ enum Command {
         /// The environment variable holding the job token.
         #[arg(long, env = "COCA_TOKEN_ENV", default_value = "COCA_JOB_TOKEN")]
         token_env: String,
+        /// The CA certificate (PEM) an https:// coordinator's certificate is
+        /// verified against (its auth.tls_ca).
+        #[arg(long, env = "COCA_CA_FILE")]
+        ca: Option<std::path::PathBuf>,
         /// Seconds to keep trying to reach the coordinator.
         #[arg(long, default_value_t = 60)]
         connect_timeout: u64,
@@ -200,6 +204,7 @@ impl Cli {
                 coordinator,
                 listen,
                 token_env,
+                ca,
                 connect_timeout,
                 device,
                 cores,
@@ -207,6 +212,7 @@ impl Cli {
                 coordinator.as_deref(),
                 listen,
                 &token_env,
+                ca,
                 connect_timeout,
                 device,
                 cores,

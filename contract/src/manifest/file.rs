@@ -168,6 +168,9 @@ pub(super) struct LoggingFile {
 pub(super) struct AuthFile {
     pub token_env: Option<String>,
     pub token_file: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -286,6 +286,18 @@ pub struct Auth {
     pub token_env: String,
     /// Or a file holding it (takes precedence when set).
     pub token_file: Option<String>,
+    /// The coordinator's gRPC over TLS, when set.
+    pub tls: Option<Tls>,
+}
+
+/// The coordinator's certificate and key (PEM files), and the CA
+/// certificate workers started by `coca launch` verify it against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    pub cert: String,
+    pub key: String,
+    /// Default: the certificate itself (self-signed).
+    pub ca: String,
 }
 
 /// Manifest fields a command line may set for one run, applied before validation.
@@ -401,9 +413,25 @@ impl Manifest {
         let logging = Logging {
             tensorboard: file.logging.tensorboard,
         };
+        let tls = match (file.auth.tls_cert, file.auth.tls_key, file.auth.tls_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), ca) => Some(Tls {
+                ca: ca.unwrap_or_else(|| cert.clone()),
+                cert,
+                key,
+            }),
+            (None, _, _) => {
+                return Err(error(
+                    "auth.tls_cert",
+                    "missing (auth.tls_key and auth.tls_ca go with it)",
+                ))
+            }
+            (Some(_), None, _) => return Err(error("auth.tls_key", "missing (auth.tls_cert needs its private key)")),
+        };
         let auth = Auth {
             token_env: file.auth.token_env.unwrap_or_else(|| "COCA_JOB_TOKEN".into()),
             token_file: file.auth.token_file,
+            tls,
         };
         let recovery = Recovery {
             max_restarts: file.recovery.max_restarts.unwrap_or(10),

@@ -14,7 +14,7 @@ use proto::{
 };
 use retry::RetryPolicy;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Code;
 
 use super::{WorkerError, WorkerOptions};
@@ -77,15 +77,42 @@ pub(super) enum NoAssignment {
 
 pub(super) async fn connect(options: &WorkerOptions) -> Result<Client, WorkerError> {
     let bearer = Bearer::new(&options.token)?;
-    let endpoint = Channel::from_shared(options.coordinator.clone()).map_err(|e| WorkerError::Unreachable {
-        url: options.coordinator.clone(),
+    let url = options.coordinator.clone();
+    let mut endpoint = Channel::from_shared(url.clone()).map_err(|e| WorkerError::Unreachable {
+        url: url.clone(),
         seconds: 0,
         message: e.to_string(),
     })?;
+    let tls_failed = |message: String| WorkerError::Tls {
+        url: url.clone(),
+        message,
+    };
+    if url.starts_with("https://") {
+        let Some(ca) = &options.ca else {
+            return Err(tls_failed(
+                "--ca FILE is needed: the CA certificate (PEM) that signed the coordinator's".into(),
+            ));
+        };
+        let pem = std::fs::read(ca).map_err(|e| tls_failed(format!("--ca {}: {e}", ca.display())))?;
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| tls_failed(store::error_chain(&e)))?;
+    }
     let deadline = Instant::now() + options.connect_timeout;
     let patience = RetryPolicy::until_deadline(Duration::from_millis(100), Duration::from_secs(2));
-    match retry::retry(&patience, Some(deadline), |_| true, || endpoint.connect()).await {
+    // A certificate that does not verify will not verify later either.
+    let transient = |error: &tonic::transport::Error| !store::error_chain(error).contains("certificate");
+    match retry::retry(&patience, Some(deadline), transient, || endpoint.connect()).await {
         Ok(channel) => Ok(CoordinatorClient::with_interceptor(channel, bearer)),
+        Err(gave_up) if !transient(&gave_up.error) => Err(tls_failed(format!(
+            "the coordinator's certificate does not verify against --ca {}: {}",
+            options
+                .ca
+                .as_ref()
+                .map_or_else(String::new, |ca| ca.display().to_string()),
+            store::error_chain(&gave_up.error)
+        ))),
         Err(gave_up) => Err(WorkerError::Unreachable {
             url: options.coordinator.clone(),
             seconds: options.connect_timeout.as_secs(),
@@ -136,6 +163,16 @@ pub(super) async fn register(client: &Client, options: &WorkerOptions) -> Result
             seconds: options.connect_timeout.as_secs(),
             message: gave_up.error.message().to_string(),
         },
+        // What a coordinator serving TLS makes of a plain-HTTP call.
+        _ if options.coordinator.starts_with("http://") && gave_up.error.message().contains("h2 protocol error") => {
+            WorkerError::Tls {
+                url: options.coordinator.clone(),
+                message: format!(
+                    "{} (a coordinator with auth.tls_cert speaks TLS: use https:// and --ca)",
+                    gave_up.error.message()
+                ),
+            }
+        }
         _ => WorkerError::Refused {
             call: "registration",
             message: gave_up.error.message().to_string(),

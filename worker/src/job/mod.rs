@@ -36,8 +36,10 @@ const NCCL_WITHOUT_CUDA: WorkerError = WorkerError::WithoutCuda {
 /// What a worker is told on its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// e.g. `http://127.0.0.1:7070`.
+    /// e.g. `http://127.0.0.1:7070`, or `https://...` (TLS, verified against `ca`).
     pub coordinator: String,
+    /// The CA certificate (PEM) an `https://` coordinator's certificate must be signed by.
+    pub ca: Option<std::path::PathBuf>,
     pub token: Token,
     /// The address peers reach this worker's collective listener on.
     pub listen: IpAddr,
@@ -55,6 +57,8 @@ pub struct WorkerOptions {
 pub enum WorkerError {
     #[error("cannot reach the coordinator at {url} within {seconds} s: {message}")]
     Unreachable { url: String, seconds: u64, message: String },
+    #[error("TLS to the coordinator at {url}: {message}")]
+    Tls { url: String, message: String },
     #[error("the coordinator refused {call}: {message}")]
     Refused { call: &'static str, message: String },
     #[error("{setting}: this coca was built without CUDA (cargo build --features cuda)")]
