@@ -1153,3 +1153,63 @@ fn grpc_over_tls_verifies_the_coordinator() {
         "{said}"
     );
 }
+
+/// A status endpoint bound beyond loopback serves what the job says only
+/// to those holding its token (header, or `?token=` for a browser), unless
+/// the manifest makes it public; /healthz stays open for probes.
+#[test]
+fn a_status_endpoint_beyond_loopback_asks_for_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = coca()
+        .args(["data", "demo", "--out", "data/demo"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let job = manifest(dir.path(), 200, 5000);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"")).unwrap();
+    let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
+    let status = |address: &str, token: Option<&str>| {
+        let mut command = coca();
+        command.args(["status", &format!("http://{address}")]);
+        if let Some(token) = token {
+            command.env("COCA_JOB_TOKEN", token);
+        }
+        command.output().unwrap()
+    };
+    let refused = status(&address, None);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("HTTP 401 Unauthorized: no job token")
+            && said.contains("is beyond loopback, so reads present the job token")
+            && said.contains("unless status.public = true"),
+        "{said}"
+    );
+    let wrong = status(&address, Some("not-the-token"));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("the job token does not match this job's"));
+    let allowed = status(&address, Some("the-token"));
+    assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
+    assert!(
+        String::from_utf8_lossy(&allowed.stdout).contains("demo"),
+        "{}",
+        String::from_utf8_lossy(&allowed.stdout)
+    );
+    assert!(http_get(&address, "/status?token=the-token").is_some_and(|body| body.contains("\"state\"")));
+    assert!(http_get(&address, "/metrics").is_none());
+    assert_eq!(http_get(&address, "/healthz").as_deref(), Some("ok\n"));
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("bind = \"0.0.0.0:0\"", "bind = \"0.0.0.0:0\"\npublic = true"),
+    )
+    .unwrap();
+    let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
+    assert!(status(&address, None).status.success(), "public");
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+}

@@ -113,15 +113,48 @@ fn source_progress(job: &crate::job::Job) -> Vec<SourceProgress> {
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let reads = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route(
             "/status",
             get(|State(shared): State<Arc<Shared>>| async move { Json(report(&shared)) }),
         )
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(shared)
+        .route("/metrics", get(metrics));
+    // Beyond loopback, what a job says is for those holding its token
+    // (`Authorization: Bearer`, or `?token=` from a browser), unless public.
+    let reads = match shared.manifest.status.needs_token() {
+        true => reads.layer(axum::middleware::from_fn_with_state(shared.clone(), token_required)),
+        false => reads,
+    };
+    reads.route("/healthz", get(|| async { "ok\n" })).with_state(shared)
+}
+
+async fn token_required(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let query = request
+        .uri()
+        .query()
+        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("token=")));
+    match shared.guard.accepts(bearer.or(query)) {
+        Ok(()) => next.run(request).await,
+        Err(why) => (
+            axum::http::StatusCode::UNAUTHORIZED,
+            format!(
+                "{why}: status.bind = {} is beyond loopback, so reads present the job token \
+                 (Authorization: Bearer, or ?token= in a browser), unless status.public = true\n",
+                shared.manifest.status.bind
+            ),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

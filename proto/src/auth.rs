@@ -75,15 +75,23 @@ impl Guard {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "));
+        match self.accepts(presented) {
+            Ok(()) => Ok(request),
+            Err(message) => Err(Status::unauthenticated(message)),
+        }
+    }
+
+    /// Whether `presented` is the job's token; a refusal is counted.
+    pub fn accepts(&self, presented: Option<&str>) -> Result<(), &'static str> {
         match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), self.token.secret().as_bytes()) => Ok(request),
+            Some(token) if constant_time_eq(token.as_bytes(), self.token.secret().as_bytes()) => Ok(()),
             Some(_) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                Err(Status::unauthenticated("the job token does not match this job's"))
+                Err("the job token does not match this job's")
             }
             None => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                Err(Status::unauthenticated("no job token (authorization: Bearer ...)"))
+                Err("no job token (authorization: Bearer ...)")
             }
         }
     }

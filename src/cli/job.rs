@@ -360,7 +360,7 @@ pub fn worker(
 }
 
 /// Fetches `path` from a status endpoint (plain HTTP on loopback or a cluster network).
-fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+fn http_get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
     let base = base.trim_end_matches('/');
     let address = base.strip_prefix("http://").unwrap_or(base);
     ensure!(
@@ -368,21 +368,32 @@ fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
         "{base}: give the status endpoint as http://host:port"
     );
     let url = format!("http://{address}{path}");
-    let response = ureq::get(&url)
-        .timeout(Duration::from_secs(10))
-        .call()
-        .map_err(|error| match error {
-            ureq::Error::Status(code, response) => anyhow::anyhow!("{url}: HTTP {code} {}", response.status_text()),
-            ureq::Error::Transport(transport) => anyhow::anyhow!("cannot reach {base}: {transport}"),
-        })?;
+    let mut request = ureq::get(&url).timeout(Duration::from_secs(10));
+    if let Some(token) = token {
+        request = request.set("authorization", &format!("Bearer {token}"));
+    }
+    let response = request.call().map_err(|error| match error {
+        ureq::Error::Status(code, response) => {
+            let reason = response.status_text().to_string();
+            let said = response.into_string().unwrap_or_default();
+            let said = said.trim();
+            match said.is_empty() {
+                true => anyhow::anyhow!("{url}: HTTP {code} {reason}"),
+                false => anyhow::anyhow!("{url}: HTTP {code} {reason}: {said}"),
+            }
+        }
+        ureq::Error::Transport(transport) => anyhow::anyhow!("cannot reach {base}: {transport}"),
+    })?;
     response
         .into_string()
         .with_context(|| format!("{url}: an unreadable response"))
 }
 
-pub fn status(url: &str, json: bool, watch: bool) -> anyhow::Result<u8> {
+pub fn status(url: &str, token_env: &str, json: bool, watch: bool) -> anyhow::Result<u8> {
+    // An endpoint beyond loopback asks for the job token; one on loopback ignores it.
+    let token = std::env::var(token_env).ok();
     loop {
-        let body = http_get(url, "/status")?;
+        let body = http_get(url, "/status", token.as_deref())?;
         let report: StatusReport =
             serde_json::from_str(&body).with_context(|| format!("{url}/status: not a coca status document"))?;
         if json {

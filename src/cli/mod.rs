@@ -149,6 +149,10 @@ enum Command {
     Status {
         /// e.g. http://127.0.0.1:7071
         url: String,
+        /// The environment variable holding the job token, sent when set (an
+        /// endpoint bound beyond loopback asks for it).
+        #[arg(long, env = "COCA_TOKEN_ENV", default_value = "COCA_JOB_TOKEN")]
+        token_env: String,
         /// The raw JSON.
         #[arg(long)]
         json: bool,
@@ -217,7 +221,12 @@ impl Cli {
                 device,
                 cores,
             ),
-            Command::Status { url, json, watch } => job::status(&url, json, watch),
+            Command::Status {
+                url,
+                token_env,
+                json,
+                watch,
+            } => job::status(&url, &token_env, json, watch),
         }
     }
 }

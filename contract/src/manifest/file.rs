@@ -155,6 +155,7 @@ pub(super) struct GpuFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct StatusFile {
     pub bind: Option<String>,
+    pub public: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

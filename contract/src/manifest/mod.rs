@@ -255,6 +255,16 @@ pub struct Eval {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     pub bind: SocketAddr,
+    /// Serve /status, /metrics and the page without the job token when
+    /// bound beyond loopback (on loopback they never ask for it).
+    pub public: bool,
+}
+
+impl Status {
+    /// Whether reads must present the job token.
+    pub fn needs_token(&self) -> bool {
+        !self.bind.ip().is_loopback() && !self.public
+    }
 }
 
 /// What the coordinator logs besides the journal and metrics.jsonl.
@@ -401,6 +411,7 @@ impl Manifest {
         let gpu = Self::gpu(file.gpu, &job, checkpoint.as_ref())?;
         let status = Status {
             bind: address("status.bind", file.status.bind, "127.0.0.1:7071")?,
+            public: file.status.public.unwrap_or(false),
         };
         if file
             .logging
