@@ -238,7 +238,7 @@ fn start_coordinator(dir: &Path, job: &Path) -> (Child, String, String, std::syn
         .next()
         .unwrap()
         .to_string();
-    let status = line.rsplit("http://").next().unwrap().trim_end_matches('/').to_string();
+    let status = line.rsplit("://").next().unwrap().trim_end_matches('/').to_string();
     (child, grpc, status, receiver)
 }
 
@@ -1138,6 +1138,40 @@ fn grpc_over_tls_verifies_the_coordinator() {
     );
     let no_ca = worker(&format!("https://{grpc}"), "");
     assert!(String::from_utf8_lossy(&no_ca.stderr).contains("--ca FILE is needed"));
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+
+    // Bound beyond loopback, the status endpoint speaks TLS with the same certificate.
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"")).unwrap();
+    let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
+    let port = address.rsplit(':').next().unwrap();
+    let status = |url: String, ca: Option<&str>| {
+        let mut command = coca();
+        command
+            .args(["status", &url])
+            .env("COCA_JOB_TOKEN", "the-token")
+            .current_dir(dir.path());
+        if let Some(ca) = ca {
+            command.args(["--ca", ca]);
+        }
+        command.output().unwrap()
+    };
+    let over_tls = status(format!("https://127.0.0.1:{port}"), Some("ca.pem"));
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    for (url, ca, says) in [
+        (format!("https://127.0.0.1:{port}"), Some("other.pem"), "UnknownIssuer"),
+        (format!("https://127.0.0.1:{port}"), None, "--ca FILE is needed"),
+        (format!("http://127.0.0.1:{port}"), None, "cannot reach"),
+    ] {
+        let refused = status(url, ca);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && said.contains(says), "{says}: {said}");
+    }
     let _ = coordinator.kill();
     let _ = coordinator.wait();
 

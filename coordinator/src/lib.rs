@@ -85,6 +85,7 @@ pub struct Coordinator {
     pub shared: Arc<Shared>,
     grpc: SocketAddr,
     status: SocketAddr,
+    status_scheme: &'static str,
     /// Ends the gRPC server once the job is over, after in-flight replies.
     grpc_shutdown: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
@@ -133,6 +134,12 @@ impl Coordinator {
             .coordinator_restarted(std::time::Instant::now())
             .map(|restart| (restart, job.start_step));
         let identity = manifest.auth.tls.as_ref().map(tls_identity).transpose()?;
+        // The status endpoint speaks TLS where it is reached from beyond this machine.
+        let status_tls = match &manifest.auth.tls {
+            Some(tls) if !manifest.status.bind.ip().is_loopback() => Some(status_tls(tls)?),
+            _ => None,
+        };
+        let status_scheme = if status_tls.is_some() { "https" } else { "http" };
         let grpc_listener = bind(manifest.cluster.coordinator, "cluster.coordinator").await?;
         let status_listener = bind(manifest.status.bind, "status.bind").await?;
         let grpc = grpc_listener.local_addr().expect("a bound listener has an address");
@@ -186,16 +193,17 @@ impl Coordinator {
             shared.journal(Event::Restart(restart));
         }
         let grpc_shutdown = serve_grpc(&shared, grpc_listener, identity)?;
-        serve_status(&shared, status_listener);
+        serve_status(&shared, status_listener, status_tls);
         spawn_watchdog(&shared);
         tracing::info!(
-            "job {} on {grpc} (gRPC), status on http://{status}/",
+            "job {} on {grpc} (gRPC), status on {status_scheme}://{status}/",
             shared.manifest.job.name
         );
         Ok(Self {
             shared,
             grpc,
             status,
+            status_scheme,
             grpc_shutdown: Mutex::new(Some(grpc_shutdown)),
         })
     }
@@ -228,6 +236,11 @@ impl Coordinator {
 
     pub fn status_address(&self) -> SocketAddr {
         self.status
+    }
+
+    /// `http://` or (TLS beyond loopback) `https://`, the address, `/`.
+    pub fn status_url(&self) -> String {
+        format!("{}://{}/", self.status_scheme, self.status)
     }
 
     /// Waits until the job has ended and every worker has said goodbye (or
@@ -350,13 +363,57 @@ fn tls_identity(tls: &contract::manifest::Tls) -> Result<tonic::transport::Ident
 }
 
 /// Serves /status, /metrics and the page for as long as the process lives.
-fn serve_status(shared: &Arc<Shared>, listener: tokio::net::TcpListener) {
+fn serve_status(shared: &Arc<Shared>, listener: tokio::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let app = status::router(shared.clone());
     let shared = shared.clone();
     tokio::spawn(async move {
-        let outcome = axum::serve(listener, app).await.map_err(|e| e.to_string());
+        let outcome = match tls {
+            Some(acceptor) => serve_tls(listener, app, acceptor).await,
+            None => axum::serve(listener, app).await.map_err(|e| e.to_string()),
+        };
         supervise(shared, "status server", outcome);
     });
+}
+
+/// Serves `app` over TLS: each connection's handshake, then HTTP/1.1.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Result<(), String> {
+    loop {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that fails the handshake (plain HTTP, another CA) is only refused.
+            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The status endpoint's TLS, with the gRPC server's certificate and key.
+fn status_tls(tls: &contract::manifest::Tls) -> Result<tokio_rustls::TlsAcceptor, CoordinatorError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let failed = |field: &'static str, path: &str, message: String| CoordinatorError::Tls {
+        field,
+        path: path.to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| failed("auth.tls_key", &tls.key, e.to_string()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Checks the heartbeats every half heartbeat until the job has ended.

@@ -130,11 +130,7 @@ pub fn launch(path: &Path, overrides: &Overrides, linger: u64, resume: coordinat
         Ok(started) => started,
         Err(code) => return Ok(code),
     };
-    println!(
-        "job {}: status on http://{}/",
-        manifest.job.name,
-        coordinator.status_address()
-    );
+    println!("job {}: status on {}", manifest.job.name, coordinator.status_url());
     // With TLS, local workers verify the coordinator as remote ones do.
     let (scheme, ca) = match &manifest.auth.tls {
         Some(tls) => ("https", Some(tls.ca.as_str())),
@@ -291,10 +287,10 @@ pub fn coordinator(path: &Path, overrides: &Overrides, resume: coordinator::Resu
         Err(code) => return Ok(code),
     };
     println!(
-        "job {}: gRPC on {}, status on http://{}/",
+        "job {}: gRPC on {}, status on {}",
         manifest.job.name,
         coordinator.grpc_address(),
-        coordinator.status_address()
+        coordinator.status_url()
     );
     let state = runtime.block_on(coordinator.finished(Duration::from_secs(30)));
     print_outcome(&coordinator::status::report(&coordinator.shared));
@@ -359,16 +355,29 @@ pub fn worker(
     Ok(0)
 }
 
-/// Fetches `path` from a status endpoint (plain HTTP on loopback or a cluster network).
-fn http_get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+/// Fetches `path` from a status endpoint: `http://host:port`, or
+/// `https://host:port` verified against `ca` (PEM).
+fn http_get(base: &str, path: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> anyhow::Result<String> {
     let base = base.trim_end_matches('/');
-    let address = base.strip_prefix("http://").unwrap_or(base);
+    let (scheme, address) = match base.split_once("://") {
+        Some((scheme @ ("http" | "https"), address)) => (scheme, address),
+        _ => ("http", base),
+    };
     ensure!(
         !address.contains('/'),
-        "{base}: give the status endpoint as http://host:port"
+        "{base}: give the status endpoint as http://host:port (or https://)"
     );
-    let url = format!("http://{address}{path}");
-    let mut request = ureq::get(&url).timeout(Duration::from_secs(10));
+    let url = format!("{scheme}://{address}{path}");
+    let agent = match scheme {
+        "https" => {
+            let ca = ca.with_context(|| {
+                format!("{base}: --ca FILE is needed, the CA certificate that signed the endpoint's")
+            })?;
+            ureq::AgentBuilder::new().tls_config(client_tls(ca)?).build()
+        }
+        _ => ureq::agent(),
+    };
+    let mut request = agent.get(&url).timeout(Duration::from_secs(10));
     if let Some(token) = token {
         request = request.set("authorization", &format!("Bearer {token}"));
     }
@@ -389,11 +398,28 @@ fn http_get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<Strin
         .with_context(|| format!("{url}: an unreadable response"))
 }
 
-pub fn status(url: &str, token_env: &str, json: bool, watch: bool) -> anyhow::Result<u8> {
+/// A TLS client trusting only the CA certificate(s) in `ca`.
+fn client_tls(ca: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).with_context(|| format!("--ca {}", ca.display()))? {
+        roots
+            .add(cert.with_context(|| format!("--ca {}", ca.display()))?)
+            .with_context(|| format!("--ca {}", ca.display()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+pub fn status(url: &str, token_env: &str, ca: Option<&std::path::Path>, json: bool, watch: bool) -> anyhow::Result<u8> {
     // An endpoint beyond loopback asks for the job token; one on loopback ignores it.
     let token = std::env::var(token_env).ok();
     loop {
-        let body = http_get(url, "/status", token.as_deref())?;
+        let body = http_get(url, "/status", token.as_deref(), ca)?;
         let report: StatusReport =
             serde_json::from_str(&body).with_context(|| format!("{url}/status: not a coca status document"))?;
         if json {

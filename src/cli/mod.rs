@@ -153,6 +153,9 @@ enum Command {
         /// endpoint bound beyond loopback asks for it).
         #[arg(long, env = "COCA_TOKEN_ENV", default_value = "COCA_JOB_TOKEN")]
         token_env: String,
+        /// For an https:// endpoint: the CA certificate (PEM) that signed its certificate.
+        #[arg(long, env = "COCA_CA_FILE")]
+        ca: Option<std::path::PathBuf>,
         /// The raw JSON.
         #[arg(long)]
         json: bool,
@@ -224,9 +227,10 @@ impl Cli {
             Command::Status {
                 url,
                 token_env,
+                ca,
                 json,
                 watch,
-            } => job::status(&url, &token_env, json, watch),
+            } => job::status(&url, &token_env, ca.as_deref(), json, watch),
         }
     }
 }
