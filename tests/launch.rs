@@ -1052,9 +1052,10 @@ fn a_hostile_client_with_the_token_leaves_a_live_job_undisturbed() {
 
 /// gRPC over TLS with certificates made here by `openssl`: a CA, and the
 /// coordinator's certificate it signed for 127.0.0.1. `coca launch` of a
-/// job with `auth.tls_*` trains over TLS; a worker trusting another CA is
-/// refused at once, naming the certificate problem; a plain-HTTP worker
-/// gets nowhere; a key file without a key is refused at start by field.
+/// job with `auth.tls_*` trains over TLS; a worker trusting another CA, or
+/// facing an expired certificate, is refused at once, naming the problem; a
+/// plain-HTTP worker is told to use https; beyond loopback the status
+/// endpoint speaks TLS too; a key file without a key is refused at start.
 #[test]
 fn grpc_over_tls_verifies_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
@@ -1174,6 +1175,30 @@ fn grpc_over_tls_verifies_the_coordinator() {
     }
     let _ = coordinator.kill();
     let _ = coordinator.wait();
+
+    // A certificate that expired yesterday is named as such.
+    openssl("x509 -req -in coordinator.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out expired.pem -days -1 -extfile san.cnf");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("tls_cert = \"coordinator.pem\"", "tls_cert = \"expired.pem\""),
+    )
+    .unwrap();
+    let (mut coordinator, grpc, _, _) = start_coordinator(dir.path(), &job);
+    let expired = worker(&format!("https://{grpc}"), "ca.pem");
+    let said = String::from_utf8_lossy(&expired.stderr);
+    assert!(
+        said.contains("does not verify against --ca ca.pem") && said.contains("Expired"),
+        "{said}"
+    );
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("tls_cert = \"expired.pem\"", "tls_cert = \"coordinator.pem\""),
+    )
+    .unwrap();
 
     with_tls("ca.pem");
     let refused = coca()
