@@ -356,12 +356,11 @@ pub(super) fn progress(total: Option<u64>) -> ProgressBar {
 /// WebDataset tars with the index kept for them (built now, in memory, if
 /// there is none).
 pub(super) fn open_any(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {
-    let arrow = TarSource::parse(url)?.pattern.is_none() && store.open(url)?.exists(INDEX_FILE)?;
-    if arrow {
-        return Ok(Dataset::open(store.open(url)?)?);
-    }
     let tars = TarSource::parse(url)?;
     let data = store.open(&tars.base)?;
+    if tars.pattern.is_none() && data.exists(INDEX_FILE)? {
+        return Ok(Dataset::open(data)?);
+    }
     let place = IndexPlace {
         source: &tars,
         data: &data,
