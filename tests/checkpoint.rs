@@ -404,6 +404,30 @@ fn a_job_on_tars_read_in_place_resumes_to_the_arrow_jobs_parameters() {
         committed(tars.path(), 20)["shards"],
         "the job on tars trained other parameters than the job on Arrow shards"
     );
+    // `coca data inspect` reads a prefix of tars through the index kept beside them.
+    let inspected = Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args([
+            "data",
+            "inspect",
+            "data/tars/jft",
+            "--sheet",
+            "sheet.png",
+            "--samples",
+            "2",
+        ])
+        .current_dir(tars.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&inspected.stdout);
+    assert!(
+        inspected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspected.stderr)
+    );
+    assert!(
+        printed.contains("format    WebDataset tars, read in place") && printed.contains("bad       0 records"),
+        "{printed}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

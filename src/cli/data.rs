@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
-use contract::dataset::{Container, DatasetKind, INDEX_FILE};
+use contract::dataset::{Container, DatasetKind};
 use contract::shard_pattern::TarSource;
 use datasets::bad_record::{self, BadRecord, Caption};
-use datasets::dataset::Dataset;
+use datasets::dataset::{Dataset, DatasetError};
 use datasets::demo::{self, DemoSpec};
 use datasets::import::{self, ImportFormat, ImportOptions};
 use datasets::prompt::PromptTemplates;
@@ -358,14 +358,23 @@ pub(super) fn progress(total: Option<u64>) -> ProgressBar {
 pub(super) fn open_any(url: &str, store: &StoreArgs) -> anyhow::Result<Dataset> {
     let tars = TarSource::parse(url)?;
     let data = store.open(&tars.base)?;
-    if tars.pattern.is_none() && data.exists(INDEX_FILE)? {
-        return Ok(Dataset::open(data)?);
-    }
     let place = IndexPlace {
         source: &tars,
         data: &data,
         job_dir: None,
     };
+    if tars.pattern.is_none() {
+        match Dataset::open(data.clone()) {
+            // A prefix of tars, or nothing: the Arrow error says what is missing.
+            Err(missing @ DatasetError::Missing { .. }) => {
+                let tars_here = data.list("")?.iter().any(|object| object.name.ends_with(".tar"));
+                if !tars_here {
+                    return Err(missing.into());
+                }
+            }
+            arrow => return Ok(arrow?),
+        }
+    }
     let index = match place.read()? {
         Some((index, _)) => index,
         None => {
