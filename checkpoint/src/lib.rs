@@ -1,7 +1,8 @@
 //! coca's sharded checkpoints, burn-free: the layout every part agrees on
 //! ([`layout`]), shard files ([`shard`]), reading, checking and writing one
 //! step ([`step`]), and a location as a whole: which step a job resumes
-//! from, committing and retention ([`location`]). The coordinator, the
+//! from, committing and retention ([`location`]), and saves that outlast a
+//! failing store ([`save_retry`]). The coordinator, the
 //! worker, `coca eval` and `coca export` all go through here; the model
 //! crate only turns its parameters and optimizer into the flat state.
 //! Blocking (object store calls): run off an async runtime.
@@ -10,6 +11,7 @@ pub mod ema;
 mod error;
 pub mod layout;
 pub mod location;
+pub mod save_retry;
 pub mod shard;
 pub mod step;
 

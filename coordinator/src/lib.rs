@@ -133,10 +133,11 @@ impl Coordinator {
         let restarted = job
             .coordinator_restarted(std::time::Instant::now())
             .map(|restart| (restart, job.start_step));
-        let identity = manifest.auth.tls.as_ref().map(tls_identity).transpose()?;
+        let pem = manifest.auth.tls.as_ref().map(TlsPem::read).transpose()?;
+        let identity = pem.as_ref().map(TlsPem::identity);
         // The status endpoint speaks TLS where it is reached from beyond this machine.
-        let status_tls = match &manifest.auth.tls {
-            Some(tls) if !manifest.status.bind.ip().is_loopback() => Some(status_tls(tls)?),
+        let status_tls = match (&pem, &manifest.auth.tls) {
+            (Some(pem), Some(tls)) if !manifest.status.bind.ip().is_loopback() => Some(pem.acceptor(tls)?),
             _ => None,
         };
         let status_scheme = if status_tls.is_some() { "https" } else { "http" };
@@ -343,23 +344,58 @@ fn serve_grpc(
     Ok((stop, serving))
 }
 
-/// The coordinator's certificate and key, read and checked as PEM.
-fn tls_identity(tls: &contract::manifest::Tls) -> Result<tonic::transport::Identity, CoordinatorError> {
-    let read = |field: &'static str, path: &str, marker: &str, what: &str| {
-        let failed = |message: String| CoordinatorError::Tls {
+/// The coordinator's certificate and key as PEM, read once for the gRPC
+/// server and the status endpoint.
+struct TlsPem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl TlsPem {
+    fn read(tls: &contract::manifest::Tls) -> Result<Self, CoordinatorError> {
+        let read = |field: &'static str, path: &str, marker: &str, what: &str| {
+            let failed = |message: String| CoordinatorError::Tls {
+                field,
+                path: path.to_string(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|error| failed(error.to_string()))?;
+            if !String::from_utf8_lossy(&pem).contains(marker) {
+                return Err(failed(format!("no PEM {what} in it")));
+            }
+            Ok(pem)
+        };
+        Ok(Self {
+            cert: read("auth.tls_cert", &tls.cert, "-----BEGIN CERTIFICATE-----", "certificate")?,
+            key: read("auth.tls_key", &tls.key, "PRIVATE KEY-----", "private key")?,
+        })
+    }
+
+    fn identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(&self.cert, &self.key)
+    }
+
+    /// The status endpoint's TLS; `tls` names the files in errors.
+    fn acceptor(&self, tls: &contract::manifest::Tls) -> Result<tokio_rustls::TlsAcceptor, CoordinatorError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let failed = |field: &'static str, path: &str, message: String| CoordinatorError::Tls {
             field,
             path: path.to_string(),
             message,
         };
-        let pem = std::fs::read(path).map_err(|error| failed(error.to_string()))?;
-        if !String::from_utf8_lossy(&pem).contains(marker) {
-            return Err(failed(format!("no PEM {what} in it")));
-        }
-        Ok(pem)
-    };
-    let cert = read("auth.tls_cert", &tls.cert, "-----BEGIN CERTIFICATE-----", "certificate")?;
-    let key = read("auth.tls_key", &tls.key, "PRIVATE KEY-----", "private key")?;
-    Ok(tonic::transport::Identity::from_pem(cert, key))
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| failed("auth.tls_key", &tls.key, e.to_string()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+            .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 /// Serves /status, /metrics and the page for as long as the process lives.
@@ -393,27 +429,6 @@ async fn serve_tls(
                 .await;
         });
     }
-}
-
-/// The status endpoint's TLS, with the gRPC server's certificate and key.
-fn status_tls(tls: &contract::manifest::Tls) -> Result<tokio_rustls::TlsAcceptor, CoordinatorError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let failed = |field: &'static str, path: &str, message: String| CoordinatorError::Tls {
-        field,
-        path: path.to_string(),
-        message,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| failed("auth.tls_key", &tls.key, e.to_string()))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| failed("auth.tls_cert", &tls.cert, e.to_string()))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Checks the heartbeats every half heartbeat until the job has ended.

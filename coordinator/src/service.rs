@@ -39,16 +39,19 @@ impl CoordinatorRpc for Service {
         let mut refused = None;
         self.shared.decide(|job| {
             if job.state.is_terminal() {
-                refused = Some(format!("the job is {} and takes no new workers", job.state.name()));
+                refused = Some(Status::failed_precondition(format!(
+                    "the job is {} and takes no new workers",
+                    job.state.name()
+                )));
                 return Vec::new();
             }
             let limit = bounds::max_workers(job.policy.target_world);
             if job.workers.len() >= limit {
-                refused = Some(format!(
+                refused = Some(Status::resource_exhausted(format!(
                     "{} workers are registered, the most this job takes (2 x cluster.workers + 64); \
                      a worker that leaves makes room",
                     job.workers.len()
-                ));
+                )));
                 return Vec::new();
             }
             id = job.register(
@@ -62,8 +65,8 @@ impl CoordinatorRpc for Service {
             }
             Vec::new()
         });
-        if let Some(message) = refused {
-            return Err(Status::resource_exhausted(message));
+        if let Some(status) = refused {
+            return Err(status);
         }
         self.shared.journal(Event::Worker {
             id: id.clone(),
@@ -225,21 +228,12 @@ impl CoordinatorRpc for Service {
             let root = store::Store::open(&checkpoint.url, &options)?;
             // A store that fails (an S3 server away) is tried again for as
             // long as the ranks try their saves.
-            let deadline = Instant::now() + std::time::Duration::from_secs(checkpoint.save_retry_seconds);
-            let mut delay = std::time::Duration::from_millis(500);
-            loop {
-                match checkpoint::commit(&root, step, shards.clone(), checkpoint.keep, crate::job::unix_now()) {
-                    Ok(bytes) => return Ok((bytes, checkpoint::step_url(&root, step))),
-                    Err(checkpoint::CheckpointError::Store(error))
-                        if error.is_failure() && Instant::now() + delay < deadline =>
-                    {
-                        tracing::warn!("committing step {step} failed ({error}); trying again");
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(std::time::Duration::from_secs(15));
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
+            let bytes = checkpoint::save_retry::retry_failing_store(
+                std::time::Duration::from_secs(checkpoint.save_retry_seconds),
+                || checkpoint::commit(&root, step, shards.clone(), checkpoint.keep, crate::job::unix_now()),
+                |error, _| tracing::warn!("committing step {step} failed ({error}); trying again"),
+            )?;
+            Ok::<_, checkpoint::CheckpointError>((bytes, checkpoint::step_url(&root, step)))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

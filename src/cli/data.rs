@@ -292,12 +292,7 @@ fn index(
         (None, _) => None,
     };
     let build = IndexBuild { kind, classes, threads };
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} tars, {per_sec}, eta {eta}").expect("a valid template"),
-    );
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress_of(Some(0), "tars");
     let report = build.run(&tars, &data, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -337,13 +332,20 @@ fn index(
 }
 
 pub(super) fn progress(total: Option<u64>) -> ProgressBar {
+    progress_of(total, "records")
+}
+
+/// A progress bar counting `unit`s, hidden off the terminal.
+fn progress_of(total: Option<u64>, unit: &str) -> ProgressBar {
     let bar = match total {
         Some(total) => ProgressBar::new(total).with_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} records, {per_sec}, eta {eta}")
+            ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {unit}, {{per_sec}}, eta {{eta}}"))
                 .expect("a valid template"),
         ),
-        None => ProgressBar::new_spinner()
-            .with_style(ProgressStyle::with_template("{spinner} {pos} records, {per_sec}").expect("a valid template")),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template(&format!("{{spinner}} {{pos}} {unit}, {{per_sec}}"))
+                .expect("a valid template"),
+        ),
     };
     // Off the terminal (CI logs), no redraws.
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

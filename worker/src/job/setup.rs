@@ -453,29 +453,22 @@ impl Snapshot {
     /// coordinator ends the generation.
     pub fn write(self, report: &dyn Fn(u64, &SavedShard) -> Result<bool, String>) -> Result<(), WorkerError> {
         let step = self.step;
-        let deadline = Instant::now() + self.save_retry;
-        let mut delay = Duration::from_millis(500);
-        let record = loop {
-            match self.write_files() {
-                Ok(record) => break record,
-                Err(error) if retried(&error) && Instant::now() + delay < deadline => {
-                    tracing::warn!(
-                        "step {step}: saving the checkpoint failed ({error}); trying again in {:.1} s \
-                         (checkpoint.save_retry_seconds = {})",
-                        delay.as_secs_f64(),
-                        self.save_retry.as_secs()
-                    );
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(15));
-                }
-                Err(error) => {
-                    return Err(WorkerError::Step {
-                        step,
-                        source: StepError::Checkpoint(error),
-                    })
-                }
-            }
-        };
+        let record = checkpoint::save_retry::retry_failing_store(
+            self.save_retry,
+            || self.write_files(),
+            |error, wait| {
+                tracing::warn!(
+                    "step {step}: saving the checkpoint failed ({error}); trying again in {:.1} s \
+                     (checkpoint.save_retry_seconds = {})",
+                    wait.as_secs_f64(),
+                    self.save_retry.as_secs()
+                )
+            },
+        )
+        .map_err(|error| WorkerError::Step {
+            step,
+            source: StepError::Checkpoint(error),
+        })?;
         let saved = SavedShard {
             record,
             seconds: self.started.elapsed().as_secs_f64(),
@@ -500,10 +493,4 @@ impl Snapshot {
         }
         Ok(record)
     }
-}
-
-/// Whether a failed save is worth trying again: the store failed or was
-/// unreachable, not refused (denied, no bucket, a bad URL).
-fn retried(error: &checkpoint::CheckpointError) -> bool {
-    matches!(error, checkpoint::CheckpointError::Store(error) if error.is_failure())
 }
