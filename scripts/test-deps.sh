@@ -11,6 +11,8 @@
 #    which burn's wgpu backend compiles and runs cubecl kernels as on a GPU),
 #  - PyPI's Pillow (the evaluation resize is checked against PIL's bytes),
 #  - PyPI's tensorboard (its own reader reads the job's event files back).
+# and checks that a test may mount a small tmpfs in a user and mount namespace
+# of its own (util-linux's unshare; the full-disk tests in tests/checkpoint.rs).
 # Idempotent; needs root (or sudo) for apt and /opt.
 set -euo pipefail
 SUDO=""
@@ -60,4 +62,8 @@ if ! python3 -c "import tensorboard" 2> /dev/null; then
     python3 -m pip install --quiet tensorboard
 fi
 python3 -c "import tensorboard" || { echo "tensorboard does not import after installing it" >&2; exit 1; }
+unshare --user --map-root-user --mount sh -c 'd=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs "$d" && umount "$d" && rmdir "$d"' || {
+    echo "unshare --user --map-root-user --mount cannot mount a tmpfs here (user namespaces off? sysctl user.max_user_namespaces)" >&2
+    exit 1
+}
 echo "test data: ok"

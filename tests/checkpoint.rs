@@ -1,6 +1,7 @@
 //! Checkpoints end to end with `coca launch`: stop and resume equals the
 //! straight run bit for bit, other world sizes resume, changed manifests
-//! are refused, damaged steps are skipped, export writes one file.
+//! are refused, damaged steps are skipped, a store that fails or fills up
+//! mid-save is waited for, export writes one file.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -606,19 +607,7 @@ fn export_writes_one_safetensors_file_of_the_parameters() {
 }
 
 fn committed_steps(dir: &Path) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(dir.join("runs/demo/checkpoints"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| {
-                    let e = e.ok()?;
-                    e.path().join("COMMITTED").exists().then_some(())?;
-                    e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    steps.sort_unstable();
-    steps
+    committed_in(&dir.join("runs/demo/checkpoints"))
 }
 
 #[test]
@@ -748,4 +737,171 @@ fn a_checkpoint_store_that_goes_away_mid_save_is_waited_for() {
         stderr.contains("resuming from s3://coca-checkpoints/demo/step-00000300"),
         "{stderr}"
     );
+}
+
+/// Spawns `coca launch job.toml ARGS` in `dir`, its log kept for the end.
+fn spawn_launch(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_coca"))
+        .args(["launch", "job.toml"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("COCA_JOB_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `ready` holds, failing if the job ends first.
+fn wait_for(job: &mut std::process::Child, what: &str, ready: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "waited 120 s for {what}"
+        );
+        if job.try_wait().unwrap().is_some() {
+            let mut log = String::new();
+            if let Some(mut stderr) = job.stderr.take() {
+                std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+            }
+            panic!("the job ended before {what}: {log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The steps a job's checkpoints hold whole (COMMITTED written), in `checkpoints`.
+fn committed_in(checkpoints: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(checkpoints)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    e.path().join("COMMITTED").exists().then_some(())?;
+                    e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+/// Files a failed write left behind (the store writes `NAME#N`, then renames).
+fn half_written(checkpoints: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![checkpoints.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().contains('#') {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The checkpoints' disk (a 16 MB tmpfs) filled to its last page at
+/// step 2, before the first save at 10, and emptied again once training
+/// has waited there: the save is tried again until there is room, no
+/// step is committed meanwhile, nothing half-written is left, the job
+/// trains every step once without a recovery, and a resume reads the last.
+#[test]
+fn a_full_disk_during_a_save_is_waited_for() {
+    let Some(disk) = common::SmallDisk::mount("a_full_disk_during_a_save_is_waited_for", 16 << 20) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = disk.path().join("checkpoints");
+    let url = format!("url = \"{}\"", checkpoints.display());
+    manifest(dir.path(), 10, &[("url = \"runs/demo/checkpoints\"", &url)]);
+    let mut job = spawn_launch(dir.path(), &["--steps", "30"]);
+    let trained = |steps: usize| {
+        let log = dir.path().join("runs/demo/metrics.jsonl");
+        move || std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) >= steps
+    };
+    wait_for(&mut job, "step 2", trained(2));
+    disk.fill();
+    wait_for(&mut job, "step 10", trained(10));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        committed_in(&checkpoints),
+        Vec::<u64>::new(),
+        "a step committed on a full disk"
+    );
+    assert_eq!(half_written(&checkpoints), Vec::<PathBuf>::new());
+    disk.empty();
+
+    let stderr = ok(&job.wait_with_output().unwrap());
+    assert!(
+        stderr.contains("step 10: saving the checkpoint failed")
+            && stderr.contains("No space left on device")
+            && stderr.contains("trying again in"),
+        "the full disk met no save: {stderr}"
+    );
+    assert!(!stderr.contains("recovering"), "{stderr}");
+    let steps: Vec<u64> = metrics(dir.path())
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    assert_eq!(committed_in(&checkpoints), vec![20, 30]);
+    assert_eq!(half_written(&checkpoints), Vec::<PathBuf>::new());
+    let stderr = ok(&launch(dir.path(), &["--steps", "32"]));
+    let newest = checkpoints.join("step-00000030");
+    assert!(
+        stderr.contains(&format!("resuming from file://{}", newest.display())),
+        "{stderr}"
+    );
+}
+
+/// The checkpoints' disk filled once step 10 is committed, and left full:
+/// after `checkpoint.save_retry_seconds` the job fails naming the store
+/// and the full disk; step 10 stays whole, and once there is room again a
+/// resume reads it and completes the job.
+#[test]
+fn a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step() {
+    let name = "a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step";
+    let Some(disk) = common::SmallDisk::mount(name, 16 << 20) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = disk.path().join("checkpoints");
+    let url = format!("url = \"{}\"", checkpoints.display());
+    manifest(
+        dir.path(),
+        10,
+        &[
+            ("url = \"runs/demo/checkpoints\"", &url),
+            ("keep = 2", "keep = 2\nsave_retry_seconds = 2"),
+        ],
+    );
+    let mut job = spawn_launch(dir.path(), &["--steps", "40"]);
+    wait_for(&mut job, "step 10's commit", || committed_in(&checkpoints) == [10]);
+    disk.fill();
+    let failure = failed(&job.wait_with_output().unwrap());
+    let named = format!("writing its checkpoint: file://{}/step-", checkpoints.display());
+    assert!(
+        failure.contains(&named)
+            && failure.contains("No space left on device")
+            && failure.contains("(tried for 2 s: checkpoint.save_retry_seconds)"),
+        "the store, the full disk and the retry budget are named: {failure}"
+    );
+    let kept = committed_in(&checkpoints);
+    let newest = *kept.last().expect("step 10 stays");
+    assert!(newest < 40, "the job could not have saved its end: {kept:?}");
+    assert_eq!(half_written(&checkpoints), Vec::<PathBuf>::new());
+
+    disk.empty();
+    let stderr = ok(&launch(dir.path(), &["--steps", "40"]));
+    let resumed = checkpoints.join(format!("step-{newest:08}"));
+    assert!(
+        stderr.contains(&format!("resuming from file://{}", resumed.display())),
+        "{stderr}"
+    );
+    assert_eq!(metrics(dir.path()).last().unwrap()["step"], 40);
 }

@@ -8,6 +8,8 @@ pub enum CheckpointError {
     Damaged { url: String, message: String },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("{source} (tried for {seconds} s: checkpoint.save_retry_seconds)")]
+    StoreGaveUp { seconds: u64, source: store::StoreError },
     #[error(
         "{url} was written with {field} = {was}; this manifest has {is}. A resume must keep {field}: \
          put it back, or start a new job (another checkpoint.url, or --fresh on an empty one)"

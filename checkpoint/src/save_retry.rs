@@ -13,22 +13,23 @@ use crate::CheckpointError;
 pub fn retry_failing_store<T>(
     within: Duration,
     mut save: impl FnMut() -> Result<T, CheckpointError>,
-    retrying: impl Fn(&CheckpointError, Duration),
+    retrying: impl Fn(&store::StoreError, Duration),
 ) -> Result<T, CheckpointError> {
     let policy = RetryPolicy::until_deadline(Duration::from_millis(500), Duration::from_secs(15));
     let mut attempts = policy.start(Some(Instant::now() + within));
     loop {
-        let error = match save() {
+        let failing = match save() {
             Ok(saved) => return Ok(saved),
-            Err(error) => error,
+            Err(CheckpointError::Store(store)) if store.is_failure() => store,
+            Err(error) => return Err(error),
         };
-        let failing_store = matches!(&error, CheckpointError::Store(store) if store.is_failure());
-        match failing_store.then(|| attempts.next_delay(Instant::now())).flatten() {
-            Some(wait) => {
-                retrying(&error, wait);
-                std::thread::sleep(wait);
-            }
-            None => return Err(error),
-        }
+        let Some(wait) = attempts.next_delay(Instant::now()) else {
+            return Err(CheckpointError::StoreGaveUp {
+                seconds: within.as_secs(),
+                source: failing,
+            });
+        };
+        retrying(&failing, wait);
+        std::thread::sleep(wait);
     }
 }

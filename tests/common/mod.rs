@@ -106,3 +106,80 @@ impl Drop for Seaweed {
         let _ = self.child.wait();
     }
 }
+
+/// A small filesystem (tmpfs) for full-disk tests, in a mount namespace of
+/// the test's own: the test runs again under `unshare --user
+/// --map-root-user --mount` (no privilege needed), and the mount goes
+/// away with the namespace's last process, also when the test fails.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    const INSIDE: &'static str = "COCA_TEST_IN_MOUNT_NAMESPACE";
+    const FILLER: &'static str = "filler";
+
+    /// Outside the namespace: runs test `name` (this very test) inside one,
+    /// asserts that it passed, and gives `None`. Inside: a disk of `bytes`.
+    pub fn mount(name: &str, bytes: u64) -> Option<Self> {
+        if std::env::var_os(Self::INSIDE).is_none() {
+            let output = std::process::Command::new("unshare")
+                .args(["--user", "--map-root-user", "--mount", "--"])
+                .arg(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(Self::INSIDE, "1")
+                .output()
+                .expect("`unshare` runs (util-linux)");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() && stdout.contains("1 passed"),
+                "{name} in a mount namespace of its own (`unshare --user --map-root-user --mount`; \
+                 it needs user namespaces, see sysctl user.max_user_namespaces):\n{stdout}\n{stderr}"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            mounted.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&mounted.stderr)
+        );
+        Some(Self { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk to its last page, with a file of its own.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.dir.path().join(Self::FILLER)).unwrap();
+        let page = vec![0u8; 4096];
+        loop {
+            match filler.write_all(&page) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(28) => return, // ENOSPC
+                Err(error) => panic!("filling the small disk: {error}"),
+            }
+        }
+    }
+
+    /// Room again: the filler removed.
+    pub fn empty(&self) {
+        std::fs::remove_file(self.dir.path().join(Self::FILLER)).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    /// Unmounted first, so that the directory under it can be removed.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
