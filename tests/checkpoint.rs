@@ -805,11 +805,12 @@ fn half_written(checkpoints: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// The checkpoints' disk (a 16 MB tmpfs) filled to its last page at
-/// step 2, before the first save at 10, and emptied again once training
-/// has waited there: the save is tried again until there is room, no
-/// step is committed meanwhile, nothing half-written is left, the job
-/// trains every step once without a recovery, and a resume reads the last.
+/// The checkpoints' disk (a 16 MB tmpfs) full to its last page when the
+/// job starts (nothing is written there before the first save, at step
+/// 10), and emptied once training has gone on past that save: the save
+/// is tried again until there is room, no step is committed meanwhile,
+/// nothing half-written is left, the job trains every step once without
+/// a recovery, and a resume reads the last.
 #[test]
 fn a_full_disk_during_a_save_is_waited_for() {
     let Some(disk) = common::SmallDisk::mount("a_full_disk_during_a_save_is_waited_for", 16 << 20) else {
@@ -819,14 +820,12 @@ fn a_full_disk_during_a_save_is_waited_for() {
     let checkpoints = disk.path().join("checkpoints");
     let url = format!("url = \"{}\"", checkpoints.display());
     manifest(dir.path(), 10, &[("url = \"runs/demo/checkpoints\"", &url)]);
-    let mut job = spawn_launch(dir.path(), &["--steps", "30"]);
-    let trained = |steps: usize| {
-        let log = dir.path().join("runs/demo/metrics.jsonl");
-        move || std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) >= steps
-    };
-    wait_for(&mut job, "step 2", trained(2));
     disk.fill();
-    wait_for(&mut job, "step 10", trained(10));
+    let mut job = spawn_launch(dir.path(), &["--steps", "30"]);
+    let log = dir.path().join("runs/demo/metrics.jsonl");
+    wait_for(&mut job, "step 12", || {
+        std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) >= 12
+    });
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(
         committed_in(&checkpoints),
@@ -859,10 +858,11 @@ fn a_full_disk_during_a_save_is_waited_for() {
     );
 }
 
-/// The checkpoints' disk filled once step 10 is committed, and left full:
-/// after `checkpoint.save_retry_seconds` the job fails naming the store
-/// and the full disk; step 10 stays whole, and once there is room again a
-/// resume reads it and completes the job.
+/// The checkpoints' disk filled once a step (10, or 20 on a slow machine)
+/// is committed, and left full: after `checkpoint.save_retry_seconds` the
+/// job fails naming the store and the full disk; the committed step stays
+/// whole, and once there is room again a resume reads it and completes
+/// the job.
 #[test]
 fn a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step() {
     let name = "a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step";
@@ -881,7 +881,7 @@ fn a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step() {
         ],
     );
     let mut job = spawn_launch(dir.path(), &["--steps", "40"]);
-    wait_for(&mut job, "step 10's commit", || committed_in(&checkpoints) == [10]);
+    wait_for(&mut job, "step 10's commit", || !committed_in(&checkpoints).is_empty());
     disk.fill();
     let failure = failed(&job.wait_with_output().unwrap());
     let named = format!("writing its checkpoint: file://{}/step-", checkpoints.display());
@@ -892,7 +892,7 @@ fn a_disk_that_stays_full_fails_the_job_by_name_and_keeps_the_last_step() {
         "the store, the full disk and the retry budget are named: {failure}"
     );
     let kept = committed_in(&checkpoints);
-    let newest = *kept.last().expect("step 10 stays");
+    let newest = *kept.last().expect("the committed step stays");
     assert!(newest < 40, "the job could not have saved its end: {kept:?}");
     assert_eq!(half_written(&checkpoints), Vec::<PathBuf>::new());
 

@@ -115,6 +115,27 @@ pub trait Collective {
     fn interrupt(&self) -> Option<Interrupt> {
         None
     }
+
+    /// The same collective on buffers in the memory of the device it was
+    /// opened on (NCCL on a CUDA build), where it can reach them.
+    fn on_device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        None
+    }
+}
+
+/// A collective's operations on device memory: a GPU's gradients reduced
+/// where they are, not staged through host memory.
+pub trait DeviceCollective {
+    /// Element-wise mean over all ranks of the `count` f32 values at device
+    /// address `send`, written to device address `recv` (the same address
+    /// for in place); the result is there when this returns.
+    ///
+    /// # Safety
+    /// Both addresses hold `count` f32 values in the memory of this
+    /// collective's device, allocated for as long as the call lasts, and
+    /// every write to `send` was finished before the call (its stream
+    /// synchronised).
+    unsafe fn all_reduce_mean_f32(&mut self, send: u64, recv: u64, count: usize) -> Result<(), CollectiveError>;
 }
 
 /// One rank standing in for rank 0 of a world of `world`, where every other

@@ -1,18 +1,17 @@
 //! NCCL collectives for the CUDA backend (cudarc's NCCL binding).
 //!
-//! This implements the host-buffer `Collective` trait by staging through
-//! device memory: each call copies the buffer to the GPU, runs the NCCL
-//! collective there, and copies the result back. Gradients live on the GPU
-//! already, so the copies are overhead a device-buffer path would remove;
-//! it is measured where a GPU is lent, not here (no GPU on CI machines, so
-//! this file is compiled by CI but runs only on GPU hosts).
+//! Host buffers (the `Collective` trait) are staged through device memory:
+//! copied to the GPU, reduced by NCCL there, copied back. Buffers already
+//! on the GPU (the gradients) are reduced where they are, through
+//! [`DeviceCollective`]. No GPU on CI machines: this file is compiled by CI
+//! and runs only on GPU hosts (`scripts/gpu/check.sh speed` checks it).
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{sys::CUdeviceptr, CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
-use super::{Collective, CollectiveError};
+use super::{Collective, CollectiveError, DeviceCollective};
 
 /// Bytes in an NCCL unique id; it travels between processes as bytes.
 const UNIQUE_ID_BYTES: usize = 128;
@@ -107,6 +106,10 @@ impl Collective for NcclCollective {
         Ok(values)
     }
 
+    fn on_device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        Some(self)
+    }
+
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError> {
         let operation = "broadcast";
         if root >= self.world_size() {
@@ -126,5 +129,56 @@ impl Collective for NcclCollective {
             .memcpy_dtoh(&device, buffer)
             .map_err(|error| nccl_error(operation, error))?;
         self.finish(operation)
+    }
+}
+
+impl DeviceCollective for NcclCollective {
+    unsafe fn all_reduce_mean_f32(&mut self, send: u64, recv: u64, count: usize) -> Result<(), CollectiveError> {
+        let operation = "all-reduce on the device";
+        let send = ForeignBuffer {
+            address: send,
+            count,
+            stream: &self.stream,
+        };
+        let mut recv = ForeignBuffer {
+            address: recv,
+            count,
+            stream: &self.stream,
+        };
+        self.comm
+            .all_reduce(&send, &mut recv, &ReduceOp::Avg)
+            .map_err(|error| nccl_error(operation, error))?;
+        self.finish(operation)
+    }
+}
+
+/// Device memory that another library allocated (burn's tensors), as
+/// cudarc's NCCL calls take it. The caller orders the work around it: the
+/// writes before are synchronised, the stream is after.
+struct ForeignBuffer<'a> {
+    address: CUdeviceptr,
+    count: usize,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for ForeignBuffer<'_> {
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl DevicePtr<f32> for ForeignBuffer<'_> {
+    fn device_ptr<'b>(&'b self, _stream: &'b CudaStream) -> (CUdeviceptr, SyncOnDrop<'b>) {
+        (self.address, SyncOnDrop::Sync(None))
+    }
+}
+
+impl DevicePtrMut<f32> for ForeignBuffer<'_> {
+    fn device_ptr_mut<'b>(&'b mut self, _stream: &'b CudaStream) -> (CUdeviceptr, SyncOnDrop<'b>) {
+        (self.address, SyncOnDrop::Sync(None))
     }
 }

@@ -10,6 +10,8 @@
 pub mod attention;
 pub mod backend;
 pub mod block;
+#[cfg(feature = "cuda")]
+pub mod cuda_memory;
 pub mod decoding;
 pub mod dense;
 pub mod eval;

@@ -1,12 +1,15 @@
 //! Averaging gradients across ranks.
 //!
-//! Gradients are flattened in the module's visiting order (burn's ParamIds
-//! are random per process, so position, never id, identifies a parameter
-//! across ranks), all-reduced bucket by bucket, and written back.
+//! Gradients are concatenated in the module's visiting order (burn's
+//! ParamIds are random per process, so position, never id, identifies a
+//! parameter across ranks) into one buffer on the device, all-reduced
+//! bucket by bucket, and handed back as views of it. The buckets are
+//! reduced in GPU memory where the collective reaches it (NCCL on a CUDA
+//! build), else read to the host once and written back once.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use collective::{Collective, CollectiveError};
@@ -28,51 +31,79 @@ pub fn all_reduce_mean<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     let mut flatten = Flatten::<B> {
         gradients,
-        values: Vec::new(),
-        _backend: Default::default(),
+        parts: Vec::new(),
     };
     module.visit(&mut flatten);
-    let Flatten {
-        mut gradients,
-        mut values,
-        ..
-    } = flatten;
-    let bucket = (bucket_bytes / size_of::<f32>()).max(1);
-    for chunk in values.chunks_mut(bucket) {
-        collective.all_reduce_mean(chunk)?;
+    let Flatten { mut gradients, parts } = flatten;
+    if parts.is_empty() {
+        return Ok(gradients);
     }
+    let flat = reduce_mean(Tensor::cat(parts, 0), collective, bucket_bytes)?;
     module.visit(&mut Restore::<B> {
         gradients: &mut gradients,
-        values: &values,
+        flat,
         offset: 0,
-        _backend: Default::default(),
     });
     Ok(gradients)
 }
 
-/// Copies every gradient, in visiting order, into one flat buffer.
+/// `flat`'s mean over all ranks, `bucket_bytes` at a time: in device
+/// memory where the collective reaches it, else through host memory.
+pub fn reduce_mean<B: Backend>(
+    flat: Tensor<B, 1>,
+    collective: &mut dyn Collective,
+    bucket_bytes: usize,
+) -> Result<Tensor<B, 1>, CollectiveError> {
+    let len = flat.dims()[0];
+    let bucket = (bucket_bytes / size_of::<f32>()).max(1);
+    #[cfg(feature = "cuda")]
+    if let Some(device) = collective.on_device() {
+        let memory = crate::cuda_memory::CudaMemory::of(&flat).map_err(|message| CollectiveError::Device {
+            operation: "reach the gradients in GPU memory",
+            message,
+        })?;
+        if let Some(memory) = memory {
+            for start in (0..len).step_by(bucket) {
+                let address = memory.address(start);
+                // SAFETY: `memory` holds `len` f32 values on this device,
+                // allocated while it lives, their writes finished.
+                unsafe { device.all_reduce_mean_f32(address, address, bucket.min(len - start))? };
+            }
+            return Ok(flat);
+        }
+    }
+    let device = flat.device();
+    let mut values = flat
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data after convert");
+    for chunk in values.chunks_mut(bucket) {
+        collective.all_reduce_mean(chunk)?;
+    }
+    Ok(Tensor::from_data(TensorData::new(values, [len]), &device))
+}
+
+/// Every gradient, in visiting order, as a flat tensor.
 struct Flatten<B: AutodiffBackend> {
     gradients: GradientsParams,
-    values: Vec<f32>,
-    _backend: std::marker::PhantomData<B>,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(gradient) = self.gradients.get::<B::InnerBackend, D>(param.id) {
-            let data = gradient.into_data().convert::<f32>();
-            self.values
-                .extend_from_slice(data.as_slice().expect("f32 data after convert"));
+            let len = gradient.shape().num_elements();
+            self.parts.push(gradient.reshape([len]));
         }
     }
 }
 
-/// Writes the reduced values back, walking the parameters in the same order.
+/// Puts the reduced gradients back, walking the parameters in the same order.
 struct Restore<'a, B: AutodiffBackend> {
     gradients: &'a mut GradientsParams,
-    values: &'a [f32],
+    flat: Tensor<B::InnerBackend, 1>,
     offset: usize,
-    _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
@@ -80,12 +111,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
         let Some(gradient) = self.gradients.remove::<B::InnerBackend, D>(param.id) else {
             return;
         };
-        let shape = gradient.dims();
-        let device = gradient.device();
-        let len: usize = shape.iter().product();
-        let values = self.values[self.offset..self.offset + len].to_vec();
+        let shape = gradient.shape();
+        let len = shape.num_elements();
+        let reduced: Tensor<B::InnerBackend, D> = self.flat.clone().narrow(0, self.offset, len).reshape(shape);
         self.offset += len;
-        let reduced = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
         self.gradients.register(param.id, reduced);
     }
 }
