@@ -622,11 +622,14 @@ fn allreduce(
         println!("{}", local_ranks::report(report.median()));
         return Ok(());
     }
+    let mut on_device = None;
     let median = if nccl && world == 1 {
         let mut communicator = local_ranks::nccl_unique_id()
             .and_then(|id| local_ranks::join_nccl(0, 1, &id))
             .context("--collective nccl")?;
-        bench_all_reduce(communicator.as_mut(), bytes, warmup, iterations)?.median()
+        let staged = bench_all_reduce(communicator.as_mut(), bytes, warmup, iterations)?.median();
+        on_device = Some(device_all_reduce(communicator.as_mut(), bytes, warmup, iterations)?);
+        staged
     } else {
         let mut args: Vec<String> = [
             "bench",
@@ -654,7 +657,7 @@ fn allreduce(
     let gb = |bytes_per_second: f64| bytes_per_second / 1e9;
     let over = match collective {
         CollectiveKind::Tcp => "processes on loopback (TCP ring)",
-        CollectiveKind::Nccl => "ranks on NCCL, buffers staged through GPU memory",
+        CollectiveKind::Nccl => "ranks on NCCL, host buffers staged through GPU memory",
     };
     println!("bench allreduce: {world} {over}, {mib} MiB of f32, {iterations} iterations after {warmup} warm-up");
     println!("  median time   {:8.1} ms  (slowest rank)", ms(median));
@@ -667,7 +670,38 @@ fn allreduce(
         "  memcpy bw     {:8.2} GB/s  (one thread, same buffer: the ceiling)",
         gb(memcpy_bandwidth(bytes, 10))
     );
+    if let Some((device_median, buckets)) = on_device {
+        println!(
+            "  on the device {:8.1} ms  (the gradients' path: NCCL on the tensor's GPU memory, no staging; \
+             {:.2}x the staged time)",
+            ms(device_median),
+            device_median.as_secs_f64() / median.as_secs_f64()
+        );
+        println!("  results land  ok (0..n sent into zeros in {buckets} buckets, read back through burn)");
+    }
     Ok(())
+}
+
+/// The gradients' all-reduce on GPU memory (median time), after checking
+/// that NCCL's results land in the tensors it names (buckets checked).
+#[cfg(feature = "cuda")]
+fn device_all_reduce(
+    collective: &mut dyn Collective,
+    bytes: usize,
+    warmup: usize,
+    iterations: usize,
+) -> anyhow::Result<(Duration, usize)> {
+    let len = bytes / size_of::<f32>();
+    // Values up to 2^24 are whole f32s; buckets of an odd length cross the buffer unevenly.
+    let checked = len.min(1 << 24);
+    let buckets = bench::all_reduce::check_device_results_land(collective, checked, checked / 5 + 3, 0)?;
+    let report = bench::all_reduce::bench_device_reduce_mean(collective, bytes, warmup, iterations, 0)?;
+    Ok((report.median(), buckets))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_all_reduce(_: &mut dyn Collective, _: usize, _: usize, _: usize) -> anyhow::Result<(Duration, usize)> {
+    anyhow::bail!(local_ranks::LocalRanksError::WithoutCuda)
 }
 
 /// One process's step benchmark, printed.

@@ -172,3 +172,27 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use collective::loopback;
+
+    /// The host path (no collective here reaches device memory): buckets
+    /// of 3 values over 10, so the last is short, every value averaged once.
+    #[test]
+    fn a_flat_buffer_is_averaged_bucket_by_bucket() {
+        let rings = loopback::rings(2, std::time::Duration::from_secs(10)).unwrap();
+        let reduced = loopback::on_every_rank(rings, |ring| {
+            assert!(ring.on_device().is_none());
+            let scale = 1.0 + 2.0 * ring.rank() as f32; // rank 0: i, rank 1: 3 i
+            let values: Vec<f32> = (0..10).map(|i| scale * i as f32).collect();
+            let flat = Tensor::<Cpu, 1>::from_data(TensorData::new(values, [10]), &Default::default());
+            let mean = reduce_mean(flat, ring, 3 * size_of::<f32>()).unwrap();
+            mean.into_data().into_vec::<f32>().unwrap()
+        });
+        let expected: Vec<f32> = (0..10).map(|i| 2.0 * i as f32).collect();
+        assert_eq!(reduced, [expected.clone(), expected]);
+    }
+}
