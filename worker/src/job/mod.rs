@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use burn::tensor::backend::{Device as _, DeviceId};
 use collective::tcp::RingListener;
 use contract::manifest::Backend;
 use contract::plan::{JobPlan, StorePlan};
@@ -333,17 +334,12 @@ fn train_on_backend(
                 reporting.progress.lock().expect("progress").device = format!("wgpu:{ordinal} {}", adapter.name);
                 *gpu = Some(PreparedGpu {
                     kernels,
-                    device: GpuDevice::Wgpu(adapter.device),
+                    device: adapter.device.to_id(),
                 });
             }
             let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
-            match device {
-                GpuDevice::Wgpu(device) => {
-                    train_on_gpu::<WgpuTrain>(plan, assignment, ordinal, device, listener, reporting, kernels)
-                }
-                #[cfg(feature = "cuda")]
-                GpuDevice::Cuda(_) => unreachable!("a worker's backend does not change"),
-            }
+            let device = burn::backend::wgpu::WgpuDevice::from_id(*device);
+            train_on_gpu::<WgpuTrain>(plan, assignment, ordinal, &device, listener, reporting, kernels)
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
@@ -354,16 +350,12 @@ fn train_on_backend(
                     model::backend::device::<model::backend::CudaTrain>(ordinal).map_err(WorkerError::Device)?;
                 *gpu = Some(PreparedGpu {
                     kernels,
-                    device: GpuDevice::Cuda(device),
+                    device: device.to_id(),
                 });
             }
             let PreparedGpu { kernels, device } = gpu.as_mut().expect("prepared above");
-            match device {
-                GpuDevice::Cuda(device) => train_on_gpu::<model::backend::CudaTrain>(
-                    plan, assignment, ordinal, device, listener, reporting, kernels,
-                ),
-                GpuDevice::Wgpu(_) => unreachable!("a worker's backend does not change"),
-            }
+            let device = burn::backend::cuda::CudaDevice::from_id(*device);
+            train_on_gpu::<model::backend::CudaTrain>(plan, assignment, ordinal, &device, listener, reporting, kernels)
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => Err(WorkerError::WithoutCuda {
@@ -377,16 +369,11 @@ pub(crate) fn store_options(store: &StorePlan) -> store::StoreOptions {
     store::StoreOptions::with_s3(store.s3_endpoint.clone(), store.s3_region.clone())
 }
 
-/// A GPU worker's kernels and device, prepared in its first generation.
+/// A GPU worker's kernels and device (the backend's device, as an id both
+/// GPU backends' devices convert from), prepared in its first generation.
 struct PreparedGpu {
     kernels: Kernels,
-    device: GpuDevice,
-}
-
-enum GpuDevice {
-    Wgpu(burn::backend::wgpu::WgpuDevice),
-    #[cfg(feature = "cuda")]
-    Cuda(burn::backend::cuda::CudaDevice),
+    device: DeviceId,
 }
 
 /// Trains one generation on a GPU backend; rank 0 then shares what the run
