@@ -64,8 +64,4 @@ impl CudaMemory {
         debug_assert!(offset <= self.count);
         self.address + (offset * size_of::<f32>()) as u64
     }
-
-    pub fn count(&self) -> usize {
-        self.count
-    }
 }
