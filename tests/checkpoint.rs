@@ -63,6 +63,16 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Whether metrics.jsonl has `steps` lines yet (the job may be writing it).
+fn has_trained(dir: &Path, steps: usize) -> bool {
+    std::fs::read_to_string(dir.join("runs/demo/metrics.jsonl")).map_or(0, |text| text.lines().count()) >= steps
+}
+
+/// The step of each line of metrics.jsonl, in order.
+fn steps_trained(dir: &Path) -> Vec<u64> {
+    metrics(dir).iter().map(|m| m["step"].as_u64().unwrap()).collect()
+}
+
 fn committed(dir: &Path, step: u64) -> serde_json::Value {
     let path = dir.join(format!("runs/demo/checkpoints/step-{step:08}/COMMITTED"));
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
@@ -467,11 +477,7 @@ fn a_checkpoint_resumes_on_other_world_sizes() {
     assert_eq!(meta["world_size"], 3);
     assert_eq!(meta["optimizer_steps"], 24);
     assert_eq!(meta["source_samples"], serde_json::json!([288, 288]));
-    let steps: Vec<u64> = metrics(dir.path())
-        .iter()
-        .map(|v| v["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    assert_eq!(steps_trained(dir.path()), (1..=24).collect::<Vec<_>>());
     // The global batch is part of the data plan: a change is refused by name.
     manifest(dir.path(), 6, &[("global_batch = 32", "global_batch = 16")]);
     let stderr = failed(&launch(dir.path(), &["--steps", "30"]));
@@ -697,18 +703,7 @@ fn a_checkpoint_store_that_goes_away_mid_save_is_waited_for() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics_log = dir.path().join("runs/demo/metrics.jsonl");
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics_log).map_or(0, |text| text.lines().count()) < 30 {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(120),
-            "the job did not train"
-        );
-        if job.try_wait().unwrap().is_some() {
-            panic!("the job ended early: {}", failed(&job.wait_with_output().unwrap()));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(&mut job, "step 30", || has_trained(dir.path(), 30));
     drop(weed);
     std::thread::sleep(std::time::Duration::from_secs(2));
     let _weed = common::Seaweed::start(Some(weed_dir.path()));
@@ -720,11 +715,7 @@ fn a_checkpoint_store_that_goes_away_mid_save_is_waited_for() {
     );
     assert!(!stderr.contains("recovering"), "{stderr}");
     // Every step of the job trained once, and the newest step resumes.
-    let steps: Vec<u64> = metrics(dir.path())
-        .iter()
-        .map(|m| m["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=300).collect::<Vec<_>>());
+    assert_eq!(steps_trained(dir.path()), (1..=300).collect::<Vec<_>>());
     let resumed = Command::new(env!("CARGO_BIN_EXE_coca"))
         .args(["launch", "job.toml", "--steps", "305"])
         .current_dir(dir.path())
@@ -822,10 +813,7 @@ fn a_full_disk_during_a_save_is_waited_for() {
     manifest(dir.path(), 10, &[("url = \"runs/demo/checkpoints\"", &url)]);
     disk.fill();
     let mut job = spawn_launch(dir.path(), &["--steps", "30"]);
-    let log = dir.path().join("runs/demo/metrics.jsonl");
-    wait_for(&mut job, "step 12", || {
-        std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) >= 12
-    });
+    wait_for(&mut job, "step 12", || has_trained(dir.path(), 12));
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(
         committed_in(&checkpoints),
@@ -843,11 +831,7 @@ fn a_full_disk_during_a_save_is_waited_for() {
         "the full disk met no save: {stderr}"
     );
     assert!(!stderr.contains("recovering"), "{stderr}");
-    let steps: Vec<u64> = metrics(dir.path())
-        .iter()
-        .map(|m| m["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    assert_eq!(steps_trained(dir.path()), (1..=30).collect::<Vec<_>>());
     assert_eq!(committed_in(&checkpoints), vec![20, 30]);
     assert_eq!(half_written(&checkpoints), Vec::<PathBuf>::new());
     let stderr = ok(&launch(dir.path(), &["--steps", "32"]));

@@ -31,6 +31,13 @@ fn manifest(dir: &Path, heartbeat_ms: u64, timeout_ms: u64) -> std::path::PathBu
     path
 }
 
+/// Replaces `from` (which must be there) by `to` in the manifest at `job`.
+fn edit(job: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(job).unwrap();
+    assert!(text.contains(from), "{} has `{from}`", job.display());
+    std::fs::write(job, text.replace(from, to)).unwrap();
+}
+
 fn http_get(address: &str, path: &str) -> Option<String> {
     ureq::get(&format!("http://{address}{path}"))
         .call()
@@ -934,14 +941,12 @@ fn a_hostile_client_with_the_token_leaves_a_live_job_undisturbed() {
     let (quiet, busy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for dir in [quiet.path(), busy.path()] {
         let job = manifest(dir, 200, 5000);
-        let text = std::fs::read_to_string(&job)
-            .unwrap()
-            .replace("steps = 300", "steps = 20")
-            .replace(
-                "url = \"runs/demo/checkpoints\"\nevery = 100",
-                "url = \"runs/demo/checkpoints\"\nevery = 10",
-            );
-        std::fs::write(&job, text).unwrap();
+        edit(&job, "steps = 300", "steps = 20");
+        edit(
+            &job,
+            "url = \"runs/demo/checkpoints\"\nevery = 100",
+            "url = \"runs/demo/checkpoints\"\nevery = 10",
+        );
         let made = coca()
             .args(["data", "demo", "--out", "data/demo"])
             .current_dir(dir)
@@ -1161,8 +1166,7 @@ fn grpc_over_tls_verifies_the_coordinator() {
     let _ = coordinator.wait();
 
     // Bound beyond loopback, the status endpoint speaks TLS with the same certificate.
-    let text = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(&job, text.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"")).unwrap();
+    edit(&job, "bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"");
     let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
     let port = address.rsplit(':').next().unwrap();
     let status = |url: String, ca: Option<&str>| {
@@ -1196,12 +1200,7 @@ fn grpc_over_tls_verifies_the_coordinator() {
 
     // A certificate that expired yesterday is named as such.
     openssl("x509 -req -in coordinator.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out expired.pem -days -1 -extfile san.cnf");
-    let text = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(
-        &job,
-        text.replace("tls_cert = \"coordinator.pem\"", "tls_cert = \"expired.pem\""),
-    )
-    .unwrap();
+    edit(&job, "tls_cert = \"coordinator.pem\"", "tls_cert = \"expired.pem\"");
     let (mut coordinator, grpc, _, _) = start_coordinator(dir.path(), &job);
     let expired = worker(&format!("https://{grpc}"), "ca.pem");
     let said = String::from_utf8_lossy(&expired.stderr);
@@ -1211,12 +1210,7 @@ fn grpc_over_tls_verifies_the_coordinator() {
     );
     let _ = coordinator.kill();
     let _ = coordinator.wait();
-    let text = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(
-        &job,
-        text.replace("tls_cert = \"expired.pem\"", "tls_cert = \"coordinator.pem\""),
-    )
-    .unwrap();
+    edit(&job, "tls_cert = \"expired.pem\"", "tls_cert = \"coordinator.pem\"");
 
     with_tls("ca.pem");
     let refused = coca()
@@ -1244,8 +1238,7 @@ fn a_status_endpoint_beyond_loopback_asks_for_the_token() {
         .unwrap();
     assert!(made.status.success());
     let job = manifest(dir.path(), 200, 5000);
-    let text = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(&job, text.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"")).unwrap();
+    edit(&job, "bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"");
     let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
     let status = |address: &str, token: Option<&str>| {
         let mut command = coca();
@@ -1279,12 +1272,7 @@ fn a_status_endpoint_beyond_loopback_asks_for_the_token() {
     let _ = coordinator.kill();
     let _ = coordinator.wait();
 
-    let text = std::fs::read_to_string(&job).unwrap();
-    std::fs::write(
-        &job,
-        text.replace("bind = \"0.0.0.0:0\"", "bind = \"0.0.0.0:0\"\npublic = true"),
-    )
-    .unwrap();
+    edit(&job, "bind = \"0.0.0.0:0\"", "bind = \"0.0.0.0:0\"\npublic = true");
     let (mut coordinator, _, address, _) = start_coordinator(dir.path(), &job);
     assert!(status(&address, None).status.success(), "public");
     let _ = coordinator.kill();
